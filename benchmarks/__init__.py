@@ -1,0 +1,1 @@
+"""Reproducible benchmarks that print JSON and draw PNG plots."""

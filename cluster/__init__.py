@@ -1,0 +1,1 @@
+"""llmos control plane: the ClusterSpec, placement engine, controller, binding, launcher, admin API."""

@@ -1,0 +1,488 @@
+"""The ClusterSpec: pools of hardware and the teams that share them, described once.
+
+One pydantic model per concept, `extra="forbid"` so a typo fails loudly. The same models load YAML,
+back the admin API and feed the CLI; `cluster.ray_mapping` turns a pool into what Ray sees and
+`manifests` into what KubeRay sees.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+_QUANTITY_SUFFIXES = {
+    "": 1,
+    "k": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
+}
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kMGT]i?|)\s*$")
+
+
+def parse_memory(value: Any) -> int:
+    """Bytes from an int or a Kubernetes-style quantity such as `32Gi`, `512Mi` or `4G`."""
+    if isinstance(value, bool):
+        raise ValueError("memory must be a number of bytes or a quantity like 32Gi")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("memory cannot be negative")
+        return int(value)
+    if isinstance(value, str):
+        match = _QUANTITY.match(value)
+        if match:
+            return int(float(match.group(1)) * _QUANTITY_SUFFIXES[match.group(2)])
+    raise ValueError(f"{value!r} is not a memory size; write bytes or a quantity like 32Gi, 512Mi or 4G")
+
+
+def format_memory(num_bytes: int) -> str:
+    """The shortest exact binary quantity (`32Gi`), falling back to plain bytes."""
+    for suffix in ("Ti", "Gi", "Mi", "Ki"):
+        unit = _QUANTITY_SUFFIXES[suffix]
+        if num_bytes and num_bytes % unit == 0:
+            return f"{num_bytes // unit}{suffix}"
+    return str(num_bytes)
+
+
+MemoryBytes = Annotated[int, BeforeValidator(parse_memory)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class AcceleratorKind(StrEnum):
+    CPU = "cpu"
+    GPU = "gpu"
+    TPU = "tpu"
+
+
+# GPU types as Ray names them (ray.util.accelerators); tests check this table against Ray itself.
+KNOWN_GPU_TYPES = (
+    "H100",
+    "H200",
+    "B200",
+    "A100",
+    "A100-40G",
+    "A100-80G",
+    "A10G",
+    "L4",
+    "L40S",
+    "T4",
+    "V100",
+    "P100",
+    "P4",
+    "K80",
+    "A10",
+)
+# TPU generations llmos knows how to name for Ray and GKE.
+KNOWN_TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+_ACCELERATOR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+_NAME_HINT = "use lowercase letters, digits and '-', at most 40 characters (it becomes a Kubernetes name)"
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(f"{value!r} is not a valid name; {_NAME_HINT}")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+class Replicas(_Model):
+    """How many nodes (CPU and GPU pools) or slices (TPU pools) a pool may have."""
+
+    min: NonNegativeInt = Field(0, description="Fewest replicas; the autoscaler never goes below.")
+    max: PositiveInt = Field(..., description="Most replicas the pool may grow to.")
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max}); raise max or lower min")
+        return self
+
+
+class NodeShape(_Model):
+    """What one node (one VM, one Kubernetes pod, one TPU host) of a pool offers."""
+
+    cpus: PositiveInt = Field(..., description="Logical CPUs per node.")
+    memory: MemoryBytes = Field(..., description="Memory per node: bytes or a quantity like 64Gi.")
+    gpus: NonNegativeInt = Field(0, description="GPUs per node (GPU pools only).")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory_positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("memory must be positive, e.g. 16Gi")
+        return value
+
+
+class TpuSlice(_Model):
+    """The shape of one TPU slice: hosts of `chips_per_host` chips wired in `topology`."""
+
+    topology: str = Field(..., description="Chip topology of one slice, e.g. 2x4, 4x4 or 2x2x4.")
+    chips_per_host: PositiveInt = Field(4, description="TPU chips on each host (VM).")
+    hosts_per_slice: PositiveInt = Field(..., description="Hosts in one slice; 1 is a single-host slice.")
+
+    @field_validator("topology")
+    @classmethod
+    def _topology_form(cls, value: str) -> str:
+        if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){1,2}", value):
+            raise ValueError(f"{value!r} is not a TPU topology; write dimensions like 2x4, 4x4 or 2x2x4")
+        return value
+
+    @property
+    def chips(self) -> int:
+        return math.prod(int(d) for d in self.topology.split("x"))
+
+    @model_validator(mode="after")
+    def _chips_add_up(self) -> TpuSlice:
+        hosted = self.hosts_per_slice * self.chips_per_host
+        if self.chips != hosted:
+            raise ValueError(
+                f"topology {self.topology} has {self.chips} chips but hosts_per_slice x chips_per_host "
+                f"= {self.hosts_per_slice} x {self.chips_per_host} = {hosted}; set hosts_per_slice to "
+                f"{self.chips // self.chips_per_host if self.chips % self.chips_per_host == 0 else '?'}"
+                " or change the topology"
+            )
+        return self
+
+
+class Pool(_Model):
+    """A set of identical nodes: CPU machines, one GPU model, or slices of one TPU generation."""
+
+    name: Name = Field(..., description="Pool name, unique in the cluster; becomes the llmos.io/pool label.")
+    accelerator: AcceleratorKind = Field(..., description="cpu, gpu or tpu.")
+    accelerator_type: str | None = Field(
+        None, description="GPU model (H100, A100-80G, T4, ...) or TPU generation (v5e, v6e, ...)."
+    )
+    node: NodeShape = Field(..., description="Per-node shape: cpus, memory and, for GPU pools, gpus.")
+    tpu: TpuSlice | None = Field(None, description="Slice shape, for TPU pools only.")
+    nodes: Replicas | None = Field(None, description="Node count bounds (CPU and GPU pools).")
+    slices: Replicas | None = Field(None, description="Slice count bounds (TPU pools).")
+    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels for every node.")
+
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _accelerator_type_form(cls, value: str | None) -> str | None:
+        if value is not None and not _ACCELERATOR_TYPE.match(value):
+            raise ValueError(f"{value!r} is not an accelerator type; use a name like H100 or v5e")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_not_reserved(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            if key.startswith(("ray.io/", "llmos.io/")):
+                raise ValueError(f"label {key!r} uses a reserved prefix (ray.io/, llmos.io/); llmos sets those")
+        return labels
+
+    @model_validator(mode="after")
+    def _consistent_with_accelerator(self) -> Pool:
+        kind = self.accelerator
+        if kind is AcceleratorKind.CPU:
+            if self.accelerator_type:
+                raise ValueError("a cpu pool has no accelerator_type; remove it or set accelerator: gpu/tpu")
+            if self.node.gpus:
+                raise ValueError("node.gpus is set on a cpu pool; set accelerator: gpu or remove gpus")
+        if kind is AcceleratorKind.GPU:
+            if self.node.gpus == 0:
+                raise ValueError("a gpu pool needs node.gpus >= 1 (GPUs per node), e.g. gpus: 8")
+            if not self.accelerator_type:
+                raise ValueError("a gpu pool needs accelerator_type, the GPU model, e.g. H100 or A100-80G")
+            _reject_miscased(self.accelerator_type, KNOWN_GPU_TYPES)
+        if kind is AcceleratorKind.TPU:
+            if self.tpu is None:
+                raise ValueError("a tpu pool needs tpu: {topology, chips_per_host, hosts_per_slice}")
+            if self.node.gpus:
+                raise ValueError("node.gpus is set on a tpu pool; TPU chips go in tpu.chips_per_host")
+            if not self.accelerator_type:
+                raise ValueError("a tpu pool needs accelerator_type, the TPU generation, e.g. v5e or v6e")
+            if self.accelerator_type not in KNOWN_TPU_GENERATIONS:
+                raise ValueError(
+                    f"accelerator_type {self.accelerator_type!r} is not a TPU generation llmos knows; "
+                    f"use one of {', '.join(KNOWN_TPU_GENERATIONS)}"
+                )
+            if self.nodes is not None:
+                raise ValueError("a tpu pool is sized in whole slices; write slices: {min: 0, max: 2}")
+            if self.slices is None:
+                raise ValueError("a tpu pool needs slices: {min, max}, the number of whole slices")
+        else:
+            if self.tpu is not None:
+                raise ValueError(f"tpu is set on a {kind.value} pool; set accelerator: tpu or remove tpu")
+            if self.slices is not None:
+                raise ValueError(f"a {kind.value} pool is sized in nodes; write nodes: {{min: 0, max: 4}}")
+            if self.nodes is None:
+                raise ValueError("the pool needs nodes: {min, max}, the node count bounds")
+        return self
+
+    @property
+    def replicas(self) -> Replicas:
+        """Node bounds for CPU/GPU pools, slice bounds for TPU pools (KubeRay's replicas)."""
+        return self.slices if self.accelerator is AcceleratorKind.TPU else self.nodes  # type: ignore[return-value]
+
+    @property
+    def hosts_per_replica(self) -> int:
+        return self.tpu.hosts_per_slice if self.tpu else 1
+
+    @property
+    def tpu_chips_per_host(self) -> int:
+        return self.tpu.chips_per_host if self.tpu else 0
+
+
+def _reject_miscased(value: str, known: tuple[str, ...]) -> None:
+    """Accept new hardware names, but not a known name in the wrong case (`h100` for `H100`)."""
+    for name in known:
+        if value != name and value.lower() == name.lower():
+            raise ValueError(f"accelerator_type {value!r} should be written {name!r}, as Ray names it")
+
+
+class PriorityClass(_Model):
+    """A named priority; higher values may preempt lower ones."""
+
+    name: Name
+    value: int = Field(..., ge=0, le=1_000_000_000, description="Higher preempts lower.")
+
+
+
+DEFAULT_PRIORITY_CLASSES = (
+    PriorityClass(name="low", value=100),
+    PriorityClass(name="normal", value=500),
+    PriorityClass(name="high", value=1000),
+)
+
+# Quota keys: a resource kind, or a kind narrowed to one accelerator type (`gpu:H100`).
+QUOTA_RESOURCES = ("cpu", "memory", "gpu", "tpu")
+
+
+class Team(_Model):
+    """A team sharing the cluster: what it may hold at once, and how urgently it asks."""
+
+    name: Name
+    quota: dict[str, float] = Field(
+        default_factory=dict,
+        description="Most the team may hold at once: cpu, memory (bytes), gpu, tpu (chips), or "
+        "gpu:<type> / tpu:<generation> for one accelerator type. A missing key means no limit.",
+    )
+    priority: str = Field("normal", description="Default priority class of the team's requests.")
+    namespace: str | None = Field(None, description="Kubernetes namespace; defaults to the team name.")
+
+
+    @field_validator("quota", mode="before")
+    @classmethod
+    def _memory_quota_as_bytes(cls, quota: Any) -> Any:
+        if isinstance(quota, dict) and "memory" in quota:
+            quota = {**quota, "memory": parse_memory(quota["memory"])}
+        return quota
+
+    @field_validator("quota")
+    @classmethod
+    def _quota_non_negative(cls, quota: dict[str, float]) -> dict[str, float]:
+        for key, amount in quota.items():
+            if amount < 0:
+                raise ValueError(f"quota {key} is {amount}; a quota cannot be negative (0 forbids it)")
+        return quota
+
+    @property
+    def kubernetes_namespace(self) -> str:
+        return self.namespace or self.name
+
+
+class HeadNode(_Model):
+    """The head node: runs Ray's control processes, the llmos controller and job drivers."""
+
+    cpus: NonNegativeInt = Field(0, description="CPUs offered to user work on the head (0: none).")
+    memory: MemoryBytes = Field(parse_memory("8Gi"), description="Memory of the head node.")
+
+
+class ClusterSpec(_Model):
+    """Pools, teams and priorities of one llmos cluster."""
+
+    name: Name = Field("llmos", description="Cluster name; becomes the RayCluster name.")
+    head: HeadNode = Field(default_factory=HeadNode)
+    pools: list[Pool] = Field(..., min_length=1, description="Hardware pools; at least one.")
+    teams: list[Team] = Field(default_factory=list, description="Teams and their quotas.")
+    priority_classes: list[PriorityClass] = Field(
+        default_factory=lambda: list(DEFAULT_PRIORITY_CLASSES),
+        description="Named priorities; defaults to low (100), normal (500), high (1000).",
+    )
+
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> ClusterSpec:
+        _reject_duplicates("pools", [p.name for p in self.pools])
+        _reject_duplicates("teams", [t.name for t in self.teams])
+        _reject_duplicates("priority_classes", [c.name for c in self.priority_classes])
+        classes = {c.name for c in self.priority_classes}
+        valid_keys = self.quota_keys()
+        for index, team in enumerate(self.teams):
+            if team.priority not in classes:
+                raise ValueError(
+                    f"teams[{index}].priority: {team.priority!r} is not a priority class; "
+                    f"use one of {', '.join(sorted(classes))} or add it to priority_classes"
+                )
+            for key in team.quota:
+                if key not in valid_keys:
+                    raise ValueError(
+                        f"teams[{index}].quota: {key!r} is not a resource of this cluster"
+                        f"{_did_you_mean(key, valid_keys)}; valid keys: {', '.join(valid_keys)}"
+                    )
+        return self
+
+    def quota_keys(self) -> list[str]:
+        typed = sorted(
+            {f"{p.accelerator.value}:{p.accelerator_type}" for p in self.pools if p.accelerator_type}
+        )
+        return [*QUOTA_RESOURCES, *typed]
+
+    def pool(self, name: str) -> Pool:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(f"no pool named {name!r}; pools: {', '.join(p.name for p in self.pools)}")
+
+    def team(self, name: str) -> Team:
+        for team in self.teams:
+            if team.name == name:
+                return team
+        raise KeyError(f"no team named {name!r}; teams: {', '.join(t.name for t in self.teams) or 'none'}")
+
+    def priority_value(self, class_name: str) -> int:
+        for priority_class in self.priority_classes:
+            if priority_class.name == class_name:
+                return priority_class.value
+        raise KeyError(f"no priority class {class_name!r}")
+
+
+def _reject_duplicates(field: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for index, name in enumerate(names):
+        if name in seen:
+            raise ValueError(f"{field}[{index}].name: {name!r} is used twice; names must be unique")
+        seen.add(name)
+
+
+def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class SpecError(ValueError):
+    """A spec that does not validate; `problems` holds one line per problem, each naming its field."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        return f"{self.source} is not a valid spec:\n{lines}"
+
+
+def describe_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line per pydantic error: the field path, what is wrong, and the fix where we know it."""
+    problems = []
+    for item in error.errors():
+        location = _format_location(item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            known = _fields_at(model, item["loc"][:-1])
+            field = str(item["loc"][-1])
+            message = f"unknown field{_did_you_mean(field, known)}; known fields here: {', '.join(known)}"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        problems.append(f"{location}: {message}" if location else message)
+    return problems
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif isinstance(part, str) and part.startswith(("function-after", "function-before")):
+            continue
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the nested model that `loc` points into (for 'did you mean' hints)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return []
+        current = _nested_model(current.model_fields[part].annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _nested_model(annotation: Any) -> Any:
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+        inner = _nested_model(candidate) if getattr(candidate, "__args__", None) else None
+        if inner is not None:
+            return inner
+    return None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_model(model: type[M], data: Any, source: str) -> M:
+    """Validate plain data as `model`, raising SpecError with one readable line per problem."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"expected a mapping of fields at the top level, got {type(data).__name__}"])
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(source, describe_validation_error(error, model)) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(str(path), ["file not found; check the path"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(str(path), [f"{where}not valid YAML ({getattr(error, 'problem', error)})"]) from None
+
+
+def load_spec(path: str | Path) -> ClusterSpec:
+    return parse_model(ClusterSpec, load_yaml(path), str(path))

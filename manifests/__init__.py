@@ -1,0 +1,1 @@
+"""KubeRay and Kueue manifests rendered from the ClusterSpec."""

@@ -1,0 +1,1 @@
+"""Ray Serve application for trained checkpoints, placed through the controller."""
