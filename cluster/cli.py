@@ -1,0 +1,48 @@
+"""The `llmos` command line: a thin layer over the Python APIs.
+
+Each command group lives next to the code it drives and exposes `register(subparsers)`, which adds
+its commands with `set_defaults(func=handler)`; a handler takes the parsed args and returns an exit
+code. Errors the user can fix are raised as `UserError` (or `SpecError`) and printed without a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cluster.console import UserError, print_error
+from cluster.spec import SpecError
+
+# Modules exposing `register(subparsers)`, imported lazily so `llmos --help` stays fast.
+COMMAND_GROUPS = (
+    "cluster.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmos",
+        description="llmos: pools, gang placement, quotas, training and serving on one Ray cluster.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_GROUPS:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, SpecError) as error:
+        print_error(error)
+        return 2
+    except KeyboardInterrupt:
+        print_error(UserError("interrupted"))
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

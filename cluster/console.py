@@ -1,0 +1,51 @@
+"""Output helpers shared by every CLI command: tables for people, JSON for scripts, clean errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class UserError(Exception):
+    """A problem the user can fix; the CLI prints the message (which names the fix), no traceback."""
+
+
+def print_error(error: Exception) -> None:
+    stderr.print(f"[bold red]error:[/] {error}", markup=True)
+
+
+def progress(message: str) -> None:
+    """Progress on long work goes to stderr, so `--json` output on stdout stays parseable."""
+    stderr.print(f"[dim]{message}[/]", markup=True)
+
+
+def to_plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [to_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_plain(item) for key, item in value.items()}
+    return value
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(to_plain(value), indent=2, sort_keys=False) + "\n")
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    stdout.print(table)
