@@ -1,11 +1,15 @@
-"""`llmos spec ...`, `llmos up`, `llmos down`, `llmos status`."""
+"""`llmos spec validate`, `llmos up`, `llmos down`, `llmos status`, `llmos env`."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from cluster.console import print_json, stdout
+from cluster.console import UserError, human_bytes, print_json, print_table, progress, stdout
+from cluster.launcher import DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, DEFAULT_OBJECT_STORE_MB, LocalCluster
 from cluster.spec import SpecError, load_spec
+
+DEFAULT_SPEC = Path("examples/cluster.yaml")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,6 +19,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     validate.add_argument("spec", help="Path to a ClusterSpec YAML file.")
     validate.add_argument("--json", action="store_true", help="Print {ok, problems} as JSON.")
     validate.set_defaults(func=_spec_validate)
+
+    up = subparsers.add_parser("up", help="Start a local multi-node Ray cluster on loopback from a ClusterSpec.")
+    up.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC), help=f"ClusterSpec YAML (default {DEFAULT_SPEC}).")
+    up.add_argument(
+        "--nodes-per-pool",
+        type=int,
+        default=1,
+        help="Simulated nodes per pool (TPU pools: whole slices), capped by each pool's max (default 1).",
+    )
+    up.add_argument("--port", type=int, default=DEFAULT_GCS_PORT, help="GCS port on 127.0.0.2.")
+    up.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT, help="Dashboard/job server port.")
+    up.add_argument("--object-store-mb", type=int, default=DEFAULT_OBJECT_STORE_MB, help="Object store per node.")
+    up.add_argument("--json", action="store_true", help="Print the started cluster as JSON.")
+    up.set_defaults(func=_up)
+
+    down = subparsers.add_parser("down", help="Stop exactly the processes `llmos up` started.")
+    down.set_defaults(func=_down)
+
+    status = subparsers.add_parser("status", help="Pools and nodes of the live cluster: capacity and free resources.")
+    status.add_argument("--address", help="GCS address of another cluster (default: the local one).")
+    status.add_argument("--json", action="store_true", help="Print {pools, nodes} as JSON.")
+    status.set_defaults(func=_status)
+
+    env = subparsers.add_parser("env", help="Shell exports for `ray job submit` against the local cluster.")
+    env.set_defaults(func=_env)
 
 
 def _spec_validate(args: argparse.Namespace) -> int:
@@ -30,4 +59,118 @@ def _spec_validate(args: argparse.Namespace) -> int:
         print_json({"ok": True, "problems": []})
     else:
         stdout.print("ok")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    cluster = LocalCluster.up(
+        spec,
+        replicas_per_pool=args.nodes_per_pool,
+        gcs_port=args.port,
+        dashboard_port=args.dashboard_port,
+        object_store_mb=args.object_store_mb,
+        on_progress=progress,
+    )
+    if args.json:
+        print_json(
+            {
+                "cluster": spec.name,
+                "address": cluster.gcs_address,
+                "dashboard": cluster.dashboard_url,
+                "nodes": [{"name": n.name, "pool": n.pool, "pid": n.pid} for n in cluster.record.nodes],
+            }
+        )
+    else:
+        stdout.print(
+            f"cluster [bold]{spec.name}[/] is up: {len(cluster.record.nodes)} nodes, "
+            f"GCS {cluster.gcs_address}, dashboard and job server {cluster.dashboard_url}\n"
+            'next: `llmos status`; for `ray job submit`, first run `eval "$(llmos env)"`',
+            markup=True,
+        )
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    cluster = LocalCluster.find()
+    if cluster is None:
+        stdout.print("no local cluster is running")
+        return 0
+    count = len(cluster.record.nodes)
+    cluster.down(on_progress=progress)
+    stdout.print(f"stopped {count} nodes of {cluster.record.cluster_name}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cluster.inventory import connect, read_nodes, summarize_pools
+
+    connect(args.address)
+    nodes = read_nodes()
+    pools = summarize_pools(nodes)
+    local = LocalCluster.find() if args.address is None else None
+    memory = local.memory_by_node() if local else {}
+    if args.json:
+        print_json(
+            {
+                "pools": pools,
+                "nodes": [
+                    {**node.model_dump(mode="json"), "process_pss_bytes": memory.get(node.name)} for node in nodes
+                ],
+            }
+        )
+        return 0
+    print_table(
+        "Pools",
+        [
+            "pool",
+            "accelerator",
+            "nodes",
+            "CPU free/total",
+            "GPU free/total",
+            "TPU free/total",
+            "memory free/total",
+        ],
+        [
+            [
+                pool.name,
+                f"{pool.accelerator} {pool.accelerator_type or ''}".strip(),
+                f"{pool.nodes_alive}" + (f" (+{pool.nodes_dead} dead)" if pool.nodes_dead else ""),
+                *(_free_of_total(pool.free, pool.total, key) for key in ("CPU", "GPU", "TPU", "memory")),
+            ]
+            for pool in pools
+        ],
+    )
+    print_table(
+        "Nodes",
+        ["node", "pool", "state", "CPU", "GPU", "TPU", "memory used (PSS)"],
+        [
+            [
+                node.name,
+                node.pool,
+                "alive" if node.alive else "dead",
+                *(_free_of_total(node.resources_free, node.resources_total, key) for key in ("CPU", "GPU", "TPU")),
+                human_bytes(memory[node.name]) if node.name in memory else "",
+            ]
+            for node in nodes
+        ],
+    )
+    return 0
+
+
+def _free_of_total(free: dict[str, float], total: dict[str, float], key: str) -> str:
+    if not total.get(key):
+        return "-"
+    if key == "memory":
+        return f"{free.get(key, 0) / 2**30:.0f}/{total[key] / 2**30:.0f} GiB"
+    return f"{free.get(key, 0):g}/{total[key]:g}"
+
+
+def _env(args: argparse.Namespace) -> int:
+    cluster = LocalCluster.find()
+    if cluster is None:
+        raise UserError("no local cluster is running; start one with `llmos up`")
+    env = {**cluster.client_env(), "RAY_ADDRESS": cluster.dashboard_url}
+    for key, value in env.items():
+        stdout.print(f"export {key}={value}")
     return 0

@@ -11,7 +11,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-stdout = Console(highlight=False, soft_wrap=True)
+# Piped output (CI logs, `| less`) would otherwise be squeezed into 80 columns.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -40,6 +41,13 @@ def to_plain(value: Any) -> Any:
 
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(to_plain(value), indent=2, sort_keys=False) + "\n")
+
+
+def human_bytes(num_bytes: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.1f} {unit}"
+    return f"{num_bytes:.0f} B"
 
 
 def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -8,6 +8,8 @@ utilities and `accelerator_type=` work unchanged on llmos nodes.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cluster.spec import AcceleratorKind, ClusterSpec, Pool
@@ -80,6 +82,29 @@ def pool_labels(pool: Pool) -> dict[str, str]:
         labels[RAY_TPU_TOPOLOGY_LABEL] = pool.tpu.topology
         labels[RAY_TPU_POD_TYPE_LABEL] = tpu_pod_type(pool)
     return labels
+
+
+def replicas_for_workers(pool: Pool, workers: int, per_worker: Mapping[str, float]) -> int:
+    """Replicas (nodes, or TPU slices) of `pool` that hold `workers` workers of `per_worker` resources.
+
+    `per_worker` uses Ray's resource names (CPU, GPU, TPU, memory in bytes). Raises ValueError naming
+    the resource when a single worker fits on no node of the pool.
+    """
+    if workers <= 0:
+        return 0
+    offered = pool_resources(pool)
+    per_host = workers
+    for name, amount in per_worker.items():
+        if amount <= 0:
+            continue
+        fitting = math.floor(offered.get(name, 0) / amount)
+        if fitting == 0:
+            raise ValueError(
+                f"one worker needs {amount:g} {name} but a node of pool {pool.name!r} has "
+                f"{offered.get(name, 0):g}; lower the worker's {name} or pick a larger pool"
+            )
+        per_host = min(per_host, fitting)
+    return math.ceil(workers / (per_host * pool.hosts_per_replica))
 
 
 @dataclass(frozen=True)

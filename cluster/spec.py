@@ -12,7 +12,7 @@ import math
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -95,7 +95,6 @@ KNOWN_GPU_TYPES = (
     "P100",
     "P4",
     "K80",
-    "A10",
 )
 # TPU generations llmos knows how to name for Ray and GKE.
 KNOWN_TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
@@ -186,7 +185,6 @@ class Pool(_Model):
     slices: Replicas | None = Field(None, description="Slice count bounds (TPU pools).")
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels for every node.")
 
-
     @field_validator("accelerator_type")
     @classmethod
     def _accelerator_type_form(cls, value: str | None) -> str | None:
@@ -269,7 +267,6 @@ class PriorityClass(_Model):
     value: int = Field(..., ge=0, le=1_000_000_000, description="Higher preempts lower.")
 
 
-
 DEFAULT_PRIORITY_CLASSES = (
     PriorityClass(name="low", value=100),
     PriorityClass(name="normal", value=500),
@@ -292,7 +289,6 @@ class Team(_Model):
     priority: str = Field("normal", description="Default priority class of the team's requests.")
     namespace: str | None = Field(None, description="Kubernetes namespace; defaults to the team name.")
 
-
     @field_validator("quota", mode="before")
     @classmethod
     def _memory_quota_as_bytes(cls, quota: Any) -> Any:
@@ -305,7 +301,7 @@ class Team(_Model):
     def _quota_non_negative(cls, quota: dict[str, float]) -> dict[str, float]:
         for key, amount in quota.items():
             if amount < 0:
-                raise ValueError(f"quota {key} is {amount}; a quota cannot be negative (0 forbids it)")
+                raise ValueError(f"quota {key} is {amount:g}; a quota cannot be negative (0 forbids it)")
         return quota
 
     @property
@@ -320,6 +316,54 @@ class HeadNode(_Model):
     memory: MemoryBytes = Field(parse_memory("8Gi"), description="Memory of the head node.")
 
 
+class Taint(_Model):
+    """A taint on a pool's Kubernetes nodes: the pool's pods tolerate it, Kueue's flavor lists it."""
+
+    key: str = Field(..., description="Taint key, e.g. nvidia.com/gpu.")
+    value: str | None = Field(None, description="Taint value; pods tolerate any value of the key.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = Field("NoSchedule")
+
+
+class PoolPlacement(_Model):
+    """Where one pool's pods run on Kubernetes, replacing the GKE defaults (for other clouds)."""
+
+    node_selector: dict[str, str] | None = Field(
+        None,
+        description="Node labels the pool's pods require, e.g. "
+        "{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}; replaces GKE's gke-accelerator or gke-tpu-* "
+        "selector. {} selects any node.",
+    )
+    node_taints: list[Taint] | None = Field(
+        None,
+        description="Taints on the pool's nodes; defaults to nvidia.com/gpu (GPU pools) or google.com/tpu "
+        "(TPU pools), as GKE sets them. [] for untainted nodes.",
+    )
+
+
+class KubernetesOptions(_Model):
+    """How `llmos manifests render` writes this cluster for KubeRay and Kueue."""
+
+    namespace: Name = Field("llmos", description="Namespace of the RayCluster.")
+    image: str = Field("rayproject/ray:2.60.0-py311", description="Ray image; must have llmos for jobs.")
+    ray_version: str = Field("2.60.0", description="Ray version in the image (KubeRay's rayVersion).")
+    head_pod_cpus: PositiveInt = Field(
+        4, description="CPUs of the head pod for Ray's own processes (head.cpus are offered to user work)."
+    )
+    token_auth: bool = Field(
+        True,
+        description="Ray token auth (KubeRay authOptions mode: token); turn off only on a trusted network.",
+    )
+    network_policy: bool = Field(
+        True, description="A NetworkPolicy per namespace admitting only the cluster's own pods and KubeRay."
+    )
+    idle_timeout_seconds: NonNegativeInt = Field(
+        60, description="Seconds an idle worker waits before the autoscaler removes it."
+    )
+    pools: dict[str, PoolPlacement] = Field(
+        default_factory=dict, description="Per-pool node selectors and taints, keyed by pool name."
+    )
+
+
 class ClusterSpec(_Model):
     """Pools, teams and priorities of one llmos cluster."""
 
@@ -331,7 +375,19 @@ class ClusterSpec(_Model):
         default_factory=lambda: list(DEFAULT_PRIORITY_CLASSES),
         description="Named priorities; defaults to low (100), normal (500), high (1000).",
     )
+    kubernetes: KubernetesOptions = Field(
+        default_factory=KubernetesOptions, description="KubeRay and Kueue rendering (llmos manifests)."
+    )
 
+    @model_validator(mode="after")
+    def _kubernetes_pools_exist(self) -> ClusterSpec:
+        names = [pool.name for pool in self.pools]
+        for name in self.kubernetes.pools:
+            if name not in names:
+                raise ValueError(
+                    f"kubernetes.pools: {name!r} is not a pool{_did_you_mean(name, names)}; pools: {', '.join(names)}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _cross_references(self) -> ClusterSpec:
@@ -355,9 +411,7 @@ class ClusterSpec(_Model):
         return self
 
     def quota_keys(self) -> list[str]:
-        typed = sorted(
-            {f"{p.accelerator.value}:{p.accelerator_type}" for p in self.pools if p.accelerator_type}
-        )
+        typed = sorted({f"{p.accelerator.value}:{p.accelerator_type}" for p in self.pools if p.accelerator_type})
         return [*QUOTA_RESOURCES, *typed]
 
     def pool(self, name: str) -> Pool:

@@ -1,0 +1,137 @@
+"""What the live cluster has: nodes, pools, capacity and free resources, read from Ray's node table.
+
+`connect()` is the one place a driver joins a cluster: it finds the address (argument, local
+cluster, or RAY_ADDRESS) and points Ray's token authentication at the cluster's token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.console import UserError
+from cluster.launcher import LocalCluster
+from cluster.ray_mapping import ACCELERATOR_KIND_LABEL, NODE_LABEL, POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL
+
+# Resources people read in tables; the rest (accelerator_type:*, slice names) stay in --json.
+SUMMARY_RESOURCES = ("CPU", "GPU", "TPU", "memory")
+
+
+class NodeInfo(BaseModel):
+    """One Ray node as the cluster reports it now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="llmos node name (llmos.io/node label), or the Ray node id.")
+    pool: str
+    node_id: str
+    address: str
+    alive: bool
+    is_head: bool
+    resources_total: dict[str, float]
+    resources_free: dict[str, float]
+    labels: dict[str, str]
+
+
+class PoolInfo(BaseModel):
+    """Capacity and free resources of one pool, summed over its live nodes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    accelerator: str
+    accelerator_type: str | None
+    nodes_alive: int
+    nodes_dead: int
+    total: dict[str, float]
+    free: dict[str, float]
+
+
+def connect(address: str | None = None) -> str:
+    """Connect this process to the cluster as a driver (idempotent); returns the GCS address."""
+    local = LocalCluster.find()
+    if address is None and local is not None:
+        env = local.client_env()
+    elif address is not None or os.environ.get("RAY_ADDRESS"):
+        env = {"RAY_ADDRESS": address or os.environ["RAY_ADDRESS"]}
+        if local is not None and env["RAY_ADDRESS"] == local.gcs_address:
+            env = local.client_env()
+        env.setdefault("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "token"))
+    else:
+        raise UserError(
+            "no cluster to connect to: start one with `llmos up examples/cluster.yaml`, "
+            "or pass --address / set RAY_ADDRESS"
+        )
+    os.environ.update(env)
+    import ray
+    from ray._private.authentication.authentication_token_setup import AuthenticationTokenLoader
+    from ray._raylet import Config
+
+    if ray.is_initialized():
+        return env["RAY_ADDRESS"]
+    # Ray reads its auth settings when first imported; refresh them in case that was before `env`.
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        ray.init(address=env["RAY_ADDRESS"], namespace="llmos", logging_level=logging.ERROR, log_to_driver=False)
+    except ConnectionError as error:
+        raise UserError(f"cannot reach the Ray cluster at {env['RAY_ADDRESS']}: {error}") from None
+    return env["RAY_ADDRESS"]
+
+
+def read_nodes() -> list[NodeInfo]:
+    """Every node Ray knows, alive or dead, with its free resources (needs `connect()` first)."""
+    import ray
+    from ray._private.state import available_resources_per_node  # no public per-node view in 2.60
+
+    free_by_node = available_resources_per_node()
+    nodes = []
+    for entry in ray.nodes():
+        labels = dict(entry.get("Labels") or {})
+        node_id = entry["NodeID"]
+        alive = bool(entry["Alive"])
+        nodes.append(
+            NodeInfo(
+                name=labels.get(NODE_LABEL, node_id[:12]),
+                pool=labels.get(POOL_LABEL, "head" if entry.get("IsHeadNode") else "unknown"),
+                node_id=node_id,
+                address=entry.get("NodeManagerAddress", ""),
+                alive=alive,
+                is_head=bool(entry.get("IsHeadNode")),
+                resources_total=dict(entry.get("Resources") or {}),
+                resources_free=dict(free_by_node.get(node_id, {})) if alive else {},
+                labels=labels,
+            )
+        )
+    return sorted(nodes, key=lambda node: (not node.is_head, node.pool, node.name, not node.alive))
+
+
+def summarize_pools(nodes: list[NodeInfo]) -> list[PoolInfo]:
+    by_pool: dict[str, list[NodeInfo]] = defaultdict(list)
+    for node in nodes:
+        by_pool[node.pool].append(node)
+    pools = []
+    for name, members in by_pool.items():
+        alive = [node for node in members if node.alive]
+        total: dict[str, float] = defaultdict(float)
+        free: dict[str, float] = defaultdict(float)
+        for node in alive:
+            for key in SUMMARY_RESOURCES:
+                total[key] += node.resources_total.get(key, 0.0)
+                free[key] += node.resources_free.get(key, 0.0)
+        labels = members[0].labels
+        pools.append(
+            PoolInfo(
+                name=name,
+                accelerator=labels.get(ACCELERATOR_KIND_LABEL, "cpu"),
+                accelerator_type=labels.get(RAY_ACCELERATOR_TYPE_LABEL),
+                nodes_alive=len(alive),
+                nodes_dead=len(members) - len(alive),
+                total=dict(total),
+                free=dict(free),
+            )
+        )
+    return pools

@@ -1,0 +1,413 @@
+"""A real multi-node Ray cluster on loopback: one `ray start --block` process per simulated node.
+
+Each node is its own process group (started with a new session), declaring the resources and labels
+of its pool from `cluster.ray_mapping`, so Ray's scheduler sees GPUs and TPUs this machine does not
+have. We stop exactly the process groups we started, by pid, never by name. Ray's token
+authentication stays on: the cluster gets its own token file, and every process llmos starts or
+connects with is pointed at it (`RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN_PATH`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from cluster.console import UserError
+from cluster.ray_mapping import NodeDeclaration, head_declaration, local_cluster_nodes, replica_nodes
+from cluster.spec import ClusterSpec
+
+DEFAULT_HEAD_IP = "127.0.0.2"  # a loopback alias Ray does not rewrite to the machine's eth0 address
+DEFAULT_GCS_PORT = 6380
+DEFAULT_DASHBOARD_PORT = 8265
+DEFAULT_OBJECT_STORE_MB = 128
+NODE_START_TIMEOUT_S = 90.0
+NODE_STOP_TIMEOUT_S = 20.0
+_STARTED_MARKER = "Ray runtime started"
+
+
+def llmos_home() -> Path:
+    return Path(os.environ.get("LLMOS_HOME", Path.home() / ".llmos"))
+
+
+class NodeProcess(BaseModel):
+    """One simulated node: the pid of its `ray start --block` process, which leads its process group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    pool: str
+    pid: int
+    log_path: str
+    declaration: dict
+
+
+class LocalClusterRecord(BaseModel):
+    """What `llmos up` started, persisted so `status` and `down` find it from any shell."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_name: str
+    spec: dict
+    head_ip: str
+    gcs_port: int
+    dashboard_port: int
+    temp_dir: str
+    token_path: str
+    object_store_bytes: int
+    nodes: list[NodeProcess]
+    started_at: float
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is not a running node.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def group_memory_bytes(pgid: int) -> int:
+    """Proportional set size (PSS) of a node's process group: shared pages split fairly, so summing
+    nodes gives the cluster's real footprint (RSS would count Ray's shared libraries once per process)."""
+    total = 0
+    for pid in _group_members(pgid):
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
+def _stop_groups(pgids: list[int], timeout_s: float) -> None:
+    """SIGTERM each group leader (Ray shuts its children down), then SIGKILL whatever is left."""
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_group_members(pgid) for pgid in pgids):
+        time.sleep(0.2)
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pgid, os.WNOHANG)
+
+
+def _log_tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class LocalCluster:
+    """A running local cluster, found through its record in `$LLMOS_HOME/local-cluster.json`."""
+
+    def __init__(self, home: Path, record: LocalClusterRecord):
+        self.home = home
+        self.record = record
+
+    # -- finding and describing -------------------------------------------------------------
+
+    @staticmethod
+    def record_path(home: Path) -> Path:
+        return home / "local-cluster.json"
+
+    @classmethod
+    def find(cls, home: Path | None = None) -> LocalCluster | None:
+        home = home or llmos_home()
+        path = cls.record_path(home)
+        if not path.exists():
+            return None
+        return cls(home, LocalClusterRecord.model_validate_json(path.read_text()))
+
+    @classmethod
+    def attach(cls, home: Path | None = None) -> LocalCluster:
+        cluster = cls.find(home)
+        if cluster is None:
+            raise UserError("no local llmos cluster is running; start one with `llmos up examples/cluster.yaml`")
+        return cluster
+
+    @property
+    def spec(self) -> ClusterSpec:
+        return ClusterSpec.model_validate(self.record.spec)
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.record.head_ip}:{self.record.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.record.dashboard_port}"
+
+    def client_env(self) -> dict[str, str]:
+        """Environment a client (driver, `ray job submit`, the admin API) needs to reach this cluster."""
+        return {
+            "RAY_ADDRESS": self.gcs_address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.record.token_path,
+        }
+
+    def _save(self) -> None:
+        path = self.record_path(self.home)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.record.model_dump_json(indent=2))
+        tmp.replace(path)
+
+    def node(self, name: str) -> NodeProcess:
+        for node in self.record.nodes:
+            if node.name == name:
+                return node
+        names = ", ".join(n.name for n in self.record.nodes)
+        raise UserError(f"no local node named {name!r}; nodes: {names}")
+
+    def node_alive(self, name: str) -> bool:
+        return _alive(self.node(name).pid)
+
+    def memory_by_node(self) -> dict[str, int]:
+        return {node.name: group_memory_bytes(node.pid) for node in self.record.nodes if _alive(node.pid)}
+
+    # -- starting -------------------------------------------------------------------------------
+
+    @classmethod
+    def up(
+        cls,
+        spec: ClusterSpec,
+        *,
+        home: Path | None = None,
+        replicas_per_pool: int = 1,
+        head_ip: str = DEFAULT_HEAD_IP,
+        gcs_port: int = DEFAULT_GCS_PORT,
+        dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+        object_store_mb: int = DEFAULT_OBJECT_STORE_MB,
+        on_progress: Callable[[str], None] = lambda message: None,
+    ) -> LocalCluster:
+        home = home or llmos_home()
+        home.mkdir(parents=True, exist_ok=True)
+        existing = cls.find(home)
+        if existing is not None:
+            if any(_alive(node.pid) for node in existing.record.nodes):
+                raise UserError(
+                    f"a local cluster ({existing.record.cluster_name}, {len(existing.record.nodes)} nodes) "
+                    f"is already running from {home}; stop it with `llmos down` first"
+                )
+            cls.record_path(home).unlink()
+        for host, port, flag in (
+            (head_ip, gcs_port, "--port"),
+            ("127.0.0.1", dashboard_port, "--dashboard-port"),
+        ):
+            if _port_in_use(host, port):
+                raise UserError(f"port {port} on {host} is in use; stop whatever holds it or choose another {flag}")
+        if replicas_per_pool < 1:
+            raise UserError("--nodes-per-pool must be at least 1")
+
+        token_path = home / "auth_token"
+        if not token_path.exists():
+            token_path.touch(mode=0o600)
+            token_path.write_text(secrets.token_hex(32))
+        os.chmod(token_path, 0o600)
+        # Short on purpose: Ray's unix socket paths live under it and must stay under 107 bytes.
+        temp_dir = tempfile.mkdtemp(prefix="llmos-")
+        record = LocalClusterRecord(
+            cluster_name=spec.name,
+            spec=spec.model_dump(mode="json"),
+            head_ip=head_ip,
+            gcs_port=gcs_port,
+            dashboard_port=dashboard_port,
+            temp_dir=temp_dir,
+            token_path=str(token_path),
+            object_store_bytes=object_store_mb * 1024 * 1024,
+            nodes=[],
+            started_at=time.time(),
+        )
+        cluster = cls(home, record)
+        cluster._save()
+        try:
+            workers = local_cluster_nodes(spec, replicas_per_pool)
+            on_progress(f"starting head node on {cluster.gcs_address} (dashboard {cluster.dashboard_url})")
+            cluster._start_node(head_declaration(spec), head=True)
+            # Ray races when several raylets join one session dir at once, so nodes join one by one.
+            for index, declaration in enumerate(workers, start=1):
+                on_progress(f"starting node {index}/{len(workers)}: {declaration.name} (pool {declaration.pool})")
+                cluster._start_node(declaration, head=False)
+        except BaseException:
+            cluster.down()
+            raise
+        return cluster
+
+    def _node_env(self) -> dict[str, str]:
+        venv_bin = str(Path(sys.executable).parent)
+        return {
+            **os.environ,
+            # Jobs submitted to this cluster run the `python` on the raylet's PATH: the project's venv.
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": self.record.token_path,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Each train.report() waits on a controller poll; 2 s by default makes small runs crawl.
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+        }
+
+    def _start_node(self, declaration: NodeDeclaration, *, head: bool) -> NodeProcess:
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        args = [
+            ray_cli,
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address",
+            self.record.head_ip,
+            "--num-cpus",
+            str(int(declaration.resources.get("CPU", 0))),
+            "--num-gpus",
+            str(int(declaration.resources.get("GPU", 0))),
+            "--memory",
+            str(int(declaration.resources["memory"])),
+            "--object-store-memory",
+            str(self.record.object_store_bytes),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+        ]
+        if declaration.custom_resources:
+            args += ["--resources", json.dumps(declaration.custom_resources)]
+        if declaration.user_labels:
+            args += ["--labels", ",".join(f"{k}={v}" for k, v in declaration.user_labels.items())]
+        if head:
+            args += [
+                "--head",
+                "--port",
+                str(self.record.gcs_port),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.record.dashboard_port),
+                "--ray-client-server-port",
+                str(free_port()),
+                "--temp-dir",
+                self.record.temp_dir,
+            ]
+        else:
+            args += ["--address", self.gcs_address]
+        env = self._node_env()
+        if declaration.reserved_labels:
+            # `--labels` refuses keys under ray.io/; Ray reads them from this variable instead.
+            env["RAY_OVERRIDE_LABELS"] = json.dumps(declaration.reserved_labels)
+        log_path = Path(self.record.temp_dir) / f"{declaration.name}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        node = NodeProcess(
+            name=declaration.name,
+            pool=declaration.pool,
+            pid=process.pid,
+            log_path=str(log_path),
+            declaration={"resources": declaration.resources, "labels": declaration.labels},
+        )
+        self.record.nodes.append(node)
+        self._save()
+        self._wait_started(node, process)
+        return node
+
+    def _wait_started(self, node: NodeProcess, process: subprocess.Popen) -> None:
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise UserError(
+                    f"node {node.name} exited during start (code {process.returncode}); its log ends:\n"
+                    f"{_log_tail(node.log_path)}"
+                )
+            if _STARTED_MARKER in Path(node.log_path).read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise UserError(
+            f"node {node.name} did not start within {NODE_START_TIMEOUT_S:.0f}s; its log ends:\n"
+            f"{_log_tail(node.log_path)}"
+        )
+
+    # -- changing and stopping --------------------------------------------------------------------
+
+    def add_replica(self, pool_name: str) -> list[NodeProcess]:
+        """Start one more replica of a pool (a node, or every host of a TPU slice)."""
+        pool = self.spec.pool(pool_name)
+        taken = {node.name for node in self.record.nodes}
+        replica = 0
+        while any(d.name in taken for d in replica_nodes(pool, replica)):
+            replica += 1
+        return [self._start_node(declaration, head=False) for declaration in replica_nodes(pool, replica)]
+
+    def remove_node(self, name: str, timeout_s: float = NODE_STOP_TIMEOUT_S) -> None:
+        """Stop one simulated node's processes, as if the machine went away."""
+        node = self.node(name)
+        if node.pool == "head":
+            raise UserError("the head node cannot be removed on its own; use `llmos down` to stop the cluster")
+        _stop_groups([node.pid], timeout_s)
+        self.record.nodes = [n for n in self.record.nodes if n.name != name]
+        self._save()
+
+    def down(self, timeout_s: float = NODE_STOP_TIMEOUT_S, on_progress: Callable[[str], None] = lambda m: None) -> None:
+        """Stop every process group this cluster started: the workers together, then the head."""
+        workers = [node for node in self.record.nodes if node.pool != "head"]
+        heads = [node for node in self.record.nodes if node.pool == "head"]
+        for group in (workers, heads):
+            if group:
+                on_progress(f"stopping {', '.join(node.name for node in group)}")
+                _stop_groups([node.pid for node in group], timeout_s)
+        shutil.rmtree(self.record.temp_dir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.record_path(self.home).unlink()

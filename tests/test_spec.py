@@ -1,0 +1,155 @@
+"""ClusterSpec: the example loads; each kind of bad input is rejected with a message naming the field and fix."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.cli import main
+from cluster.spec import ClusterSpec, SpecError, format_memory, load_spec, parse_memory, parse_model
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
+
+
+@pytest.fixture()
+def example() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def problems_of(data: dict) -> list[str]:
+    with pytest.raises(SpecError) as caught:
+        parse_model(ClusterSpec, data, "spec.yaml")
+    return caught.value.problems
+
+
+def test_example_loads_with_every_accelerator_kind():
+    spec = load_spec(EXAMPLE)
+    kinds = {pool.accelerator.value for pool in spec.pools}
+    gpu_types = {pool.accelerator_type for pool in spec.pools if pool.accelerator.value == "gpu"}
+    assert kinds == {"cpu", "gpu", "tpu"}
+    assert len(gpu_types) >= 2
+    tpu = next(pool for pool in spec.pools if pool.accelerator.value == "tpu")
+    assert tpu.tpu.chips == tpu.tpu.hosts_per_slice * tpu.tpu.chips_per_host
+    assert spec.team("prod").quota["gpu:H100"] == 8
+    assert spec.priority_value(spec.team("prod").priority) > spec.priority_value(spec.team("interns").priority)
+
+
+def test_unknown_field_names_the_field_and_suggests_the_fix(example):
+    example["pools"][1]["node"]["gpu"] = example["pools"][1]["node"].pop("gpus")
+    (problem,) = problems_of(example)
+    assert problem.startswith("pools[1].node.gpu: unknown field")
+    assert "did you mean 'gpus'" in problem
+
+
+def test_unknown_top_level_field(example):
+    example["pool"] = []
+    (problem,) = problems_of(example)
+    assert problem.startswith("pool: unknown field")
+    assert "did you mean 'pools'" in problem
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("pools", 0, "nodes", "min"), -1, "pools[0].nodes.min: Input should be greater than or equal to 0"),
+        (("pools", 0, "node", "cpus"), -4, "pools[0].node.cpus: Input should be greater than 0"),
+        (("pools", 0, "node", "memory"), "32GB", "pools[0].node.memory: '32GB' is not a memory size"),
+        (("pools", 0, "nodes"), {"min": 5, "max": 2}, "pools[0].nodes: min (5) is above max (2)"),
+        (("teams", 0, "quota", "gpu"), -2, "teams[0].quota: quota gpu is -2; a quota cannot be negative"),
+        (("pools", 1, "node", "gpus"), 0, "pools[1]: a gpu pool needs node.gpus >= 1"),
+        (("pools", 1, "accelerator_type"), "h100", "should be written 'H100'"),
+        (("pools", 0, "name"), "CPU_Pool", "pools[0].name: 'CPU_Pool' is not a valid name"),
+        (("pools", 0, "labels"), {"llmos.io/pool": "x"}, "uses a reserved prefix"),
+        (("teams", 0, "priority"), "urgent", "teams[0].priority: 'urgent' is not a priority class"),
+    ],
+)
+def test_bad_values_name_field_and_fix(example, path, value, expected):
+    target = example
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    problems = problems_of(example)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_gpu_pool_without_gpus_names_the_fix(example):
+    del example["pools"][1]["node"]["gpus"]
+    (problem,) = problems_of(example)
+    assert "pools[1]" in problem and "needs node.gpus >= 1" in problem and "gpus: 8" in problem
+
+
+def test_tpu_topology_must_match_hosts_times_chips(example):
+    example["pools"][3]["tpu"]["topology"] = "4x4x4"
+    (problem,) = problems_of(example)
+    assert problem.startswith("pools[3].tpu: topology 4x4x4 has 64 chips")
+    assert "2 x 4 = 8" in problem and "set hosts_per_slice to 16" in problem
+
+
+def test_tpu_pool_is_sized_in_slices(example):
+    example["pools"][3]["nodes"] = example["pools"][3].pop("slices")
+    (problem,) = problems_of(example)
+    assert "pools[3]" in problem and "sized in whole slices" in problem
+
+
+def test_duplicate_pool_names(example):
+    example["pools"].append(copy.deepcopy(example["pools"][0]))
+    (problem,) = problems_of(example)
+    assert problem == "pools[4].name: 'cpu' is used twice; names must be unique"
+
+
+def test_quota_naming_unknown_resource_lists_valid_keys(example):
+    example["teams"][0]["quota"]["gpus"] = 4
+    (problem,) = problems_of(example)
+    assert problem.startswith("teams[0].quota: 'gpus' is not a resource of this cluster (did you mean 'gpu'?)")
+    assert "gpu:H100" in problem and "tpu:v5p" in problem
+
+
+def test_quota_for_accelerator_type_not_in_any_pool(example):
+    example["teams"][0]["quota"]["gpu:T4"] = 1
+    (problem,) = problems_of(example)
+    assert "'gpu:T4' is not a resource of this cluster" in problem
+
+
+def test_several_problems_are_all_reported(example):
+    example["pools"][0]["node"]["cpus"] = 0
+    example["pools"][2]["node"]["memory"] = "lots"
+    problems = problems_of(example)
+    assert len(problems) == 2
+    assert any(p.startswith("pools[0].node.cpus") for p in problems)
+    assert any(p.startswith("pools[2].node.memory") for p in problems)
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pools:\n  - name: cpu\n    node: {cpus: 4\n")
+    with pytest.raises(SpecError) as caught:
+        load_spec(bad)
+    assert "not valid YAML" in caught.value.problems[0] and "line" in caught.value.problems[0]
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(SpecError, match="file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_memory_quantities_round_trip():
+    assert parse_memory("32Gi") == 32 * 2**30
+    assert parse_memory("4G") == 4 * 10**9
+    assert parse_memory(1024) == 1024
+    assert format_memory(parse_memory("85Gi")) == "85Gi"
+    with pytest.raises(ValueError, match="not a memory size"):
+        parse_memory("12 parsecs")
+
+
+def test_cli_spec_validate_prints_ok_or_problems(tmp_path, capsys, example):
+    assert main(["spec", "validate", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out.strip() == "ok"
+    example["pools"][0]["nodez"] = example["pools"][0].pop("nodes")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(example))
+    assert main(["spec", "validate", str(bad), "--json"]) == 1
+    out = capsys.readouterr().out
+    assert '"ok": false' in out and "pools[0].nodez: unknown field" in out
