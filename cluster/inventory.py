@@ -82,6 +82,13 @@ def connect(address: str | None = None) -> str:
     return env["RAY_ADDRESS"]
 
 
+def disconnect() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def read_nodes() -> list[NodeInfo]:
     """Every node Ray knows, alive or dead, with its free resources (needs `connect()` first)."""
     import ray
