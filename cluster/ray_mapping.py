@@ -39,8 +39,17 @@ def ray_accelerator_type(pool: Pool) -> str | None:
     if pool.accelerator is AcceleratorKind.GPU:
         return pool.accelerator_type
     if pool.accelerator is AcceleratorKind.TPU:
-        return f"TPU-{_TPU_RAY_GENERATION[pool.accelerator_type].upper()}"  # type: ignore[index]
+        return _tpu_ray_type(pool.accelerator_type)  # type: ignore[arg-type]
     return None
+
+
+def _tpu_ray_type(generation: str) -> str:
+    return f"TPU-{_TPU_RAY_GENERATION[generation].upper()}"
+
+
+def tpu_generation(ray_type: str) -> str | None:
+    """The llmos TPU generation Ray calls `ray_type` (`TPU-V5P` -> `v5p`), or None."""
+    return next((g for g in _TPU_RAY_GENERATION if _tpu_ray_type(g) == ray_type), None)
 
 
 def tpu_pod_type(pool: Pool) -> str:

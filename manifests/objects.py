@@ -1,0 +1,67 @@
+"""Small pieces every manifest shares: names, labels, metadata and quantities."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from cluster.spec import ClusterSpec, format_memory
+
+# Pod label put on every Ray pod llmos renders; the NetworkPolicy selects on it.
+CLUSTER_LABEL = "llmos.io/cluster"
+TEAM_LABEL = "llmos.io/team"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "llmos"}
+
+
+class ManifestError(ValueError):
+    """A ClusterSpec, job or manifest that cannot be rendered or imported; the message names the field."""
+
+
+def metadata(name: str, namespace: str | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    meta["labels"] = {**MANAGED_BY, **(labels or {})}
+    return meta
+
+
+def cluster_labels(spec: ClusterSpec) -> dict[str, str]:
+    return {CLUSTER_LABEL: spec.name}
+
+
+def scoped_name(spec: ClusterSpec, name: str) -> str:
+    """A cluster-wide name (ClusterQueue, ResourceFlavor, ...) unique per llmos cluster."""
+    return f"{spec.name}-{name}"
+
+
+def quantity(amount: float) -> str:
+    """A Kubernetes quantity: `8`, `0.5` as `500m`."""
+    if float(amount).is_integer():
+        return str(int(amount))
+    return f"{round(amount * 1000)}m"
+
+
+def memory_quantity(num_bytes: float) -> str:
+    return format_memory(int(num_bytes))
+
+
+_QUANTITY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+))([KMGTPE]i|[mkMGTPE]|[eE][+-]?\d+)?$")
+_QUANTITY_FACTORS = {
+    "": 1,
+    "m": 1e-3,
+    **{suffix: 1000 ** (i + 1) for i, suffix in enumerate("kMGTPE")},
+    **{f"{suffix}i": 1024 ** (i + 1) for i, suffix in enumerate("KMGTPE")},
+}
+
+
+def parse_quantity(value: Any, field: str) -> float:
+    """The number a Kubernetes quantity (`500m`, `8`, `32Gi`, `1e3`) stands for."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise ManifestError(f"{field}: {value!r} is not a Kubernetes quantity; write e.g. 500m, 8 or 32Gi")
+    number, suffix = match.group(1), match.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        return float(number + suffix)
+    return float(number) * _QUANTITY_FACTORS[suffix]

@@ -1,0 +1,136 @@
+"""The RayCluster: a head group and one worker group per pool, declared as `llmos up` declares them.
+
+Ray `resources` and `labels` of every group come from `cluster.ray_mapping` (the one mapping from a
+pool to what Ray sees); KubeRay turns them into `ray start --resources/--labels` and also copies the
+labels onto the pods. Per-host TPU identity (slice name, worker id) is left to Ray's autodetection
+on real TPU VMs. The same cluster spec, sized for one workload, goes inside RayJobs and RayServices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.ray_mapping import head_declaration, pool_labels, pool_resources
+from cluster.spec import ClusterSpec, Pool
+from manifests.nodes import container_resources, devices_per_pool_pod, node_selector, node_taints, tolerations
+from manifests.objects import cluster_labels, memory_quantity, metadata, quantity
+
+RAY_API_VERSION = "ray.io/v1"
+HEAD_PORTS = (("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))
+DASHBOARD_PORT = 8265
+
+
+@dataclass(frozen=True)
+class GroupSize:
+    """How many replicas (nodes, or TPU slices) of one pool a Ray cluster may have."""
+
+    pool: Pool
+    min: int
+    max: int
+
+
+def cluster_groups(spec: ClusterSpec) -> list[GroupSize]:
+    """Every pool with its own replica bounds: the shared cluster."""
+    return [GroupSize(pool, pool.replicas.min, pool.replicas.max) for pool in spec.pools]
+
+
+def ray_resources(resources: dict[str, float]) -> dict[str, str]:
+    """Ray resources as KubeRay's group `resources` map of Kubernetes quantities (memory as 32Gi)."""
+    return {name: memory_quantity(v) if name == "memory" else quantity(v) for name, v in resources.items()}
+
+
+def _pod_template(
+    spec: ClusterSpec, container: dict[str, Any], pod_spec: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "metadata": {"labels": cluster_labels(spec)},
+        "spec": {"restartPolicy": "Never", **(pod_spec or {}), "containers": [container]},
+    }
+
+
+def head_group(spec: ClusterSpec, volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The head: no user work unless head.cpus > 0; mounts `volumes` (name, mountPath, configMap)."""
+    head = head_declaration(spec)
+    pod_cpus = spec.kubernetes.head_pod_cpus + spec.head.cpus
+    container: dict[str, Any] = {
+        "name": "ray-head",
+        "image": spec.kubernetes.image,
+        "ports": [{"containerPort": port, "name": name} for name, port in HEAD_PORTS],
+        "resources": container_resources(pod_cpus, spec.head.memory, {}),
+    }
+    pod_spec: dict[str, Any] = {}
+    if volumes:
+        container["volumeMounts"] = [{"name": v["name"], "mountPath": v["mountPath"]} for v in volumes]
+        pod_spec["volumes"] = [{"name": v["name"], "configMap": v["configMap"]} for v in volumes]
+    return {
+        "rayStartParams": {},
+        "resources": ray_resources(head.resources),
+        "labels": dict(head.labels),
+        "template": _pod_template(spec, container, pod_spec),
+    }
+
+
+def worker_group(spec: ClusterSpec, size: GroupSize) -> dict[str, Any]:
+    pool = size.pool
+    container = {
+        "name": "ray-worker",
+        "image": spec.kubernetes.image,
+        "resources": container_resources(pool.node.cpus, pool.node.memory, devices_per_pool_pod(pool)),
+    }
+    pod_spec: dict[str, Any] = {}
+    selector = node_selector(spec, pool)
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    taints = node_taints(spec, pool)
+    if taints:
+        pod_spec["tolerations"] = tolerations(taints)
+    group: dict[str, Any] = {
+        "groupName": pool.name,
+        "replicas": size.min,
+        "minReplicas": size.min,
+        "maxReplicas": size.max,
+    }
+    if pool.tpu is not None:
+        group["numOfHosts"] = pool.tpu.hosts_per_slice
+    group.update(
+        {
+            "rayStartParams": {},
+            "resources": ray_resources(pool_resources(pool)),
+            "labels": pool_labels(pool),
+            "template": _pod_template(spec, container, pod_spec),
+        }
+    )
+    return group
+
+
+def ray_cluster_spec(
+    spec: ClusterSpec,
+    groups: list[GroupSize],
+    *,
+    autoscaling: bool,
+    head_volumes: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A RayClusterSpec (the body of a RayCluster, a RayJob's rayClusterSpec or a RayService's)."""
+    body: dict[str, Any] = {"rayVersion": spec.kubernetes.ray_version}
+    body["authOptions"] = {"mode": "token" if spec.kubernetes.token_auth else "disabled"}
+    body["enableInTreeAutoscaling"] = autoscaling
+    if autoscaling:
+        body["autoscalerOptions"] = {
+            "version": "v2",
+            "upscalingMode": "Default",
+            "idleTimeoutSeconds": spec.kubernetes.idle_timeout_seconds,
+        }
+    body["headGroupSpec"] = head_group(spec, head_volumes)
+    body["workerGroupSpecs"] = [worker_group(spec, size) for size in groups]
+    return body
+
+
+def ray_cluster(spec: ClusterSpec) -> dict[str, Any]:
+    """The shared, autoscaled RayCluster: the Kubernetes twin of `llmos up`."""
+    return {
+        "apiVersion": RAY_API_VERSION,
+        "kind": "RayCluster",
+        "metadata": metadata(spec.name, spec.kubernetes.namespace, cluster_labels(spec)),
+        "spec": ray_cluster_spec(spec, cluster_groups(spec), autoscaling=True),
+    }

@@ -1,0 +1,197 @@
+"""RayJobs for training jobs and RayServices for serving jobs, each with its own Ray cluster.
+
+A workload's cluster has the head of the shared cluster and one worker group: the pool the
+workload runs in, sized for it (`cluster.ray_mapping.replicas_for_workers`). RayJobs are fixed in
+size, as Kueue admits a RayJob whole and refuses autoscaled ones; RayServices autoscale between the
+sizes of their fewest and most replicas. Job and serve specs are read through the small protocols
+below, so this layer depends on no field it does not use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import yaml
+
+from cluster.ray_mapping import replicas_for_workers
+from cluster.spec import ClusterSpec, Pool, Team
+from manifests.kueue import PRIORITY_CLASS_LABEL, QUEUE_NAME_LABEL, priority_class_name, queue_name
+from manifests.objects import TEAM_LABEL, ManifestError, cluster_labels, metadata
+from manifests.raycluster import RAY_API_VERSION, GroupSize, ray_cluster_spec
+
+JOB_DIRECTORY = "/etc/llmos/job"
+JOB_FILE = "job.yaml"
+
+
+class ResourcesLike(Protocol):
+    """What one worker or replica reserves."""
+
+    @property
+    def cpus(self) -> float: ...
+    @property
+    def gpus(self) -> float: ...
+    @property
+    def memory(self) -> int: ...
+
+
+class CountLike(Protocol):
+    @property
+    def min(self) -> int: ...
+    @property
+    def max(self) -> int: ...
+
+
+class WorkloadLike(Protocol):
+    """What a RayJob or RayService needs of a job or serve spec: who, where, and how big."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def team(self) -> str: ...
+    @property
+    def pool(self) -> str | None: ...
+    @property
+    def accelerator_type(self) -> str | None: ...
+    @property
+    def resources(self) -> ResourcesLike: ...
+
+
+class TrainingJobLike(WorkloadLike, Protocol):
+    """jobs.spec.TrainingJob as the RayJob renderer reads it."""
+
+    @property
+    def priority(self) -> str | None: ...
+    @property
+    def workers(self) -> CountLike: ...
+
+
+class ServeJobLike(WorkloadLike, Protocol):
+    """serving's ServeJob as the RayService renderer reads it."""
+
+    @property
+    def replicas(self) -> CountLike: ...
+
+
+def ray_resources_of(resources: ResourcesLike) -> dict[str, float]:
+    return {"CPU": resources.cpus, "GPU": resources.gpus, "memory": resources.memory}
+
+
+def workload_team(spec: ClusterSpec, workload: WorkloadLike) -> Team:
+    try:
+        return spec.team(workload.team)
+    except KeyError as error:
+        raise ManifestError(f"team: {error.args[0]}") from None
+
+
+def workload_pool(spec: ClusterSpec, workload: WorkloadLike) -> Pool:
+    """The workload's pool: the one it names, else the first of its accelerator type where one worker fits."""
+    if workload.pool is not None:
+        try:
+            return spec.pool(workload.pool)
+        except KeyError as error:
+            raise ManifestError(f"pool: {error.args[0]}") from None
+    candidates = list(spec.pools)
+    if workload.accelerator_type is not None:
+        candidates = [p for p in spec.pools if p.accelerator_type == workload.accelerator_type]
+        if not candidates:
+            raise ManifestError(
+                f"accelerator_type: no pool has {workload.accelerator_type!r}; set pool or change accelerator_type"
+            )
+    per_worker = ray_resources_of(workload.resources)
+    reasons = []
+    for pool in candidates:
+        try:
+            replicas_for_workers(pool, 1, per_worker)
+        except ValueError as error:
+            reasons.append(str(error))
+            continue
+        return pool
+    raise ManifestError("resources: " + "; ".join(reasons))
+
+
+def _group(spec: ClusterSpec, workload: WorkloadLike, count: CountLike) -> GroupSize:
+    pool = workload_pool(spec, workload)
+    per_worker = ray_resources_of(workload.resources)
+    try:
+        low = replicas_for_workers(pool, count.min, per_worker)
+        high = replicas_for_workers(pool, count.max, per_worker)
+    except ValueError as error:
+        raise ManifestError(f"resources: {error}") from None
+    if high > pool.replicas.max:
+        raise ManifestError(
+            f"{count.max} workers need {high} replicas of pool {pool.name!r}, which has at most "
+            f"{pool.replicas.max}; lower the count or raise the pool's max"
+        )
+    return GroupSize(pool, low, high)
+
+
+def _labels(spec: ClusterSpec, team: Team) -> dict[str, str]:
+    return {**cluster_labels(spec), TEAM_LABEL: team.name}
+
+
+def ray_job(
+    spec: ClusterSpec,
+    job: TrainingJobLike,
+    job_yaml: str,
+    *,
+    deadline_seconds: int | None = None,
+    start_deadline_seconds: int | None = None,
+) -> list[dict[str, Any]]:
+    """A ConfigMap holding the job file and the RayJob that runs `python -m jobs.train` on it.
+
+    The Ray cluster has room for `workers.max` workers; `deadline_seconds` bounds the whole run
+    (activeDeadlineSeconds), `start_deadline_seconds` the wait until it runs (preRunningDeadlineSeconds).
+    """
+    team = workload_team(spec, job)
+    priority = job.priority or team.priority
+    if priority not in [c.name for c in spec.priority_classes]:
+        raise ManifestError(f"priority: {priority!r} is not a priority class of cluster {spec.name!r}")
+    group = _group(spec, job, job.workers)
+    size = GroupSize(group.pool, group.max, group.max)
+    namespace = team.kubernetes_namespace
+    config_name = f"{job.name}-job"
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(config_name, namespace, _labels(spec, team)),
+        "data": {JOB_FILE: job_yaml},
+    }
+    volume = {"name": "llmos-job", "mountPath": JOB_DIRECTORY, "configMap": {"name": config_name}}
+    body: dict[str, Any] = {
+        "entrypoint": f"python -m jobs.train {JOB_DIRECTORY}/{JOB_FILE}",
+        "submissionMode": "SidecarMode",
+        "shutdownAfterJobFinishes": True,
+    }
+    if deadline_seconds is not None:
+        body["activeDeadlineSeconds"] = deadline_seconds
+    if start_deadline_seconds is not None:
+        body["preRunningDeadlineSeconds"] = start_deadline_seconds
+    body["rayClusterSpec"] = ray_cluster_spec(spec, [size], autoscaling=False, head_volumes=[volume])
+    labels = {
+        **_labels(spec, team),
+        QUEUE_NAME_LABEL: queue_name(spec, team),
+        PRIORITY_CLASS_LABEL: priority_class_name(spec, priority),
+    }
+    rayjob = {
+        "apiVersion": RAY_API_VERSION,
+        "kind": "RayJob",
+        "metadata": metadata(job.name, namespace, labels),
+        "spec": body,
+    }
+    return [config_map, rayjob]
+
+
+def ray_service(spec: ClusterSpec, serve: ServeJobLike, serve_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A RayService running `serve_config` (a Ray Serve config, as `serve deploy` takes it)."""
+    team = workload_team(spec, serve)
+    group = _group(spec, serve, serve.replicas)
+    return {
+        "apiVersion": RAY_API_VERSION,
+        "kind": "RayService",
+        "metadata": metadata(serve.name, team.kubernetes_namespace, _labels(spec, team)),
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(dict(serve_config), sort_keys=False),
+            "rayClusterConfig": ray_cluster_spec(spec, [group], autoscaling=True),
+        },
+    }
