@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from cluster.ray_mapping import RAY_ACCELERATOR_TYPE_LABEL, RAY_TPU_TOPOLOGY_LABEL, tpu_generation
-from cluster.spec import ClusterSpec, format_memory, parse_model
+from cluster.spec import ClusterSpec, format_memory, parse_memory, parse_model
 from manifests.nodes import (
     GKE_GPU_LABEL,
     GKE_GPU_NAMES,
@@ -128,8 +128,9 @@ def _placement_overrides(spec: ClusterSpec, groups: list[dict[str, Any]]) -> dic
         placement: dict[str, Any] = {}
         if selector != default_selector:
             placement["node_selector"] = selector
+        # No tolerations is no news: GKE adds them to pods that ask for GPUs or TPUs.
         given = [t for t in pod_spec.get("tolerations") or [] if t.get("key")]
-        if [(t["key"], t.get("effect", "NoSchedule")) for t in given] != [
+        if given and [(t["key"], t.get("effect", "NoSchedule")) for t in given] != [
             (t["key"], t["effect"]) for t in tolerations(node_taints(spec, pool))
         ]:
             placement["node_taints"] = [
@@ -181,5 +182,14 @@ def spec_to_yaml(spec: ClusterSpec) -> str:
     data = spec.model_dump(mode="json", exclude_defaults=True)
     for part in [data.get("head") or {}, *(pool["node"] for pool in data["pools"])]:
         if "memory" in part:
-            part["memory"] = format_memory(part["memory"])
+            part["memory"] = _memory(part["memory"])
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def _memory(num_bytes: int) -> str | int:
+    """A quantity such as 64Gi where the ClusterSpec reads it back exactly, else plain bytes."""
+    text = format_memory(num_bytes)
+    try:
+        return text if parse_memory(text) == num_bytes else num_bytes
+    except ValueError:
+        return num_bytes

@@ -28,7 +28,10 @@ def render_cluster(spec: ClusterSpec) -> Manifests:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block style, keys in the order written, multi-line strings as `|` blocks."""
+    """Block style, keys in the order written, multi-line strings as `|` blocks, no YAML aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:

@@ -1,0 +1,333 @@
+"""KubeRay and Kueue manifests from the ClusterSpec: rendering, the committed examples, RayJob/RayService."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from cluster.ray_mapping import head_declaration, pool_labels, pool_resources, replicas_for_workers
+from cluster.spec import ClusterSpec, SpecError, load_spec, parse_model
+from manifests.kueue import QUEUE_NAME_LABEL
+from manifests.objects import ManifestError, parse_quantity
+from manifests.render import render_cluster, to_yaml
+from manifests.validate import validate_documents
+from manifests.workloads import ray_job, ray_service
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_SPEC = REPO / "examples" / "cluster.yaml"
+EXAMPLES_DIR = REPO / "manifests" / "examples"
+
+
+@pytest.fixture(scope="module")
+def spec() -> ClusterSpec:
+    return load_spec(EXAMPLE_SPEC)
+
+
+def spec_with(spec: ClusterSpec, **kubernetes) -> ClusterSpec:
+    data = spec.model_dump(mode="json")
+    data["kubernetes"].update(kubernetes)
+    return parse_model(ClusterSpec, data, "test")
+
+
+def groups_by_name(ray_cluster: dict) -> dict[str, dict]:
+    return {group["groupName"]: group for group in ray_cluster["spec"]["workerGroupSpecs"]}
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+# --- the committed examples --------------------------------------------------------------------
+
+
+def test_committed_examples_match_the_renderer(spec):
+    files = render_cluster(spec)
+    assert sorted(p.name for p in EXAMPLES_DIR.glob("*.yaml")) == sorted(files)
+    for name, objects in files.items():
+        assert (EXAMPLES_DIR / name).read_text() == to_yaml(objects), (
+            f"manifests/examples/{name} drifted from the renderer; regenerate with "
+            "`llmos manifests render examples/cluster.yaml -o manifests/examples`"
+        )
+
+
+def test_rendered_example_passes_every_schema(spec):
+    objects = [obj for objects in render_cluster(spec).values() for obj in objects]
+    assert validate_documents(objects) == []
+    kinds = {obj["kind"] for obj in objects}
+    assert kinds == {
+        "Namespace",
+        "RayCluster",
+        "NetworkPolicy",
+        "WorkloadPriorityClass",
+        "ResourceFlavor",
+        "Cohort",
+        "ClusterQueue",
+        "LocalQueue",
+    }
+
+
+# --- the RayCluster ----------------------------------------------------------------------------
+
+
+def test_worker_groups_declare_what_llmos_up_declares(spec):
+    cluster = render_cluster(spec)["raycluster.yaml"][0]
+    groups = groups_by_name(cluster)
+    assert list(groups) == [pool.name for pool in spec.pools]
+    for pool in spec.pools:
+        group = groups[pool.name]
+        declared = {name: parse_quantity(value, name) for name, value in group["resources"].items()}
+        assert declared == pool_resources(pool)
+        assert group["labels"] == pool_labels(pool)
+        assert (group["minReplicas"], group["maxReplicas"]) == (pool.replicas.min, pool.replicas.max)
+    head = cluster["spec"]["headGroupSpec"]
+    declaration = head_declaration(spec)
+    assert {k: parse_quantity(v, k) for k, v in head["resources"].items()} == declaration.resources
+    assert head["labels"] == declaration.labels
+
+
+def test_accelerators_use_gke_selectors_limits_and_tolerations(spec):
+    cluster = render_cluster(spec)["raycluster.yaml"][0]
+    groups = groups_by_name(cluster)
+
+    def pod(name):
+        return groups[name]["template"]["spec"]
+
+    assert pod("h100")["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert pod("a100")["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-a100-80gb"}
+    assert pod("h100")["containers"][0]["resources"]["limits"] == {
+        "cpu": "26",
+        "memory": "200Gi",
+        "nvidia.com/gpu": "8",
+    }
+    assert pod("h100")["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod("tpu-v5p")["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
+        "cloud.google.com/gke-tpu-topology": "2x2x2",
+    }
+    assert pod("tpu-v5p")["containers"][0]["resources"]["limits"]["google.com/tpu"] == "4"
+    assert groups["tpu-v5p"]["numOfHosts"] == 2
+    assert "numOfHosts" not in groups["h100"]
+    assert "nodeSelector" not in pod("cpu") and "tolerations" not in pod("cpu")
+    assert cluster["spec"]["enableInTreeAutoscaling"] is True
+    assert cluster["spec"]["autoscalerOptions"]["version"] == "v2"
+
+
+def test_token_auth_and_network_policy_are_on_by_default_and_can_be_switched_off(spec):
+    files = render_cluster(spec)
+    assert files["raycluster.yaml"][0]["spec"]["authOptions"] == {"mode": "token"}
+    policies = files["network-policies.yaml"]
+    assert [p["metadata"]["namespace"] for p in policies] == ["llmos", "research", "prod", "interns"]
+    assert policies[0]["spec"]["podSelector"] == {"matchLabels": {"llmos.io/cluster": "llmos-demo"}}
+
+    relaxed = render_cluster(spec_with(spec, token_auth=False, network_policy=False))
+    assert relaxed["raycluster.yaml"][0]["spec"]["authOptions"] == {"mode": "disabled"}
+    assert "network-policies.yaml" not in relaxed
+    assert validate_documents(relaxed["raycluster.yaml"]) == []
+
+
+def test_other_clouds_override_node_selectors_and_taints(spec):
+    eks = spec_with(
+        spec,
+        pools={
+            "h100": {
+                "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                "node_taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}],
+            }
+        },
+    )
+    files = render_cluster(eks)
+    pod = groups_by_name(files["raycluster.yaml"][0])["h100"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}]
+    flavor = next(f for f in by_kind(files["kueue.yaml"], "ResourceFlavor") if f["metadata"]["name"].endswith("h100"))
+    assert flavor["spec"]["nodeLabels"] == pod["nodeSelector"]
+    assert flavor["spec"]["nodeTaints"] == [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]
+    assert validate_documents([obj for objects in files.values() for obj in objects]) == []
+
+
+def test_a_gpu_gke_does_not_offer_needs_a_node_selector(spec):
+    data = spec.model_dump(mode="json")
+    data["pools"][2]["accelerator_type"] = "A10G"
+    with pytest.raises(ManifestError, match=r"kubernetes\.pools\.a100\.node_selector"):
+        render_cluster(parse_model(ClusterSpec, data, "test"))
+
+
+def test_placement_overrides_must_name_a_pool(spec):
+    with pytest.raises(SpecError, match=r"kubernetes.pools: 'h10' is not a pool \(did you mean 'h100'\?\)"):
+        spec_with(spec, pools={"h10": {"node_selector": {}}})
+
+
+# --- Kueue -------------------------------------------------------------------------------------
+
+
+def test_flavors_match_worker_groups_and_queues_carry_team_quotas(spec):
+    files = render_cluster(spec)
+    groups = groups_by_name(files["raycluster.yaml"][0])
+    kueue = files["kueue.yaml"]
+    for flavor in by_kind(kueue, "ResourceFlavor"):
+        pool = flavor["metadata"]["name"].removeprefix("llmos-demo-")
+        assert flavor["spec"].get("nodeLabels", {}) == groups[pool]["template"]["spec"].get("nodeSelector", {})
+
+    queues = {q["metadata"]["name"]: q for q in by_kind(kueue, "ClusterQueue")}
+    assert set(queues) == {"llmos-demo-research", "llmos-demo-prod", "llmos-demo-interns"}
+
+    def limits(team):
+        rows = {}
+        for flavor in queues[f"llmos-demo-{team}"]["spec"]["resourceGroups"][0]["flavors"]:
+            for resource in flavor["resources"]:
+                assert resource["nominalQuota"] == "0"
+                rows[(flavor["name"].removeprefix("llmos-demo-"), resource["name"])] = resource.get("borrowingLimit")
+        return rows
+
+    prod = limits("prod")
+    assert prod[("h100", "nvidia.com/gpu")] == "8"  # gpu:H100: 8 is tighter than gpu: 16
+    assert prod[("a100", "nvidia.com/gpu")] == "16"
+    assert prod[("tpu-v5p", "google.com/tpu")] == "8"
+    assert prod[("cpu", "cpu")] == "64"
+    assert prod[("cpu", "nvidia.com/gpu")] is None  # the CPU pool has no GPUs to limit
+    interns = limits("interns")
+    assert interns[("tpu-v5p", "google.com/tpu")] is None  # no tpu quota: no limit
+    assert interns[("h100", "memory")] is None
+
+    cohort = by_kind(kueue, "Cohort")[0]
+    capacity = {
+        (f["name"].removeprefix("llmos-demo-"), r["name"]): r["nominalQuota"]
+        for f in cohort["spec"]["resourceGroups"][0]["flavors"]
+        for r in f["resources"]
+    }
+    assert capacity[("h100", "nvidia.com/gpu")] == "32"  # 4 nodes x 8
+    assert capacity[("tpu-v5p", "google.com/tpu")] == "16"  # 2 slices x 2 hosts x 4 chips
+
+    local = {q["metadata"]["namespace"]: q["spec"]["clusterQueue"] for q in by_kind(kueue, "LocalQueue")}
+    assert local == {"research": "llmos-demo-research", "prod": "llmos-demo-prod", "interns": "llmos-demo-interns"}
+    priorities = {p["metadata"]["name"]: p["value"] for p in by_kind(kueue, "WorkloadPriorityClass")}
+    assert priorities == {"llmos-demo-low": 100, "llmos-demo-normal": 500, "llmos-demo-high": 1000}
+
+
+# --- RayJob and RayService ---------------------------------------------------------------------
+
+
+class Count(BaseModel):
+    min: int
+    max: int
+
+
+class Resources(BaseModel):
+    cpus: float = 1
+    gpus: float = 0
+    memory: int = 2 * 2**30
+
+
+class Job(BaseModel):
+    name: str
+    team: str
+    priority: str | None = None
+    pool: str | None = None
+    accelerator_type: str | None = None
+    workers: Count
+    resources: Resources = Resources()
+
+
+class Serve(BaseModel):
+    name: str
+    team: str
+    pool: str | None = None
+    accelerator_type: str | None = None
+    replicas: Count
+    resources: Resources = Resources()
+
+
+SERVE_CONFIG = {
+    "applications": [
+        {"name": "llm", "route_prefix": "/", "import_path": "serving.app:app", "deployments": [{"name": "LLM"}]}
+    ]
+}
+
+
+def test_ray_job_runs_jobs_train_in_a_fixed_size_queued_cluster(spec):
+    job = Job(name="lm", team="prod", pool="h100", workers=Count(min=2, max=3), resources=Resources(gpus=4))
+    config_map, rayjob = ray_job(spec, job, "name: lm\n", deadline_seconds=7200, start_deadline_seconds=600)
+    assert validate_documents([config_map, rayjob]) == []
+    assert rayjob["metadata"]["namespace"] == "prod"
+    assert rayjob["metadata"]["labels"][QUEUE_NAME_LABEL] == "llmos-demo-prod"
+    assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "llmos-demo-high"  # prod's default
+    body = rayjob["spec"]
+    assert body["entrypoint"] == "python -m jobs.train /etc/llmos/job/job.yaml"
+    assert body["shutdownAfterJobFinishes"] is True
+    assert (body["activeDeadlineSeconds"], body["preRunningDeadlineSeconds"]) == (7200, 600)
+    cluster = body["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is False  # Kueue admits a RayJob whole
+    [group] = cluster["workerGroupSpecs"]
+    assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == ("h100", 2, 2, 2)
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["volumes"] == [{"name": "llmos-job", "configMap": {"name": config_map["metadata"]["name"]}}]
+    assert config_map["data"] == {"job.yaml": "name: lm\n"}
+    # The queue the label names exists in the job's namespace.
+    local_queues = by_kind(render_cluster(spec)["kueue.yaml"], "LocalQueue")
+    assert {"prod": "llmos-demo-prod"}.items() <= {
+        q["metadata"]["namespace"]: q["metadata"]["name"] for q in local_queues
+    }.items()
+
+
+def test_ray_job_finds_its_pool_by_accelerator_type_or_fit(spec):
+    by_type = Job(name="a", team="research", accelerator_type="A100-80G", workers=Count(min=1, max=1))
+    assert ray_job(spec, by_type, "")[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"] == "a100"
+    cpu_only = Job(name="b", team="research", workers=Count(min=1, max=16))
+    [group] = ray_job(spec, cpu_only, "")[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (group["groupName"], group["replicas"]) == ("cpu", 2)  # 8 one-CPU workers per 8-CPU node
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        (Job(name="x", team="nobody", workers=Count(min=1, max=1)), r"team: no team named 'nobody'"),
+        (Job(name="x", team="prod", pool="h200", workers=Count(min=1, max=1)), r"pool: no pool named 'h200'"),
+        (
+            Job(name="x", team="prod", pool="h100", workers=Count(min=1, max=1), resources=Resources(gpus=9)),
+            r"one worker needs 9 GPU but a node of pool 'h100' has 8",
+        ),
+        (
+            Job(name="x", team="prod", pool="h100", workers=Count(min=1, max=40), resources=Resources(gpus=8)),
+            r"40 workers need 40 replicas of pool 'h100', which has at most 4",
+        ),
+        (
+            Job(name="x", team="prod", priority="urgent", workers=Count(min=1, max=1)),
+            r"priority: 'urgent' is not a priority class",
+        ),
+    ],
+)
+def test_ray_job_errors_name_the_field(spec, job, message):
+    with pytest.raises(ManifestError, match=message):
+        ray_job(spec, job, "")
+
+
+def test_ray_service_autoscales_between_its_replica_bounds(spec):
+    serve = Serve(name="llm", team="research", pool="a100", replicas=Count(min=1, max=8), resources=Resources(gpus=1))
+    service = ray_service(spec, serve, SERVE_CONFIG)
+    assert validate_documents([service]) == []
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == SERVE_CONFIG
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    [group] = cluster["workerGroupSpecs"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (1, 2)  # 4 one-GPU replicas per a100 node
+    assert service["metadata"]["namespace"] == "research"
+
+
+def test_replicas_for_workers_counts_nodes_and_whole_tpu_slices(spec):
+    h100, tpu = spec.pool("h100"), spec.pool("tpu-v5p")
+    assert replicas_for_workers(h100, 3, {"GPU": 4, "CPU": 1}) == 2
+    assert replicas_for_workers(h100, 0, {"GPU": 4}) == 0
+    assert replicas_for_workers(tpu, 2, {"TPU": 4}) == 1  # one slice holds two 4-chip hosts
+    assert replicas_for_workers(tpu, 3, {"TPU": 4}) == 2
+    with pytest.raises(ValueError, match="memory"):
+        replicas_for_workers(h100, 1, {"memory": 2**50})
+
+
+def test_rendering_does_not_mutate_shared_state(spec):
+    before = copy.deepcopy(render_cluster(spec))
+    render_cluster(spec_with(spec, token_auth=False))
+    assert render_cluster(spec) == before

@@ -1,0 +1,275 @@
+"""`llmos pools import`: KubeRay RayClusters -> ClusterSpec, and the manifests CLI end to end."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from test_manifests import SERVE_CONFIG, Count, Job, Resources, Serve
+
+from cluster.cli import main
+from cluster.spec import load_spec
+from manifests.importer import import_ray_cluster, spec_to_yaml
+from manifests.objects import ManifestError, parse_quantity
+from manifests.raycluster import ray_cluster
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_SPEC = REPO / "examples" / "cluster.yaml"
+EXAMPLES_DIR = REPO / "manifests" / "examples"
+
+# KubeRay-style manifests, written the way people write them: shapes in container limits or
+# rayStartParams, GKE selectors, a multi-host TPU group, one group on a non-GKE cloud.
+KUBERAY_MANIFEST = """
+apiVersion: ray.io/v1
+kind: RayCluster
+metadata:
+  name: research
+  namespace: ml
+spec:
+  rayVersion: "2.60.0"
+  enableInTreeAutoscaling: true
+  headGroupSpec:
+    rayStartParams:
+      num-cpus: "0"
+    template:
+      spec:
+        containers:
+        - name: ray-head
+          image: example.com/ray-llmos:2.60.0
+          resources:
+            limits: {cpu: "4", memory: 16Gi}
+  workerGroupSpecs:
+  - groupName: cpu-workers
+    replicas: 2
+    minReplicas: 1
+    maxReplicas: 10
+    rayStartParams: {}
+    labels: {tier: batch}
+    template:
+      spec:
+        containers:
+        - name: ray-worker
+          image: example.com/ray-llmos:2.60.0
+          resources:
+            limits: {cpu: "16", memory: 64Gi}
+            requests: {cpu: "16", memory: 64Gi}
+  - groupName: a100
+    minReplicas: 0
+    maxReplicas: 4
+    rayStartParams:
+      num-gpus: "8"
+    template:
+      spec:
+        nodeSelector:
+          cloud.google.com/gke-accelerator: nvidia-tesla-a100
+        tolerations:
+        - {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}
+        containers:
+        - name: ray-worker
+          image: example.com/ray-llmos:2.60.0
+          resources:
+            limits: {cpu: "12", memory: 85Gi, nvidia.com/gpu: "8"}
+  - groupName: l4
+    minReplicas: 0
+    maxReplicas: 6
+    resources: {CPU: "8", GPU: "1", memory: 32Gi}
+    labels: {ray.io/accelerator-type: L4}
+    template:
+      spec:
+        nodeSelector:
+          node.kubernetes.io/instance-type: g6.2xlarge
+        tolerations:
+        - {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}
+        containers:
+        - name: ray-worker
+          image: example.com/ray-llmos:2.60.0
+          resources:
+            limits: {cpu: "8", memory: 32Gi, nvidia.com/gpu: "1"}
+  - groupName: tpu-v4
+    replicas: 1
+    minReplicas: 1
+    maxReplicas: 3
+    numOfHosts: 2
+    rayStartParams: {}
+    template:
+      spec:
+        nodeSelector:
+          cloud.google.com/gke-tpu-accelerator: tpu-v4-podslice
+          cloud.google.com/gke-tpu-topology: 2x2x2
+        containers:
+        - name: ray-worker
+          image: example.com/ray-llmos:2.60.0
+          resources:
+            limits: {cpu: "200", memory: 400G, google.com/tpu: "4"}
+"""
+
+
+def kuberay_manifest() -> dict:
+    return yaml.safe_load(KUBERAY_MANIFEST)
+
+
+def _shape(group: dict) -> dict:
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    return {
+        "replicas": (group["minReplicas"], group["maxReplicas"]),
+        "hosts": group.get("numOfHosts", 1),
+        "limits": {name: parse_quantity(value, name) for name, value in limits.items()},
+        "selector": group["template"]["spec"].get("nodeSelector", {}),
+    }
+
+
+def test_import_reads_cpu_gpu_and_multi_host_tpu_groups():
+    spec = import_ray_cluster(kuberay_manifest(), "test")
+    pools = {pool.name: pool for pool in spec.pools}
+    assert list(pools) == ["cpu-workers", "a100", "l4", "tpu-v4"]
+    cpu, a100, l4, tpu = pools.values()
+    assert (cpu.accelerator.value, cpu.node.cpus, cpu.node.memory) == ("cpu", 16, 64 * 2**30)
+    assert (cpu.nodes.min, cpu.nodes.max, cpu.labels) == (1, 10, {"tier": "batch"})
+    assert (a100.accelerator_type, a100.node.gpus, a100.nodes.max) == ("A100", 8, 4)
+    assert (l4.accelerator_type, l4.node.gpus, l4.node.cpus) == ("L4", 1, 8)
+    assert (tpu.accelerator_type, tpu.tpu.topology, tpu.tpu.hosts_per_slice, tpu.tpu.chips_per_host) == (
+        "v4",
+        "2x2x2",
+        2,
+        4,
+    )
+    assert (tpu.slices.min, tpu.slices.max) == (1, 3)
+    assert (spec.name, spec.kubernetes.namespace, spec.kubernetes.image) == (
+        "research",
+        "ml",
+        "example.com/ray-llmos:2.60.0",
+    )
+    assert spec.head.cpus == 0 and spec.head.memory == 16 * 2**30
+    # The non-GKE group keeps its own node selector; GKE groups need no override.
+    assert set(spec.kubernetes.pools) == {"l4"}
+
+
+def test_render_of_import_keeps_pools_shapes_accelerators_and_bounds():
+    original = kuberay_manifest()
+    rendered = ray_cluster(import_ray_cluster(original, "test"))
+    before = {g["groupName"]: _shape(g) for g in original["spec"]["workerGroupSpecs"]}
+    after = {g["groupName"]: _shape(g) for g in rendered["spec"]["workerGroupSpecs"]}
+    assert after == before
+
+
+def test_import_of_render_gives_back_the_spec():
+    spec = load_spec(EXAMPLE_SPEC)
+    again = import_ray_cluster(ray_cluster(spec), "test")
+    assert again.pools == spec.pools
+    assert ray_cluster(again) == ray_cluster(spec)
+    assert yaml.safe_load(spec_to_yaml(again))["pools"][1]["node"]["memory"] == "200Gi"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.update(kind="RayJob"), r"kind is 'RayJob'; llmos pools import reads a KubeRay RayCluster"),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][1]["template"]["spec"].pop("nodeSelector"),
+            r"workerGroupSpecs\[1\]: cannot tell which GPU this group has; add labels",
+        ),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"].update(
+                limits={"cpu": "500m", "memory": "1Gi"}
+            ),
+            r"workerGroupSpecs\[0\] CPUs: 0.5 is not a whole number",
+        ),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][3]["template"]["spec"]["nodeSelector"].pop(
+                "cloud.google.com/gke-tpu-topology"
+            ),
+            r"workerGroupSpecs\[3\]: no TPU topology",
+        ),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][2]["resources"].update(memory="lots"),
+            r"workerGroupSpecs\[2\]\.resources\.memory: 'lots' is not a Kubernetes quantity",
+        ),
+    ],
+)
+def test_import_errors_name_the_group_and_the_fix(change, message):
+    manifest = kuberay_manifest()
+    change(manifest)
+    with pytest.raises(ManifestError, match=message):
+        import_ray_cluster(manifest, "test")
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_render_writes_the_committed_examples_and_they_validate(tmp_path, capsys):
+    assert main(["manifests", "render", str(EXAMPLE_SPEC), "-o", str(tmp_path)]) == 0
+    for path in EXAMPLES_DIR.glob("*.yaml"):
+        assert (tmp_path / path.name).read_text() == path.read_text()
+    assert main(["manifests", "validate", str(tmp_path)]) == 0
+    assert "ok: 23 objects in 4 files" in capsys.readouterr().out
+
+
+def test_cli_validate_reports_file_object_and_path(tmp_path, capsys):
+    manifest = kuberay_manifest()
+    manifest["spec"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    assert main(["manifests", "validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}: RayCluster/research: spec.workerGroupSpecs[0].maxReplica: unknown field" in out
+
+
+def test_cli_pools_import_writes_a_valid_cluster_spec(tmp_path):
+    source = tmp_path / "raycluster.yaml"
+    source.write_text(KUBERAY_MANIFEST)
+    target = tmp_path / "cluster.yaml"
+    assert main(["pools", "import", str(source), "-o", str(target)]) == 0
+    spec = load_spec(target)
+    assert [pool.name for pool in spec.pools] == ["cpu-workers", "a100", "l4", "tpu-v4"]
+    assert main(["manifests", "render", str(target), "-o", str(tmp_path / "out")]) == 0
+    assert main(["manifests", "validate", str(tmp_path / "out")]) == 0
+
+
+def test_cli_errors_are_clean(tmp_path, capsys):
+    assert main(["pools", "import", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "x.yaml")]) == 2
+    not_a_cluster = tmp_path / "job.yaml"
+    not_a_cluster.write_text("apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: x}\n")
+    assert main(["pools", "import", str(not_a_cluster), "-o", str(tmp_path / "x.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "file not found" in err and "no RayCluster in it (kinds found: RayJob)" in err
+
+
+@pytest.fixture
+def fake_job_and_serve_specs(monkeypatch):
+    """Stand-ins for jobs.spec and serving's loaders, with the interface the CLI calls."""
+    job = Job(name="lm", team="research", pool="h100", workers=Count(min=1, max=2), resources=Resources(gpus=1))
+    serve = Serve(name="llm", team="prod", pool="a100", replicas=Count(min=1, max=4), resources=Resources(gpus=1))
+    modules = {
+        "jobs.spec": {"load_training_job": lambda path: job},
+        "serving.spec": {"load_serve_job": lambda path: serve},
+        "serving.config": {"build_serve_config": lambda s: SERVE_CONFIG},
+    }
+    for name, attributes in modules.items():
+        module = types.ModuleType(name)
+        module.__dict__.update(attributes)
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_cli_render_with_job_and_serve(tmp_path, fake_job_and_serve_specs):
+    job_file = tmp_path / "train.yaml"
+    job_file.write_text("name: lm\n")
+    out = tmp_path / "out"
+    args = ["manifests", "render", str(EXAMPLE_SPEC), "-o", str(out), "--job", str(job_file)]
+    assert main([*args, "--serve", str(job_file), "--deadline", "3600"]) == 0
+    config_map, rayjob = yaml.safe_load_all((out / "rayjob-lm.yaml").read_text())
+    assert config_map["data"]["job.yaml"] == "name: lm\n"
+    assert rayjob["spec"]["activeDeadlineSeconds"] == 3600
+    [service] = yaml.safe_load_all((out / "rayservice-llm.yaml").read_text())
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == SERVE_CONFIG
+    assert main(["manifests", "validate", str(out)]) == 0
+
+
+def test_cli_render_reports_job_errors_without_traceback(tmp_path, fake_job_and_serve_specs, monkeypatch, capsys):
+    bad = Job(name="lm", team="nobody", workers=Count(min=1, max=1))
+    monkeypatch.setattr(sys.modules["jobs.spec"], "load_training_job", lambda path: bad)
+    args = ["manifests", "render", str(EXAMPLE_SPEC), "-o", str(tmp_path), "--job", str(EXAMPLE_SPEC)]
+    assert main(args) == 2
+    assert "team: no team named 'nobody'" in capsys.readouterr().err
