@@ -1,0 +1,80 @@
+"""Team quota arithmetic: pure functions over resource dictionaries keyed like ClusterSpec quotas.
+
+Keys are `cpu`, `memory` (bytes), `gpu`, `tpu` (chips) and typed keys `gpu:<model>` /
+`tpu:<generation>` that only count usage on that accelerator type. A typed key can only be checked
+once the accelerator type is known, so admission narrows a gang's allowed GPU types to those whose
+typed quota still has room, and the engine then only picks among those.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+from cluster.placement.request import GangRequest
+
+_RESOURCE_OF_KEY = {"cpu": "CPU", "memory": "memory", "gpu": "GPU", "tpu": "TPU"}
+# Quota checks tolerate fixed-point noise from fractional GPUs summed as floats.
+EPSILON = 1e-6
+
+
+def gang_demand(gang: GangRequest) -> dict[str, float]:
+    """Untyped quota keys a gang uses wherever it lands."""
+    demand: dict[str, float] = defaultdict(float)
+    for bundle in gang.bundles:
+        for key, resource in _RESOURCE_OF_KEY.items():
+            demand[key] += bundle.resources.get(resource, 0.0)
+    return {key: amount for key, amount in demand.items() if amount}
+
+
+def bundle_usage(resources: Mapping[str, float], accelerator: str, accelerator_type: str | None) -> dict[str, float]:
+    """Quota keys one placed bundle uses on a node of the given pool kind and type."""
+    usage = {key: resources.get(resource, 0.0) for key, resource in _RESOURCE_OF_KEY.items()}
+    if accelerator_type and accelerator in ("gpu", "tpu"):
+        usage[f"{accelerator}:{accelerator_type}"] = usage[accelerator]
+    return {key: amount for key, amount in usage.items() if amount}
+
+
+def add_usage(total: dict[str, float], usage: Mapping[str, float], sign: float = 1.0) -> None:
+    for key, amount in usage.items():
+        total[key] = total.get(key, 0.0) + sign * amount
+        if abs(total[key]) < EPSILON:
+            del total[key]
+
+
+def exceeded(quota: Mapping[str, float], used: Mapping[str, float], demand: Mapping[str, float]) -> list[str]:
+    """Untyped keys where `used + demand` would pass the quota, as readable phrases."""
+    problems = []
+    for key, amount in demand.items():
+        if key in quota and used.get(key, 0.0) + amount > quota[key] + EPSILON:
+            problems.append(f"{key} {used.get(key, 0.0):g} used + {amount:g} asked > quota {quota[key]:g}")
+    return problems
+
+
+def allowed_types(
+    kind: str,
+    candidates: Iterable[str],
+    quota: Mapping[str, float],
+    used: Mapping[str, float],
+    amount: float,
+) -> set[str]:
+    """Accelerator types of `kind` whose typed quota (if any) still has room for `amount`."""
+    allowed = set()
+    for accelerator_type in candidates:
+        key = f"{kind}:{accelerator_type}"
+        if key not in quota or used.get(key, 0.0) + amount <= quota[key] + EPSILON:
+            allowed.add(accelerator_type)
+    return allowed
+
+
+def never_admissible(
+    quota: Mapping[str, float], demand: Mapping[str, float], typed_room: Mapping[str, set[str]]
+) -> str | None:
+    """Why a request could not be admitted even with nothing else of its team running, or None."""
+    alone = exceeded(quota, {}, demand)
+    if alone:
+        return "over the team's quota even when alone: " + "; ".join(alone)
+    for kind, types in typed_room.items():
+        if not types:
+            return f"every {kind} type this request may use has a typed quota smaller than the {demand[kind]:g} it asks"
+    return None

@@ -1,0 +1,143 @@
+"""What users ask the controller for, and what it tells them back.
+
+These pydantic models are the admin API's vocabulary: YAML request files, `Admin.submit`, the CLI's
+`--json` output and the controller's durable journal all use them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+
+from cluster.placement.request import GangRequest
+
+
+class WorkloadKind(StrEnum):
+    TRAINING = "training"
+    SERVING = "serving"
+    BATCH = "batch"
+
+
+class RequestState(StrEnum):
+    QUEUED = "queued"  # waiting for room or quota
+    PREEMPTED = "preempted"  # taken off its nodes; waiting to be placed again
+    PLACED = "placed"  # bound to a Ray placement group
+    RUNNING = "running"  # the workload reported it started
+    FINISHED = "finished"
+    FAILED = "failed"
+    REJECTED = "rejected"  # can never be admitted as asked
+    CANCELLED = "cancelled"
+
+    @property
+    def waiting(self) -> bool:
+        return self in (RequestState.QUEUED, RequestState.PREEMPTED)
+
+    @property
+    def holding(self) -> bool:
+        """Whether the request holds resources on nodes."""
+        return self in (RequestState.PLACED, RequestState.RUNNING)
+
+    @property
+    def final(self) -> bool:
+        return self in (RequestState.FINISHED, RequestState.FAILED, RequestState.REJECTED, RequestState.CANCELLED)
+
+
+class SubmitRequest(BaseModel):
+    """A gang to place for a team (`llmos submit REQUEST.yaml`, `Admin.submit`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    team: str = Field(..., description="Team the request is charged to.")
+    gang: GangRequest = Field(..., description="Bundles placed all-or-nothing, and how they sit together.")
+    kind: WorkloadKind = Field(WorkloadKind.BATCH, description="training, serving or batch.")
+    priority: str | None = Field(None, description="Priority class; defaults to the team's.")
+    preemptible: bool = Field(True, description="Whether higher-priority work may take its nodes.")
+    group: str | None = Field(
+        None, description="Requests that belong together (a deployment's replicas, an elastic job's workers)."
+    )
+    group_min: NonNegativeInt = Field(0, description="Preemption never leaves a group with fewer placed requests.")
+
+
+class BundleBinding(BaseModel):
+    """Where one bundle of a placed request sits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle_index: int
+    node: str
+    pool: str
+    resources: dict[str, float]
+    gpu_devices: list[int] = Field(default_factory=list)
+    gpu_share: float = 0.0
+
+
+class RequestStatus(BaseModel):
+    """The controller's record of one request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    request: SubmitRequest
+    priority_value: int
+    state: RequestState
+    reason: str = ""
+    bundles: list[BundleBinding] = Field(default_factory=list)
+    placement_group: str | None = Field(None, description="Name of the Ray placement group (namespace llmos).")
+    submitted_seq: int
+    submitted_at: float
+    placed_at: float | None = None
+    preemptions: int = 0
+    failures: int = 0
+    details: dict = Field(default_factory=dict, description="Progress the workload reports (step, workers, ...).")
+
+    @property
+    def team(self) -> str:
+        return self.request.team
+
+    @property
+    def nodes(self) -> list[str]:
+        return [bundle.node for bundle in self.bundles]
+
+
+class DecisionAction(StrEnum):
+    ADMITTED = "admitted"
+    PLACED = "placed"
+    WAITING = "waiting"
+    REJECTED = "rejected"
+    PREEMPTED = "preempted"
+    REQUEUED = "requeued"
+    RELEASED = "released"
+    CANCELLED = "cancelled"
+
+
+class DecisionRecord(BaseModel):
+    """One entry of the decision log: what the controller did to a request, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seq: int
+    time: float
+    request_id: str
+    action: DecisionAction
+    policy: str = ""
+    reason: str = ""
+    nodes: list[str] = Field(default_factory=list)
+
+
+class TeamUsage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    team: str
+    quota: dict[str, float]
+    used: dict[str, float]
+
+
+class NodeControl(BaseModel):
+    """Operator marks on a node: cordoned nodes take no new work; draining also moves work off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node: str
+    cordoned: bool = False
+    drained: bool = False

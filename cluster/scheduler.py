@@ -1,0 +1,555 @@
+"""The controller's books and decisions, as pure Python: no Ray, no files, no clock of its own.
+
+The scheduler holds every request and its state, the nodes as last seen, team usage against quotas,
+and the decision log. Each call changes the books and returns nothing Ray-shaped: effects to apply
+(`Bind` a placement to a Ray placement group, `Unbind` one) accumulate in `effects`, and every change
+is handed to `journal` so the caller can persist it before acknowledging. The Ray actor in
+`cluster.controller` is the only place those effects happen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from cluster import quota as quotas
+from cluster.console import UserError
+from cluster.placement.decision import BundlePlacement, Placement, Rejection, RejectionReason
+from cluster.placement.engine import PlacementEngine
+from cluster.placement.request import GangRequest
+from cluster.placement.snapshot import ClusterSnapshot, NodeSnapshot
+from cluster.preemption import choose_victims
+from cluster.ray_mapping import HEAD_POOL
+from cluster.requests import (
+    BundleBinding,
+    DecisionAction,
+    DecisionRecord,
+    NodeControl,
+    RequestState,
+    RequestStatus,
+    SubmitRequest,
+    TeamUsage,
+)
+from cluster.spec import ClusterSpec
+
+CORDON_LABEL = "llmos.io/cordoned"
+DECISION_LOG_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Bind:
+    request_id: str
+    placement_group: str
+    bundles: tuple[BundleBinding, ...]
+
+
+@dataclass(frozen=True)
+class Unbind:
+    request_id: str
+    placement_group: str
+
+
+Effect = Bind | Unbind
+
+
+def placement_group_name(request_id: str) -> str:
+    return f"llmos-{request_id}"
+
+
+class Scheduler:
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        policy: str = "llmos",
+        *,
+        journal: Callable[[dict], None] = lambda entry: None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.spec = spec
+        self.policy = policy
+        self.journal = journal
+        self.clock = clock
+        self.requests: dict[str, RequestStatus] = {}
+        self.quotas: dict[str, dict[str, float]] = {team.name: dict(team.quota) for team in spec.teams}
+        self.usage: dict[str, dict[str, float]] = {team.name: {} for team in spec.teams}
+        self.controls: dict[str, NodeControl] = {}
+        self.decisions: deque[DecisionRecord] = deque(maxlen=DECISION_LOG_SIZE)
+        self.effects: list[Effect] = []
+        self.nodes: dict[str, NodeSnapshot] = {}
+        self.engine: PlacementEngine | None = None
+        self._seq = 0
+        self._decision_seq = 0
+
+    # -- books ------------------------------------------------------------------------------------
+
+    def _pool_kind(self, pool_name: str) -> tuple[str, str | None]:
+        """Accelerator kind and type of a pool, for typed quota keys."""
+        for pool in self.spec.pools:
+            if pool.name == pool_name:
+                return pool.accelerator.value, pool.accelerator_type
+        return "cpu", None
+
+    def _request_usage(self, status: RequestStatus) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for bundle in status.bundles:
+            quotas.add_usage(total, quotas.bundle_usage(bundle.resources, *self._pool_kind(bundle.pool)))
+        return total
+
+    def _save(self, status: RequestStatus) -> None:
+        self.requests[status.id] = status
+        self.journal({"request": status.model_dump(mode="json")})
+
+    def _decide(self, status: RequestStatus, action: DecisionAction, reason: str = "", nodes=()) -> None:
+        self._decision_seq += 1
+        record = DecisionRecord(
+            seq=self._decision_seq,
+            time=self.clock(),
+            request_id=status.id,
+            action=action,
+            policy=self.policy if action is DecisionAction.PLACED else "",
+            reason=reason,
+            nodes=list(nodes),
+        )
+        self.decisions.append(record)
+        self.journal({"decision": record.model_dump(mode="json")})
+
+    def holders(self) -> list[RequestStatus]:
+        return [status for status in self.requests.values() if status.state.holding]
+
+    def waiting(self) -> list[RequestStatus]:
+        """Waiting requests in the order they are considered: priority, then arrival."""
+        return sorted(
+            (status for status in self.requests.values() if status.state.waiting),
+            key=lambda status: (-status.priority_value, status.submitted_seq),
+        )
+
+    def team_usage(self, team: str) -> TeamUsage:
+        self._known_team(team)
+        return TeamUsage(team=team, quota=dict(self.quotas[team]), used=dict(self.usage[team]))
+
+    def get(self, request_id: str) -> RequestStatus:
+        try:
+            return self.requests[request_id]
+        except KeyError:
+            raise UserError(f"no request {request_id!r}; `llmos queue` lists them") from None
+
+    def _known_team(self, team: str) -> None:
+        if team not in self.quotas:
+            teams = ", ".join(sorted(self.quotas)) or "none (add teams to the ClusterSpec)"
+            raise UserError(f"unknown team {team!r}; teams: {teams}")
+
+    # -- inventory --------------------------------------------------------------------------------
+
+    def set_nodes(self, nodes: Iterable[NodeSnapshot]) -> None:
+        """The alive nodes as Ray reports them (capacity; the books know what is free).
+
+        Requests holding bundles on a node that is gone are taken off and queued again.
+        """
+        nodes = {node.name: node for node in nodes if node.pool != HEAD_POOL}
+        if nodes.keys() == self.nodes.keys() and self.engine is not None:
+            return
+        self.nodes = nodes
+        for status in self.holders():
+            gone = sorted(set(status.nodes) - nodes.keys())
+            if gone:
+                self._take_off(
+                    status,
+                    DecisionAction.REQUEUED,
+                    f"node {', '.join(gone)} left the cluster",
+                    failure=True,
+                )
+        self._rebuild_engine()
+
+    def _rebuild_engine(self) -> None:
+        if not self.nodes:
+            self.engine = None
+            return
+        free = {name: _FreeResources.of(node) for name, node in self.nodes.items()}
+        for status in self.holders():
+            for bundle in status.bundles:
+                free[bundle.node].take(bundle)
+        snapshot = ClusterSnapshot(
+            nodes=tuple(free[name].snapshot(self._labels_of(node)) for name, node in sorted(self.nodes.items()))
+        )
+        self.engine = PlacementEngine(snapshot, self.policy, node_order=sorted(self.nodes))
+
+    def _labels_of(self, node: NodeSnapshot) -> dict[str, str]:
+        control = self.controls.get(node.name)
+        if control and control.cordoned:
+            return {**node.labels, CORDON_LABEL: "true"}
+        return node.labels
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def submit(self, request: SubmitRequest) -> RequestStatus:
+        self._known_team(request.team)
+        team = self.spec.team(request.team)
+        priority_class = request.priority or team.priority
+        try:
+            priority_value = self.spec.priority_value(priority_class)
+        except KeyError:
+            classes = ", ".join(c.name for c in self.spec.priority_classes)
+            raise UserError(f"priority: unknown priority class {priority_class!r}; use one of {classes}") from None
+        self._check_pools_named(request.gang)
+        self._seq += 1
+        status = RequestStatus(
+            id=f"{request.team}-{self._seq:05d}",
+            request=request,
+            priority_value=priority_value,
+            state=RequestState.QUEUED,
+            submitted_seq=self._seq,
+            submitted_at=self.clock(),
+        )
+        never = self._never_admissible(status)
+        if never:
+            status.state, status.reason = RequestState.REJECTED, never
+            self._save(status)
+            self._decide(status, DecisionAction.REJECTED, never)
+            return status
+        self._save(status)
+        self._decide(status, DecisionAction.ADMITTED, f"priority {priority_class} ({priority_value})")
+        return status
+
+    def _check_pools_named(self, gang: GangRequest) -> None:
+        pools = {pool.name for pool in self.spec.pools}
+        for index, bundle in enumerate(gang.bundles):
+            wanted = bundle.label_selector.get("llmos.io/pool")
+            if wanted is None:
+                continue
+            names = wanted.removeprefix("!")
+            names = names[3:-1].split(",") if names.startswith("in(") else [names]
+            unknown = [name.strip() for name in names if name.strip() not in pools]
+            if unknown:
+                raise UserError(
+                    f"gang.bundles[{index}].label_selector: unknown pool {unknown[0]!r}; "
+                    f"pools: {', '.join(sorted(pools))}"
+                )
+
+    def _never_admissible(self, status: RequestStatus) -> str | None:
+        quota = self.quotas[status.team]
+        demand = quotas.gang_demand(status.request.gang)
+        typed_room = {}
+        if demand.get("gpu"):
+            typed_room["gpu"] = quotas.allowed_types(
+                "gpu", self._gpu_types(status.request.gang), quota, {}, demand["gpu"]
+            )
+        reason = quotas.never_admissible(quota, demand, typed_room)
+        if reason:
+            return reason
+        if self.engine is not None:
+            decision = PlacementEngine(self.engine.snapshot(), self.policy).place(self._gang_for_engine(status))
+            if isinstance(decision, Rejection) and decision.reason is RejectionReason.NEVER_FITS:
+                return f"can never fit this cluster: {decision.message}"
+        return None
+
+    def _gpu_types(self, gang: GangRequest) -> list[str]:
+        in_cluster = sorted({p.accelerator_type for p in self.spec.pools if p.accelerator.value == "gpu"})
+        wanted = set().union(*(set(b.gpu_types) for b in gang.bundles if b.gpu_types)) or set(in_cluster)
+        return [t for t in in_cluster if t in wanted]
+
+    def _gang_for_engine(self, status: RequestStatus, gpu_types: set[str] | None = None) -> GangRequest:
+        """The gang as the engine must see it: cordoned nodes excluded, GPU types narrowed by quota."""
+        gang = status.request.gang
+        bundles = []
+        for bundle in gang.bundles:
+            update: dict = {"label_selector": {**bundle.label_selector, CORDON_LABEL: "!true"}}
+            if gpu_types is not None and bundle.resources.get("GPU"):
+                update["gpu_types"] = tuple(sorted(gpu_types))
+            bundles.append(bundle.model_copy(update=update))
+        return gang.model_copy(update={"name": status.id, "bundles": tuple(bundles)})
+
+    def cancel(self, request_id: str, reason: str = "cancelled by the user") -> RequestStatus:
+        status = self.get(request_id)
+        if status.state.final:
+            raise UserError(f"request {request_id} is already {status.state.value}; nothing to cancel")
+        self._finish(status, RequestState.CANCELLED, reason, DecisionAction.CANCELLED)
+        return status
+
+    def complete(self, request_id: str, *, failed: bool = False, reason: str = "") -> RequestStatus:
+        """The workload ended: release what it holds."""
+        status = self.get(request_id)
+        if status.state.final:
+            return status
+        state = RequestState.FAILED if failed else RequestState.FINISHED
+        self._finish(status, state, reason or state.value, DecisionAction.RELEASED)
+        return status
+
+    def _finish(self, status: RequestStatus, state: RequestState, reason: str, action: DecisionAction) -> None:
+        if status.state.holding:
+            self._release(status)
+        status.state, status.reason = state, reason
+        self._save(status)
+        self._decide(status, action, reason)
+
+    def mark_running(self, request_id: str, details: dict | None = None) -> RequestStatus:
+        status = self.get(request_id)
+        if not status.state.holding:
+            raise UserError(f"request {request_id} is {status.state.value}, not placed; it cannot run")
+        status.state = RequestState.RUNNING
+        status.details.update(details or {})
+        self._save(status)
+        return status
+
+    def report(self, request_id: str, details: dict) -> RequestStatus:
+        status = self.get(request_id)
+        status.details.update(details)
+        self._save(status)
+        return status
+
+    # -- placing ----------------------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Place what can be placed, highest priority first; preempt lower priorities if that makes room."""
+        if self.engine is None:
+            return
+        for status in self.waiting():
+            self._try_place(status)
+
+    def _try_place(self, status: RequestStatus) -> None:
+        quota, used = self.quotas[status.team], self.usage[status.team]
+        demand = quotas.gang_demand(status.request.gang)
+        over = quotas.exceeded(quota, used, demand)
+        if over:
+            self._wait(status, "over quota: " + "; ".join(over))
+            return
+        gpu_types = None
+        if demand.get("gpu"):
+            candidates = self._gpu_types(status.request.gang)
+            gpu_types = quotas.allowed_types("gpu", candidates, quota, used, demand["gpu"])
+            if not gpu_types:
+                self._wait(status, f"over quota: no GPU type among {', '.join(candidates)} has typed quota left")
+                return
+        gang = self._gang_for_engine(status, gpu_types)
+        decision = self.engine.place(gang)
+        if isinstance(decision, Rejection):
+            if not self._preempt_for(status, gang):
+                self._wait(status, decision.message)
+                return
+            decision = self.engine.place(gang)
+            if isinstance(decision, Rejection):
+                self._wait(status, decision.message)
+                return
+        bundles = [_binding_of(bundle, self.nodes[bundle.node].pool) for bundle in decision.bundles]
+        usage = {}
+        for bundle in bundles:
+            quotas.add_usage(usage, quotas.bundle_usage(bundle.resources, *self._pool_kind(bundle.pool)))
+        typed_over = [
+            key for key in usage if ":" in key and key in quota and used.get(key, 0) + usage[key] > quota[key]
+        ]
+        if typed_over:
+            self.engine.release(decision)
+            self._wait(status, f"over quota: {', '.join(typed_over)}")
+            return
+        quotas.add_usage(used, usage)
+        status.bundles = bundles
+        status.state, status.reason = RequestState.PLACED, ""
+        status.placed_at = self.clock()
+        status.placement_group = placement_group_name(status.id)
+        self._save(status)
+        self._decide(status, DecisionAction.PLACED, f"{decision.policy}: {_describe_nodes(bundles)}", status.nodes)
+        self.effects.append(Bind(status.id, status.placement_group, tuple(bundles)))
+
+    def _wait(self, status: RequestStatus, reason: str) -> None:
+        if status.reason != reason:
+            status.reason = reason
+            self._save(status)
+            self._decide(status, DecisionAction.WAITING, reason)
+
+    def _preempt_for(self, status: RequestStatus, gang: GangRequest) -> bool:
+        holders = self.holders()
+
+        def fits_without(victims: list[RequestStatus]) -> bool:
+            trial = PlacementEngine(self.engine.snapshot(), self.policy)
+            for victim in victims:
+                trial.release(_placement_of(victim))
+            return not isinstance(trial.place(gang), Rejection)
+
+        victims = choose_victims(status, holders, fits_without)
+        if not victims:
+            return False
+        for victim in victims:
+            self._take_off(
+                victim, DecisionAction.PREEMPTED, f"preempted for {status.id} (priority {status.priority_value})"
+            )
+        return True
+
+    def _release(self, status: RequestStatus) -> None:
+        if self.engine is not None and all(node in self.nodes for node in status.nodes):
+            self.engine.release(_placement_of(status))
+        quotas.add_usage(self.usage[status.team], self._request_usage(status), sign=-1)
+        self.effects.append(Unbind(status.id, status.placement_group or placement_group_name(status.id)))
+        status.bundles = []
+        status.placement_group = None
+
+    def _take_off(self, status: RequestStatus, action: DecisionAction, reason: str, *, failure: bool = False) -> None:
+        """Move a holding request off its nodes: requeue it, or fail it if it cannot be requeued."""
+        nodes = status.nodes
+        self._release(status)
+        if failure:
+            status.failures += 1
+        else:
+            status.preemptions += 1
+        status.state = RequestState.PREEMPTED if status.request.preemptible or failure else RequestState.FAILED
+        status.reason = reason
+        self._save(status)
+        self._decide(status, action, reason, nodes)
+
+    def preempt(self, request_id: str, reason: str = "preempted by an admin") -> RequestStatus:
+        status = self.get(request_id)
+        if not status.state.holding:
+            raise UserError(
+                f"request {request_id} is {status.state.value}; only placed or running requests can be preempted"
+            )
+        self._take_off(status, DecisionAction.PREEMPTED, reason)
+        return status
+
+    # -- operators ----------------------------------------------------------------------------------
+
+    def _known_node(self, node: str) -> NodeSnapshot:
+        if node.startswith(f"{HEAD_POOL}-"):
+            raise UserError(f"{node} is the head node; it runs no placed work, so it cannot be cordoned or drained")
+        try:
+            return self.nodes[node]
+        except KeyError:
+            raise UserError(f"unknown node {node!r}; nodes: {', '.join(sorted(self.nodes)) or 'none'}") from None
+
+    def cordon(self, node: str, cordoned: bool = True) -> NodeControl:
+        self._known_node(node)
+        control = self.controls.get(node, NodeControl(node=node))
+        control.cordoned = cordoned
+        if not cordoned:
+            control.drained = False
+        self.controls[node] = control
+        self.journal({"control": control.model_dump(mode="json")})
+        self._rebuild_engine()
+        return control
+
+    def drain(self, node: str) -> list[str]:
+        """Cordon the node and move its work elsewhere (requeued; placed again where there is room)."""
+        self.cordon(node)
+        self.controls[node].drained = True
+        self.journal({"control": self.controls[node].model_dump(mode="json")})
+        moved = []
+        for status in self.holders():
+            if node in status.nodes:
+                self._take_off(status, DecisionAction.REQUEUED, f"node {node} is being drained")
+                moved.append(status.id)
+        return moved
+
+    def set_quota(self, team: str, changes: dict[str, float | None]) -> TeamUsage:
+        """Change a team's quota (None removes a key). Refused if it would fall below current use."""
+        self._known_team(team)
+        valid = self.spec.quota_keys()
+        new = dict(self.quotas[team])
+        for key, amount in changes.items():
+            if key not in valid:
+                raise UserError(f"quota key {key!r} is not a resource of this cluster; valid keys: {', '.join(valid)}")
+            if amount is None:
+                new.pop(key, None)
+                continue
+            if amount < 0:
+                raise UserError(f"quota {key}={amount:g} is negative; use 0 to forbid {key}")
+            used = self.usage[team].get(key, 0.0)
+            if amount + quotas.EPSILON < used:
+                raise UserError(
+                    f"team {team} uses {used:g} {key} now, more than the new quota {amount:g}; "
+                    "preempt or cancel its requests first, then lower the quota"
+                )
+            new[key] = float(amount)
+        self.quotas[team] = new
+        self.journal({"quota": {"team": team, "quota": new}})
+        return self.team_usage(team)
+
+    # -- recovery -----------------------------------------------------------------------------------
+
+    def restore(self, entries: Iterable[dict]) -> None:
+        """Rebuild the books from the journal (requests, decisions, quotas, node controls)."""
+        for entry in entries:
+            if "request" in entry:
+                status = RequestStatus.model_validate(entry["request"])
+                self.requests[status.id] = status
+                self._seq = max(self._seq, status.submitted_seq)
+            elif "decision" in entry:
+                record = DecisionRecord.model_validate(entry["decision"])
+                self.decisions.append(record)
+                self._decision_seq = max(self._decision_seq, record.seq)
+            elif "quota" in entry:
+                self.quotas[entry["quota"]["team"]] = dict(entry["quota"]["quota"])
+            elif "control" in entry:
+                control = NodeControl.model_validate(entry["control"])
+                self.controls[control.node] = control
+        self.usage = {team: {} for team in self.quotas}
+        for status in self.holders():
+            quotas.add_usage(self.usage[status.team], self._request_usage(status))
+
+    def checkpoint(self) -> list[dict]:
+        """The whole state as journal entries, for compacting the journal."""
+        entries: list[dict] = [{"quota": {"team": team, "quota": quota}} for team, quota in self.quotas.items()]
+        entries += [{"control": control.model_dump(mode="json")} for control in self.controls.values()]
+        entries += [{"request": status.model_dump(mode="json")} for status in self.requests.values()]
+        entries += [{"decision": record.model_dump(mode="json")} for record in self.decisions]
+        return entries
+
+
+def _binding_of(bundle: BundlePlacement, pool: str) -> BundleBinding:
+    return BundleBinding(
+        bundle_index=bundle.bundle_index,
+        node=bundle.node,
+        pool=pool,
+        resources=dict(bundle.resources),
+        gpu_devices=list(bundle.gpu_devices),
+        gpu_share=bundle.gpu_share,
+    )
+
+
+def _placement_of(status: RequestStatus) -> Placement:
+    return Placement(
+        request=status.id,
+        policy="",
+        bundles=tuple(
+            BundlePlacement(b.bundle_index, b.node, dict(b.resources), tuple(b.gpu_devices), b.gpu_share)
+            for b in status.bundles
+        ),
+    )
+
+
+def _describe_nodes(bundles: list[BundleBinding]) -> str:
+    counts: dict[str, int] = {}
+    for bundle in bundles:
+        counts[bundle.node] = counts.get(bundle.node, 0) + 1
+    return ", ".join(f"{node} x{count}" if count > 1 else node for node, count in counts.items())
+
+
+@dataclass
+class _FreeResources:
+    """A node's free resources while the books' holdings are subtracted (to seed a fresh engine)."""
+
+    node: NodeSnapshot
+    cpus: float
+    memory: int
+    gpu: list[float]
+    tpu: int
+
+    @classmethod
+    def of(cls, node: NodeSnapshot) -> _FreeResources:
+        return cls(node, node.cpus, node.memory, [1.0] * node.gpus, node.tpu_chips)
+
+    def take(self, bundle: BundleBinding) -> None:
+        self.cpus -= bundle.resources.get("CPU", 0.0)
+        self.memory -= int(bundle.resources.get("memory", 0))
+        self.tpu -= int(bundle.resources.get("TPU", 0))
+        for device in bundle.gpu_devices:
+            self.gpu[device] = round(self.gpu[device] - bundle.gpu_share, 4)
+
+    def snapshot(self, labels: dict[str, str]) -> NodeSnapshot:
+        return self.node.model_copy(
+            update={
+                "labels": labels,
+                "cpus_free": max(self.cpus, 0.0),
+                "memory_free": max(self.memory, 0),
+                "gpu_free": tuple(max(share, 0.0) for share in self.gpu),
+                "tpu_chips_free": max(self.tpu, 0) if self.node.tpu_chips else None,
+            }
+        )
