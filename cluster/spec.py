@@ -39,7 +39,7 @@ _QUANTITY_SUFFIXES = {
     "Gi": 1024**3,
     "Ti": 1024**4,
 }
-_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kMGT]i?|)\s*$")
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|M|G|T|)\s*$")
 
 
 def parse_memory(value: Any) -> int:

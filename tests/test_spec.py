@@ -140,6 +140,7 @@ def test_memory_quantities_round_trip():
     assert parse_memory("4G") == 4 * 10**9
     assert parse_memory(1024) == 1024
     assert format_memory(parse_memory("85Gi")) == "85Gi"
+    assert format_memory(3072) == "3Ki" and parse_memory("3Ki") == 3072
     with pytest.raises(ValueError, match="not a memory size"):
         parse_memory("12 parsecs")
 
