@@ -1,0 +1,93 @@
+"""TrainingJob: the example loads and fits the example cluster; bad jobs fail naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.spec import SpecError, load_spec, parse_model
+from jobs import precision
+from jobs.spec import Precision, TrainingJob, load_training_job, problems_against_cluster
+from jobs.training_loop import train
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def job_data(**changes) -> dict:
+    data = {"name": "tiny", "team": "research", "steps": 100, "workers": {"min": 1, "max": 2}}
+    data.update(changes)
+    return data
+
+
+def problems_of(data: dict) -> list[str]:
+    with pytest.raises(SpecError) as raised:
+        parse_model(TrainingJob, data, "job.yaml")
+    return raised.value.problems
+
+
+def test_example_loads_and_fits_the_example_cluster():
+    job = load_training_job(EXAMPLES / "train.yaml")
+    assert job.workers.min == 1 and job.workers.max == 2
+    assert job.pool == "h100" and job.team == "research"
+    assert job.checkpoint_directory == job.run_directory / "checkpoints"
+    assert job.loss_curve_file.suffix == ".png"
+    assert problems_against_cluster(job, load_spec(EXAMPLES / "cluster.yaml")) == []
+
+
+def test_unknown_field_is_named_with_a_suggestion():
+    [problem] = problems_of(job_data(stepz=10))
+    assert problem.startswith("stepz: unknown field (did you mean 'steps'?)")
+
+
+def test_unknown_nested_field_is_named_with_its_path():
+    [problem] = problems_of(job_data(model={"layerz": 2}))
+    assert problem.startswith("model.layerz: unknown field (did you mean 'layers'?)")
+
+
+def test_negative_steps_rejected():
+    [problem] = problems_of(job_data(steps=-5))
+    assert problem.startswith("steps:") and "greater than 0" in problem
+
+
+def test_min_workers_above_max_rejected():
+    [problem] = problems_of(job_data(workers={"min": 3, "max": 2}))
+    assert problem.startswith("workers:") and "min (3) is above max (2)" in problem
+
+
+def test_heads_must_divide_width():
+    [problem] = problems_of(job_data(model={"d_model": 100, "heads": 3}))
+    assert problem.startswith("model:") and "multiple of heads" in problem
+
+
+def test_pool_and_accelerator_type_are_exclusive():
+    [problem] = problems_of(job_data(pool="h100", accelerator_type="H100"))
+    assert "set pool or accelerator_type, not both" in problem
+
+
+def test_memory_takes_quantities_and_fractional_gpus():
+    job = parse_model(TrainingJob, job_data(resources={"cpus": 2, "gpus": 0.5, "memory": "512Mi"}), "job.yaml")
+    assert job.resources.memory == 512 * 1024**2 and job.resources.gpus == 0.5
+
+
+def test_fp16_loads_but_is_refused_on_cpu_when_run(tmp_path):
+    job = parse_model(TrainingJob, job_data(precision="fp16", storage_path=str(tmp_path)), "job.yaml")
+    assert job.precision is Precision.FP16
+    with pytest.raises(SpecError) as raised:
+        precision.check_supported(job.precision, torch.device("cpu"))
+    [problem] = raised.value.problems
+    assert problem.startswith("precision: fp16 needs a CUDA GPU") and "use precision: bf16" in problem
+    with pytest.raises(SpecError, match="precision: fp16"):
+        train(job, device=torch.device("cpu"))
+    assert not job.run_directory.exists(), "refused before doing any work"
+
+
+def test_problems_against_cluster_name_the_field():
+    cluster = load_spec(EXAMPLES / "cluster.yaml")
+    unknown_pool = parse_model(TrainingJob, job_data(pool="h200"), "job.yaml")
+    assert problems_against_cluster(unknown_pool, cluster)[0].startswith("pool: 'h200' is not a pool")
+    too_big = parse_model(TrainingJob, job_data(pool="a100", resources={"gpus": 8}), "job.yaml")
+    assert problems_against_cluster(too_big, cluster)[0].startswith("resources: a worker")
+    unknown_team = parse_model(TrainingJob, job_data(team="nobody"), "job.yaml")
+    assert problems_against_cluster(unknown_team, cluster)[0].startswith("team: 'nobody'")
