@@ -1,0 +1,136 @@
+"""The training core on CPU: precision, checkpoints that resume the loss curve, bare processes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from jobs import checkpoint as checkpoints
+from jobs.metrics import read_records
+from jobs.spec import LearningRateSchedule, TrainingJob
+from jobs.training_loop import learning_rate, run_bare, train
+
+torch.set_num_threads(1)
+
+INITIAL_LOSS = math.log(258)  # an untrained model is close to uniform over the vocabulary
+
+
+def tiny_job(tmp_path, **changes) -> TrainingJob:
+    data = {
+        "name": "tiny",
+        "team": "research",
+        "steps": 60,
+        "workers": {"min": 1, "max": 2},
+        "model": {"layers": 2, "d_model": 64, "heads": 4, "context_length": 64},
+        "batch_size_per_worker": 8,
+        "schedule": {"peak_lr": 3e-3, "warmup_steps": 5, "min_lr": 3e-4},
+        "checkpoint": {"every_steps": 20, "keep_last": 2},
+        "evaluation": {"every_steps": 20, "batches": 4},
+        "log_every_steps": 5,
+        "storage_path": str(tmp_path),
+    }
+    data.update(changes)
+    return TrainingJob.model_validate(data)
+
+
+def test_learning_rate_warms_up_then_decays_to_min():
+    schedule = LearningRateSchedule(peak_lr=1.0, warmup_steps=10, min_lr=0.1)
+    rates = [learning_rate(step, schedule, 100) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert rates[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
+
+
+def test_bf16_reaches_the_same_heldout_loss_as_fp32(tmp_path):
+    results = {
+        precision: train(tiny_job(tmp_path / precision, precision=precision, steps=60))
+        for precision in ("fp32", "bf16")
+    }
+    fp32, bf16 = results["fp32"].heldout_loss, results["bf16"].heldout_loss
+    assert fp32 < INITIAL_LOSS - 2 and bf16 < INITIAL_LOSS - 2, "both learn"
+    assert abs(fp32 - bf16) < 0.1
+
+
+def test_resume_continues_the_loss_curve_exactly(tmp_path):
+    job = tiny_job(tmp_path / "interrupted")
+    before = []
+    first = train(job, on_report=before.append, stop_at_step=40)
+    assert first.step == 40
+    latest = checkpoints.latest_checkpoint(job.checkpoint_directory)
+    assert latest is not None and checkpoints.checkpoint_step(latest) == 40
+    state = checkpoints.load_checkpoint(latest)
+    assert state["step"] == 40 and state["data"]["position"] == 40 * 8
+    assert {"model", "optimizer", "scaler", "lr_schedule", "rng"} <= state.keys()
+
+    after = []
+    second = train(job, resume_from=latest, on_report=after.append)
+    assert after[0].step == 45 and after[0].resumed_from_step == 40
+    assert after[-1].step == second.step == 60
+    assert after[-1].tokens_seen == 60 * 8 * 64, "the data position continued"
+    assert abs(after[0].loss - before[-1].loss) < 0.5, "picks up where it stopped"
+    assert after[0].loss < INITIAL_LOSS - 2, "not back at the initial loss"
+
+    # The same 60 steps without the interruption give the same curve.
+    uninterrupted = []
+    train(tiny_job(tmp_path / "straight"), on_report=uninterrupted.append)
+    resumed_curve = [(r.step, r.loss) for r in before + after]
+    straight_curve = [(r.step, r.loss) for r in uninterrupted]
+    assert [s for s, _ in resumed_curve] == [s for s, _ in straight_curve]
+    for (_, resumed_loss), (_, straight_loss) in zip(resumed_curve, straight_curve, strict=True):
+        assert resumed_loss == pytest.approx(straight_loss, abs=1e-4)
+
+
+def test_checkpoints_keep_the_last_k(tmp_path):
+    job = tiny_job(tmp_path, steps=60, evaluation={"every_steps": 1000, "batches": 1})
+    train(job)
+    names = [path.name for path in checkpoints.list_checkpoints(job.checkpoint_directory)]
+    assert names == ["step-000000040", "step-000000060"]
+    meta = json.loads((job.checkpoint_directory / "step-000000060" / "meta.json").read_text())
+    assert meta["step"] == 60 and meta["data_position"] == 480
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path, monkeypatch):
+    job = tiny_job(tmp_path)
+    train(job, stop_at_step=20)
+    directory = job.checkpoint_directory
+    good = checkpoints.latest_checkpoint(directory)
+
+    def crash_half_way(state, path):
+        with open(path, "wb") as file:
+            file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints.torch, "save", crash_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        train(job, resume_from=good, stop_at_step=40)
+    monkeypatch.undo()
+    assert checkpoints.latest_checkpoint(directory) == good
+    assert not list(directory.glob(".incomplete-*")), "a failed write cleans up after itself"
+
+    # A process killed mid-write leaves its staging directory; it is never taken for a checkpoint.
+    killed = directory / ".incomplete-step-000000040-x1y2"
+    killed.mkdir()
+    (killed / checkpoints.STATE_FILE).write_bytes(b"half")
+    assert checkpoints.latest_checkpoint(directory) == good
+
+    result = train(job, resume_from=checkpoints.latest_checkpoint(directory), stop_at_step=40)
+    assert result.step == 40 and result.loss < INITIAL_LOSS - 2
+    assert not killed.exists(), "leftovers are removed after the next complete checkpoint"
+
+
+def test_bare_run_in_two_processes_then_resumes_on_one(tmp_path):
+    job = tiny_job(tmp_path, steps=40, batch_size_per_worker=4, evaluation={"every_steps": 20, "batches": 2})
+    two = run_bare(job, workers=2, stop_at_step=20, echo=False)
+    assert two.step == 20 and two.world_size == 2
+    # One worker after a shrink continues from the job-wide data position the two reached.
+    one = run_bare(job, workers=1, echo=False)
+    assert one.step == 40 and one.world_size == 1
+    records = read_records(job.metrics_file)
+    assert [r["world_size"] for r in records if r["step"] in (20, 40)] == [2, 1]
+    assert records[-1]["tokens_seen"] == (20 * 2 * 4 + 20 * 4) * 64
+    assert records[-1]["resumed_from_step"] == 20
+    assert job.loss_curve_file.stat().st_size > 10_000
