@@ -90,6 +90,7 @@ class RequestStatus(BaseModel):
     preemptions: int = 0
     failures: int = 0
     details: dict = Field(default_factory=dict, description="Progress the workload reports (step, workers, ...).")
+    idempotency_key: str | None = Field(None, description="The client's key; a retried submit returns this request.")
 
     @property
     def team(self) -> str:

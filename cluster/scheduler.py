@@ -277,11 +277,12 @@ class Scheduler:
         return status
 
     def _finish(self, status: RequestStatus, state: RequestState, reason: str, action: DecisionAction) -> None:
+        freed = status.nodes
         if status.state.holding:
             self._release(status)
         status.state, status.reason = state, reason
         self._save(status)
-        self._decide(status, action, reason)
+        self._decide(status, action, reason, freed)
 
     def mark_running(self, request_id: str, details: dict | None = None) -> RequestStatus:
         status = self.get(request_id)

@@ -1,4 +1,4 @@
-"""`llmos manifests render|validate` and `llmos pools import`."""
+"""`llmos manifests render|validate` and `llmos pools import` (`pools list` comes from the admin commands)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from cluster.admin_commands import register_pools_list
 from cluster.console import UserError, print_json, print_table, stdout
 from cluster.spec import load_spec
 from manifests.objects import ManifestError
@@ -48,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     import_.add_argument("manifest", help="YAML file holding a RayCluster.")
     import_.add_argument("-o", "--output", required=True, help="ClusterSpec YAML file to write.")
     import_.set_defaults(func=_import)
+    register_pools_list(pool_commands)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

@@ -1,0 +1,213 @@
+"""The Python admin API: `from cluster.admin import Admin`.
+
+`Admin(address=None)` connects to the running cluster (the local one by default), starts the
+controller if none runs yet, and returns pydantic models. The `llmos` CLI is a thin layer over it,
+and training and serving use it to obtain their placements.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from cluster import controller
+from cluster.console import UserError
+from cluster.inventory import PoolInfo, connect, read_nodes, summarize_pools
+from cluster.launcher import LocalCluster, llmos_home
+from cluster.requests import (
+    DecisionRecord,
+    NodeControl,
+    RequestState,
+    RequestStatus,
+    SubmitRequest,
+    TeamUsage,
+)
+from cluster.spec import ClusterSpec, load_spec, parse_model
+
+# How long calls keep retrying while the controller actor restarts.
+RESTART_GRACE_S = 60.0
+CALL_TIMEOUT_S = 120.0
+
+
+class NodeBooks(BaseModel):
+    """A schedulable node as the controller's books see it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    pool: str
+    node_id: str
+    capacity: dict[str, float]
+    allocated: dict[str, float]
+    requests: list[str]
+    cordoned: bool
+    drained: bool
+
+
+class PoolUtilization(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str
+    nodes: int
+    capacity: dict[str, float]
+    allocated: dict[str, float]
+    utilization: dict[str, float]
+
+
+class Admin:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        spec: ClusterSpec | str | Path | None = None,
+        state_dir: str | Path | None = None,
+        policy: str = controller.DEFAULT_POLICY,
+        start: bool = True,
+    ):
+        """Connect; start the controller when none runs (with `spec`, else the local cluster's spec)."""
+        self.address = connect(address)
+        handle = controller.get()
+        if handle is None:
+            if not start:
+                raise UserError("no llmos controller is running; start one with `llmos controller start`")
+            handle = self._start(spec, state_dir, policy)
+        self._controller = handle
+
+    @staticmethod
+    def _start(spec: ClusterSpec | str | Path | None, state_dir: str | Path | None, policy: str):
+        local = LocalCluster.find()
+        if spec is None:
+            if local is None:
+                raise UserError("pass the ClusterSpec to start the controller with (spec=... or --spec FILE)")
+            spec = local.spec
+        elif not isinstance(spec, ClusterSpec):
+            spec = load_spec(spec)
+        home = local.home if local else llmos_home()
+        state_dir = Path(state_dir) if state_dir else home / "controller" / spec.name
+        return controller.start(spec, str(state_dir), policy)
+
+    def _call(self, method: str, *args: Any, timeout_s: float = CALL_TIMEOUT_S) -> Any:
+        import ray
+
+        deadline = time.monotonic() + RESTART_GRACE_S
+        while True:
+            try:
+                return ray.get(getattr(self._controller, method).remote(*args), timeout=timeout_s)
+            except ray.exceptions.RayTaskError as error:
+                if isinstance(error.cause, UserError):
+                    raise UserError(str(error.cause)) from None
+                raise
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
+                # The controller is being restarted (max_restarts=-1); calls here are safe to repeat.
+                if time.monotonic() > deadline:
+                    raise UserError("the llmos controller did not come back within a minute") from None
+                time.sleep(0.5)
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def ping(self) -> dict:
+        return self._call("ping")
+
+    def pools(self) -> list[PoolInfo]:
+        """Pools with capacity and Ray's free resources, from the live node table."""
+        return summarize_pools(read_nodes())
+
+    def nodes(self) -> list[NodeBooks]:
+        return [NodeBooks.model_validate(row) for row in self._call("nodes")]
+
+    def utilization(self) -> list[PoolUtilization]:
+        """Share of each pool's capacity that llmos has placed work on."""
+        by_pool: dict[str, list[NodeBooks]] = defaultdict(list)
+        for node in self.nodes():
+            by_pool[node.pool].append(node)
+        rows = []
+        for pool, members in sorted(by_pool.items()):
+            capacity: dict[str, float] = defaultdict(float)
+            allocated: dict[str, float] = defaultdict(float)
+            for node in members:
+                for key, amount in node.capacity.items():
+                    capacity[key] += amount
+                for key in ("CPU", "GPU", "TPU"):
+                    allocated[key] += node.allocated.get(key, 0.0)
+            rows.append(
+                PoolUtilization(
+                    pool=pool,
+                    nodes=len(members),
+                    capacity=dict(capacity),
+                    allocated=dict(allocated),
+                    utilization={key: allocated[key] / capacity[key] for key in capacity if capacity[key]},
+                )
+            )
+        return rows
+
+    def queue(self, include_finished: bool = False) -> list[RequestStatus]:
+        return self._call("queue", include_finished)
+
+    def status(self, request_id: str) -> RequestStatus:
+        return self._call("status", request_id)
+
+    def usage(self) -> list[TeamUsage]:
+        return self._call("usage")
+
+    def decisions(self, limit: int = 50, request_id: str | None = None) -> list[DecisionRecord]:
+        return self._call("decisions", limit, request_id)
+
+    def placement_group(self, request_id: str):
+        """The Ray placement group of a placed request, to schedule actors into."""
+        return self._call("placement_group", request_id)
+
+    def wait(
+        self, request_id: str, states: tuple[RequestState, ...] = (RequestState.PLACED,), timeout_s: float = 60.0
+    ) -> RequestStatus:
+        """Block until the request reaches one of `states` (or a final state)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status(request_id)
+            if status.state in states or status.state.final:
+                return status
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"request {request_id} is still {status.state.value} after {timeout_s:.0f}s: {status.reason}"
+                )
+            time.sleep(0.2)
+
+    # -- changing --------------------------------------------------------------------------------------
+
+    def submit(self, request: SubmitRequest | dict) -> RequestStatus:
+        if not isinstance(request, SubmitRequest):
+            request = parse_model(SubmitRequest, request, "request")
+        # The same key on a retried call returns the first submission instead of queueing a twin.
+        return self._call("submit", request.model_dump(mode="json"), uuid.uuid4().hex)
+
+    def cancel(self, request_id: str) -> RequestStatus:
+        return self._call("cancel", request_id)
+
+    def complete(self, request_id: str, failed: bool = False, reason: str = "") -> RequestStatus:
+        return self._call("complete", request_id, failed, reason)
+
+    def mark_running(self, request_id: str, details: dict | None = None) -> RequestStatus:
+        return self._call("mark_running", request_id, details)
+
+    def report(self, request_id: str, details: dict) -> RequestStatus:
+        return self._call("report", request_id, details)
+
+    def cordon(self, node: str) -> NodeControl:
+        return self._call("cordon", node, True)
+
+    def uncordon(self, node: str) -> NodeControl:
+        return self._call("cordon", node, False)
+
+    def drain(self, node: str) -> list[str]:
+        """Stop placing on the node and requeue what runs there; returns the moved request ids."""
+        return self._call("drain", node)
+
+    def set_quota(self, team: str, **changes: float | None) -> TeamUsage:
+        return self._call("set_quota", team, changes)
+
+    def preempt(self, request_id: str) -> RequestStatus:
+        return self._call("preempt", request_id)

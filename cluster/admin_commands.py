@@ -1,0 +1,347 @@
+"""CLI over the admin API: controller, submit, queue, request, cancel, preempt, nodes, pools list,
+utilization, cordon, uncordon, drain, quota, decisions. Tables for people, `--json` for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from cluster.console import UserError, print_json, print_table, stdout
+from cluster.requests import RequestStatus, SubmitRequest
+from cluster.spec import load_yaml, parse_model
+
+
+def _admin(args: argparse.Namespace, start: bool = True):
+    from cluster.admin import Admin
+
+    return Admin(getattr(args, "address", None), start=start)
+
+
+def _with_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--json", action="store_true", help="Machine-readable output.")
+    parser.add_argument("--address", help="GCS address of the cluster (default: the local one).")
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    ctl = subparsers.add_parser("controller", help="Start, stop or inspect the llmos controller actor.")
+    ctl_commands = ctl.add_subparsers(dest="controller_command", metavar="COMMAND", required=True)
+    start = _with_json(ctl_commands.add_parser("start", help="Start the controller (refused if one runs)."))
+    start.add_argument("--spec", help="ClusterSpec (default: the local cluster's).")
+    start.add_argument("--policy", default=None, help="Placement policy (default llmos).")
+    start.add_argument("--state-dir", help="Where the controller journals its state (on the head node).")
+    start.set_defaults(func=_controller_start)
+    _with_json(ctl_commands.add_parser("stop", help="Stop the controller; placements stay.")).set_defaults(
+        func=_controller_stop
+    )
+    _with_json(ctl_commands.add_parser("status", help="Is it running, with what policy and state.")).set_defaults(
+        func=_controller_status
+    )
+
+    submit = _with_json(subparsers.add_parser("submit", help="Submit a gang request (YAML: team, gang, kind, ...)."))
+    submit.add_argument("request", help="Request YAML file.")
+    submit.add_argument("--wait", type=float, default=0, help="Seconds to wait for it to be placed.")
+    submit.set_defaults(func=_submit)
+
+    queue = _with_json(subparsers.add_parser("queue", help="Requests and their state."))
+    queue.add_argument("--all", action="store_true", help="Include finished, failed, rejected and cancelled.")
+    queue.set_defaults(func=_queue)
+
+    for name, help_text, handler in (
+        ("request", "One request in full: state, reason, placement, progress.", _request),
+        ("cancel", "Cancel a request and release what it holds.", _cancel),
+        ("preempt", "Take a request off its nodes and requeue it (admin).", _preempt),
+    ):
+        command = _with_json(subparsers.add_parser(name, help=help_text))
+        command.add_argument("id", help="Request id (see `llmos queue`).")
+        command.set_defaults(func=handler)
+
+    _with_json(subparsers.add_parser("nodes", help="Schedulable nodes with llmos's allocations.")).set_defaults(
+        func=_nodes
+    )
+    _with_json(subparsers.add_parser("utilization", help="Share of each pool llmos has placed.")).set_defaults(
+        func=_utilization
+    )
+    for name, help_text, handler in (
+        ("cordon", "Stop placing new work on a node.", _cordon),
+        ("uncordon", "Allow placing on a node again.", _uncordon),
+        ("drain", "Cordon a node and requeue what runs there.", _drain),
+    ):
+        command = _with_json(subparsers.add_parser(name, help=help_text))
+        command.add_argument("node", help="Node name (see `llmos nodes`).")
+        command.set_defaults(func=handler)
+
+    quota = subparsers.add_parser("quota", help="Show or change team quotas.")
+    quota_commands = quota.add_subparsers(dest="quota_command", metavar="COMMAND", required=True)
+    _with_json(quota_commands.add_parser("show", help="Quota and use per team.")).set_defaults(func=_quota_show)
+    quota_set = _with_json(quota_commands.add_parser("set", help="Set quota keys: llmos quota set TEAM gpu=8 cpu=-"))
+    quota_set.add_argument("team")
+    quota_set.add_argument("changes", nargs="+", help="key=amount, or key=- to remove the limit.")
+    quota_set.set_defaults(func=_quota_set)
+
+    decisions = _with_json(subparsers.add_parser("decisions", help="The placement decision log, with reasons."))
+    decisions.add_argument("--request", help="Only this request's decisions.")
+    decisions.add_argument("--limit", type=int, default=30, help="Newest N (0: all).")
+    decisions.set_defaults(func=_decisions)
+
+
+def register_pools_list(pools_commands: argparse._SubParsersAction) -> None:
+    """`llmos pools list`, added to the `pools` group the manifests commands own."""
+    _with_json(pools_commands.add_parser("list", help="Pools with capacity and free resources.")).set_defaults(
+        func=_pools_list
+    )
+
+
+# -- handlers ---------------------------------------------------------------------------------------------
+
+
+def _controller_start(args: argparse.Namespace) -> int:
+    from cluster.admin import Admin
+    from cluster.controller import DEFAULT_POLICY
+    from cluster.controller import get as get_controller
+    from cluster.inventory import connect
+
+    connect(args.address)
+    if get_controller() is not None:
+        raise UserError("a controller is already running; `llmos controller status` shows it")
+    admin = Admin(args.address, spec=args.spec, state_dir=args.state_dir, policy=args.policy or DEFAULT_POLICY)
+    info = admin.ping()
+    if args.json:
+        print_json(info)
+    else:
+        stdout.print(f"controller started: policy {info['policy']}, state in {info['state_dir']}")
+    return 0
+
+
+def _controller_stop(args: argparse.Namespace) -> int:
+    from cluster.controller import stop
+    from cluster.inventory import connect
+
+    connect(args.address)
+    stopped = stop()
+    if args.json:
+        print_json({"stopped": stopped})
+    else:
+        stdout.print("controller stopped" if stopped else "no controller was running")
+    return 0
+
+
+def _controller_status(args: argparse.Namespace) -> int:
+    info = _admin(args, start=False).ping()
+    if args.json:
+        print_json(info)
+    else:
+        uptime = time.time() - info["started_at"]
+        stdout.print(
+            f"running: policy {info['policy']}, {info['requests']} requests, {info['nodes']} nodes, "
+            f"up {uptime:.0f}s, state in {info['state_dir']}"
+        )
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    request = parse_model(SubmitRequest, load_yaml(args.request), args.request)
+    admin = _admin(args)
+    status = admin.submit(request)
+    if args.wait and status.state.waiting:
+        status = admin.wait(status.id, timeout_s=args.wait)
+    _print_request(status, args.json)
+    return 1 if status.state.value in ("rejected", "failed") else 0
+
+
+def _queue(args: argparse.Namespace) -> int:
+    statuses = _admin(args).queue(include_finished=args.all)
+    if args.json:
+        print_json(statuses)
+        return 0
+    print_table(
+        None,
+        ["id", "team", "kind", "priority", "state", "bundles", "nodes", "reason"],
+        [
+            [
+                s.id,
+                s.team,
+                s.request.kind.value,
+                s.priority_value,
+                s.state.value,
+                len(s.request.gang.bundles),
+                ",".join(sorted(set(s.nodes))),
+                s.reason,
+            ]
+            for s in statuses
+        ],
+    )
+    return 0
+
+
+def _print_request(status: RequestStatus, as_json: bool) -> None:
+    if as_json:
+        print_json(status)
+        return
+    stdout.print(f"{status.id}: {status.state.value}" + (f" ({status.reason})" if status.reason else ""))
+    for bundle in status.bundles:
+        devices = f" GPU devices {bundle.gpu_devices}" if bundle.gpu_devices else ""
+        stdout.print(f"  bundle {bundle.bundle_index} -> {bundle.node} {bundle.resources}{devices}")
+    if status.details:
+        stdout.print(f"  progress: {status.details}")
+
+
+def _request(args: argparse.Namespace) -> int:
+    _print_request(_admin(args).status(args.id), args.json)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    _print_request(_admin(args).cancel(args.id), args.json)
+    return 0
+
+
+def _preempt(args: argparse.Namespace) -> int:
+    _print_request(_admin(args).preempt(args.id), args.json)
+    return 0
+
+
+def _nodes(args: argparse.Namespace) -> int:
+    nodes = _admin(args).nodes()
+    if args.json:
+        print_json(nodes)
+        return 0
+    print_table(
+        None,
+        ["node", "pool", "GPU used/total", "TPU used/total", "CPU used/total", "state", "requests"],
+        [
+            [
+                n.name,
+                n.pool,
+                f"{n.allocated.get('GPU', 0):g}/{n.capacity['GPU']:g}" if n.capacity["GPU"] else "-",
+                f"{n.allocated.get('TPU', 0):g}/{n.capacity['TPU']:g}" if n.capacity["TPU"] else "-",
+                f"{n.allocated.get('CPU', 0):g}/{n.capacity['CPU']:g}",
+                "drained" if n.drained else "cordoned" if n.cordoned else "schedulable",
+                ", ".join(n.requests),
+            ]
+            for n in nodes
+        ],
+    )
+    return 0
+
+
+def _pools_list(args: argparse.Namespace) -> int:
+    pools = _admin(args).pools()
+    if args.json:
+        print_json(pools)
+        return 0
+    print_table(
+        None,
+        ["pool", "accelerator", "nodes", "GPU free/total", "TPU free/total", "CPU free/total"],
+        [
+            [
+                p.name,
+                f"{p.accelerator} {p.accelerator_type or ''}".strip(),
+                p.nodes_alive,
+                *(
+                    f"{p.free.get(key, 0):g}/{p.total[key]:g}" if p.total.get(key) else "-"
+                    for key in ("GPU", "TPU", "CPU")
+                ),
+            ]
+            for p in pools
+        ],
+    )
+    return 0
+
+
+def _utilization(args: argparse.Namespace) -> int:
+    rows = _admin(args).utilization()
+    if args.json:
+        print_json(rows)
+        return 0
+    print_table(
+        None,
+        ["pool", "nodes", "GPU", "TPU", "CPU"],
+        [
+            [
+                r.pool,
+                r.nodes,
+                *(
+                    f"{r.allocated.get(k, 0):g}/{r.capacity[k]:g} ({100 * r.utilization[k]:.0f}%)"
+                    if r.capacity.get(k)
+                    else "-"
+                    for k in ("GPU", "TPU", "CPU")
+                ),
+            ]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def _control_output(args: argparse.Namespace, result, message: str) -> int:
+    if args.json:
+        print_json(result)
+    else:
+        stdout.print(message)
+    return 0
+
+
+def _cordon(args: argparse.Namespace) -> int:
+    return _control_output(args, _admin(args).cordon(args.node), f"{args.node} cordoned: no new work lands there")
+
+
+def _uncordon(args: argparse.Namespace) -> int:
+    return _control_output(args, _admin(args).uncordon(args.node), f"{args.node} is schedulable again")
+
+
+def _drain(args: argparse.Namespace) -> int:
+    moved = _admin(args).drain(args.node)
+    return _control_output(
+        args, {"node": args.node, "requeued": moved}, f"{args.node} drained; requeued {', '.join(moved) or 'nothing'}"
+    )
+
+
+def _quota_show(args: argparse.Namespace) -> int:
+    usage = _admin(args).usage()
+    if args.json:
+        print_json(usage)
+        return 0
+    print_table(
+        None,
+        ["team", "quota", "used"],
+        [
+            [
+                u.team,
+                ", ".join(f"{k}={v:g}" for k, v in u.quota.items()) or "unlimited",
+                ", ".join(f"{k}={v:g}" for k, v in u.used.items()) or "-",
+            ]
+            for u in usage
+        ],
+    )
+    return 0
+
+
+def _quota_set(args: argparse.Namespace) -> int:
+    changes: dict[str, float | None] = {}
+    for item in args.changes:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"{item!r}: write key=amount, e.g. gpu=8, or key=- to remove the limit")
+        try:
+            changes[key] = None if value == "-" else float(value)
+        except ValueError:
+            raise UserError(f"{item!r}: {value!r} is not a number") from None
+    usage = _admin(args).set_quota(args.team, **changes)
+    return _control_output(args, usage, f"{usage.team}: quota {usage.quota}")
+
+
+def _decisions(args: argparse.Namespace) -> int:
+    records = _admin(args).decisions(limit=args.limit, request_id=args.request)
+    if args.json:
+        print_json(records)
+        return 0
+    print_table(
+        None,
+        ["#", "time", "request", "action", "reason"],
+        [
+            [r.seq, time.strftime("%H:%M:%S", time.localtime(r.time)), r.request_id, r.action.value, r.reason]
+            for r in records
+        ],
+    )
+    return 0

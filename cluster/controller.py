@@ -1,0 +1,281 @@
+"""The llmos controller: one detached, named Ray actor per cluster that owns the books and acts.
+
+It wraps the pure `Scheduler` with the side effects: it reads Ray's live node table, binds
+placements to placement groups (`cluster.binding`), and journals every change to a file store on
+the head node, flushed before a call returns, so an acknowledged change survives a killed
+controller. On (re)start it restores the journal and reconciles with Ray: placement groups that
+exist are kept (nothing is bound twice), missing ones are bound, orphans are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cluster import binding
+from cluster.console import UserError
+from cluster.placement.snapshot import node_from_ray
+from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL
+from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
+from cluster.scheduler import Bind, Scheduler, Unbind
+from cluster.spec import ClusterSpec
+from cluster.store import Journal
+
+CONTROLLER_NAME = "llmos-controller"
+NAMESPACE = binding.NAMESPACE
+DEFAULT_POLICY = "llmos"
+POLL_INTERVAL_S = 0.5
+
+logger = logging.getLogger("llmos.controller")
+
+
+class Controller:
+    """Ray actor body. Every public method holds the lock, so calls and the inventory loop interleave safely."""
+
+    def __init__(
+        self, spec: dict, state_dir: str, policy: str = DEFAULT_POLICY, poll_interval_s: float = POLL_INTERVAL_S
+    ):
+        self.spec = ClusterSpec.model_validate(spec)
+        self.state_dir = Path(state_dir)
+        self.journal = Journal(self.state_dir)
+        self.scheduler = Scheduler(self.spec, policy, journal=self.journal.append)
+        self.scheduler.restore(self.journal.load())
+        self.node_ids: dict[str, str] = {}
+        self.idempotency: dict[str, str] = {
+            status.idempotency_key: status.id for status in self.scheduler.requests.values() if status.idempotency_key
+        }
+        self.started_at = time.time()
+        self.binds = 0
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        with self._lock:
+            self._refresh_inventory()
+            self._reconcile()
+            self.scheduler.schedule()
+            self._commit()
+        self._poller = threading.Thread(target=self._poll, args=(poll_interval_s,), daemon=True, name="llmos-inventory")
+        self._poller.start()
+
+    # -- side effects ---------------------------------------------------------------------------------
+
+    def _refresh_inventory(self) -> None:
+        nodes = []
+        node_ids = {}
+        for entry in ray.nodes():
+            labels = entry.get("Labels") or {}
+            if not entry.get("Alive") or labels.get(POOL_LABEL, HEAD_POOL) == HEAD_POOL:
+                continue
+            name = labels.get(NODE_LABEL, entry["NodeID"])
+            node_ids[name] = entry["NodeID"]
+            nodes.append(node_from_ray(name, entry.get("Resources") or {}, labels))
+        self.node_ids = node_ids
+        self.scheduler.set_nodes(nodes)
+
+    def _reconcile(self) -> None:
+        """Make Ray's placement groups match the books after a restart."""
+        expected = {status.placement_group for status in self.scheduler.holders()}
+        for status in self.scheduler.holders():
+            if binding.find(status.placement_group) is None:
+                self.scheduler.effects.append(Bind(status.id, status.placement_group, tuple(status.bundles)))
+        for entry in ray.util.placement_group_table().values():
+            name = entry.get("name", "")
+            if name.startswith("llmos-") and entry.get("state") != "REMOVED" and name not in expected:
+                self.scheduler.effects.append(Unbind(name.removeprefix("llmos-"), name))
+
+    def _commit(self) -> None:
+        """Persist first, then act: a crash in between is repaired by `_reconcile`."""
+        self.journal.flush()
+        effects, self.scheduler.effects = self.scheduler.effects, []
+        for effect in effects:
+            if isinstance(effect, Unbind):
+                binding.unbind(effect.placement_group)
+            else:
+                binding.bind(effect.placement_group, list(effect.bundles), self.node_ids)
+                self.binds += 1
+        if self.journal.needs_compaction:
+            self.journal.compact(self.scheduler.checkpoint())
+
+    def _poll(self, interval_s: float) -> None:
+        while not self._stopping.wait(interval_s):
+            try:
+                with self._lock:
+                    self._refresh_inventory()
+                    self.scheduler.schedule()
+                    self._commit()
+            except Exception:  # the loop must outlive a failed GCS call; the next tick retries
+                logger.exception("inventory refresh failed")
+
+    def _act(self, change, *args) -> Any:
+        with self._lock:
+            try:
+                result = change(*args)
+                self.scheduler.schedule()
+            finally:
+                self._commit()
+            return result
+
+    # -- the API ---------------------------------------------------------------------------------------
+
+    def ping(self) -> dict:
+        with self._lock:
+            return {
+                "policy": self.scheduler.policy,
+                "requests": len(self.scheduler.requests),
+                "nodes": len(self.node_ids),
+                "state_dir": str(self.state_dir),
+                "started_at": self.started_at,
+                "pid": os.getpid(),
+            }
+
+    def submit(self, request: dict, idempotency_key: str | None = None) -> RequestStatus:
+        with self._lock:
+            if idempotency_key and idempotency_key in self.idempotency:
+                return self.scheduler.get(self.idempotency[idempotency_key])
+        parsed = SubmitRequest.model_validate(request)
+
+        def submit_once() -> RequestStatus:
+            status = self.scheduler.submit(parsed)
+            if idempotency_key:
+                status.idempotency_key = idempotency_key
+                self.idempotency[idempotency_key] = status.id
+                self.scheduler.journal({"request": status.model_dump(mode="json")})
+            return status
+
+        status = self._act(submit_once)
+        return self.scheduler.get(status.id)
+
+    def status(self, request_id: str) -> RequestStatus:
+        with self._lock:
+            return self.scheduler.get(request_id)
+
+    def queue(self, include_finished: bool = False) -> list[RequestStatus]:
+        with self._lock:
+            statuses = sorted(self.scheduler.requests.values(), key=lambda s: s.submitted_seq)
+            return [s for s in statuses if include_finished or not s.state.final]
+
+    def cancel(self, request_id: str) -> RequestStatus:
+        return self._act(self.scheduler.cancel, request_id)
+
+    def complete(self, request_id: str, failed: bool = False, reason: str = "") -> RequestStatus:
+        return self._act(lambda: self.scheduler.complete(request_id, failed=failed, reason=reason))
+
+    def mark_running(self, request_id: str, details: dict | None = None) -> RequestStatus:
+        return self._act(self.scheduler.mark_running, request_id, details)
+
+    def report(self, request_id: str, details: dict) -> RequestStatus:
+        return self._act(self.scheduler.report, request_id, details)
+
+    def placement_group(self, request_id: str):
+        """The Ray placement group of a placed request (for workloads to schedule into), or None."""
+        with self._lock:
+            status = self.scheduler.get(request_id)
+            return binding.find(status.placement_group) if status.placement_group else None
+
+    def cordon(self, node: str, cordoned: bool = True) -> NodeControl:
+        return self._act(self.scheduler.cordon, node, cordoned)
+
+    def drain(self, node: str) -> list[str]:
+        return self._act(self.scheduler.drain, node)
+
+    def set_quota(self, team: str, changes: dict) -> TeamUsage:
+        return self._act(self.scheduler.set_quota, team, changes)
+
+    def preempt(self, request_id: str) -> RequestStatus:
+        return self._act(self.scheduler.preempt, request_id)
+
+    def usage(self) -> list[TeamUsage]:
+        with self._lock:
+            return [self.scheduler.team_usage(team) for team in self.scheduler.quotas]
+
+    def nodes(self) -> list[dict]:
+        """Each schedulable node with the controller's books: capacity, allocated, controls."""
+        with self._lock:
+            allocated: dict[str, dict[str, float]] = {name: {} for name in self.scheduler.nodes}
+            requests: dict[str, list[str]] = {name: [] for name in self.scheduler.nodes}
+            for status in self.scheduler.holders():
+                for bundle in status.bundles:
+                    for key, amount in bundle.resources.items():
+                        allocated[bundle.node][key] = allocated[bundle.node].get(key, 0.0) + amount
+                    if status.id not in requests[bundle.node]:
+                        requests[bundle.node].append(status.id)
+            rows = []
+            for name, snapshot in sorted(self.scheduler.nodes.items()):
+                control = self.scheduler.controls.get(name, NodeControl(node=name))
+                rows.append(
+                    {
+                        "name": name,
+                        "pool": snapshot.pool,
+                        "node_id": self.node_ids.get(name, ""),
+                        "capacity": {"CPU": snapshot.cpus, "GPU": snapshot.gpus, "TPU": snapshot.tpu_chips},
+                        "allocated": allocated[name],
+                        "requests": requests[name],
+                        "cordoned": control.cordoned,
+                        "drained": control.drained,
+                    }
+                )
+            return rows
+
+    def decisions(self, limit: int = 50, request_id: str | None = None) -> list[DecisionRecord]:
+        with self._lock:
+            records = [d for d in self.scheduler.decisions if request_id is None or d.request_id == request_id]
+            return records[-limit:] if limit else records
+
+    def node_ids_by_name(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self.node_ids)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            self.journal.close()
+
+
+RemoteController = ray.remote(Controller)
+
+
+def start(spec: ClusterSpec, state_dir: str, policy: str = DEFAULT_POLICY):
+    """Start the controller actor; refuses if one is already running."""
+    if get() is not None:
+        raise UserError(
+            f"a controller is already running ({CONTROLLER_NAME} in namespace {NAMESPACE}); "
+            "use it, or stop it first with `llmos controller stop`"
+        )
+    try:
+        handle = RemoteController.options(
+            name=CONTROLLER_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            max_restarts=-1,
+            num_cpus=0,
+            max_concurrency=64,
+            # On the head node: it survives the loss of any worker node, and so does its state dir.
+            label_selector={POOL_LABEL: HEAD_POOL},
+        ).remote(spec.model_dump(mode="json"), state_dir, policy)
+    except ValueError as error:
+        raise UserError(f"a controller is already being started elsewhere: {error}") from None
+    ray.get(handle.ping.remote(), timeout=120)
+    return handle
+
+
+def get():
+    try:
+        return ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def stop() -> bool:
+    handle = get()
+    if handle is None:
+        return False
+    with contextlib.suppress(ray.exceptions.RayError):
+        ray.get(handle.shutdown.remote(), timeout=30)
+    ray.kill(handle, no_restart=True)
+    return True

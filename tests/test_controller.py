@@ -1,0 +1,277 @@
+"""The controller on a real local cluster: binding to placement groups, faults, quotas, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+
+from cluster import binding, controller
+from cluster.admin import Admin
+from cluster.console import UserError
+from cluster.launcher import LocalCluster
+from cluster.requests import DecisionAction, RequestState
+from cluster.spec import SpecError
+
+WAIT_S = 60.0
+
+
+def wait_for(predicate, timeout_s: float = WAIT_S, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def admin(local_cluster: LocalCluster, tmp_path_factory) -> Admin:
+    state_dir = tmp_path_factory.mktemp("controller-state")
+    admin = Admin(state_dir=state_dir, policy="bestfit")
+    yield admin
+    for status in admin.queue():
+        admin.cancel(status.id)
+    controller.stop()
+
+
+@pytest.fixture(autouse=True)
+def clean_queue(request):
+    """Each test starts with nothing placed or queued, and leaves nothing behind."""
+    yield
+    if "admin" in request.fixturenames:
+        admin: Admin = request.getfixturevalue("admin")
+        for status in admin.queue():
+            admin.cancel(status.id)
+
+
+def gang(name: str, bundles: list[dict], constraint: str = "same_pool") -> dict:
+    return {"name": name, "constraint": constraint, "bundles": bundles}
+
+
+def node_ids(admin: Admin) -> dict[str, str]:
+    return {node.name: node.node_id for node in admin.nodes()}
+
+
+def test_every_bundle_lands_exactly_where_the_engine_decided(admin: Admin):
+    spread = admin.submit(
+        {"team": "research", "gang": gang("spread", [{"resources": {"CPU": 1}}] * 3, constraint="spread")}
+    )
+    gpus = admin.submit({"team": "research", "gang": gang("gpus", [{"resources": {"CPU": 1, "GPU": 2}}] * 3)})
+    ids = node_ids(admin)
+    for submitted in (spread, gpus):
+        status = admin.wait(submitted.id)
+        assert status.state is RequestState.PLACED
+        group = admin.placement_group(status.id)
+        assert group.wait(WAIT_S)
+        assert binding.bundle_nodes(group) == [ids[node] for node in status.nodes]
+    assert len(set(admin.status(spread.id).nodes)) == 3
+
+
+def test_fractional_gpu_gang_that_ray_would_hang_on_is_rejected_at_once(admin: Admin):
+    a100 = node_ids(admin)["a100-0"]
+    # Ray sums the node's GPUs (5 x 0.6 = 3.0 <= 4) but gives each bundle one device: it waits forever.
+    hanging = placement_group([{"GPU": 0.6}] * 5, bundle_label_selector=[{"ray.io/node-id": a100}] * 5)
+    try:
+        assert not hanging.wait(10)
+    finally:
+        remove_placement_group(hanging)
+    selector = {"llmos.io/pool": "a100"}
+    five = admin.submit(
+        {
+            "team": "prod",
+            "gang": gang("five", [{"resources": {"GPU": 0.6}, "label_selector": selector}] * 5, "same_node"),
+        }
+    )
+    assert five.state is RequestState.REJECTED
+    assert "can never fit this cluster" in five.reason
+    four = admin.submit(
+        {
+            "team": "prod",
+            "gang": gang("four", [{"resources": {"GPU": 0.6}, "label_selector": selector}] * 4, "same_node"),
+        }
+    )
+    status = admin.wait(four.id)
+    assert status.state is RequestState.PLACED
+    assert sorted(device for bundle in status.bundles for device in bundle.gpu_devices) == [0, 1, 2, 3]
+    assert admin.placement_group(four.id).wait(WAIT_S)
+
+
+def test_controller_killed_with_20_requests_queued_loses_none(admin: Admin):
+    blocker = admin.submit({"team": "prod", "gang": gang("blocker", [{"resources": {"CPU": 1, "GPU": 8}}])})
+    assert admin.wait(blocker.id).state is RequestState.PLACED
+    queued = [
+        admin.submit({"team": "research", "gang": gang(f"q{i}", [{"resources": {"CPU": 1, "GPU": 8}}])}).id
+        for i in range(20)
+    ]
+    before = {status.id: (status.state, status.nodes, status.placement_group) for status in admin.queue()}
+    assert [before[request_id][0] for request_id in queued] == [RequestState.QUEUED] * 20
+    old_pid = admin.ping()["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: admin.ping()["pid"] != old_pid, what="the controller to restart")
+    after = {status.id: (status.state, status.nodes, status.placement_group) for status in admin.queue()}
+    assert after == before
+    live_groups = [
+        entry["name"]
+        for entry in ray.util.placement_group_table().values()
+        if entry["name"].startswith("llmos-") and entry["state"] != "REMOVED"
+    ]
+    assert live_groups == [f"llmos-{blocker.id}"]  # kept, not bound a second time
+
+
+def test_node_removed_while_gang_runs_is_requeued_elsewhere(admin: Admin, local_cluster: LocalCluster):
+    (extra,) = local_cluster.add_replica("a100")
+    try:
+        wait_for(lambda: extra.name in node_ids(admin), what=f"{extra.name} in the controller's inventory")
+        admin.cordon("a100-0")
+        request = admin.submit(
+            {
+                "team": "research",
+                "gang": gang(
+                    "elastic", [{"resources": {"CPU": 1, "GPU": 2}, "label_selector": {"llmos.io/pool": "a100"}}] * 2
+                ),
+            }
+        )
+        assert admin.wait(request.id).nodes == [extra.name, extra.name]
+        admin.uncordon("a100-0")
+        local_cluster.remove_node(extra.name)
+        moved = wait_for(
+            lambda: (
+                (s := admin.status(request.id)).state is RequestState.PLACED and s.nodes == ["a100-0", "a100-0"] and s
+            ),
+            what="the gang to be placed again on a100-0",
+        )
+        assert moved.failures == 1
+        actions = [d.action for d in admin.decisions(request_id=request.id)]
+        assert DecisionAction.REQUEUED in actions
+        group = admin.placement_group(request.id)
+        assert group.wait(WAIT_S)
+        assert set(binding.bundle_nodes(group)) == {node_ids(admin)["a100-0"]}
+    finally:
+        if extra.name in {node.name for node in local_cluster.record.nodes}:
+            local_cluster.remove_node(extra.name)
+        admin.uncordon("a100-0")
+
+
+def test_quota_is_never_exceeded_under_concurrent_submits(admin: Admin):
+    submitted: list[str] = []
+    lock = threading.Lock()
+
+    def submit_five():
+        for _ in range(5):
+            status = admin.submit({"team": "interns", "gang": gang("small", [{"resources": {"CPU": 0.5, "GPU": 1}}])})
+            with lock:
+                submitted.append(status.id)
+
+    threads = [threading.Thread(target=submit_five) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=WAIT_S)
+    assert len(submitted) == 30
+    placed = [s for s in admin.queue() if s.id in submitted and s.state is RequestState.PLACED]
+    assert len(placed) == 4  # interns: gpu quota 4
+    # Replay the decision log: at no point did the team hold more than its quota.
+    held, most = 0, 0
+    for decision in admin.decisions(limit=0):
+        if decision.request_id in submitted and decision.nodes:
+            held += 1 if decision.action is DecisionAction.PLACED else -1
+            most = max(most, held)
+    assert most == 4
+    admin.cancel(placed[0].id)
+    wait_for(
+        lambda: sum(s.state is RequestState.PLACED for s in admin.queue() if s.id in submitted) == 4, what="backfill"
+    )
+    usage = {u.team: u for u in admin.usage()}["interns"]
+    assert usage.used["gpu"] == 4
+
+
+def test_bad_input_gets_a_clear_error_and_changes_nothing(admin: Admin):
+    running = admin.submit({"team": "research", "gang": gang("held", [{"resources": {"CPU": 1, "GPU": 4}}])})
+    admin.wait(running.id)
+    before = (admin.queue(), admin.usage(), admin.nodes())
+    attempts = [
+        (
+            lambda: admin.submit({"team": "nobody", "gang": gang("x", [{"resources": {"CPU": 1}}])}),
+            "unknown team 'nobody'",
+        ),
+        (
+            lambda: admin.submit(
+                {
+                    "team": "research",
+                    "gang": gang("x", [{"resources": {"CPU": 1}, "label_selector": {"llmos.io/pool": "v100"}}]),
+                }
+            ),
+            "unknown pool 'v100'",
+        ),
+        (lambda: admin.submit({"team": "research", "gang": gang("x", [])}), "gang.bundles"),
+        (
+            lambda: admin.submit({"team": "research", "gang": gang("x", [{"resources": {"GPUs": 1}}])}),
+            "resource 'GPUs'",
+        ),
+        (
+            lambda: admin.submit(
+                {"team": "research", "priority": "urgent", "gang": gang("x", [{"resources": {"CPU": 1}}])}
+            ),
+            "unknown priority class",
+        ),
+        (lambda: admin.cancel("research-99999"), "no request 'research-99999'"),
+        (lambda: admin.preempt("research-99999"), "no request 'research-99999'"),
+        (lambda: admin.cordon("gpu-node-7"), "unknown node 'gpu-node-7'"),
+        (lambda: admin.drain("head-0"), "head node"),
+        (lambda: admin.set_quota("research", gpu=2), "uses 4 gpu now, more than the new quota 2"),
+        (lambda: admin.set_quota("research", gpus=20), "quota key 'gpus' is not a resource"),
+        (lambda: controller.start(admin_spec(), "/tmp/unused"), "already running"),
+    ]
+    for attempt, message in attempts:
+        with pytest.raises((UserError, SpecError)) as caught:
+            attempt()
+        assert message in str(caught.value)
+    after = (admin.queue(), admin.usage(), admin.nodes())
+    assert after == before
+
+
+def admin_spec():
+    return LocalCluster.attach().spec
+
+
+def test_preemption_frees_the_victims_placement_group(admin: Admin):
+    on_h100 = {"llmos.io/pool": "h100"}
+    victim = admin.submit(
+        {"team": "research", "gang": gang("low", [{"resources": {"CPU": 1, "GPU": 8}, "label_selector": on_h100}])}
+    )
+    admin.wait(victim.id)
+    assert admin.placement_group(victim.id).wait(WAIT_S)
+    urgent = admin.submit(
+        {"team": "prod", "gang": gang("high", [{"resources": {"CPU": 1, "GPU": 8}, "label_selector": on_h100}])}
+    )
+    assert admin.wait(urgent.id).state is RequestState.PLACED
+    assert admin.status(victim.id).state is RequestState.PREEMPTED
+    assert binding.find(f"llmos-{victim.id}") is None
+    assert admin.placement_group(urgent.id).wait(WAIT_S)
+
+
+def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster: LocalCluster):
+    held = admin.submit({"team": "research", "gang": gang("cli", [{"resources": {"CPU": 1}}])})
+    env = {**os.environ, "LLMOS_HOME": str(local_cluster.home)}
+
+    def llmos(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    queue = llmos("queue", "--json")
+    assert queue.returncode == 0, queue.stderr
+    assert held.id in [status["id"] for status in json.loads(queue.stdout)]
+    refused = llmos("drain", "head-0")
+    assert refused.returncode == 2
+    assert "head node" in refused.stderr and "Traceback" not in refused.stderr
