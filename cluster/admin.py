@@ -184,6 +184,20 @@ class Admin:
         # The same key on a retried call returns the first submission instead of queueing a twin.
         return self._call("submit", request.model_dump(mode="json"), uuid.uuid4().hex)
 
+    def acquire(self, request: SubmitRequest | dict, timeout_s: float = 0.0) -> tuple[RequestStatus, Any]:
+        """Submit and obtain the Ray placement group to schedule into: what training and serving call.
+
+        Returns at once if the request was placed or rejected; otherwise waits up to `timeout_s` for
+        it to be placed (the group is None if it is still waiting then).
+        """
+        if not isinstance(request, SubmitRequest):
+            request = parse_model(SubmitRequest, request, "request")
+        status, group = self._call("acquire", request.model_dump(mode="json"), uuid.uuid4().hex)
+        if status.state.waiting and timeout_s > 0:
+            status = self.wait(status.id, timeout_s=timeout_s)
+            group = self.placement_group(status.id)
+        return status, group
+
     def cancel(self, request_id: str) -> RequestStatus:
         return self._call("cancel", request_id)
 

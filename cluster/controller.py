@@ -52,7 +52,7 @@ class Controller:
             status.idempotency_key: status.id for status in self.scheduler.requests.values() if status.idempotency_key
         }
         self.started_at = time.time()
-        self.binds = 0
+        self.groups: dict[str, Any] = {}  # request id -> the placement group this controller created
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         with self._lock:
@@ -95,10 +95,12 @@ class Controller:
         effects, self.scheduler.effects = self.scheduler.effects, []
         for effect in effects:
             if isinstance(effect, Unbind):
+                self.groups.pop(effect.request_id, None)
                 binding.unbind(effect.placement_group)
             else:
-                binding.bind(effect.placement_group, list(effect.bundles), self.node_ids)
-                self.binds += 1
+                self.groups[effect.request_id] = binding.bind(
+                    effect.placement_group, list(effect.bundles), self.node_ids
+                )
         if self.journal.needs_compaction:
             self.journal.compact(self.scheduler.checkpoint())
 
@@ -133,6 +135,11 @@ class Controller:
                 "started_at": self.started_at,
                 "pid": os.getpid(),
             }
+
+    def acquire(self, request: dict, idempotency_key: str | None = None) -> tuple[RequestStatus, Any]:
+        """Submit, and hand back the placement group too when the request was placed at once."""
+        status = self.submit(request, idempotency_key)
+        return status, self.placement_group(status.id)
 
     def submit(self, request: dict, idempotency_key: str | None = None) -> RequestStatus:
         with self._lock:
@@ -176,7 +183,11 @@ class Controller:
         """The Ray placement group of a placed request (for workloads to schedule into), or None."""
         with self._lock:
             status = self.scheduler.get(request_id)
-            return binding.find(status.placement_group) if status.placement_group else None
+            if not status.placement_group:
+                return None
+            if request_id not in self.groups:  # bound by an earlier incarnation of this controller
+                self.groups[request_id] = binding.find(status.placement_group)
+            return self.groups[request_id]
 
     def cordon(self, node: str, cordoned: bool = True) -> NodeControl:
         return self._act(self.scheduler.cordon, node, cordoned)

@@ -81,6 +81,9 @@ class Scheduler:
         self.engine: PlacementEngine | None = None
         self._seq = 0
         self._decision_seq = 0
+        # Waiting requests are retried only when capacity may have been freed; new ones always once.
+        self._retry_all = True
+        self._untried: set[str] = set()
 
     # -- books ------------------------------------------------------------------------------------
 
@@ -163,6 +166,7 @@ class Scheduler:
         self._rebuild_engine()
 
     def _rebuild_engine(self) -> None:
+        self._retry_all = True
         if not self.nodes:
             self.engine = None
             return
@@ -210,6 +214,7 @@ class Scheduler:
             return status
         self._save(status)
         self._decide(status, DecisionAction.ADMITTED, f"priority {priority_class} ({priority_value})")
+        self._untried.add(status.id)
         return status
 
     def _check_pools_named(self, gang: GangRequest) -> None:
@@ -235,13 +240,23 @@ class Scheduler:
             typed_room["gpu"] = quotas.allowed_types(
                 "gpu", self._gpu_types(status.request.gang), quota, {}, demand["gpu"]
             )
-        reason = quotas.never_admissible(quota, demand, typed_room)
-        if reason:
-            return reason
-        if self.engine is not None:
-            decision = PlacementEngine(self.engine.snapshot(), self.policy).place(self._gang_for_engine(status))
-            if isinstance(decision, Rejection) and decision.reason is RejectionReason.NEVER_FITS:
-                return f"can never fit this cluster: {decision.message}"
+        return quotas.never_admissible(quota, demand, typed_room)
+
+    def _never_fits(self, status: RequestStatus) -> str | None:
+        """Why the gang, as asked, fits no node set of the cluster even empty and uncordoned, or None."""
+        snapshot = self.engine.snapshot()
+        uncordoned = snapshot.model_copy(
+            update={
+                "nodes": tuple(
+                    node.model_copy(update={"labels": {k: v for k, v in node.labels.items() if k != CORDON_LABEL}})
+                    for node in snapshot.nodes
+                )
+            }
+        )
+        gang = status.request.gang.model_copy(update={"name": status.id})
+        decision = PlacementEngine(uncordoned, self.policy).place(gang)
+        if isinstance(decision, Rejection) and decision.reason is RejectionReason.NEVER_FITS:
+            return f"can never fit this cluster: {decision.message}"
         return None
 
     def _gpu_types(self, gang: GangRequest) -> list[str]:
@@ -305,8 +320,14 @@ class Scheduler:
         """Place what can be placed, highest priority first; preempt lower priorities if that makes room."""
         if self.engine is None:
             return
-        for status in self.waiting():
+        if self._retry_all:
+            self._retry_all = False
+            candidates = self.waiting()
+        else:
+            candidates = [status for status in self.waiting() if status.id in self._untried]
+        for status in candidates:
             self._try_place(status)
+            self._untried.discard(status.id)
 
     def _try_place(self, status: RequestStatus) -> None:
         quota, used = self.quotas[status.team], self.usage[status.team]
@@ -324,6 +345,17 @@ class Scheduler:
                 return
         gang = self._gang_for_engine(status, gpu_types)
         decision = self.engine.place(gang)
+        if (
+            isinstance(decision, Rejection)
+            and decision.reason is RejectionReason.NEVER_FITS
+            and status.id in self._untried
+            and (never := self._never_fits(status))
+        ):
+            # Only on its first try: a request accepted earlier is never dropped because nodes left.
+            status.state, status.reason = RequestState.REJECTED, never
+            self._save(status)
+            self._decide(status, DecisionAction.REJECTED, never)
+            return
         if isinstance(decision, Rejection):
             if not self._preempt_for(status, gang):
                 self._wait(status, decision.message)
@@ -377,6 +409,7 @@ class Scheduler:
         return True
 
     def _release(self, status: RequestStatus) -> None:
+        self._retry_all = True
         if self.engine is not None and all(node in self.nodes for node in status.nodes):
             self.engine.release(_placement_of(status))
         quotas.add_usage(self.usage[status.team], self._request_usage(status), sign=-1)
@@ -460,6 +493,7 @@ class Scheduler:
                 )
             new[key] = float(amount)
         self.quotas[team] = new
+        self._retry_all = True
         self.journal({"quota": {"team": team, "quota": new}})
         return self.team_usage(team)
 

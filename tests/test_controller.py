@@ -115,17 +115,23 @@ def test_controller_killed_with_20_requests_queued_loses_none(admin: Admin):
     ]
     before = {status.id: (status.state, status.nodes, status.placement_group) for status in admin.queue()}
     assert [before[request_id][0] for request_id in queued] == [RequestState.QUEUED] * 20
+    groups_before = live_llmos_groups()
     old_pid = admin.ping()["pid"]
     os.kill(old_pid, signal.SIGKILL)
     wait_for(lambda: admin.ping()["pid"] != old_pid, what="the controller to restart")
     after = {status.id: (status.state, status.nodes, status.placement_group) for status in admin.queue()}
     assert after == before
-    live_groups = [
-        entry["name"]
+    # The same group, same id: kept, not bound a second time.
+    assert live_llmos_groups() == groups_before
+    assert list(groups_before) == [f"llmos-{blocker.id}"]
+
+
+def live_llmos_groups() -> dict[str, str]:
+    return {
+        entry["name"]: entry["placement_group_id"]
         for entry in ray.util.placement_group_table().values()
         if entry["name"].startswith("llmos-") and entry["state"] != "REMOVED"
-    ]
-    assert live_groups == [f"llmos-{blocker.id}"]  # kept, not bound a second time
+    }
 
 
 def test_node_removed_while_gang_runs_is_requeued_elsewhere(admin: Admin, local_cluster: LocalCluster):

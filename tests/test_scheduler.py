@@ -242,3 +242,15 @@ def test_fractional_gpus_share_one_device_and_never_oversubscribe(scheduler: Sch
     assert len(placed) == 40
     assert scheduler.get(ids[-1]).state is RequestState.QUEUED
     assert scheduler.usage["research"]["gpu"] == pytest.approx(40 * 0.46)
+
+
+def test_accepted_work_is_kept_when_the_nodes_it_needs_leave(scheduler: Scheduler):
+    request_id = submit(scheduler, "research", workers=1, gpus=8)
+    scheduler.set_nodes([n for n in NODES if not n.name.startswith("h100")])
+    scheduler.schedule()
+    status = scheduler.get(request_id)
+    assert status.state is RequestState.PREEMPTED  # waits for 8-GPU nodes to come back, is not rejected
+    assert "asks for 8 GPUs" in status.reason
+    scheduler.set_nodes(NODES)
+    scheduler.schedule()
+    assert scheduler.get(request_id).state is RequestState.PLACED
