@@ -7,6 +7,7 @@ It uses its own state directory and free ports, so it never touches a cluster yo
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,8 @@ def main() -> int:
     stale = LocalCluster.find(home)
     if stale is not None:
         stale.down()
+    # Each demo tells its story from an empty queue.
+    shutil.rmtree(home / "controller", ignore_errors=True)
     run_demo(home)
     stdout.print("\n[bold green]demo finished[/]", markup=True)
     return 0

@@ -71,9 +71,13 @@ def never_admissible(
     quota: Mapping[str, float], demand: Mapping[str, float], typed_room: Mapping[str, set[str]]
 ) -> str | None:
     """Why a request could not be admitted even with nothing else of its team running, or None."""
-    alone = exceeded(quota, {}, demand)
+    alone = [
+        f"asks {demand[key]:g} {key}, quota {quota[key]:g}"
+        for key in demand
+        if key in quota and demand[key] > quota[key] + EPSILON
+    ]
     if alone:
-        return "over the team's quota even when alone: " + "; ".join(alone)
+        return "over the team's quota even with nothing else running: " + "; ".join(alone)
     for kind, types in typed_room.items():
         if not types:
             return f"every {kind} type this request may use has a typed quota smaller than the {demand[kind]:g} it asks"

@@ -57,6 +57,12 @@ class SubmitRequest(BaseModel):
         None, description="Requests that belong together (a deployment's replicas, an elastic job's workers)."
     )
     group_min: NonNegativeInt = Field(0, description="Preemption never leaves a group with fewer placed requests.")
+    bind_placement_group: bool = Field(
+        True,
+        description="True: the controller reserves the placement in Ray as a pinned placement group. False: the "
+        "controller only books it, and the workload reserves the same nodes itself (Ray Train creates its own "
+        "placement group; pin its workers with the `llmos.io/node` label of each bundle's node).",
+    )
 
 
 class BundleBinding(BaseModel):

@@ -379,10 +379,12 @@ class Scheduler:
         status.bundles = bundles
         status.state, status.reason = RequestState.PLACED, ""
         status.placed_at = self.clock()
-        status.placement_group = placement_group_name(status.id)
+        bound = status.request.bind_placement_group
+        status.placement_group = placement_group_name(status.id) if bound else None
         self._save(status)
         self._decide(status, DecisionAction.PLACED, f"{decision.policy}: {_describe_nodes(bundles)}", status.nodes)
-        self.effects.append(Bind(status.id, status.placement_group, tuple(bundles)))
+        if bound:
+            self.effects.append(Bind(status.id, status.placement_group, tuple(bundles)))
 
     def _wait(self, status: RequestStatus, reason: str) -> None:
         if status.reason != reason:
@@ -413,7 +415,8 @@ class Scheduler:
         if self.engine is not None and all(node in self.nodes for node in status.nodes):
             self.engine.release(_placement_of(status))
         quotas.add_usage(self.usage[status.team], self._request_usage(status), sign=-1)
-        self.effects.append(Unbind(status.id, status.placement_group or placement_group_name(status.id)))
+        if status.placement_group:
+            self.effects.append(Unbind(status.id, status.placement_group))
         status.bundles = []
         status.placement_group = None
 

@@ -99,7 +99,7 @@ def test_request_over_quota_waits_and_one_over_quota_alone_is_rejected(scheduler
     assert waiting.reason.startswith("over quota: gpu 2 used + 1 asked > quota 2")
     too_big = submit(scheduler, "small", workers=1, gpus=4)
     assert scheduler.get(too_big).state is RequestState.REJECTED
-    assert "over the team's quota even when alone" in scheduler.get(too_big).reason
+    assert "over the team's quota even with nothing else running: asks 4 gpu, quota 2" in scheduler.get(too_big).reason
     scheduler.complete(first)
     scheduler.schedule()
     assert scheduler.get(second).state is RequestState.PLACED
@@ -254,3 +254,18 @@ def test_accepted_work_is_kept_when_the_nodes_it_needs_leave(scheduler: Schedule
     scheduler.set_nodes(NODES)
     scheduler.schedule()
     assert scheduler.get(request_id).state is RequestState.PLACED
+
+
+def test_books_only_request_is_placed_without_a_placement_group(scheduler: Scheduler):
+    status = scheduler.submit(
+        SubmitRequest(
+            team="research", gang=gang("ray-train", 2, 4), kind=WorkloadKind.TRAINING, bind_placement_group=False
+        )
+    )
+    scheduler.schedule()
+    placed = scheduler.get(status.id)
+    assert placed.state is RequestState.PLACED and placed.placement_group is None
+    assert scheduler.effects == []
+    assert scheduler.usage["research"]["gpu"] == 8  # booked all the same
+    scheduler.complete(status.id)
+    assert scheduler.effects == [] and scheduler.usage["research"] == {}
