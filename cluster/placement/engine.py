@@ -1,0 +1,437 @@
+"""The placement engine: a gang request in, a placement or a rejection out.
+
+The engine keeps the books of one cluster (a `ClusterState`), asks its policy to score and choose
+nodes bundle by bundle, and commits a gang only when every bundle has a place. Rules that hold
+whatever the policy:
+
+- labels, GPU types, CPU, memory, TPU chips and each GPU device's free share are never exceeded;
+- a fractional GPU goes to one device, whole GPUs to idle devices of one node;
+- CPU-only bundles avoid GPU and TPU nodes while a plain node has room;
+- a same_tpu_slice gang takes whole, idle hosts of exactly one slice, one bundle per host;
+- a rejection says whether the request could ever fit (`never_fits`) or just not now.
+
+Node scores are cached per bundle shape and recomputed only for nodes whose version changed, so a
+decision costs a few vector operations plus scoring the handful of nodes the last decisions touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from cluster.placement.decision import BundlePlacement, Decision, Placement, Rejection, RejectionReason
+from cluster.placement.policies import Policy, make_policy
+from cluster.placement.policies.base import best_scored
+from cluster.placement.request import UNITS, Constraint, Demand, GangRequest, to_units
+from cluster.placement.snapshot import ClusterSnapshot
+from cluster.placement.state import ClusterState
+from cluster.placement.workload import TargetWorkload, WorkloadEstimator
+
+
+@dataclass
+class _ScoreCache:
+    seen: np.ndarray  # each node's version when last scored (-1: never)
+    fits: np.ndarray
+    score: np.ndarray
+    shared_device: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Choice:
+    bundle_index: int
+    node: int
+    reserved: Demand  # what the bundle holds; a whole TPU host reserves all its chips
+    devices: tuple[int, ...]
+
+
+def _largest_first(demand: Demand) -> tuple[int, int, int, int]:
+    # Scarce resources first, as Ray's placement groups order bundles: GPU, TPU, memory, CPU.
+    return (demand.gpu_total, demand.tpu, demand.memory, demand.cpu)
+
+
+class _Planner:
+    """Places gangs on one cluster state with one policy; remembers node scores between calls."""
+
+    def __init__(self, state: ClusterState, policy: Policy, tie_rank: np.ndarray):
+        self.state = state
+        self.policy = policy
+        self.tie_rank = tie_rank
+        self._plain_nodes = ~state.has_accelerator
+        self._caches: dict[Demand, _ScoreCache] = {}
+
+    def forget_scores(self) -> None:
+        self._caches.clear()
+
+    def _scores(self, demand: Demand) -> _ScoreCache:
+        state = self.state
+        cache = self._caches.get(demand) if self.policy.cacheable else None
+        if cache is None:
+            size = state.size
+            cache = _ScoreCache(
+                np.full(size, -1, dtype=np.int64),
+                np.zeros(size, dtype=bool),
+                np.zeros(size),
+                np.zeros(size, dtype=np.int64),
+            )
+            if self.policy.cacheable:
+                self._caches[demand] = cache
+        stale = np.flatnonzero((cache.seen != state.version) & state.static_mask(demand))
+        if len(stale):
+            cache.seen[stale] = state.version[stale]
+            fits = state.fits(demand, stale)
+            cache.fits[stale] = fits
+            roomy = stale[fits]
+            if len(roomy):
+                scored = self.policy.score(state, demand, roomy)
+                cache.score[roomy] = scored.score
+                if demand.is_fractional_gpu:
+                    cache.shared_device[roomy] = (
+                        scored.shared_device
+                        if scored.shared_device is not None
+                        else state.best_fit_devices(roomy, demand.gpu_share)
+                    )
+        return cache
+
+    def _candidates(self, mask: np.ndarray, demand: Demand) -> np.ndarray:
+        if not demand.wants_accelerator:
+            plain = mask & self._plain_nodes
+            if plain.any():
+                mask = plain
+        return np.flatnonzero(mask)
+
+    def choose(self, demand: Demand, allowed: np.ndarray | None = None) -> tuple[int, tuple[int, ...]] | None:
+        """The policy's node (and devices) for one bundle among `allowed` nodes, or None if none has room."""
+        cache = self._scores(demand)
+        candidates = self._candidates(cache.fits if allowed is None else cache.fits & allowed, demand)
+        if not len(candidates):
+            return None
+        node = self.policy.choose(self.state, candidates, cache.score[candidates], self.tie_rank)
+        return node, self.state.devices_for(node, demand, int(cache.shared_device[node]))
+
+    def _choose_in_gang(self, demand: Demand, allowed: np.ndarray | None) -> tuple[int, tuple[int, ...]] | None:
+        if not self.policy.packs_gangs:
+            return self.choose(demand, allowed)
+        state = self.state
+        mask = state.static_mask(demand) if allowed is None else state.static_mask(demand) & allowed
+        nodes = self._candidates(mask, demand)
+        nodes = nodes[state.fits(demand, nodes)]
+        if not len(nodes):
+            return None
+        node = best_scored(nodes, self.policy.gang_score(state, demand, nodes), self.tie_rank)
+        shared = int(state.best_fit_devices(np.array([node]), demand.gpu_share)[0]) if demand.gpu_count else 0
+        return node, state.devices_for(node, demand, shared)
+
+    def plan(self, demands: Sequence[Demand], constraint: Constraint) -> list[_Choice] | None:
+        """Allocates every bundle on the state and returns the choices, or returns None untouched."""
+        order = sorted(range(len(demands)), key=lambda index: _largest_first(demands[index]), reverse=True)
+        if constraint is Constraint.SAME_TPU_SLICE:
+            return self._plan_tpu_slice(demands, order)
+        if len(demands) == 1:
+            return self._place(demands, order, None, distinct=False)
+        if constraint is Constraint.SPREAD:
+            return self._place(demands, order, None, distinct=True)
+        if constraint is Constraint.SAME_NODE:
+            for node in self._nodes_for_whole_gang(demands, order):
+                only = np.zeros(self.state.size, dtype=bool)
+                only[node] = True
+                placed = self._place(demands, order, only, distinct=False)
+                if placed is not None:
+                    return placed
+            return None
+        for pool in self._pools_for_gang(demands, order):
+            placed = self._place(demands, order, self.state.pool_of == pool, distinct=False)
+            if placed is not None:
+                return placed
+        return None
+
+    def undo(self, placed: Sequence[_Choice]) -> None:
+        for choice in reversed(placed):
+            self.state.release(choice.node, choice.reserved, choice.devices)
+
+    def _place(
+        self, demands: Sequence[Demand], order: list[int], allowed: np.ndarray | None, distinct: bool
+    ) -> list[_Choice] | None:
+        if self.policy.packs_gangs and not distinct and len(demands) > 1:
+            return self._pack(demands, order, allowed)
+        placed: list[_Choice] = []
+        used = np.zeros(self.state.size, dtype=bool)
+        for index in order:
+            mask = allowed
+            if distinct:
+                mask = ~used if allowed is None else allowed & ~used
+            choice = self._choose_in_gang(demands[index], mask) if len(demands) > 1 else self.choose(demands[index])
+            if choice is None:
+                self.undo(placed)
+                return None
+            node, devices = choice
+            self.state.allocate(node, demands[index], devices)
+            placed.append(_Choice(index, node, demands[index], devices))
+            used[node] = True
+        return placed
+
+    def _pack(self, demands: Sequence[Demand], order: list[int], allowed: np.ndarray | None) -> list[_Choice] | None:
+        """Ray's PACK: the best node takes every remaining bundle that fits before the next is opened."""
+        state = self.state
+        remaining = list(order)
+        placed: list[_Choice] = []
+        closed = np.zeros(state.size, dtype=bool)
+        while remaining:
+            open_nodes = ~closed if allowed is None else allowed & ~closed
+            choice = self._choose_in_gang(demands[remaining[0]], open_nodes)
+            if choice is None:
+                self.undo(placed)
+                return None
+            node, devices = choice
+            first = remaining.pop(0)
+            state.allocate(node, demands[first], devices)
+            placed.append(_Choice(first, node, demands[first], devices))
+            for index in list(remaining):
+                demand = demands[index]
+                here = np.array([node])
+                if state.static_mask(demand)[node] and state.fits(demand, here)[0]:
+                    shared = int(state.best_fit_devices(here, demand.gpu_share)[0]) if demand.gpu_count else 0
+                    devices = state.devices_for(node, demand, shared)
+                    state.allocate(node, demand, devices)
+                    placed.append(_Choice(index, node, demand, devices))
+                    remaining.remove(index)
+            closed[node] = True
+        return placed
+
+    def _static_for_all(self, demands: Sequence[Demand]) -> np.ndarray:
+        mask = np.ones(self.state.size, dtype=bool)
+        for demand in demands:
+            mask &= self.state.static_mask(demand)
+        return mask
+
+    def _gang_preference(self, demands: Sequence[Demand], largest: Demand, nodes: np.ndarray) -> np.ndarray:
+        """`nodes` that fit the largest bundle, best first by the policy's gang score, then the tie
+        order; plain nodes before accelerator nodes when no bundle wants an accelerator."""
+        nodes = nodes[self.state.fits(largest, nodes)]
+        scores = self.policy.gang_score(self.state, largest, nodes)
+        cpu_only = not any(demand.wants_accelerator for demand in demands)
+        on_accelerator = self.state.has_accelerator[nodes] & cpu_only
+        return nodes[np.lexsort((self.tie_rank[nodes], -scores, on_accelerator))]
+
+    def _nodes_for_whole_gang(self, demands: Sequence[Demand], order: list[int]) -> np.ndarray:
+        state = self.state
+        whole_gpus = sum(demand.gpu_count for demand in demands if not demand.is_fractional_gpu)
+        mask = (
+            self._static_for_all(demands)
+            & (state.cpu_free >= sum(demand.cpu for demand in demands))
+            & (state.mem_free >= sum(demand.memory for demand in demands))
+            & (state.tpu_free >= sum(demand.tpu for demand in demands))
+            & ((state.gpu_free == UNITS).sum(axis=1) >= whole_gpus)
+            & (state.gpu_free.sum(axis=1) >= sum(demand.gpu_total for demand in demands))
+        )
+        return self._gang_preference(demands, demands[order[0]], np.flatnonzero(mask))
+
+    def _pools_for_gang(self, demands: Sequence[Demand], order: list[int]) -> list[int]:
+        """Pools with room for the whole gang in total, the one with the best node for the largest bundle first."""
+        state = self.state
+        suitable = self._static_for_all(demands)
+        ranked = self._gang_preference(demands, demands[order[0]], np.flatnonzero(suitable))
+        pools: list[int] = []
+        for node in ranked:
+            pool = int(state.pool_of[node])
+            if pool in pools:
+                continue
+            members = suitable & (state.pool_of == pool)
+            if (
+                state.cpu_free[members].sum() >= sum(demand.cpu for demand in demands)
+                and state.mem_free[members].sum() >= sum(demand.memory for demand in demands)
+                and state.gpu_free[members].sum() >= sum(demand.gpu_total for demand in demands)
+                and state.tpu_free[members].sum() >= sum(demand.tpu for demand in demands)
+            ):
+                pools.append(pool)
+        return pools
+
+    def _plan_tpu_slice(self, demands: Sequence[Demand], order: list[int]) -> list[_Choice] | None:
+        """Whole idle hosts of one slice; the slice with the fewest idle hosts that suffices wins."""
+        state = self.state
+        idle_hosts = (
+            self._static_for_all(demands)
+            & (state.slice_of >= 0)
+            & (state.tpu_cap > 0)
+            & (state.tpu_free == state.tpu_cap)
+        )
+        best: tuple[tuple[int, int], list[_Choice]] | None = None
+        for slice_code in np.unique(state.slice_of[idle_hosts]):
+            hosts = np.flatnonzero(idle_hosts & (state.slice_of == slice_code))
+            if len(hosts) < len(demands):
+                continue
+            assignment = self._assign_hosts(demands, order, hosts)
+            if assignment is None:
+                continue
+            key = (len(hosts), int(self.tie_rank[hosts].min()))
+            if best is None or key < best[0]:
+                best = (key, assignment)
+        if best is None:
+            return None
+        for choice in best[1]:
+            state.allocate(choice.node, choice.reserved, choice.devices)
+        return best[1]
+
+    def _assign_hosts(self, demands: Sequence[Demand], order: list[int], hosts: np.ndarray) -> list[_Choice] | None:
+        state = self.state
+        free_hosts = list(hosts)
+        assignment: list[_Choice] = []
+        for index in order:
+            for host in free_hosts:
+                whole_host = replace(demands[index], tpu=int(state.tpu_cap[host]))
+                if demands[index].tpu <= whole_host.tpu and state.fits(whole_host, np.array([host]))[0]:
+                    shared = int(state.best_fit_devices(np.array([host]), whole_host.gpu_share)[0])
+                    devices = state.devices_for(host, whole_host, shared) if whole_host.gpu_count else ()
+                    assignment.append(_Choice(index, int(host), whole_host, devices))
+                    free_hosts.remove(host)
+                    break
+            else:
+                return None
+        return assignment
+
+
+class PlacementEngine:
+    """Places gangs on one cluster with one policy and keeps the books of what is free.
+
+    `place` commits a placement into the books; `release` frees it again (a departure);
+    `snapshot` reads the books back as plain data.
+    """
+
+    def __init__(
+        self,
+        snapshot: ClusterSnapshot,
+        policy: str | Policy = "llmos",
+        *,
+        workload: TargetWorkload | None = None,
+        seed: int = 0,
+        node_order: Sequence[str] | None = None,
+    ):
+        """`workload`: the task shapes fgd and llmos optimise for; learned from requests if None.
+        `node_order`: who wins ties (e.g. Ray's node-id order); a random order drawn from `seed` if None.
+        """
+        self.state = ClusterState(snapshot)
+        self.policy = make_policy(policy, workload=workload, seed=seed) if isinstance(policy, str) else policy
+        self._estimator = WorkloadEstimator() if self.policy.needs_workload and self.policy.workload is None else None
+        if node_order is None:
+            tie_rank = np.random.default_rng(seed).permutation(self.state.size)
+        else:
+            position = {name: rank for rank, name in enumerate(node_order)}
+            tie_rank = np.array([position.get(name, len(position)) for name in self.state.names])
+        self._planner = _Planner(self.state, self.policy, tie_rank)
+        self._empty_planner: _Planner | None = None
+
+    def place(self, request: GangRequest) -> Decision:
+        demands = [bundle.demand for bundle in request.bundles]
+        self._learn(demands)
+        placed = self._planner.plan(demands, request.constraint)
+        if placed is None:
+            return self._reject(request, demands)
+        return Placement(
+            request=request.name,
+            policy=self.policy.name,
+            bundles=tuple(self._describe(choice) for choice in sorted(placed, key=lambda c: c.bundle_index)),
+        )
+
+    def release(self, placement: Placement) -> None:
+        for bundle in placement.bundles:
+            resources = bundle.resources
+            reserved = Demand(
+                cpu=to_units(resources.get("CPU", 0.0)),
+                memory=round(resources.get("memory", 0.0)),
+                gpu_count=len(bundle.gpu_devices),
+                gpu_share=to_units(bundle.gpu_share),
+                tpu=to_units(resources.get("TPU", 0.0)),
+            )
+            self.state.release(self.state.index[bundle.node], reserved, bundle.gpu_devices)
+
+    def snapshot(self) -> ClusterSnapshot:
+        return self.state.to_snapshot()
+
+    def _learn(self, demands: list[Demand]) -> None:
+        if self._estimator is None:
+            return
+        estimate = self._estimator.observe(demands)
+        if estimate is not None:
+            self.policy.workload = estimate
+            self._planner.forget_scores()
+            if self._empty_planner is not None:
+                self._empty_planner.forget_scores()
+
+    def _describe(self, choice: _Choice) -> BundlePlacement:
+        reserved = choice.reserved
+        amounts = {
+            "CPU": reserved.cpu / UNITS,
+            "memory": float(reserved.memory),
+            "GPU": reserved.gpu_total / UNITS,
+            "TPU": reserved.tpu / UNITS,
+        }
+        return BundlePlacement(
+            bundle_index=choice.bundle_index,
+            node=self.state.names[choice.node],
+            resources={key: amount for key, amount in amounts.items() if amount},
+            gpu_devices=choice.devices,
+            gpu_share=reserved.gpu_share / UNITS,
+        )
+
+    def _reject(self, request: GangRequest, demands: list[Demand]) -> Rejection:
+        never = self._never_fits(demands, request.constraint)
+        if never is not None:
+            return Rejection(request.name, self.policy.name, RejectionReason.NEVER_FITS, never)
+        return Rejection(
+            request.name,
+            self.policy.name,
+            RejectionReason.NO_ROOM_NOW,
+            f"no room now for {len(demands)} bundle(s) placed {request.constraint.value}; "
+            "it fits the empty cluster, so queue it until resources are released",
+        )
+
+    def _never_fits(self, demands: list[Demand], constraint: Constraint) -> str | None:
+        """Why the request could not be placed even on the empty cluster, or None if it could."""
+        state = self.state
+        for index, demand in enumerate(demands):
+            suitable = np.flatnonzero(state.static_mask(demand))
+            if not len(suitable):
+                return (
+                    f"bundles[{index}]: no node matches label_selector {dict(demand.label_selector)} "
+                    f"with gpu_types {sorted(demand.gpu_types) if demand.gpu_types else 'any'}"
+                )
+            if not state.fits_capacity(demand, suitable).any():
+                return f"bundles[{index}]: {_largest_shortfall(state, demand, suitable)}"
+        if len(demands) == 1 and constraint is not Constraint.SAME_TPU_SLICE:
+            return None
+        if self._empty_planner is None:
+            self._empty_planner = _Planner(state.empty_copy(), self.policy, self._planner.tie_rank)
+        placed = self._empty_planner.plan(demands, constraint)
+        if placed is None:
+            return (
+                f"the {len(demands)} bundles cannot be placed {constraint.value} even on the empty cluster; "
+                "use fewer or smaller bundles, or another constraint"
+            )
+        self._empty_planner.undo(placed)
+        return None
+
+
+def _largest_shortfall(state: ClusterState, demand: Demand, nodes: np.ndarray) -> str:
+    needs = (
+        ("CPUs", demand.cpu / UNITS, state.cpu_cap[nodes] / UNITS),
+        ("bytes of memory", demand.memory, state.mem_cap[nodes]),
+        ("GPUs", demand.gpu_total / UNITS, state.gpu_count[nodes]),
+        ("TPU chips", demand.tpu / UNITS, state.tpu_cap[nodes] / UNITS),
+    )
+    for what, need, capacity in needs:
+        if need > capacity.max():
+            return f"asks for {need:g} {what}; the most any matching node has is {capacity.max():g}"
+    return "no single matching node has all of its CPU, memory, GPU and TPU at once"
+
+
+def place(
+    snapshot: ClusterSnapshot,
+    request: GangRequest,
+    policy: str = "llmos",
+    *,
+    workload: TargetWorkload | None = None,
+    seed: int = 0,
+) -> Decision:
+    """One decision on a snapshot, nothing remembered: the pure form of `PlacementEngine.place`."""
+    return PlacementEngine(snapshot, policy, workload=workload, seed=seed).place(request)

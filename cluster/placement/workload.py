@@ -1,0 +1,129 @@
+"""The target workload: which task shapes arrive and how often, and the fragmentation it defines.
+
+Fragmentation follows the FGD paper (Weng et al., ATC'23). For a task shape m, the fragment of a
+node is the free GPU capacity m cannot use: all of it when m does not fit the node at all (too
+little CPU, too few usable devices, the wrong GPU type, or m asks for no GPU), otherwise the free
+share of the devices too small for m's per-device request. A node's fragmentation is the
+popularity-weighted sum over shapes: the GPUs a random arriving task would find unusable there.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cluster.placement.request import UNITS, Demand
+
+# FGD keeps the most popular shapes that together make up this share of all tasks.
+DEFAULT_COVERAGE = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class TaskShape:
+    """What fragmentation looks at: CPU, GPU count, per-device share and allowed GPU types."""
+
+    cpu: int
+    gpu_count: int
+    gpu_share: int
+    gpu_types: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, demand: Demand) -> TaskShape:
+        return cls(demand.cpu, demand.gpu_count, demand.gpu_share, demand.gpu_types)
+
+
+class TargetWorkload:
+    def __init__(self, shapes: Sequence[TaskShape], popularity: Sequence[float]):
+        if not shapes or len(shapes) != len(popularity):
+            raise ValueError("a target workload needs at least one shape and one popularity per shape")
+        self.shapes = tuple(shapes)
+        weights = np.asarray(popularity, dtype=np.float64)
+        self.popularity = weights / weights.sum()
+        self.cpu = np.array([shape.cpu for shape in shapes], dtype=np.int64)
+        self.gpu_count = np.array([shape.gpu_count for shape in shapes], dtype=np.int64)
+        # A CPU-only shape can use no device: its per-device need is set above any device's capacity.
+        self.gpu_share = np.array(
+            [shape.gpu_share if shape.gpu_count else UNITS + 1 for shape in shapes], dtype=np.int64
+        )
+        self._accessible: dict[tuple[str, ...], np.ndarray] = {}
+
+    @classmethod
+    def most_common(cls, demands: Iterable[Demand], coverage: float = DEFAULT_COVERAGE) -> TargetWorkload:
+        """The fewest most-frequent shapes that cover `coverage` of the tasks, as the FGD simulator picks."""
+        return cls.from_counts(Counter(TaskShape.of(demand) for demand in demands), coverage)
+
+    @classmethod
+    def from_counts(cls, counts: Counter[TaskShape], coverage: float = DEFAULT_COVERAGE) -> TargetWorkload:
+        # Equal counts are ordered as the simulator does (larger CPU, then share, then GPU count first).
+        ranked = sorted(
+            counts.items(),
+            key=lambda item: (item[1], item[0].cpu, item[0].gpu_share, item[0].gpu_count),
+            reverse=True,
+        )
+        total = sum(counts.values())
+        kept: list[tuple[TaskShape, int]] = []
+        covered = 0
+        for shape, count in ranked:
+            if covered >= coverage * total:
+                break
+            kept.append((shape, count))
+            covered += count
+        return cls([shape for shape, _ in kept], [count for _, count in kept])
+
+    def accessible(self, gpu_types: Sequence[str]) -> np.ndarray:
+        """(types + 1, shapes): may shape m use a node of GPU type t (row 0: nodes without a GPU type)?
+
+        A CPU-only shape "uses" no node's GPUs, so its column is all False: every free GPU is a
+        fragment for it, exactly as the paper counts it.
+        """
+        key = tuple(gpu_types)
+        matrix = self._accessible.get(key)
+        if matrix is None:
+            rows = [None, *key]
+            matrix = np.array(
+                [
+                    [
+                        shape.gpu_count > 0 and (shape.gpu_types is None or gpu_type in shape.gpu_types)
+                        for shape in self.shapes
+                    ]
+                    for gpu_type in rows
+                ],
+                dtype=bool,
+            )
+            self._accessible[key] = matrix
+        return matrix
+
+    def fragmentation(self, gpu_free: np.ndarray, cpu_free: np.ndarray, accessible: np.ndarray) -> np.ndarray:
+        """Expected unusable GPU units of each node state (rows of `gpu_free`, `cpu_free`, `accessible`)."""
+        usable = gpu_free[:, :, None] >= self.gpu_share[None, None, :]
+        usable_capacity = (gpu_free[:, :, None] * usable).sum(axis=1)
+        fits = accessible & (cpu_free[:, None] >= self.cpu) & (usable.sum(axis=1) >= self.gpu_count)
+        return gpu_free.sum(axis=1) - (usable_capacity * fits) @ self.popularity
+
+
+class WorkloadEstimator:
+    """Learns the target workload online from the bundles submitted, for a live cluster.
+
+    The estimate is rebuilt after 1, 2, 4, ... 1024 bundles and then every 1024, so that scores
+    cached against the previous estimate stay valid between rebuilds.
+    """
+
+    REBUILD_EVERY = 1024
+
+    def __init__(self) -> None:
+        self._counts: Counter[TaskShape] = Counter()
+        self._observed = 0
+
+    def observe(self, demands: Iterable[Demand]) -> TargetWorkload | None:
+        """Records the demands; returns a new estimate when it is time to rebuild, else None."""
+        rebuild = False
+        for demand in demands:
+            self._counts[TaskShape.of(demand)] += 1
+            self._observed += 1
+            count = self._observed
+            power_of_two = count & (count - 1) == 0
+            rebuild |= (power_of_two and count <= self.REBUILD_EVERY) or count % self.REBUILD_EVERY == 0
+        return TargetWorkload.from_counts(self._counts) if rebuild else None
