@@ -70,12 +70,15 @@ def pod_list_path(trace: str, trace_dir: Path) -> Path:
     return path
 
 
-def load_cluster(trace_dir: Path) -> ClusterSnapshot:
+def load_cluster(trace_dir: Path, nodes: int | None = None) -> ClusterSnapshot:
+    """The trace's GPU nodes; with `nodes`, a synthetic cluster of that size cycling through them."""
     path = trace_dir / NODE_LIST
     if not path.is_file():
         raise UserError(f"no {NODE_LIST} in {trace_dir}; point --trace-dir at the alibaba-gpu-2023 folder")
     with path.open(newline="") as file:
         rows = list(csv.DictReader(file))
+    if nodes is not None:
+        rows = [{**rows[index % len(rows)], "sn": f"synthetic-node-{index:05d}"} for index in range(nodes)]
     return ClusterSnapshot(
         nodes=tuple(
             NodeSnapshot(
@@ -101,9 +104,9 @@ def _bundle(row: dict[str, str]) -> Bundle:
     return Bundle(resources=resources, gpu_types=tuple(spec.split("|")) if spec else None)
 
 
-def load_trace(trace: str, trace_dir: Path) -> Trace:
+def load_trace(trace: str, trace_dir: Path, nodes: int | None = None) -> Trace:
     path = pod_list_path(trace, trace_dir)
-    cluster = load_cluster(trace_dir)
+    cluster = load_cluster(trace_dir, nodes)
     with path.open(newline="") as file:
         rows = list(csv.DictReader(file))
     missing = [column for column in POD_COLUMNS if rows and column not in rows[0]]

@@ -16,7 +16,12 @@ from cluster.console import UserError, print_error
 from cluster.spec import SpecError
 
 # Modules exposing `register(subparsers)`, imported lazily so `llmos --help` stays fast.
-COMMAND_GROUPS = ("cluster.commands", "cluster.admin_commands", "manifests.commands")
+COMMAND_GROUPS = (
+    "cluster.commands",
+    "cluster.admin_commands",
+    "manifests.commands",
+    "benchmarks.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

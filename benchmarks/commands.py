@@ -1,0 +1,120 @@
+"""`llmos bench ...`: reproducible benchmarks that write JSON for scripts and PNG for people."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cluster.console import UserError, print_table, progress
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACE_DIR = REPO_ROOT.parent / "shared" / "data" / "alibaba-gpu-2023"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`42-51`, `42,45,47` or `42`."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.strip().partition("-")
+            seeds.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: write a range like 42-51, a list like 42,43 or one seed") from None
+    if not seeds:
+        raise UserError(f"--seeds {text!r} names no seed; write e.g. 42-51")
+    return seeds
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="Run benchmarks; each writes JSON and a PNG plot.")
+    benchmarks = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    _register_placement(benchmarks)
+
+
+def _register_placement(benchmarks: argparse._SubParsersAction) -> None:
+    from cluster.placement import POLICIES
+
+    placement = benchmarks.add_parser(
+        "placement",
+        help="Replay the Alibaba GPU trace (FGD paper procedure) against placement policies.",
+        description="Tasks sampled from a pod list arrive one at a time on the empty 1,213-node GPU cluster "
+        "until their GPU request reaches 130% of capacity; nothing departs; a task that does not fit fails.",
+    )
+    placement.add_argument(
+        "--trace",
+        default="default",
+        help="A pod list name (default, gpushare40, multigpu50, ...: openb_pod_list_<name>.csv in the trace "
+        "dir) or a path to a CSV with the same columns.",
+    )
+    placement.add_argument(
+        "--policy",
+        action="append",
+        choices=list(POLICIES),
+        help="A policy to run; repeat for several. Default: all of them.",
+    )
+    placement.add_argument("--seeds", default="42-51", help="Seeds: a range (42-51), a list (42,43) or one.")
+    placement.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
+    placement.add_argument("--plot", type=Path, help="Write the allocation-vs-arrived plot (PNG) to this file.")
+    placement.add_argument(
+        "--trace-dir",
+        type=Path,
+        default=DEFAULT_TRACE_DIR,
+        help="Folder with the openb_*.csv files (default: ../shared/data/alibaba-gpu-2023 next to the repo).",
+    )
+    placement.add_argument(
+        "--nodes",
+        type=int,
+        help="Replay on a synthetic cluster of this many nodes, cycling through the trace's node list "
+        "(arrivals scale with it); for throughput at scale, e.g. --nodes 10000.",
+    )
+    placement.set_defaults(func=_placement)
+
+
+def _placement(args: argparse.Namespace) -> int:
+    from benchmarks.placement import plot, report, run_policy, write_json
+    from benchmarks.placement_trace import load_trace
+    from cluster.placement import POLICIES
+
+    seeds = parse_seeds(args.seeds)
+    if args.nodes is not None and args.nodes < 1:
+        raise UserError(f"--nodes {args.nodes}: give a positive node count, e.g. 10000")
+    trace = load_trace(args.trace, args.trace_dir, nodes=args.nodes)
+    policies = list(dict.fromkeys(args.policy or POLICIES))
+    progress(
+        f"{trace.name}: {len(trace.cluster.nodes)} nodes, {trace.gpus} GPUs, "
+        f"{len(policies)} policies x {len(seeds)} seeds"
+    )
+    results = {}
+    for policy in policies:
+        results[policy] = run_policy(
+            trace,
+            policy,
+            seeds,
+            on_seed=lambda seed, run, policy=policy: progress(
+                f"  {policy} seed {seed}: {run.gpu_alloc_ratio:.2%} allocated, "
+                f"{run.decisions / run.seconds:,.0f} decisions/s"
+            ),
+        )
+    document = report(trace, seeds, results)
+    if args.json:
+        write_json(args.json, document)
+        progress(f"wrote {args.json}")
+    if args.plot:
+        plot(args.plot, trace, seeds, results)
+        progress(f"wrote {args.plot}")
+    print_table(
+        f"{trace.name}: mean of seeds {args.seeds}",
+        ["policy", "GPU alloc", "unallocated GPUs", "frag rate @90%", "first failure", "decisions/s"],
+        [
+            [
+                policy,
+                f"{row['gpu_alloc_ratio']:.2%}",
+                f"{row['unallocated_gpus']:.0f}",
+                f"{row['frag_rate_at_90']:.1%}",
+                f"{row['first_failure_arrived']:.1%}",
+                f"{row['decisions_per_s']:,.0f}",
+            ]
+            for policy, row in document["results"].items()
+        ],
+    )
+    return 0
