@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="Run benchmarks; each writes JSON and a PNG plot.")
     benchmarks = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     _register_placement(benchmarks)
+    _register_binding(benchmarks)
 
 
 def _register_placement(benchmarks: argparse._SubParsersAction) -> None:
@@ -117,4 +118,35 @@ def _placement(args: argparse.Namespace) -> int:
             for policy, row in document["results"].items()
         ],
     )
+    return 0
+
+
+def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
+    binding = benchmarks.add_parser(
+        "binding",
+        help="Placement groups per second: directly with Ray vs through the llmos controller.",
+        description="Starts its own local cluster from the ClusterSpec, measures both paths in interleaved rounds "
+        "for 1-bundle and 8-bundle gangs, and stops the cluster.",
+    )
+    binding.add_argument("--spec", type=Path, default=REPO_ROOT / "examples" / "cluster.yaml", help="ClusterSpec.")
+    binding.add_argument("--count", type=int, default=50, help="Placement groups per round and path.")
+    binding.add_argument("--rounds", type=int, default=3, help="Interleaved rounds.")
+    binding.add_argument("--policy", default="llmos", help="Placement policy of the controller.")
+    binding.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
+    binding.set_defaults(func=_binding)
+
+
+def _binding(args: argparse.Namespace) -> int:
+    import json
+
+    from benchmarks.binding import run
+    from cluster.console import print_json
+
+    if args.count < 1 or args.rounds < 1:
+        raise UserError("--count and --rounds must be at least 1")
+    result = run(args.spec, count=args.count, rounds=args.rounds, policy=args.policy, on_progress=progress)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_json(result)
     return 0
