@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
+from waiting import WAIT_S, wait_for
 
 from cluster import binding, controller
 from cluster.admin import Admin
@@ -20,18 +20,6 @@ from cluster.console import UserError
 from cluster.launcher import LocalCluster
 from cluster.requests import DecisionAction, RequestState
 from cluster.spec import SpecError
-
-WAIT_S = 60.0
-
-
-def wait_for(predicate, timeout_s: float = WAIT_S, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

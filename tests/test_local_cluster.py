@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
+from waiting import WAIT_S, wait_for
 
 from cluster.console import UserError
 from cluster.inventory import read_nodes
@@ -19,18 +19,7 @@ from cluster.launcher import LocalCluster, _group_members, free_port
 from cluster.ray_mapping import NODE_LABEL, POOL_LABEL
 from cluster.spec import ClusterSpec, load_spec
 
-WAIT_S = 60.0
 EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
-
-
-def wait_for(predicate, timeout_s: float = WAIT_S, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 @ray.remote(num_cpus=1)
