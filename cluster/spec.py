@@ -69,7 +69,9 @@ def format_memory(num_bytes: int) -> str:
 MemoryBytes = Annotated[int, BeforeValidator(parse_memory)]
 
 
-class _Model(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every spec model: unknown fields are errors, and specs are immutable values."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
@@ -112,7 +114,7 @@ def _check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(_check_name)]
 
 
-class Replicas(_Model):
+class Replicas(StrictModel):
     """How many nodes (CPU and GPU pools) or slices (TPU pools) a pool may have."""
 
     min: NonNegativeInt = Field(0, description="Fewest replicas; the autoscaler never goes below.")
@@ -125,7 +127,7 @@ class Replicas(_Model):
         return self
 
 
-class NodeShape(_Model):
+class NodeShape(StrictModel):
     """What one node (one VM, one Kubernetes pod, one TPU host) of a pool offers."""
 
     cpus: PositiveInt = Field(..., description="Logical CPUs per node.")
@@ -140,7 +142,7 @@ class NodeShape(_Model):
         return value
 
 
-class TpuSlice(_Model):
+class TpuSlice(StrictModel):
     """The shape of one TPU slice: hosts of `chips_per_host` chips wired in `topology`."""
 
     topology: str = Field(..., description="Chip topology of one slice, e.g. 2x4, 4x4 or 2x2x4.")
@@ -171,7 +173,7 @@ class TpuSlice(_Model):
         return self
 
 
-class Pool(_Model):
+class Pool(StrictModel):
     """A set of identical nodes: CPU machines, one GPU model, or slices of one TPU generation."""
 
     name: Name = Field(..., description="Pool name, unique in the cluster; becomes the llmos.io/pool label.")
@@ -260,7 +262,7 @@ def _reject_miscased(value: str, known: tuple[str, ...]) -> None:
             raise ValueError(f"accelerator_type {value!r} should be written {name!r}, as Ray names it")
 
 
-class PriorityClass(_Model):
+class PriorityClass(StrictModel):
     """A named priority; higher values may preempt lower ones."""
 
     name: Name
@@ -277,7 +279,7 @@ DEFAULT_PRIORITY_CLASSES = (
 QUOTA_RESOURCES = ("cpu", "memory", "gpu", "tpu")
 
 
-class Team(_Model):
+class Team(StrictModel):
     """A team sharing the cluster: what it may hold at once, and how urgently it asks."""
 
     name: Name
@@ -309,14 +311,14 @@ class Team(_Model):
         return self.namespace or self.name
 
 
-class HeadNode(_Model):
+class HeadNode(StrictModel):
     """The head node: runs Ray's control processes, the llmos controller and job drivers."""
 
     cpus: NonNegativeInt = Field(0, description="CPUs offered to user work on the head (0: none).")
     memory: MemoryBytes = Field(parse_memory("8Gi"), description="Memory of the head node.")
 
 
-class Taint(_Model):
+class Taint(StrictModel):
     """A taint on a pool's Kubernetes nodes: the pool's pods tolerate it, Kueue's flavor lists it."""
 
     key: str = Field(..., description="Taint key, e.g. nvidia.com/gpu.")
@@ -324,7 +326,7 @@ class Taint(_Model):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = Field("NoSchedule")
 
 
-class PoolPlacement(_Model):
+class PoolPlacement(StrictModel):
     """Where one pool's pods run on Kubernetes, replacing the GKE defaults (for other clouds)."""
 
     node_selector: dict[str, str] | None = Field(
@@ -340,7 +342,7 @@ class PoolPlacement(_Model):
     )
 
 
-class KubernetesOptions(_Model):
+class KubernetesOptions(StrictModel):
     """How `llmos manifests render` writes this cluster for KubeRay and Kueue."""
 
     namespace: Name = Field("llmos", description="Namespace of the RayCluster.")
@@ -364,7 +366,7 @@ class KubernetesOptions(_Model):
     )
 
 
-class ClusterSpec(_Model):
+class ClusterSpec(StrictModel):
     """Pools, teams and priorities of one llmos cluster."""
 
     name: Name = Field("llmos", description="Cluster name; becomes the RayCluster name.")

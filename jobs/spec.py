@@ -27,7 +27,7 @@ from cluster.spec import (
     ClusterSpec,
     MemoryBytes,
     Name,
-    _Model,
+    StrictModel,
     format_memory,
     load_yaml,
     parse_memory,
@@ -41,7 +41,7 @@ class Precision(StrEnum):
     FP16 = "fp16"
 
 
-class ModelSize(_Model):
+class ModelSize(StrictModel):
     """Shape of the decoder-only transformer (jobs.model.TransformerLM)."""
 
     layers: PositiveInt = Field(4, description="Transformer blocks.")
@@ -66,7 +66,7 @@ class ModelSize(_Model):
         return self.d_model // self.heads
 
 
-class DataSource(_Model):
+class DataSource(StrictModel):
     """Where the text comes from and how it is split into training and held-out files."""
 
     source: Literal["stdlib"] = Field(
@@ -79,7 +79,7 @@ class DataSource(_Model):
     seed: NonNegativeInt = Field(0, description="Seeds the model initialisation and the data order.")
 
 
-class LearningRateSchedule(_Model):
+class LearningRateSchedule(StrictModel):
     """Linear warmup to `peak_lr`, then cosine decay to `min_lr` at the last step."""
 
     peak_lr: PositiveFloat = Field(3e-3, description="Learning rate at the end of warmup.")
@@ -93,14 +93,14 @@ class LearningRateSchedule(_Model):
         return self
 
 
-class Optimizer(_Model):
+class Optimizer(StrictModel):
     """AdamW over fp32 master weights."""
 
     weight_decay: NonNegativeFloat = Field(0.1, description="Decoupled weight decay on weight matrices.")
     grad_clip: PositiveFloat = Field(1.0, description="Largest global gradient norm; larger is scaled down.")
 
 
-class WorkerCount(_Model):
+class WorkerCount(StrictModel):
     """Data-parallel workers: the run starts with up to `max` and keeps going down to `min`."""
 
     min: PositiveInt = Field(1, description="Fewest workers the run continues with after a loss.")
@@ -113,7 +113,7 @@ class WorkerCount(_Model):
         return self
 
 
-class WorkerResources(_Model):
+class WorkerResources(StrictModel):
     """What one worker reserves: a Ray bundle."""
 
     cpus: PositiveFloat = Field(1, description="Logical CPUs per worker.")
@@ -128,7 +128,7 @@ class WorkerResources(_Model):
         return value
 
 
-class CheckpointPolicy(_Model):
+class CheckpointPolicy(StrictModel):
     """When and where checkpoints are written, and how many are kept."""
 
     every_steps: PositiveInt = Field(50, description="Write a checkpoint every this many steps, and at the end.")
@@ -138,21 +138,21 @@ class CheckpointPolicy(_Model):
     )
 
 
-class RestartBudget(_Model):
+class RestartBudget(StrictModel):
     """Restarts from the last checkpoint allowed before the run fails, counted separately."""
 
     failures: NonNegativeInt = Field(3, description="Restarts after a worker or node failure.")
     preemptions: NonNegativeInt = Field(10, description="Restarts after a preemption or node removal.")
 
 
-class Evaluation(_Model):
+class Evaluation(StrictModel):
     """How often and on how much held-out text the loss is measured."""
 
     every_steps: PositiveInt = Field(50, description="Measure held-out loss every this many steps, and at the end.")
     batches: PositiveInt = Field(4, description="Held-out batches (of batch_size_per_worker) per measurement.")
 
 
-class TrainingJob(_Model):
+class TrainingJob(StrictModel):
     """One training run of a byte-level language model on the Python standard library's sources."""
 
     name: Name = Field(..., description="Job name, unique per team; names its storage directory.")
