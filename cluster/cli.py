@@ -20,6 +20,7 @@ COMMAND_GROUPS = (
     "cluster.commands",
     "cluster.admin_commands",
     "manifests.commands",
+    "serving.commands",
     "benchmarks.commands",
 )
 

@@ -1,0 +1,111 @@
+"""The OpenAI-style completions API: request parsing with limits, responses, errors. No Ray, no HTTP server.
+
+Every bad request becomes an `ApiError` (status + OpenAI error body) before it reaches the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cluster.spec import describe_validation_error
+from serving.spec import Limits
+
+MAX_STOP_SEQUENCES = 4
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="Model id, as listed by GET /v1/models.")
+    prompt: str = Field(..., description="Text to continue.")
+    max_tokens: int = Field(16, description="Most tokens (bytes) to generate.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = Field(None, description="Up to 4 sequences that end the completion.")
+    stream: bool = Field(False, description="Send the completion as server-sent events.")
+    seed: int | None = Field(None, description="Makes sampling repeatable.")
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_sequences(cls, stop: str | list[str] | None) -> list[str]:
+        sequences = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(sequences) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(sequence == "" for sequence in sequences):
+            raise ValueError("a stop sequence cannot be empty")
+        return sequences
+
+
+def parse_completion(body: bytes, limits: Limits, model_id: str) -> CompletionRequest:
+    """The request in `body`, or an ApiError naming what is wrong and the limit it broke."""
+    if len(body) > limits.max_body_bytes:
+        raise ApiError(413, f"request body is {len(body)} bytes; the limit is {limits.max_body_bytes}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ApiError(400, f"request body is not UTF-8 (byte {error.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ApiError(400, f"request body is not valid JSON: {error.msg} at line {error.lineno}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        request = CompletionRequest.model_validate(data)
+    except ValidationError as error:
+        problems = describe_validation_error(error, CompletionRequest)
+        first = error.errors()[0]["loc"]
+        raise ApiError(400, "; ".join(problems), param=str(first[0]) if first else None) from None
+    if request.model != model_id:
+        raise ApiError(404, f"model {request.model!r} does not exist; this server serves {model_id!r}", "model")
+    if not 1 <= request.max_tokens <= limits.max_tokens:
+        raise ApiError(
+            400, f"max_tokens must be between 1 and {limits.max_tokens}, got {request.max_tokens}", "max_tokens"
+        )
+    prompt_bytes = len(request.prompt.encode("utf-8"))
+    if prompt_bytes == 0:
+        raise ApiError(400, "prompt is empty", "prompt")
+    if prompt_bytes > limits.max_prompt_bytes:
+        raise ApiError(400, f"prompt is {prompt_bytes} bytes; the limit is {limits.max_prompt_bytes}", "prompt")
+    return request
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion_body(
+    request_id: str, model_id: str, text: str, finish_reason: str | None, usage: dict | None = None
+) -> dict:
+    body = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model_id,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def models_body(model_id: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "llmos"}]}

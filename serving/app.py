@@ -1,0 +1,135 @@
+"""The Ray Serve application: a trained checkpoint behind `POST /v1/completions`, `GET /v1/models`,
+`GET /healthz`, with dynamic batching (`serve.batch`) so concurrent requests share forward passes.
+
+`build_app(args)` is the import path Ray's own `serve deploy` config uses (`serving.app:build_app`),
+so the same application runs from `llmos serve deploy`, `serve deploy` and a RayService.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from jobs.checkpoint import latest_checkpoint, load_model
+from jobs.data import encode
+from serving.api import ApiError, completion_body, completion_id, models_body, parse_completion
+from serving.decoding import BatchDecoder, Generation, Step
+from serving.spec import ServeJob
+
+api = FastAPI(title="llmos completions")
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint folder, or the newest complete checkpoint inside a folder of them."""
+    folder = Path(path)
+    if (folder / "meta.json").exists():
+        return folder
+    newest = latest_checkpoint(folder) if folder.is_dir() else None
+    if newest is None:
+        raise FileNotFoundError(f"checkpoint: no checkpoint at {path}; train one first (python -m jobs.train ...)")
+    return newest
+
+
+def _error(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+@serve.deployment(name="CompletionServer", max_ongoing_requests=64)
+@serve.ingress(api)
+class CompletionServer:
+    def __init__(self, job: dict):
+        self.job = ServeJob.model_validate(job)
+        torch.set_num_threads(1)  # replicas share the node's cores; one thread each scales best here
+        self.model = load_model(resolve_checkpoint(self.job.checkpoint))
+        self.decoder = BatchDecoder(self.model)
+        self.created = int(time.time())
+        self._decode.set_max_batch_size(self.job.batching.max_batch_size)
+        self._decode.set_batch_wait_timeout_s(self.job.batching.wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _decode(self, generations: list[Generation]) -> AsyncIterator[list]:
+        for steps in self.decoder.stream(generations):
+            # A finished request's slot carries StopIteration, which ends that caller's stream.
+            yield [StopIteration if step is None else step for step in steps]
+            await asyncio.sleep(0)  # let new requests queue for the next batch meanwhile
+
+    def _generation(self, body: bytes) -> tuple[Generation, bool]:
+        request = parse_completion(body, self.job.limits, self.job.name)
+        prompt = encode(request.prompt)
+        context = self.model.size.context_length
+        if len(prompt) + request.max_tokens > context:
+            raise ApiError(
+                400,
+                f"prompt ({len(prompt)} bytes) + max_tokens ({request.max_tokens}) exceeds the model's context of "
+                f"{context}; shorten the prompt or ask for fewer tokens",
+                "max_tokens",
+            )
+        generation = Generation(
+            prompt=prompt,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=[encode(sequence) for sequence in request.stop],
+            seed=request.seed,
+        )
+        return generation, request.stream
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > self.job.limits.max_body_bytes:
+            return _error(
+                ApiError(413, f"request body is {declared} bytes; the limit is {self.job.limits.max_body_bytes}")
+            )
+        try:
+            generation, stream = self._generation(await request.body())
+        except ApiError as error:
+            return _error(error)
+        request_id = completion_id()
+        steps = self._decode(generation)
+        if stream:
+            return StreamingResponse(self._events(request_id, steps), media_type="text/event-stream")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, produced, finish_reason = [], 0, "length"
+        async for step in steps:
+            text.append(decoder.decode(bytes(step.tokens)))
+            produced += len(step.tokens)
+            finish_reason = step.finish_reason or finish_reason
+        text.append(decoder.decode(b"", final=True))
+        usage = {
+            "prompt_tokens": len(generation.prompt),
+            "completion_tokens": produced,
+            "total_tokens": len(generation.prompt) + produced,
+        }
+        return JSONResponse(completion_body(request_id, self.job.name, "".join(text), finish_reason, usage))
+
+    async def _events(self, request_id: str, steps: AsyncIterator[Step]) -> AsyncIterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        async for step in steps:
+            text = decoder.decode(bytes(step.tokens), final=step.finish_reason is not None)
+            if text or step.finish_reason:
+                chunk = completion_body(request_id, self.job.name, text, step.finish_reason)
+                yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        return JSONResponse(models_body(self.job.name, self.created))
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": self.job.name})
+
+
+def build_app(args: dict):
+    """Application builder for Ray's `serve deploy` config: `import_path: serving.app:build_app`."""
+    return CompletionServer.bind(args["job"])

@@ -1,0 +1,137 @@
+"""Deploying a ServeJob through the controller, so serving and training share one set of books.
+
+Each replica is one serving request of the team (group = the deployment, `group_min` = its minimum
+replicas, so preemption never takes it below that). The controller books the replicas; Serve then
+starts them pinned to the booked nodes through the `llmos.io/node` label. A deployment the cluster
+can never hold is rejected at once with the controller's reason, instead of Serve waiting in
+DEPLOYING forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from cluster.console import UserError
+from cluster.ray_mapping import POOL_LABEL
+from cluster.requests import RequestState, RequestStatus, SubmitRequest, WorkloadKind
+from serving.config import replica_actor_options
+from serving.spec import ServeJob
+
+
+class Deployment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    url: str
+    replicas: int
+    nodes: list[str]
+    requests: list[str]
+
+
+def replica_request(job: ServeJob, index: int) -> SubmitRequest:
+    resources = {"CPU": job.resources.cpus, "memory": float(job.resources.memory)}
+    if job.resources.gpus:
+        resources["GPU"] = job.resources.gpus
+    bundle: dict = {"resources": resources}
+    if job.pool:
+        bundle["label_selector"] = {POOL_LABEL: job.pool}
+    if job.accelerator_type:
+        bundle["gpu_types"] = [job.accelerator_type]
+    return SubmitRequest.model_validate(
+        {
+            "team": job.team,
+            "priority": job.priority,
+            "kind": WorkloadKind.SERVING,
+            "gang": {"name": f"{job.name}-replica-{index}", "bundles": [bundle]},
+            "group": job.name,
+            "group_min": job.replicas.min,
+            "bind_placement_group": False,
+        }
+    )
+
+
+def _placed(admin, request_ids: list[str]) -> list[RequestStatus]:
+    return [status for status in map(admin.status, request_ids) if status.state is RequestState.PLACED]
+
+
+def deploy(
+    job: ServeJob,
+    admin,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    wait_s: float = 60.0,
+    on_progress: Callable[[str], None] = lambda message: None,
+) -> Deployment:
+    from ray import serve
+
+    from serving.app import CompletionServer, resolve_checkpoint
+
+    try:
+        resolve_checkpoint(job.checkpoint)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+    submitted = [admin.submit(replica_request(job, index)) for index in range(job.replicas.max)]
+    request_ids = [status.id for status in submitted]
+    rejected = [status for status in submitted if status.state is RequestState.REJECTED]
+    if rejected:
+        _cancel_all(admin, request_ids)
+        raise UserError(f"serve job {job.name} cannot be deployed: {rejected[0].reason}")
+    deadline = time.monotonic() + wait_s
+    while len(placed := _placed(admin, request_ids)) < job.replicas.min:
+        if time.monotonic() > deadline:
+            waiting = admin.status(next(i for i in request_ids if i not in {s.id for s in placed}))
+            _cancel_all(admin, request_ids)
+            raise UserError(
+                f"only {len(placed)} of the {job.replicas.min} replicas serve job {job.name} needs were placed "
+                f"within {wait_s:.0f}s: {waiting.reason}"
+            )
+        on_progress(f"waiting for replicas: {len(placed)}/{job.replicas.min} placed")
+        time.sleep(0.5)
+    # Serve runs a fixed replica count; replicas the cluster has no room for now are not kept queued.
+    placed_ids = {status.id for status in placed}
+    for request_id in request_ids:
+        if request_id not in placed_ids:
+            admin.cancel(request_id)
+    nodes = [status.nodes[0] for status in placed]
+    on_progress(f"starting {len(placed)} replica(s) of {job.name} on {', '.join(sorted(set(nodes)))}")
+    serve.start(http_options={"host": host, "port": port})
+    application = CompletionServer.options(
+        num_replicas=len(placed), ray_actor_options=replica_actor_options(job, nodes)
+    ).bind(job.model_dump(mode="json"))
+    try:
+        serve.run(application, name=job.name, route_prefix=job.route_prefix, blocking=False)
+    except Exception as error:
+        _cancel_all(admin, list(placed_ids))
+        raise UserError(f"Serve could not start {job.name}: {error}") from None
+    for status in placed:
+        admin.mark_running(status.id, {"deployment": job.name})
+    return Deployment(
+        name=job.name,
+        url=f"http://{host}:{port}{job.route_prefix.rstrip('/')}/v1/completions",
+        replicas=len(placed),
+        nodes=nodes,
+        requests=sorted(placed_ids),
+    )
+
+
+def _cancel_all(admin, request_ids: list[str]) -> None:
+    for request_id in request_ids:
+        if not admin.status(request_id).state.final:
+            admin.cancel(request_id)
+
+
+def delete(name: str, admin) -> list[str]:
+    """Remove the Serve application and release its replicas' bookings; returns the released ids."""
+    from ray import serve
+
+    serve.delete(name)
+    released = []
+    for status in admin.queue():
+        if status.request.group == name and status.request.kind is WorkloadKind.SERVING:
+            admin.complete(status.id, reason=f"deployment {name} deleted")
+            released.append(status.id)
+    return released

@@ -1,0 +1,139 @@
+"""Serving without a cluster: the batched decoder, request parsing and limits, the Serve config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.spec import SpecError
+from jobs.data import VOCAB_SIZE, encode
+from jobs.model import TransformerLM
+from jobs.spec import ModelSize
+from serving.api import ApiError, parse_completion
+from serving.config import build_serve_config, replica_actor_options
+from serving.decoding import BatchDecoder, Generation
+from serving.spec import Limits, ServeJob, load_serve_job
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "serve.yaml"
+LIMITS = Limits(max_tokens=32, max_prompt_bytes=64, max_body_bytes=1024)
+
+
+@pytest.fixture(scope="module")
+def model() -> TransformerLM:
+    torch.manual_seed(0)
+    return TransformerLM(ModelSize(layers=2, d_model=32, heads=2, context_length=96), VOCAB_SIZE).eval()
+
+
+def alone_greedy(model: TransformerLM, prompt: list[int], max_tokens: int) -> list[int]:
+    """The model's own greedy continuation, cut where the decoder ends a request (a special token)."""
+    (tokens,) = model.generate([prompt], max_tokens, temperature=0.0)
+    for index, token in enumerate(tokens):
+        if token >= 256:
+            return tokens[:index]
+    return tokens
+
+
+def test_batched_decoding_equals_each_request_decoded_alone(model):
+    prompts = [encode("def add(a, b):"), encode("import os\n"), encode("x")]
+    budgets = [12, 5, 20]
+    decoder = BatchDecoder(model)
+    results = decoder.complete([Generation(p, m, temperature=0.0) for p, m in zip(prompts, budgets, strict=True)])
+    for (tokens, reason), prompt, budget in zip(results, prompts, budgets, strict=True):
+        expected = alone_greedy(model, prompt, budget)
+        assert tokens == expected
+        assert reason == ("length" if len(expected) == budget else "stop")
+
+
+def test_stop_sequence_is_never_streamed_and_ends_the_request(model):
+    prompt = encode("class A:")
+    full = alone_greedy(model, prompt, 20)
+    assert len(full) >= 8, "the fixture model should produce a long enough greedy continuation"
+    stop = full[4:7]
+    streamed: list[int] = []
+    finish = None
+    for (step,) in BatchDecoder(model).stream([Generation(prompt, 20, temperature=0.0, stop=[stop])]):
+        if step is None:
+            break
+        streamed.extend(step.tokens)
+        finish = step.finish_reason or finish
+    first_match = next(i for i in range(len(full)) if full[i : i + 3] == stop)
+    assert streamed == full[:first_match]
+    assert finish == "stop"
+
+
+def test_seeded_sampling_repeats_and_does_not_depend_on_the_batch(model):
+    prompt = encode("for i in range(")
+    sampled = Generation(prompt, 16, temperature=1.0, top_p=0.9, seed=7)
+    decoder = BatchDecoder(model)
+    alone = decoder.complete([sampled])[0]
+    with_others = decoder.complete([Generation(encode("while True:"), 10, temperature=0.0), sampled])[1]
+    assert alone == with_others == decoder.complete([sampled])[0]
+
+
+def test_request_over_the_context_is_refused(model):
+    with pytest.raises(ValueError, match="exceeds the model's context of 96"):
+        list(BatchDecoder(model).stream([Generation([65] * 90, 10)]))
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": "lm", "prompt": "def f():", **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "message"),
+    [
+        (b"x" * 2000, 413, "request body is 2000 bytes; the limit is 1024"),
+        (b'{"model": "lm", "prompt": "\xff\xfe"}', 400, "not UTF-8"),
+        (b'{"model": "lm", "prompt": ', 400, "not valid JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        (body(temprature=0.5), 400, "temprature: unknown field (did you mean 'temperature'?)"),
+        (body(model="gpt-4"), 404, "model 'gpt-4' does not exist"),
+        (body(max_tokens=0), 400, "max_tokens must be between 1 and 32, got 0"),
+        (body(max_tokens=10**9), 400, "max_tokens must be between 1 and 32"),
+        (body(prompt="y" * 65), 400, "prompt is 65 bytes; the limit is 64"),
+        (body(prompt=""), 400, "prompt is empty"),
+        (body(temperature=3), 400, "temperature: Input should be less than or equal to 2"),
+        (body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4 stop sequences"),
+        (body(stream="yes please"), 400, "stream"),
+        (json.dumps({"prompt": "x"}).encode(), 400, "model: required field is missing"),
+    ],
+)
+def test_bad_requests_get_openai_style_errors(raw, status, message):
+    with pytest.raises(ApiError) as caught:
+        parse_completion(raw, LIMITS, "lm")
+    assert caught.value.status == status
+    assert message in caught.value.message
+    error = caught.value.body()["error"]
+    assert error["type"] == "invalid_request_error" and message in error["message"]
+
+
+def test_valid_request_parses():
+    request = parse_completion(body(max_tokens=8, stop="\n", temperature=0), LIMITS, "lm")
+    assert (request.max_tokens, request.stop, request.temperature) == (8, ["\n"], 0.0)
+
+
+def test_serve_config_is_valid_for_rays_own_serve_deploy():
+    job = load_serve_job(EXAMPLE)
+    config = build_serve_config(job)
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    assert application["import_path"] == "serving.app:build_app"
+    assert application["deployments"][0]["ray_actor_options"]["label_selector"] == {"llmos.io/pool": "a100"}
+    pinned = replica_actor_options(job, ["a100-1", "a100-0", "a100-0"])
+    assert pinned["label_selector"] == {"llmos.io/node": "in(a100-0,a100-1)"}
+
+
+def test_serve_job_errors_name_the_field(tmp_path):
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("name: x\nteam: research\ncheckpoint: /tmp/c\nreplicas: {min: 3, max: 1}\nreplica: 2\n")
+    with pytest.raises(SpecError) as caught:
+        load_serve_job(bad)
+    problems = "\n".join(caught.value.problems)
+    assert "replicas: min (3) is above max (1)" in problems
+    assert "replica: unknown field (did you mean 'replicas'?)" in problems
+    with pytest.raises(ValueError, match="set pool or accelerator_type, not both"):
+        ServeJob(name="x", team="t", checkpoint="/c", pool="a100", accelerator_type="A100-80G", resources={"gpus": 1})
