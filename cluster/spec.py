@@ -477,15 +477,21 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
     return problems
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][\w\-:/.]*$")
+
+
 def _format_location(loc: tuple[Any, ...]) -> str:
+    """`pools[1].node.gpus`; keys that are not plain names are quoted: `teams[0].quota['my key']`."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
         elif isinstance(part, str) and part.startswith(("function-after", "function-before")):
             continue
-        else:
+        elif _PLAIN_KEY.match(str(part)):
             text += f".{part}" if text else str(part)
+        else:
+            text += f"[{str(part)!r}]"
     return text
 
 
