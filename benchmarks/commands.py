@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     benchmarks = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     _register_placement(benchmarks)
     _register_binding(benchmarks)
+    _register_serve(benchmarks)
 
 
 def _register_placement(benchmarks: argparse._SubParsersAction) -> None:
@@ -145,6 +146,36 @@ def _binding(args: argparse.Namespace) -> int:
     if args.count < 1 or args.rounds < 1:
         raise UserError("--count and --rounds must be at least 1")
     result = run(args.spec, count=args.count, rounds=args.rounds, policy=args.policy, on_progress=progress)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_json(result)
+    return 0
+
+
+def _register_serve(benchmarks: argparse._SubParsersAction) -> None:
+    serve = benchmarks.add_parser(
+        "serve",
+        help="The completions API under bounded load at concurrency 1, 8, 32: batched vs unbatched, Serve vs direct.",
+    )
+    serve.add_argument("--checkpoint", type=Path, help="Checkpoint to serve (default: train a small one first).")
+    serve.add_argument("--requests", type=int, default=64, help="Requests per concurrency level and mode.")
+    serve.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
+    serve.add_argument("--plot", type=Path, help="Write latency and throughput against concurrency (PNG) here.")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import json
+
+    from benchmarks.serve import run
+    from cluster.console import print_json
+
+    if args.requests < 1:
+        raise UserError("--requests must be at least 1")
+    result = run(
+        checkpoint=args.checkpoint, requests_per_level=args.requests, plot_path=args.plot, on_progress=progress
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

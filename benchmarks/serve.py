@@ -1,0 +1,194 @@
+"""`llmos bench serve`: the completions API under bounded load, batched vs unbatched, and Serve vs in-process.
+
+One run: train a small checkpoint (or use `--checkpoint`), start a local cluster, deploy the same model
+twice through the controller (`serve.batch` with max batch 32, and with batching off), then drive each
+from a second process (`benchmarks.serve_load`) at each concurrency, interleaved. The in-process
+figure calls the same decoder directly, one request at a time, before the cluster starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cluster.console import progress
+from cluster.launcher import LocalCluster, free_port
+from cluster.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_TOKENS = 32
+LOAD_TIMEOUT_S = 600
+
+
+def _train_checkpoint(directory: Path, on_progress: Callable[[str], None]) -> Path:
+    from jobs.spec import load_training_job
+    from jobs.training_loop import run_bare
+
+    job = load_training_job(REPO / "examples" / "train.yaml").model_copy(
+        update={"steps": 40, "storage_path": str(directory), "name": "bench-lm"}
+    )
+    job = job.model_copy(update={"checkpoint": job.checkpoint.model_copy(update={"every_steps": 40})})
+    on_progress("training a small checkpoint for the benchmark (40 steps)")
+    run_bare(job, workers=1, echo=False)
+    return directory / "bench-lm" / "checkpoints"
+
+
+def _direct_tokens_per_s(checkpoint: Path, count: int) -> float:
+    import torch
+
+    from benchmarks.serve_load import PROMPTS
+    from jobs.checkpoint import load_model
+    from jobs.data import encode
+    from serving.app import resolve_checkpoint
+    from serving.decoding import BatchDecoder, Generation
+
+    torch.set_num_threads(1)  # as each Serve replica does
+    decoder = BatchDecoder(load_model(resolve_checkpoint(str(checkpoint))))
+    tokens = 0
+    started = time.perf_counter()
+    for index in range(count):
+        generation = Generation(encode(PROMPTS[index % len(PROMPTS)]), MAX_TOKENS, temperature=0.0)
+        tokens += len(decoder.complete([generation])[0][0])
+    return tokens / (time.perf_counter() - started)
+
+
+def _load(url: str, model: str, concurrency: int, count: int) -> dict:
+    output = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.serve_load",
+            url,
+            "--model",
+            model,
+            "--concurrency",
+            str(concurrency),
+            "--requests",
+            str(count),
+            "--max-tokens",
+            str(MAX_TOKENS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=LOAD_TIMEOUT_S,
+        check=True,
+        cwd=REPO,
+    )
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def run(
+    *,
+    checkpoint: Path | None = None,
+    concurrencies: tuple[int, ...] = (1, 8, 32),
+    requests_per_level: int = 64,
+    plot_path: Path | None = None,
+    on_progress: Callable[[str], None] = progress,
+) -> dict:
+    from ray import serve
+
+    from cluster.admin import Admin
+    from cluster.inventory import connect, disconnect
+    from serving.deploy import deploy
+    from serving.spec import ServeJob
+
+    workdir = Path(tempfile.mkdtemp(prefix="llmos-bench-serve-"))
+    checkpoint = checkpoint or _train_checkpoint(workdir, on_progress)
+    on_progress("measuring the decoder in-process (one request at a time)")
+    direct = _direct_tokens_per_s(checkpoint, count=16)
+
+    previous_home = os.environ.get("LLMOS_HOME")
+    os.environ["LLMOS_HOME"] = str(workdir / "home")
+    cluster = LocalCluster.up(
+        load_spec(REPO / "examples" / "cluster.yaml"),
+        home=workdir / "home",
+        gcs_port=free_port("127.0.0.2"),
+        dashboard_port=free_port(),
+        on_progress=on_progress,
+    )
+    port = free_port()
+    results: list[dict] = []
+    try:
+        connect()
+        admin = Admin()
+        urls = {}
+        for batched in (True, False):
+            name = "bench-batched" if batched else "bench-unbatched"
+            job = ServeJob(
+                name=name,
+                team="research",
+                checkpoint=str(checkpoint),
+                pool="cpu",
+                route_prefix=f"/{name}",
+                batching={"max_batch_size": 32 if batched else 1, "wait_timeout_s": 0.005},
+                limits={"max_tokens": MAX_TOKENS},
+            )
+            urls[batched] = deploy(job, admin, port=port, on_progress=on_progress).url
+        for concurrency in concurrencies:
+            for batched in (True, False):
+                name = "bench-batched" if batched else "bench-unbatched"
+                result = _load(urls[batched], name, concurrency, max(requests_per_level, 2 * concurrency))
+                results.append({"batched": batched, **result})
+                on_progress(
+                    f"{'batched' if batched else 'unbatched'} c={concurrency}: {result['tokens_per_s']:.0f} tokens/s, "
+                    f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms"
+                )
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            serve.shutdown()
+        disconnect()
+        cluster.down()
+        if previous_home is None:
+            os.environ.pop("LLMOS_HOME", None)
+        else:
+            os.environ["LLMOS_HOME"] = previous_home
+
+    def tokens_per_s(batched: bool, concurrency: int) -> float:
+        return next(r["tokens_per_s"] for r in results if r["batched"] is batched and r["concurrency"] == concurrency)
+
+    top = max(concurrencies)
+    report = {
+        f"batched_vs_unbatched_c{top}": round(tokens_per_s(True, top) / tokens_per_s(False, top), 2),
+        "serve_vs_direct": round(tokens_per_s(True, 1) / direct, 3),
+        "direct_tokens_per_s": round(direct, 1),
+        "max_tokens": MAX_TOKENS,
+        "results": results,
+    }
+    if plot_path:
+        plot(results, plot_path)
+    return report
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(10, 4))
+    for batched, colour in ((True, "tab:blue"), (False, "tab:orange")):
+        rows = sorted((r for r in results if r["batched"] is batched), key=lambda r: r["concurrency"])
+        label = "batched (serve.batch, 32)" if batched else "unbatched"
+        levels = [r["concurrency"] for r in rows]
+        latency.plot(levels, [r["p50_ms"] for r in rows], "o-", color=colour, label=f"{label} p50")
+        latency.plot(levels, [r["p99_ms"] for r in rows], "o--", color=colour, label=f"{label} p99")
+        throughput.plot(levels, [r["tokens_per_s"] for r in rows], "o-", color=colour, label=label)
+    for axis, title, unit in ((latency, "Latency", "ms"), (throughput, "Throughput", "tokens/s")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(unit)
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
