@@ -7,6 +7,7 @@ and training and serving use it to obtain their placements.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from cluster import controller
+from cluster.auth import ADMIN
 from cluster.console import UserError
 from cluster.inventory import PoolInfo, connect, read_nodes, summarize_pools
 from cluster.launcher import LocalCluster, llmos_home
@@ -68,8 +70,14 @@ class Admin:
         state_dir: str | Path | None = None,
         policy: str = controller.DEFAULT_POLICY,
         start: bool = True,
+        credential: str | None = None,
     ):
-        """Connect; start the controller when none runs (with `spec`, else the local cluster's spec)."""
+        """Connect; start the controller when none runs (with `spec`, else the local cluster's spec).
+
+        The credential names the caller: a team's, or the admin's. Without one, `LLMOS_CREDENTIAL` or
+        the file named by `LLMOS_CREDENTIAL_FILE` is used, else the admin credential the controller
+        keeps on this machine (so the cluster's owner needs nothing). It is never printed or logged.
+        """
         self.address = connect(address)
         handle = controller.get()
         if handle is None:
@@ -77,6 +85,22 @@ class Admin:
                 raise UserError("no llmos controller is running; start one with `llmos controller start`")
             handle = self._start(spec, state_dir, policy)
         self._controller = handle
+        self._credential = credential or self._credential_from_environment()
+
+    def _credential_from_environment(self) -> str | None:
+        if os.environ.get("LLMOS_CREDENTIAL"):
+            return os.environ["LLMOS_CREDENTIAL"]
+        path = os.environ.get("LLMOS_CREDENTIAL_FILE")
+        if path:
+            try:
+                return Path(path).read_text().strip()
+            except OSError as error:
+                raise UserError(f"LLMOS_CREDENTIAL_FILE: cannot read {path}: {error.strerror}") from None
+        local = Path(self._call("ping", authenticated=False)["state_dir"]) / "credentials" / ADMIN
+        try:
+            return local.read_text().strip()
+        except OSError:
+            return None  # the controller refuses each call with a clear message
 
     @staticmethod
     def _start(spec: ClusterSpec | str | Path | None, state_dir: str | Path | None, policy: str):
@@ -91,9 +115,11 @@ class Admin:
         state_dir = Path(state_dir) if state_dir else home / "controller" / spec.name
         return controller.start(spec, str(state_dir), policy)
 
-    def _call(self, method: str, *args: Any, timeout_s: float = CALL_TIMEOUT_S) -> Any:
+    def _call(self, method: str, *args: Any, authenticated: bool = True, timeout_s: float = CALL_TIMEOUT_S) -> Any:
         import ray
 
+        if authenticated:
+            args = (self._credential, *args)
         deadline = time.monotonic() + RESTART_GRACE_S
         while True:
             try:
@@ -111,7 +137,19 @@ class Admin:
     # -- reading ---------------------------------------------------------------------------------------
 
     def ping(self) -> dict:
-        return self._call("ping")
+        return self._call("ping", authenticated=False)
+
+    def whoami(self) -> str:
+        """The principal this Admin acts as: a team name, or "admin"."""
+        return self._call("whoami")
+
+    def audit_log(self, limit: int = 100) -> list[dict]:
+        """Who did what, allowed or refused (admin only)."""
+        return self._call("audit_log", limit)
+
+    def stop_controller(self) -> bool:
+        """Stop the controller (admin only); placements stay for the next controller."""
+        return controller.stop(self._credential)
 
     def pools(self) -> list[PoolInfo]:
         """Pools with capacity and Ray's free resources, from the live node table."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from cluster.console import UserError, print_json, print_table, stdout
 from cluster.requests import RequestStatus, SubmitRequest
@@ -14,12 +15,23 @@ from cluster.spec import load_yaml, parse_model
 def _admin(args: argparse.Namespace, start: bool = True):
     from cluster.admin import Admin
 
-    return Admin(getattr(args, "address", None), start=start)
+    credential = None
+    if getattr(args, "credential_file", None):
+        try:
+            credential = Path(args.credential_file).read_text().strip()
+        except OSError as error:
+            raise UserError(f"--credential-file: cannot read {args.credential_file}: {error.strerror}") from None
+    return Admin(getattr(args, "address", None), start=start, credential=credential)
 
 
 def _with_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="Machine-readable output.")
     parser.add_argument("--address", help="GCS address of the cluster (default: the local one).")
+    parser.add_argument(
+        "--credential-file",
+        help="File holding your team's (or the admin's) credential; default: $LLMOS_CREDENTIAL, "
+        "$LLMOS_CREDENTIAL_FILE, or the admin credential of a cluster on this machine.",
+    )
     return parser
 
 
@@ -79,6 +91,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quota_set.add_argument("changes", nargs="+", help="key=amount, or key=- to remove the limit.")
     quota_set.set_defaults(func=_quota_set)
 
+    audit = _with_json(subparsers.add_parser("audit", help="Who did what through the admin API (admin only)."))
+    audit.add_argument("--limit", type=int, default=50, help="Newest N entries.")
+    audit.set_defaults(func=_audit)
+
     decisions = _with_json(subparsers.add_parser("decisions", help="The placement decision log, with reasons."))
     decisions.add_argument("--request", help="Only this request's decisions.")
     decisions.add_argument("--limit", type=int, default=30, help="Newest N (0: all).")
@@ -114,11 +130,11 @@ def _controller_start(args: argparse.Namespace) -> int:
 
 
 def _controller_stop(args: argparse.Namespace) -> int:
-    from cluster.controller import stop
+    from cluster.controller import get as get_controller
     from cluster.inventory import connect
 
     connect(args.address)
-    stopped = stop()
+    stopped = get_controller() is not None and _admin(args, start=False).stop_controller()
     if args.json:
         print_json({"stopped": stopped})
     else:
@@ -342,6 +358,29 @@ def _decisions(args: argparse.Namespace) -> int:
         [
             [r.seq, time.strftime("%H:%M:%S", time.localtime(r.time)), r.request_id, r.action.value, r.reason]
             for r in records
+        ],
+    )
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    entries = _admin(args, start=False).audit_log(args.limit)
+    if args.json:
+        print_json(entries)
+        return 0
+    print_table(
+        None,
+        ["time", "principal", "action", "target", "outcome", "reason"],
+        [
+            [
+                time.strftime("%H:%M:%S", time.localtime(e["time"])),
+                e["principal"],
+                e["action"],
+                e["target"],
+                e["outcome"],
+                e.get("reason", ""),
+            ]
+            for e in entries
         ],
     )
     return 0

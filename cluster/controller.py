@@ -9,7 +9,6 @@ exist are kept (nothing is bound twice), missing ones are bound, orphans are rem
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 import ray
 
 from cluster import binding
+from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
 from cluster.placement.snapshot import node_from_ray
 from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL
@@ -51,6 +51,8 @@ class Controller:
         self.idempotency: dict[str, str] = {
             status.idempotency_key: status.id for status in self.scheduler.requests.values() if status.idempotency_key
         }
+        self.credentials = Credentials(self.state_dir / "credentials", [team.name for team in self.spec.teams])
+        self.audit = AuditLog(self.state_dir / "audit.jsonl")
         self.started_at = time.time()
         self.groups: dict[str, Any] = {}  # request id -> the placement group this controller created
         self._lock = threading.RLock()
@@ -123,7 +125,35 @@ class Controller:
                 self._commit()
             return result
 
-    # -- the API ---------------------------------------------------------------------------------------
+    def _allow(self, credential: str | None, action: Action, target: str = "", team: str | None = None) -> str:
+        """The caller's principal, if it may take `action`; a refusal is audited and changes nothing."""
+        try:
+            principal = self.credentials.principal(credential)
+        except UserError as refusal:
+            self.audit.record("unknown", action.value, target, "refused", str(refusal))
+            raise
+        try:
+            authorize(principal, action, team)
+        except UserError as refusal:
+            self.audit.record(principal, action.value, target, "refused", str(refusal))
+            raise
+        return principal
+
+    def _audited(self, principal: str, action: Action, target: str, change, *args) -> Any:
+        try:
+            result = self._act(change, *args)
+        except UserError as error:
+            self.audit.record(principal, action.value, target, "failed", str(error))
+            raise
+        self.audit.record(principal, action.value, target, "ok")
+        return result
+
+    def _owned(self, credential: str | None, action: Action, request_id: str) -> tuple[str, RequestStatus]:
+        with self._lock:
+            status = self.scheduler.get(request_id)
+        return self._allow(credential, action, request_id, status.team), status
+
+    # -- the API: every call but ping names its caller with a credential -------------------------------
 
     def ping(self) -> dict:
         with self._lock:
@@ -136,16 +166,22 @@ class Controller:
                 "pid": os.getpid(),
             }
 
-    def acquire(self, request: dict, idempotency_key: str | None = None) -> tuple[RequestStatus, Any]:
-        """Submit, and hand back the placement group too when the request was placed at once."""
-        status = self.submit(request, idempotency_key)
-        return status, self.placement_group(status.id)
+    def whoami(self, credential: str | None) -> str:
+        return self.credentials.principal(credential)
 
-    def submit(self, request: dict, idempotency_key: str | None = None) -> RequestStatus:
+    def acquire(
+        self, credential: str | None, request: dict, idempotency_key: str | None = None
+    ) -> tuple[RequestStatus, Any]:
+        """Submit, and hand back the placement group too when the request was placed at once."""
+        status = self.submit(credential, request, idempotency_key)
+        return status, self.placement_group(credential, status.id)
+
+    def submit(self, credential: str | None, request: dict, idempotency_key: str | None = None) -> RequestStatus:
+        parsed = request if isinstance(request, SubmitRequest) else SubmitRequest.model_validate(request)
+        principal = self._allow(credential, Action.SUBMIT, parsed.gang.name, parsed.team)
         with self._lock:
             if idempotency_key and idempotency_key in self.idempotency:
                 return self.scheduler.get(self.idempotency[idempotency_key])
-        parsed = SubmitRequest.model_validate(request)
 
         def submit_once() -> RequestStatus:
             status = self.scheduler.submit(parsed)
@@ -155,58 +191,76 @@ class Controller:
                 self.scheduler.journal({"request": status.model_dump(mode="json")})
             return status
 
-        status = self._act(submit_once)
+        status = self._audited(principal, Action.SUBMIT, parsed.gang.name, submit_once)
         return self.scheduler.get(status.id)
 
-    def status(self, request_id: str) -> RequestStatus:
-        with self._lock:
-            return self.scheduler.get(request_id)
+    def status(self, credential: str | None, request_id: str) -> RequestStatus:
+        return self._owned(credential, Action.READ_OWN, request_id)[1]
 
-    def queue(self, include_finished: bool = False) -> list[RequestStatus]:
+    def queue(self, credential: str | None, include_finished: bool = False) -> list[RequestStatus]:
+        principal = self._allow(credential, Action.READ_OWN)
         with self._lock:
             statuses = sorted(self.scheduler.requests.values(), key=lambda s: s.submitted_seq)
-            return [s for s in statuses if include_finished or not s.state.final]
+            return [s for s in statuses if (include_finished or not s.state.final) and principal in (ADMIN, s.team)]
 
-    def cancel(self, request_id: str) -> RequestStatus:
-        return self._act(self.scheduler.cancel, request_id)
+    def cancel(self, credential: str | None, request_id: str) -> RequestStatus:
+        principal, _ = self._owned(credential, Action.CANCEL, request_id)
+        return self._audited(principal, Action.CANCEL, request_id, self.scheduler.cancel, request_id)
 
-    def complete(self, request_id: str, failed: bool = False, reason: str = "") -> RequestStatus:
-        return self._act(lambda: self.scheduler.complete(request_id, failed=failed, reason=reason))
+    def complete(
+        self, credential: str | None, request_id: str, failed: bool = False, reason: str = ""
+    ) -> RequestStatus:
+        principal, _ = self._owned(credential, Action.REPORT, request_id)
+        return self._audited(
+            principal,
+            Action.REPORT,
+            request_id,
+            lambda: self.scheduler.complete(request_id, failed=failed, reason=reason),
+        )
 
-    def mark_running(self, request_id: str, details: dict | None = None) -> RequestStatus:
+    def mark_running(self, credential: str | None, request_id: str, details: dict | None = None) -> RequestStatus:
+        self._owned(credential, Action.REPORT, request_id)
         return self._act(self.scheduler.mark_running, request_id, details)
 
-    def report(self, request_id: str, details: dict) -> RequestStatus:
+    def report(self, credential: str | None, request_id: str, details: dict) -> RequestStatus:
+        self._owned(credential, Action.REPORT, request_id)
         return self._act(self.scheduler.report, request_id, details)
 
-    def placement_group(self, request_id: str):
+    def placement_group(self, credential: str | None, request_id: str):
         """The Ray placement group of a placed request (for workloads to schedule into), or None."""
+        _, status = self._owned(credential, Action.READ_OWN, request_id)
         with self._lock:
-            status = self.scheduler.get(request_id)
             if not status.placement_group:
                 return None
             if request_id not in self.groups:  # bound by an earlier incarnation of this controller
                 self.groups[request_id] = binding.find(status.placement_group)
             return self.groups[request_id]
 
-    def cordon(self, node: str, cordoned: bool = True) -> NodeControl:
-        return self._act(self.scheduler.cordon, node, cordoned)
+    def cordon(self, credential: str | None, node: str, cordoned: bool = True) -> NodeControl:
+        action = Action.CORDON
+        principal = self._allow(credential, action, node)
+        return self._audited(principal, action, node, self.scheduler.cordon, node, cordoned)
 
-    def drain(self, node: str) -> list[str]:
-        return self._act(self.scheduler.drain, node)
+    def drain(self, credential: str | None, node: str) -> list[str]:
+        principal = self._allow(credential, Action.DRAIN, node)
+        return self._audited(principal, Action.DRAIN, node, self.scheduler.drain, node)
 
-    def set_quota(self, team: str, changes: dict) -> TeamUsage:
-        return self._act(self.scheduler.set_quota, team, changes)
+    def set_quota(self, credential: str | None, team: str, changes: dict) -> TeamUsage:
+        principal = self._allow(credential, Action.SET_QUOTA, team)
+        return self._audited(principal, Action.SET_QUOTA, team, self.scheduler.set_quota, team, changes)
 
-    def preempt(self, request_id: str) -> RequestStatus:
-        return self._act(self.scheduler.preempt, request_id)
+    def preempt(self, credential: str | None, request_id: str) -> RequestStatus:
+        principal = self._allow(credential, Action.PREEMPT, request_id)
+        return self._audited(principal, Action.PREEMPT, request_id, self.scheduler.preempt, request_id)
 
-    def usage(self) -> list[TeamUsage]:
+    def usage(self, credential: str | None) -> list[TeamUsage]:
+        principal = self._allow(credential, Action.READ_OWN)
         with self._lock:
-            return [self.scheduler.team_usage(team) for team in self.scheduler.quotas]
+            return [self.scheduler.team_usage(team) for team in self.scheduler.quotas if principal in (ADMIN, team)]
 
-    def nodes(self) -> list[dict]:
+    def nodes(self, credential: str | None) -> list[dict]:
         """Each schedulable node with the controller's books: capacity, allocated, controls."""
+        self._allow(credential, Action.READ_OWN)
         with self._lock:
             allocated: dict[str, dict[str, float]] = {name: {} for name in self.scheduler.nodes}
             requests: dict[str, list[str]] = {name: [] for name in self.scheduler.nodes}
@@ -233,16 +287,24 @@ class Controller:
                 )
             return rows
 
-    def decisions(self, limit: int = 50, request_id: str | None = None) -> list[DecisionRecord]:
+    def decisions(self, credential: str | None, limit: int = 50, request_id: str | None = None) -> list[DecisionRecord]:
+        principal = self._allow(credential, Action.READ_OWN)
         with self._lock:
-            records = [d for d in self.scheduler.decisions if request_id is None or d.request_id == request_id]
+            records = [
+                d
+                for d in self.scheduler.decisions
+                if (request_id is None or d.request_id == request_id)
+                and (principal == ADMIN or self.scheduler.requests[d.request_id].team == principal)
+            ]
             return records[-limit:] if limit else records
 
-    def node_ids_by_name(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self.node_ids)
+    def audit_log(self, credential: str | None, limit: int = 100) -> list[dict]:
+        self._allow(credential, Action.SHUTDOWN)
+        return self.audit.entries()[-limit:]
 
-    def shutdown(self) -> None:
+    def shutdown(self, credential: str | None) -> None:
+        principal = self._allow(credential, Action.SHUTDOWN)
+        self.audit.record(principal, Action.SHUTDOWN.value, "controller", "ok")
         self._stopping.set()
         with self._lock:
             self.journal.close()
@@ -282,11 +344,18 @@ def get():
         return None
 
 
-def stop() -> bool:
+def stop(credential: str | None) -> bool:
+    """Stop the controller (admin only); placements stay and a new controller picks them up."""
     handle = get()
     if handle is None:
         return False
-    with contextlib.suppress(ray.exceptions.RayError):
-        ray.get(handle.shutdown.remote(), timeout=30)
+    try:
+        ray.get(handle.shutdown.remote(credential), timeout=30)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, UserError):
+            raise UserError(str(error.cause)) from None
+        raise
+    except ray.exceptions.RayError:
+        pass  # already dying: kill it for good below
     ray.kill(handle, no_restart=True)
     return True

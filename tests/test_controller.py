@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import ray
@@ -29,7 +30,7 @@ def admin(local_cluster: LocalCluster, tmp_path_factory) -> Admin:
     yield admin
     for status in admin.queue():
         admin.cancel(status.id)
-    controller.stop()
+    admin.stop_controller()
 
 
 @pytest.fixture(autouse=True)
@@ -269,3 +270,43 @@ def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster
     refused = llmos("drain", "head-0")
     assert refused.returncode == 2
     assert "head node" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the_admin(admin: Admin):
+    credentials = Path(admin.ping()["state_dir"]) / "credentials"
+    tokens = {path.name: path.read_text().strip() for path in credentials.iterdir()}
+    assert set(tokens) == {"admin", "research", "prod", "interns"}
+    assert all(oct(path.stat().st_mode)[-3:] == "600" for path in credentials.iterdir())
+    research, interns = Admin(credential=tokens["research"]), Admin(credential=tokens["interns"])
+    assert (research.whoami(), interns.whoami(), admin.whoami()) == ("research", "interns", "admin")
+    mine = research.submit({"team": "research", "gang": gang("mine", [{"resources": {"CPU": 1}}])})
+    before = (admin.queue(), admin.usage(), admin.nodes())
+    refusals = [
+        (
+            lambda: research.submit({"team": "prod", "gang": gang("x", [{"resources": {"CPU": 1}}])}),
+            "cannot submit requests of team prod",
+        ),
+        (lambda: interns.cancel(mine.id), "team interns cannot cancel requests of team research"),
+        (lambda: interns.status(mine.id), "team interns cannot read requests of team research"),
+        (lambda: research.cordon("cpu-0"), "cordon needs the admin credential"),
+        (lambda: research.drain("cpu-0"), "drain needs the admin credential"),
+        (lambda: research.set_quota("research", gpu=100), "set_quota needs the admin credential"),
+        (lambda: research.preempt(mine.id), "preempt needs the admin credential"),
+        (lambda: research.audit_log(), "needs the admin credential"),
+        (lambda: research.stop_controller(), "needs the admin credential"),
+        (lambda: Admin(credential="guessed-token").queue(), "credential is missing or unknown"),
+    ]
+    for attempt, message in refusals:
+        with pytest.raises(UserError) as caught:
+            attempt()
+        assert message in str(caught.value)
+        assert not any(token in str(caught.value) for token in tokens.values())
+    assert (admin.queue(), admin.usage(), admin.nodes()) == before
+    assert [s.id for s in research.queue()] == [mine.id] and interns.queue() == []
+    assert [u.team for u in interns.usage()] == ["interns"]
+    research.cancel(mine.id)
+    audit = admin.audit_log(limit=500)
+    assert any(e["principal"] == "research" and e["action"] == "cordon" and e["outcome"] == "refused" for e in audit)
+    assert any(e["principal"] == "research" and e["action"] == "cancel" and e["outcome"] == "ok" for e in audit)
+    assert any(e["principal"] == "unknown" and e["outcome"] == "refused" for e in audit)
+    assert not any(token in json.dumps(audit) for token in tokens.values())

@@ -1,0 +1,92 @@
+"""Who may do what through the admin API: one credential per team and one for the admin.
+
+Teams submit, list, watch and cancel their own requests; cordon, drain, quota changes and preemption
+need the admin credential. Credentials are random tokens kept in files readable by their owner only
+(`<state dir>/credentials/<principal>`), compared in constant time, and never printed, logged or put
+in an error message; the audit log records principals, never tokens.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import time
+from enum import StrEnum
+from pathlib import Path
+
+from cluster.console import UserError
+
+ADMIN = "admin"
+
+
+class Action(StrEnum):
+    READ_OWN = "read"  # status, queue, decisions, usage of one's own requests
+    SUBMIT = "submit"
+    CANCEL = "cancel"
+    REPORT = "report"  # a workload's progress, running and completion
+    CORDON = "cordon"
+    DRAIN = "drain"
+    SET_QUOTA = "set_quota"
+    PREEMPT = "preempt"
+    SHUTDOWN = "shutdown"
+
+
+ADMIN_ONLY = {Action.CORDON, Action.DRAIN, Action.SET_QUOTA, Action.PREEMPT, Action.SHUTDOWN}
+
+
+def authorize(principal: str, action: Action, team: str | None = None) -> None:
+    """Raise UserError unless `principal` may take `action` (on a request or resource of `team`)."""
+    if principal == ADMIN:
+        return
+    if action in ADMIN_ONLY:
+        raise UserError(f"forbidden: {action.value} needs the admin credential; team {principal} cannot do it")
+    if team is not None and team != principal:
+        raise UserError(f"forbidden: team {principal} cannot {action.value} requests of team {team}")
+
+
+class Credentials:
+    """Tokens per principal, created on first use and kept in owner-only files."""
+
+    def __init__(self, directory: Path, principals: list[str]):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        self._tokens: dict[str, str] = {}
+        for principal in [ADMIN, *principals]:
+            path = directory / principal
+            if not path.exists():
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(descriptor, "w") as out:
+                    out.write(secrets.token_urlsafe(32))
+            self._tokens[principal] = path.read_text().strip()
+
+    def principal(self, credential: str | None) -> str:
+        if credential:
+            for principal, token in self._tokens.items():
+                if hmac.compare_digest(credential.encode(), token.encode()):
+                    return principal
+        raise UserError(
+            "the credential is missing or unknown; pass your team's credential (Admin(credential=...), "
+            "LLMOS_CREDENTIAL or --credential-file)"
+        )
+
+
+class AuditLog:
+    """Append-only JSON lines: who did what to which target, and whether it was allowed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def record(self, principal: str, action: str, target: str, outcome: str, reason: str = "") -> None:
+        entry = {"time": time.time(), "principal": principal, "action": action, "target": target, "outcome": outcome}
+        if reason:
+            entry["reason"] = reason
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(entry) + "\n")
+
+    def entries(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
