@@ -61,6 +61,30 @@ class PoolUtilization(BaseModel):
     utilization: dict[str, float]
 
 
+class ProgressReporter:
+    """Sends a workload's progress to the controller without waiting for it: picklable, for Ray workers.
+
+    Training hands one to its rank-0 worker so progress goes straight to the controller every log step
+    (one actor call, no round trip); the credential travels inside and is never printed.
+    """
+
+    def __init__(self, handle, credential: str | None, request_id: str):
+        self._controller = handle
+        self._credential = credential
+        self.request_id = request_id
+
+    def report(self, details: dict) -> None:
+        self._controller.report.remote(self._credential, self.request_id, details)
+
+    def status(self, timeout_s: float = 30.0) -> RequestStatus:
+        import ray
+
+        return ray.get(self._controller.status.remote(self._credential, self.request_id), timeout=timeout_s)
+
+    def __repr__(self) -> str:
+        return f"ProgressReporter({self.request_id})"
+
+
 class Admin:
     def __init__(
         self,
@@ -247,6 +271,10 @@ class Admin:
 
     def report(self, request_id: str, details: dict) -> RequestStatus:
         return self._call("report", request_id, details)
+
+    def reporter(self, request_id: str) -> ProgressReporter:
+        """A picklable handle a workload's own processes use to report progress on `request_id`."""
+        return ProgressReporter(self._controller, self._credential, request_id)
 
     def cordon(self, node: str) -> NodeControl:
         return self._call("cordon", node, True)

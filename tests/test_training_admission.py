@@ -1,0 +1,78 @@
+"""Admission of a TrainingJob, without Ray: the gang it asks for, the pins it gets, the errors it shows."""
+
+from __future__ import annotations
+
+from cluster.placement.request import Constraint
+from cluster.requests import BundleBinding, RequestState, RequestStatus, WorkloadKind
+from jobs.admission import WorkerPlacement, gang_request, placement_for, rejection_message, sizes_to_try
+from jobs.spec import TrainingJob
+from jobs.train import format_progress, scaling_config
+
+
+def job(**overrides) -> TrainingJob:
+    data = {
+        "name": "lm",
+        "team": "research",
+        "priority": "high",
+        "steps": 100,
+        "workers": {"min": 1, "max": 3},
+        "resources": {"cpus": 2, "gpus": 1, "memory": "4Gi"},
+        "pool": "h100",
+    }
+    data.update(overrides)
+    return TrainingJob.model_validate(data)
+
+
+def test_gang_is_one_books_only_bundle_per_worker_in_one_pool():
+    request = gang_request(job(), 3)
+    assert request.team == "research" and request.priority == "high"
+    assert request.kind is WorkloadKind.TRAINING
+    assert request.bind_placement_group is False
+    assert request.gang.constraint is Constraint.SAME_POOL
+    assert len(request.gang.bundles) == 3
+    bundle = request.gang.bundles[0]
+    assert bundle.resources == {"CPU": 2, "GPU": 1, "memory": 4 * 2**30}
+    assert bundle.label_selector == {"llmos.io/pool": "h100"}
+    by_type = gang_request(job(pool=None, accelerator_type="A100-80G", resources={"cpus": 1}), 1).gang.bundles[0]
+    assert by_type.gpu_types == ("A100-80G",) and by_type.label_selector == {}
+    assert "GPU" not in by_type.resources
+
+
+def test_sizes_go_from_max_down_to_min():
+    assert sizes_to_try(job()) == [3, 2, 1]
+    assert sizes_to_try(job(workers={"min": 2, "max": 2})) == [2]
+
+
+def test_each_worker_is_pinned_to_the_node_of_its_bundle():
+    request = gang_request(job(), 2)
+    status = RequestStatus(
+        id="research-00001",
+        request=request,
+        priority_value=1000,
+        state=RequestState.PLACED,
+        bundles=[
+            BundleBinding(bundle_index=0, node="h100-1", pool="h100", resources={"GPU": 1}),
+            BundleBinding(bundle_index=1, node="h100-0", pool="h100", resources={"GPU": 1}),
+        ],
+        submitted_seq=1,
+        submitted_at=0.0,
+    )
+    placement = placement_for(status)
+    assert placement == WorkerPlacement(2, 2, [{"llmos.io/node": "h100-1"}, {"llmos.io/node": "h100-0"}])
+    config = scaling_config(job(), placement)
+    assert config.num_workers == 2
+    assert config.label_selector == [{"llmos.io/node": "h100-1"}, {"llmos.io/node": "h100-0"}]
+
+
+def test_rejection_names_the_fields_and_the_fix():
+    never = rejection_message(job(), 1, "can never fit this cluster: no node has 9 GPUs")
+    assert "can never fit" in never and "workers.max" in never and "resources" in never and "'h100'" in never
+    quota = rejection_message(job(), 3, "over the team's quota: gpu 3 > 2")
+    assert "quota" in quota and "'research'" in quota and "llmos quota" in quota
+
+
+def test_progress_line_shows_step_loss_rate_workers_and_restarts():
+    line = format_progress(
+        {"step": 40, "steps": 100, "loss": 2.5, "tokens_per_s": 1234.5, "world_size": 2, "restarts": 1}
+    )
+    assert line.startswith("step 40/100  loss 2.500  1,234 tok/s  2 workers") and "restarts 1" in line

@@ -1,0 +1,223 @@
+"""Training on the real local cluster: admitted through the controller, pinned to the booked nodes,
+submitted with `ray job submit`, and restarted from its last checkpoint after a worker is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.util.state import list_actors
+from waiting import WAIT_S, wait_for
+
+from cluster.admin import Admin
+from cluster.launcher import LocalCluster
+from cluster.requests import RequestState
+from jobs import train as ray_train
+from jobs.spec import TrainingJob
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_WORKER_CLASS = "RayTrainWorker"
+
+
+@pytest.fixture(scope="module")
+def admin(local_cluster: LocalCluster, tmp_path_factory) -> Admin:
+    admin = Admin(state_dir=tmp_path_factory.mktemp("training-controller"), policy="bestfit")
+    yield admin
+    for status in admin.queue():
+        admin.cancel(status.id)
+    admin.stop_controller()
+
+
+def tiny_job(tmp_path: Path, name: str, **overrides) -> TrainingJob:
+    data = {
+        "name": name,
+        "team": "research",
+        "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
+        "batch_size_per_worker": 4,
+        "steps": 20,
+        "schedule": {"warmup_steps": 2},
+        "workers": {"min": 2, "max": 2},
+        "resources": {"cpus": 1, "gpus": 1, "memory": "256Mi"},
+        "pool": "h100",
+        "checkpoint": {"every_steps": 5, "keep_last": 2},
+        "evaluation": {"every_steps": 10, "batches": 1},
+        "log_every_steps": 5,
+        "storage_path": str(tmp_path / "jobs"),
+    }
+    data.update(overrides)
+    return TrainingJob.model_validate(data)
+
+
+def metrics(job: TrainingJob) -> list[dict]:
+    return [json.loads(line) for line in job.metrics_file.read_text().splitlines()]
+
+
+def alive_train_workers() -> list:
+    return list_actors(filters=[("class_name", "=", TRAIN_WORKER_CLASS), ("state", "=", "ALIVE")], detail=True)
+
+
+class Watcher(threading.Thread):
+    """Polls the controller (and Ray's actor table) while fit() runs in the main thread."""
+
+    def __init__(self, admin: Admin, job_name: str, action=None):
+        super().__init__(daemon=True)
+        self.admin, self.job_name, self.action = admin, job_name, action
+        self.progress: list[dict] = []
+        self.worker_nodes: set[str] = set()
+        self.booked: list[str] = []
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def request(self):
+        return next((s for s in self.admin.queue() if s.request.gang.name == self.job_name), None)
+
+    def run(self) -> None:
+        try:
+            node_names = {node.node_id: node.name for node in self.admin.nodes()}
+            while not self.stop.wait(0.25):
+                status = self.request()
+                if status is None or status.state is not RequestState.RUNNING:
+                    continue
+                self.booked = status.nodes
+                if "step" in status.details:
+                    self.progress.append(dict(status.details))
+                self.worker_nodes |= {node_names.get(a.node_id, a.node_id) for a in alive_train_workers()}
+                if self.action is not None and self.action(status):
+                    self.action = None
+        except BaseException as error:  # reported by the test, not lost in the thread
+            self.error = error
+
+    def __enter__(self) -> Watcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join(WAIT_S)
+
+
+def test_job_runs_on_exactly_the_booked_nodes_and_reports_progress(
+    admin: Admin, local_cluster: LocalCluster, tmp_path: Path
+):
+    (extra,) = local_cluster.add_replica("cpu")
+    try:
+        wait_for(lambda: extra.name in {n.name for n in admin.nodes()}, what=f"{extra.name} in the controller")
+        # 6 of a cpu node's 8 CPUs per worker: the two workers can only sit on two different nodes.
+        lines: list[str] = []
+        job = tiny_job(tmp_path, "pinned", pool="cpu", resources={"cpus": 6, "memory": "256Mi"}, steps=30)
+        with Watcher(admin, job.name) as watcher:
+            request_id, final = ray_train.run_admitted(job, admin, on_progress=lines.append)
+        assert watcher.error is None
+        assert any(line.startswith("step 30/30  loss") for line in lines), lines
+        status = admin.status(request_id)
+        assert status.state is RequestState.FINISHED
+        booked = sorted(watcher.booked)
+        assert booked == sorted({"cpu-0", extra.name})
+        assert watcher.worker_nodes == set(booked)
+        assert final.step == job.steps and final.world_size == 2
+        # Progress reached the controller while it ran, step by step, from the rank-0 worker.
+        steps_seen = [p["step"] for p in watcher.progress]
+        assert steps_seen and steps_seen == sorted(steps_seen)
+        assert {"loss", "tokens_per_s", "world_size", "restarts"} <= set(watcher.progress[-1])
+        assert status.details["step"] == job.steps and status.details["restarts"] == 0
+        # Released: nothing of it left in the books.
+        assert all(request_id not in node.requests for node in admin.nodes())
+        assert all(usage.used.get("cpu", 0) == 0 for usage in admin.usage() if usage.team == "research")
+    finally:
+        local_cluster.remove_node(extra.name)
+
+
+def test_job_that_can_never_fit_is_refused_naming_the_fields(admin: Admin, tmp_path: Path, capsys):
+    # Two workers of 3 GPUs each in the a100 pool: a node has 4 GPUs and the pool one node.
+    job = tiny_job(tmp_path, "too-big", pool="a100", resources={"cpus": 1, "gpus": 3, "memory": "256Mi"})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    assert ray_train.main([str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "can never fit" in error and "workers.max" in error and "resources" in error
+    assert "Traceback" not in error
+    over = tiny_job(tmp_path, "over-quota", team="interns", workers={"min": 1, "max": 1})
+    over = over.model_copy(update={"resources": over.resources.model_copy(update={"gpus": 8})})
+    path.write_text(yaml.safe_dump(over.model_dump(mode="json")))
+    assert ray_train.main([str(path)]) == 2
+    error = capsys.readouterr().err
+    assert "quota" in error and "interns" in error and "Traceback" not in error
+    assert not [s for s in admin.queue() if s.request.gang.name in ("too-big", "over-quota")]
+
+
+def test_ray_job_submit_runs_the_entrypoint_through_the_controller(
+    admin: Admin, local_cluster: LocalCluster, tmp_path: Path
+):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    job = tiny_job(tmp_path, "submitted", steps=10, workers={"min": 1, "max": 1})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    client = JobSubmissionClient(local_cluster.dashboard_url)
+    submission = client.submit_job(entrypoint=f"python -m jobs.train {path}", runtime_env={"working_dir": str(REPO)})
+    try:
+        final = wait_for(
+            lambda: (s := client.get_job_status(submission)).is_terminal() and s,
+            timeout_s=180,
+            what="the submitted job to end",
+        )
+        logs = client.get_job_logs(submission)
+        assert final is JobStatus.SUCCEEDED, logs[-3000:]
+    finally:
+        if not client.get_job_status(submission).is_terminal():
+            client.stop_job(submission)
+    assert "placed 1 worker on h100-0" in logs
+    assert f"done: step {job.steps}/{job.steps}" in logs
+    (status,) = [s for s in admin.queue(include_finished=True) if s.request.gang.name == job.name]
+    assert status.state is RequestState.FINISHED and status.details["step"] == job.steps
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_and_the_loss_curve_continues(admin: Admin, tmp_path: Path):
+    job = tiny_job(
+        tmp_path,
+        "killed",
+        model={"layers": 2, "d_model": 64, "heads": 2, "context_length": 64},
+        batch_size_per_worker=8,
+        steps=60,
+        checkpoint={"every_steps": 10, "keep_last": 2},
+        evaluation={"every_steps": 30, "batches": 1},
+    )
+    killed: dict = {}
+
+    def kill_a_worker(status) -> bool:
+        if status.details.get("step", 0) < 15:
+            return False
+        workers = alive_train_workers()
+        if len(workers) < 2:
+            return False
+        killed["pid"], killed["step"], killed["at"] = workers[-1].pid, status.details["step"], time.time()
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        return True
+
+    with Watcher(admin, job.name, kill_a_worker) as watcher:
+        request_id, final = ray_train.run_admitted(job, admin, on_progress=print)
+    assert watcher.error is None
+    assert killed, "the run ended before a worker could be killed"
+    assert final.step == job.steps and final.world_size == 2
+    records = metrics(job)
+    resumed = [r for r in records if r["resumed_from_step"] is not None]
+    assert resumed, "no report came from a resumed attempt"
+    restart_step = resumed[0]["resumed_from_step"]
+    # It resumed from the last checkpoint before the kill, not from step 0.
+    assert restart_step > 0 and restart_step % job.checkpoint.every_steps == 0
+    assert restart_step <= killed["step"] < restart_step + 2 * job.checkpoint.every_steps
+    before = [r for r in records if r["resumed_from_step"] is None]
+    assert [r["step"] for r in resumed] == list(range(restart_step + 5, job.steps + 1, 5))
+    # The loss curve continues: the first loss after resuming is near the one before, far below the start.
+    at_restart = next(r["loss"] for r in before if r["step"] == restart_step)
+    assert resumed[0]["loss"] < before[0]["loss"] - 0.5
+    assert abs(resumed[0]["loss"] - at_restart) < 0.75
+    status = admin.status(request_id)
+    assert status.state is RequestState.FINISHED
+    assert status.details["restarts"] == 1 and status.details["step"] == job.steps
