@@ -38,15 +38,22 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, description="Most tokens (bytes) to generate.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = Field(None, description="Up to 4 sequences that end the completion.")
+    stop: list[str] = Field(default_factory=list, description="Up to 4 sequences that end the completion.")
     stream: bool = Field(False, description="Send the completion as server-sent events.")
     seed: int | None = Field(None, description="Makes sampling repeatable.")
     user: str | None = None
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_or_several(cls, stop: object) -> object:
+        """OpenAI accepts one string, a list of strings, or null."""
+        if stop is None:
+            return []
+        return [stop] if isinstance(stop, str) else stop
+
     @field_validator("stop")
     @classmethod
-    def _stop_sequences(cls, stop: str | list[str] | None) -> list[str]:
-        sequences = [stop] if isinstance(stop, str) else list(stop or [])
+    def _stop_sequences(cls, sequences: list[str]) -> list[str]:
         if len(sequences) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(sequence == "" for sequence in sequences):

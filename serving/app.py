@@ -5,8 +5,8 @@
 so the same application runs from `llmos serve deploy`, `serve deploy` and a RayService.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads these annotations at runtime, through
+# Serve's ingress wrapper, and would take a string `Request` for a query parameter.
 import asyncio
 import codecs
 import json

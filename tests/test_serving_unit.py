@@ -114,6 +114,9 @@ def test_bad_requests_get_openai_style_errors(raw, status, message):
 def test_valid_request_parses():
     request = parse_completion(body(max_tokens=8, stop="\n", temperature=0), LIMITS, "lm")
     assert (request.max_tokens, request.stop, request.temperature) == (8, ["\n"], 0.0)
+    assert parse_completion(body(), LIMITS, "lm").stop == []
+    assert parse_completion(body(stop=None), LIMITS, "lm").stop == []
+    assert parse_completion(body(stop=["a", "b"]), LIMITS, "lm").stop == ["a", "b"]
 
 
 def test_serve_config_is_valid_for_rays_own_serve_deploy():

@@ -1,0 +1,171 @@
+"""The completions application on real Ray Serve, placed through the controller, on the shared cluster."""
+
+from __future__ import annotations
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from ray import serve
+from ray.util.state import list_actors
+
+from cluster.admin import Admin
+from cluster.console import UserError
+from cluster.launcher import LocalCluster, free_port
+from cluster.requests import RequestState
+from jobs.checkpoint import save_checkpoint
+from jobs.data import VOCAB_SIZE
+from jobs.model import TransformerLM
+from jobs.spec import ModelSize
+from serving.deploy import delete, deploy
+from serving.spec import ServeJob
+
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    size = ModelSize(layers=2, d_model=32, heads=2, context_length=128)
+    torch.manual_seed(0)
+    model = TransformerLM(size, VOCAB_SIZE)
+    directory = tmp_path_factory.mktemp("serve-checkpoints")
+    return save_checkpoint(directory, 1, {"model": model.state_dict(), "job": {"model": size.model_dump()}}, {})
+
+
+@pytest.fixture(scope="module")
+def served(local_cluster: LocalCluster, checkpoint: Path, tmp_path_factory):
+    admin = Admin(state_dir=tmp_path_factory.mktemp("serve-controller"), policy="bestfit")
+    job = ServeJob(
+        name="tiny-lm",
+        team="research",
+        checkpoint=str(checkpoint),
+        replicas={"min": 1, "max": 2},
+        resources={"cpus": 1, "gpus": 0.25},
+        pool="a100",
+        limits={"max_tokens": 16, "max_prompt_bytes": 64, "max_body_bytes": 2048},
+    )
+    deployment = deploy(job, admin, port=free_port(), wait_s=TIMEOUT_S)
+    yield admin, job, deployment
+    serve.shutdown()
+    for status in admin.queue():
+        admin.cancel(status.id)
+    admin.stop_controller()
+
+
+def post(url: str, body: dict | bytes, **kwargs) -> requests.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return requests.post(url, data=data, headers={"content-type": "application/json"}, timeout=TIMEOUT_S, **kwargs)
+
+
+def test_completion_models_and_health(served):
+    _, _, deployment = served
+    response = post(deployment.url, {"model": "tiny-lm", "prompt": "def f(x):", "max_tokens": 8, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny-lm"
+    assert body["choices"][0]["finish_reason"] in ("length", "stop")
+    assert body["usage"]["prompt_tokens"] == len(b"def f(x):")
+    assert 0 < body["usage"]["completion_tokens"] <= 8
+    base = deployment.url.removesuffix("/v1/completions")
+    assert requests.get(f"{base}/v1/models", timeout=TIMEOUT_S).json()["data"][0]["id"] == "tiny-lm"
+    assert requests.get(f"{base}/healthz", timeout=TIMEOUT_S).json()["status"] == "ok"
+
+
+def test_replicas_run_on_the_nodes_the_controller_booked(served):
+    admin, _, deployment = served
+    booked = {status.nodes[0] for status in admin.queue() if status.request.group == "tiny-lm"}
+    assert booked == set(deployment.nodes) and deployment.replicas == 2
+    names = {node.node_id: node.name for node in admin.nodes()}
+    replicas = list_actors(
+        filters=[("class_name", "=", "ServeReplica:tiny-lm:CompletionServer"), ("state", "=", "ALIVE")]
+    )
+    assert len(replicas) == 2
+    assert {names[actor.node_id] for actor in replicas} <= booked
+
+
+def test_every_bad_request_gets_a_4xx_and_the_replica_keeps_serving(served):
+    _, _, deployment = served
+    bad = [
+        (b'{"model": "tiny-lm", "prompt": ', 400, "not valid JSON"),
+        (b'{"model": "tiny-lm", "prompt": "\xff\xfe"}', 400, "not UTF-8"),
+        ({"model": "tiny-lm", "prompt": "x", "temprature": 1}, 400, "unknown field"),
+        ({"model": "tiny-lm", "prompt": "x" * 65}, 400, "the limit is 64"),
+        ({"model": "tiny-lm", "prompt": "x", "max_tokens": 0}, 400, "max_tokens must be between 1 and 16"),
+        ({"model": "tiny-lm", "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens must be between 1 and 16"),
+        ({"model": "other", "prompt": "x"}, 404, "does not exist"),
+        (b"{" + b" " * 4096 + b"}", 413, "the limit is 2048"),
+    ]
+    for body, status, message in bad:
+        response = post(deployment.url, body)
+        assert response.status_code == status, (body[:40], response.text)
+        error = response.json()["error"]
+        assert message in error["message"] and error["type"] == "invalid_request_error"
+    good = post(deployment.url, {"model": "tiny-lm", "prompt": "import", "max_tokens": 4})
+    assert good.status_code == 200
+
+
+def test_streaming_sends_the_same_text_as_a_plain_request(served):
+    _, _, deployment = served
+    request = {"model": "tiny-lm", "prompt": "class A:", "max_tokens": 12, "temperature": 0}
+    plain = post(deployment.url, request).json()["choices"][0]["text"]
+    response = post(deployment.url, {**request, "stream": True}, stream=True)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in response.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == plain
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_a_client_that_disconnects_mid_stream_does_not_hurt_the_replica(served):
+    _, _, deployment = served
+    host, port = deployment.url.split("//")[1].split("/")[0].split(":")
+    body = json.dumps({"model": "tiny-lm", "prompt": "while", "max_tokens": 16, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as connection:
+        path = "/" + deployment.url.split("//")[1].split("/", 1)[1]
+        connection.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert connection.recv(64).startswith(b"HTTP/1.1 200")
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(
+            pool.map(
+                lambda i: post(deployment.url, {"model": "tiny-lm", "prompt": f"x = {i}", "max_tokens": 6}), range(8)
+            )
+        )
+    assert [r.status_code for r in responses] == [200] * 8
+
+
+def test_a_deployment_that_can_never_fit_is_rejected_at_once(served, checkpoint):
+    admin, _, _ = served
+    impossible = ServeJob(
+        name="huge", team="prod", checkpoint=str(checkpoint), resources={"cpus": 1, "gpus": 16}, pool="h100"
+    )
+    with pytest.raises(UserError, match="cannot be deployed: can never fit this cluster"):
+        deploy(impossible, admin, port=free_port(), wait_s=5)
+    assert not [s for s in admin.queue() if s.request.group == "huge"]
+
+
+def test_delete_releases_the_bookings(served, checkpoint):
+    admin, _, deployment = served
+    extra = ServeJob(
+        name="extra-lm",
+        team="research",
+        checkpoint=str(checkpoint),
+        resources={"cpus": 1},
+        pool="cpu",
+        route_prefix="/extra",
+    )
+    port = int(deployment.url.split(":")[2].split("/")[0])
+    deploy(extra, admin, port=port, wait_s=TIMEOUT_S)
+    booked = [s for s in admin.queue() if s.request.group == "extra-lm"]
+    assert [s.state for s in booked] == [RequestState.RUNNING]
+    released = delete("extra-lm", admin)
+    assert released == [booked[0].id]
+    assert admin.status(booked[0].id).state is RequestState.FINISHED
