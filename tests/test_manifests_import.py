@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import yaml
-from test_manifests import SERVE_CONFIG, Count, Job, Resources, Serve
 
 from cluster.cli import main
 from cluster.spec import load_spec
 from manifests.importer import import_ray_cluster, spec_to_yaml
 from manifests.objects import ManifestError, parse_quantity
 from manifests.raycluster import ray_cluster
+from serving.config import build_serve_config
+from serving.spec import load_serve_job
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_SPEC = REPO / "examples" / "cluster.yaml"
@@ -237,39 +236,26 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     assert "file not found" in err and "no RayCluster in it (kinds found: RayJob)" in err
 
 
-@pytest.fixture
-def fake_job_and_serve_specs(monkeypatch):
-    """Stand-ins for jobs.spec and serving's loaders, with the interface the CLI calls."""
-    job = Job(name="lm", team="research", pool="h100", workers=Count(min=1, max=2), resources=Resources(gpus=1))
-    serve = Serve(name="llm", team="prod", pool="a100", replicas=Count(min=1, max=4), resources=Resources(gpus=1))
-    modules = {
-        "jobs.spec": {"load_training_job": lambda path: job},
-        "serving.spec": {"load_serve_job": lambda path: serve},
-        "serving.config": {"build_serve_config": lambda s: SERVE_CONFIG},
-    }
-    for name, attributes in modules.items():
-        module = types.ModuleType(name)
-        module.__dict__.update(attributes)
-        monkeypatch.setitem(sys.modules, name, module)
-
-
-def test_cli_render_with_job_and_serve(tmp_path, fake_job_and_serve_specs):
-    job_file = tmp_path / "train.yaml"
-    job_file.write_text("name: lm\n")
+def test_cli_render_with_the_example_job_and_serve_specs(tmp_path):
+    examples = EXAMPLE_SPEC.parent
     out = tmp_path / "out"
-    args = ["manifests", "render", str(EXAMPLE_SPEC), "-o", str(out), "--job", str(job_file)]
-    assert main([*args, "--serve", str(job_file), "--deadline", "3600"]) == 0
-    config_map, rayjob = yaml.safe_load_all((out / "rayjob-lm.yaml").read_text())
-    assert config_map["data"]["job.yaml"] == "name: lm\n"
+    args = ["manifests", "render", str(EXAMPLE_SPEC), "-o", str(out), "--job", str(examples / "train.yaml")]
+    assert main([*args, "--serve", str(examples / "serve.yaml"), "--deadline", "3600"]) == 0
+    config_map, rayjob = yaml.safe_load_all((out / "rayjob-stdlib-lm.yaml").read_text())
+    assert config_map["data"]["job.yaml"] == (examples / "train.yaml").read_text()
     assert rayjob["spec"]["activeDeadlineSeconds"] == 3600
-    [service] = yaml.safe_load_all((out / "rayservice-llm.yaml").read_text())
-    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == SERVE_CONFIG
+    [service] = yaml.safe_load_all((out / "rayservice-stdlib-lm.yaml").read_text())
+
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == build_serve_config(
+        load_serve_job(examples / "serve.yaml")
+    )
     assert main(["manifests", "validate", str(out)]) == 0
 
 
-def test_cli_render_reports_job_errors_without_traceback(tmp_path, fake_job_and_serve_specs, monkeypatch, capsys):
-    bad = Job(name="lm", team="nobody", workers=Count(min=1, max=1))
-    monkeypatch.setattr(sys.modules["jobs.spec"], "load_training_job", lambda path: bad)
-    args = ["manifests", "render", str(EXAMPLE_SPEC), "-o", str(tmp_path), "--job", str(EXAMPLE_SPEC)]
+def test_cli_render_reports_job_errors_without_traceback(tmp_path, capsys):
+    job = yaml.safe_load((EXAMPLE_SPEC.parent / "train.yaml").read_text()) | {"team": "nobody"}
+    job_file = tmp_path / "train.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    args = ["manifests", "render", str(EXAMPLE_SPEC), "-o", str(tmp_path / "out"), "--job", str(job_file)]
     assert main(args) == 2
     assert "team: no team named 'nobody'" in capsys.readouterr().err
