@@ -120,8 +120,14 @@ class _Planner:
         if not len(nodes):
             return None
         node = best_scored(nodes, self.policy.gang_score(state, demand, nodes), self.tie_rank)
-        shared = int(state.best_fit_devices(np.array([node]), demand.gpu_share)[0]) if demand.gpu_count else 0
-        return node, state.devices_for(node, demand, shared)
+        return node, self._devices_on(node, demand)
+
+    def _devices_on(self, node: int, demand: Demand) -> tuple[int, ...]:
+        """Devices for a bundle the policy did not score: best fit for a fractional GPU, as Ray does."""
+        if not demand.gpu_count:
+            return ()
+        shared = int(self.state.best_fit_devices(np.array([node]), demand.gpu_share)[0])
+        return self.state.devices_for(node, demand, shared)
 
     def plan(self, demands: Sequence[Demand], constraint: Constraint) -> list[_Choice] | None:
         """Allocates every bundle on the state and returns the choices, or returns None untouched."""
@@ -191,8 +197,7 @@ class _Planner:
                 demand = demands[index]
                 here = np.array([node])
                 if state.static_mask(demand)[node] and state.fits(demand, here)[0]:
-                    shared = int(state.best_fit_devices(here, demand.gpu_share)[0]) if demand.gpu_count else 0
-                    devices = state.devices_for(node, demand, shared)
+                    devices = self._devices_on(node, demand)
                     state.allocate(node, demand, devices)
                     placed.append(_Choice(index, node, demand, devices))
                     remaining.remove(index)
@@ -209,6 +214,8 @@ class _Planner:
         """`nodes` that fit the largest bundle, best first by the policy's gang score, then the tie
         order; plain nodes before accelerator nodes when no bundle wants an accelerator."""
         nodes = nodes[self.state.fits(largest, nodes)]
+        if not len(nodes):
+            return nodes
         scores = self.policy.gang_score(self.state, largest, nodes)
         cpu_only = not any(demand.wants_accelerator for demand in demands)
         on_accelerator = self.state.has_accelerator[nodes] & cpu_only
@@ -281,8 +288,7 @@ class _Planner:
             for host in free_hosts:
                 whole_host = replace(demands[index], tpu=int(state.tpu_cap[host]))
                 if demands[index].tpu <= whole_host.tpu and state.fits(whole_host, np.array([host]))[0]:
-                    shared = int(state.best_fit_devices(np.array([host]), whole_host.gpu_share)[0])
-                    devices = state.devices_for(host, whole_host, shared) if whole_host.gpu_count else ()
+                    devices = self._devices_on(host, whole_host)
                     assignment.append(_Choice(index, int(host), whole_host, devices))
                     free_hosts.remove(host)
                     break

@@ -66,6 +66,11 @@ class ClusterSnapshot(BaseModel):
 
     nodes: tuple[NodeSnapshot, ...] = Field(..., min_length=1)
 
+    def emptied(self) -> ClusterSnapshot:
+        """The same nodes with nothing running on them."""
+        idle = {"cpus_free": None, "memory_free": None, "gpu_free": None, "tpu_chips_free": None}
+        return ClusterSnapshot(nodes=tuple(node.model_copy(update=idle) for node in self.nodes))
+
     @model_validator(mode="after")
     def _unique_names(self) -> ClusterSnapshot:
         seen: set[str] = set()

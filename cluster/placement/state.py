@@ -55,7 +55,8 @@ class ClusterState:
         self.gpu_types, self.gpu_type_of = _intern([node.gpu_type for node in nodes])
         self.slices, self.slice_of = _intern([node.tpu_slice for node in nodes])
         self.labels = [node.labels for node in nodes]
-        self.max_devices = max(node.gpus for node in nodes)
+        # At least one device column, so a cluster without GPUs still has (never usable) device arrays.
+        self.max_devices = max(1, *(node.gpus for node in nodes))
 
         def units(values: list[float]) -> np.ndarray:
             return np.array([to_units(value) for value in values], dtype=np.int64)
@@ -89,15 +90,7 @@ class ClusterState:
 
     def empty_copy(self) -> ClusterState:
         """The same cluster with nothing running: to tell "never fits" from "no room now"."""
-        empty = ClusterSnapshot(
-            nodes=tuple(
-                node.model_copy(
-                    update={"cpus_free": None, "memory_free": None, "gpu_free": None, "tpu_chips_free": None}
-                )
-                for node in self.snapshot.nodes
-            )
-        )
-        return ClusterState(empty)
+        return ClusterState(self.snapshot.emptied())
 
     def static_mask(self, demand: Demand) -> np.ndarray:
         """Nodes whose labels and GPU type suit the demand, whatever is free (cached: they never change)."""

@@ -103,6 +103,26 @@ class TargetWorkload:
         fits = accessible & (cpu_free[:, None] >= self.cpu) & (usable.sum(axis=1) >= self.gpu_count)
         return gpu_free.sum(axis=1) - (usable_capacity * fits) @ self.popularity
 
+    def stranded(self, gpu_free: np.ndarray, cpu_free: np.ndarray, accessible: np.ndarray) -> np.ndarray:
+        """Like `fragmentation`, but a shape can use only as many devices as its copies that fit.
+
+        FGD counts every device big enough for a shape as usable by it, even when the node's CPU
+        leaves room for a single copy: 8 idle GPUs next to 12 free CPUs are "usable" by a 1-GPU,
+        11-CPU task. Here copies of shape m are limited by devices (count // m's GPUs) and by CPU
+        (free CPU // m's CPU), and m can use only the largest devices those copies would take.
+        """
+        largest_first = -np.sort(-gpu_free, axis=1)
+        capacity_of_largest = np.concatenate(
+            [np.zeros((len(gpu_free), 1), dtype=np.int64), np.cumsum(largest_first, axis=1)], axis=1
+        )
+        usable_devices = (gpu_free[:, :, None] >= self.gpu_share[None, None, :]).sum(axis=1)
+        devices_per_copy = np.maximum(self.gpu_count, 1)
+        copies_by_cpu = np.where(self.cpu > 0, cpu_free[:, None] // np.maximum(self.cpu, 1), usable_devices)
+        copies = np.minimum(usable_devices // devices_per_copy, copies_by_cpu)
+        devices_used = np.minimum(copies * devices_per_copy, gpu_free.shape[1])
+        usable = np.take_along_axis(capacity_of_largest, devices_used, axis=1)
+        return gpu_free.sum(axis=1) - np.where(accessible, usable, 0) @ self.popularity
+
 
 class WorkloadEstimator:
     """Learns the target workload online from the bundles submitted, for a live cluster.

@@ -7,6 +7,9 @@ sigmoid of the fragmentation decrease in GPUs, times 100, truncated to an intege
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
 from cluster.placement.policies.base import NodeScores, Policy, truncated
@@ -14,38 +17,67 @@ from cluster.placement.request import UNITS, Demand
 from cluster.placement.state import ClusterState
 from cluster.placement.workload import TargetWorkload
 
+# A fragmentation measure: (gpu_free[rows, devices], cpu_free[rows], accessible[rows, shapes]) -> [rows].
+Measure = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
-def fragmentation_change(
-    workload: TargetWorkload, state: ClusterState, demand: Demand, nodes: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fragmentation of each node now, and after placing the demand there, per placement option.
 
-    Returns (before[node], after[node, option], valid[node, option]). A fractional-GPU demand has one
-    option per device; any other demand has one option (whole GPUs take the lowest idle devices).
+@dataclass(frozen=True)
+class PlacementOptions:
+    """Each candidate node as it is, and as it would be after each way of placing the demand there.
+
+    A fractional-GPU demand has one option per device; any other demand has one option (whole GPUs
+    take the lowest idle devices).
     """
-    free = state.gpu_free[nodes]
-    cpu = state.cpu_free[nodes]
-    accessible = workload.accessible(state.gpu_types)[state.gpu_type_of[nodes] + 1]
-    before = workload.fragmentation(free, cpu, accessible)
-    cpu_after = cpu - demand.cpu
-    if demand.is_fractional_gpu:
-        count, devices = free.shape
-        free_after = np.repeat(free, devices, axis=0)
-        free_after[np.arange(count * devices), np.tile(np.arange(devices), count)] -= demand.gpu_share
-        after = workload.fragmentation(
-            free_after, np.repeat(cpu_after, devices), np.repeat(accessible, devices, axis=0)
-        ).reshape(count, devices)
-        return before, after, free >= demand.gpu_share
-    free_after = free.copy()
-    if demand.gpu_count:
-        idle = free == UNITS
-        free_after[idle & (np.cumsum(idle, axis=1) <= demand.gpu_count)] = 0
-    after = workload.fragmentation(free_after, cpu_after, accessible)[:, None]
-    return before, after, np.ones(after.shape, dtype=bool)
+
+    gpu_free: np.ndarray
+    cpu_free: np.ndarray
+    accessible: np.ndarray
+    gpu_free_after: np.ndarray  # rows: node-major, `options` rows per node
+    cpu_free_after: np.ndarray
+    accessible_after: np.ndarray
+    valid: np.ndarray  # [node, option]
+
+    @classmethod
+    def of(cls, workload: TargetWorkload, state: ClusterState, demand: Demand, nodes: np.ndarray) -> PlacementOptions:
+        free = state.gpu_free[nodes]
+        cpu = state.cpu_free[nodes]
+        accessible = workload.accessible(state.gpu_types)[state.gpu_type_of[nodes] + 1]
+        cpu_after = cpu - demand.cpu
+        if demand.is_fractional_gpu:
+            count, devices = free.shape
+            free_after = np.repeat(free, devices, axis=0)
+            free_after[np.arange(count * devices), np.tile(np.arange(devices), count)] -= demand.gpu_share
+            # An invalid option (device too small) goes negative; clamp it so measures stay defined.
+            return cls(
+                free,
+                cpu,
+                accessible,
+                np.maximum(free_after, 0),
+                np.repeat(cpu_after, devices),
+                np.repeat(accessible, devices, axis=0),
+                free >= demand.gpu_share,
+            )
+        free_after = free.copy()
+        if demand.gpu_count:
+            idle = free == UNITS
+            free_after[idle & (np.cumsum(idle, axis=1) <= demand.gpu_count)] = 0
+        return cls(free, cpu, accessible, free_after, cpu_after, accessible, np.ones((len(nodes), 1), dtype=bool))
+
+    def decrease(self, measure: Measure) -> np.ndarray:
+        """[node, option]: how much the measure falls (in GPUs) if the demand is placed that way."""
+        before = measure(self.gpu_free, self.cpu_free, self.accessible)
+        after = measure(self.gpu_free_after, self.cpu_free_after, self.accessible_after)
+        return (before[:, None] - after.reshape(self.valid.shape)) / UNITS
 
 
 def sigmoid(values: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-values))
+
+
+def fgd_option_scores(options: PlacementOptions, workload: TargetWorkload) -> np.ndarray:
+    """[node, option]: the simulator's integer FGD score, -1 where the option is impossible."""
+    decrease = options.decrease(workload.fragmentation)
+    return np.where(options.valid, truncated(sigmoid(decrease) * 100), -1.0)
 
 
 class Fgd(Policy):
@@ -53,7 +85,6 @@ class Fgd(Policy):
     needs_workload = True
 
     def score(self, state: ClusterState, demand: Demand, nodes: np.ndarray) -> NodeScores:
-        before, after, valid = fragmentation_change(self.workload, state, demand, nodes)
-        option_score = np.where(valid, truncated(sigmoid((before[:, None] - after) / UNITS) * 100), -1.0)
+        option_score = fgd_option_scores(PlacementOptions.of(self.workload, state, demand, nodes), self.workload)
         device = option_score.argmax(axis=1)
         return NodeScores(option_score.max(axis=1), device if demand.is_fractional_gpu else None)

@@ -1,0 +1,328 @@
+"""Placement engine: requests, books, gang constraints, rejections and each policy's scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from cluster.placement import (
+    Bundle,
+    ClusterSnapshot,
+    ClusterState,
+    GangRequest,
+    NodeSnapshot,
+    Placement,
+    PlacementEngine,
+    Rejection,
+    RejectionReason,
+    TargetWorkload,
+    TaskShape,
+    make_policy,
+    node_from_ray,
+    place,
+)
+from cluster.placement.request import UNITS
+from cluster.placement.workload import WorkloadEstimator
+from cluster.ray_mapping import POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL, TPU_SLICE_LABEL
+
+GIB = 1024**3
+
+
+def node(name: str, cpus: float = 16, gpus: int = 0, **fields) -> NodeSnapshot:
+    fields.setdefault("memory", 64 * GIB)
+    if gpus:
+        fields.setdefault("gpu_type", "A100")
+    return NodeSnapshot(name=name, cpus=cpus, gpus=gpus, **fields)
+
+
+def cluster(*nodes: NodeSnapshot) -> ClusterSnapshot:
+    return ClusterSnapshot(nodes=nodes)
+
+
+def gang(*bundles: dict, constraint: str = "same_pool", name: str = "job", **bundle_fields) -> GangRequest:
+    return GangRequest(
+        name=name, bundles=[Bundle(resources=b, **bundle_fields) for b in bundles], constraint=constraint
+    )
+
+
+def placed(decision) -> Placement:
+    assert isinstance(decision, Placement), decision
+    return decision
+
+
+# A tiny target workload: 1-GPU tasks with 4 CPUs and half-GPU tasks with 2 CPUs, equally common.
+WHOLE = TaskShape(cpu=4 * UNITS, gpu_count=1, gpu_share=UNITS)
+HALF = TaskShape(cpu=2 * UNITS, gpu_count=1, gpu_share=UNITS // 2)
+HALF_AND_WHOLE = TargetWorkload([WHOLE, HALF], [1, 1])
+
+
+class TestRequests:
+    def test_unknown_resource_names_the_fix(self):
+        with pytest.raises(ValidationError, match="use CPU, memory, GPU, TPU"):
+            Bundle(resources={"gpu": 1})
+
+    def test_fractional_gpu_above_one_is_refused(self):
+        with pytest.raises(ValidationError, match="whole devices"):
+            Bundle(resources={"GPU": 1.5})
+
+    def test_empty_bundle_is_refused(self):
+        with pytest.raises(ValidationError, match="asks for nothing"):
+            Bundle(resources={"CPU": 0})
+
+    def test_tpu_slice_gang_needs_tpus(self):
+        with pytest.raises(ValidationError, match="whole TPU host"):
+            gang({"CPU": 1}, constraint="same_tpu_slice")
+
+    def test_demand_is_fixed_point(self):
+        demand = Bundle(resources={"CPU": 0.5, "GPU": 0.46, "memory": GIB}).demand
+        assert (demand.cpu, demand.gpu_count, demand.gpu_share, demand.memory) == (5000, 1, 4600, GIB)
+        assert Bundle(resources={"GPU": 4}).demand.gpu_total == 4 * UNITS
+
+
+class TestDevicesAndBooks:
+    def test_fractional_gpus_share_one_device_until_full(self):
+        engine = PlacementEngine(cluster(node("g", gpus=2)), "bestfit")
+        first = placed(engine.place(gang({"GPU": 0.5})))
+        second = placed(engine.place(gang({"GPU": 0.5})))
+        assert first.bundles[0].gpu_devices == second.bundles[0].gpu_devices
+        assert engine.snapshot().nodes[0].gpu_free == (0.0, 1.0)
+
+    def test_whole_gpus_take_idle_devices_of_one_node(self):
+        engine = PlacementEngine(cluster(node("g", gpus=4)), "bestfit")
+        engine.place(gang({"GPU": 0.25}))
+        whole = placed(engine.place(gang({"GPU": 3})))
+        assert whole.bundles[0].gpu_devices == (1, 2, 3)
+        assert isinstance(engine.place(gang({"GPU": 1})), Rejection)
+
+    def test_release_frees_exactly_what_was_taken(self):
+        snapshot = cluster(node("g", gpus=2, cpus=8))
+        engine = PlacementEngine(snapshot, "fgd", workload=HALF_AND_WHOLE)
+        placement = placed(engine.place(gang({"GPU": 0.3, "CPU": 2, "memory": GIB}, {"GPU": 1, "CPU": 1})))
+        engine.release(placement)
+        assert engine.snapshot().nodes == PlacementEngine(snapshot).snapshot().nodes
+
+    def test_snapshot_round_trip_keeps_partial_devices(self):
+        partial = cluster(node("g", gpus=2, gpu_free=(0.25, 1.0), cpus_free=3))
+        engine = PlacementEngine(partial, "bestfit")
+        assert isinstance(engine.place(gang({"GPU": 0.5, "CPU": 1})), Placement)
+        assert engine.snapshot().nodes[0].gpu_free == (0.25, 0.5)
+        assert engine.snapshot().nodes[0].cpus_free == 2
+
+    def test_oversubscribing_allocation_raises(self):
+        state = ClusterState(cluster(node("g", gpus=1)))
+        demand = Bundle(resources={"GPU": 1}).demand
+        state.allocate(0, demand, (0,))
+        with pytest.raises(RuntimeError):
+            state.allocate(0, demand, (0,))
+
+
+class TestWhereBundlesGo:
+    def test_cpu_only_work_avoids_gpu_nodes_while_plain_nodes_have_room(self):
+        engine = PlacementEngine(cluster(node("gpu", gpus=8, cpus=64), node("cpu", cpus=4)), "bestfit")
+        assert placed(engine.place(gang({"CPU": 4}))).nodes == ("cpu",)
+        assert placed(engine.place(gang({"CPU": 4}))).nodes == ("gpu",)
+
+    def test_gpu_types_and_label_selectors_are_honoured(self):
+        snapshot = cluster(
+            node("a", gpus=1, gpu_type="A100", labels={"zone": "a"}),
+            node("h", gpus=1, gpu_type="H100", labels={"zone": "b"}),
+            node("t", gpus=1, gpu_type="T4", labels={"zone": "b"}),
+        )
+        engine = PlacementEngine(snapshot, "bestfit")
+        assert placed(engine.place(gang({"GPU": 1}, gpu_types=("H100",)))).nodes == ("h",)
+        assert placed(engine.place(gang({"GPU": 1}, label_selector={"zone": "!a"}))).nodes == ("t",)
+        assert placed(engine.place(gang({"GPU": 1}, label_selector={"zone": "in(a,c)"}))).nodes == ("a",)
+
+    def test_same_pool_keeps_a_gang_in_one_pool(self):
+        snapshot = cluster(node("a0", gpus=2, pool="a"), node("b0", gpus=2, pool="b"), node("b1", gpus=2, pool="b"))
+        placement = placed(PlacementEngine(snapshot, "fgd", workload=HALF_AND_WHOLE).place(gang(*[{"GPU": 2}] * 2)))
+        assert sorted(placement.nodes) == ["b0", "b1"]
+
+    def test_same_node_and_spread(self):
+        snapshot = cluster(node("a", cpus=8), node("b", cpus=8), node("c", cpus=2))
+        assert len(set(placed(place(snapshot, gang(*[{"CPU": 2}] * 3, constraint="same_node"))).nodes)) == 1
+        assert sorted(placed(place(snapshot, gang(*[{"CPU": 2}] * 3, constraint="spread"))).nodes) == [
+            "a",
+            "b",
+            "c",
+        ]
+
+    def test_tpu_gang_takes_whole_hosts_of_the_smallest_slice_that_fits(self):
+        hosts = [node(f"big{i}", tpu_chips=4, tpu_slice="big") for i in range(4)]
+        hosts += [node(f"small{i}", tpu_chips=4, tpu_slice="small") for i in range(2)]
+        engine = PlacementEngine(cluster(*hosts), "llmos")
+        placement = placed(engine.place(gang(*[{"TPU": 2}] * 2, constraint="same_tpu_slice")))
+        assert sorted(placement.nodes) == ["small0", "small1"]
+        assert all(bundle.resources["TPU"] == 4 for bundle in placement.bundles)
+        # The small slice is now busy; the next pair must fit inside the big slice alone.
+        assert set(placed(engine.place(gang(*[{"TPU": 4}] * 2, constraint="same_tpu_slice"))).nodes) <= {
+            f"big{i}" for i in range(4)
+        }
+
+
+class TestRejections:
+    def test_too_big_for_any_node_never_fits_and_says_why(self):
+        decision = place(cluster(node("g", gpus=4)), gang({"GPU": 8}))
+        assert isinstance(decision, Rejection)
+        assert decision.reason is RejectionReason.NEVER_FITS
+        assert "asks for 8 GPUs" in decision.message and "has is 4" in decision.message
+
+    def test_no_matching_label_never_fits(self):
+        decision = place(cluster(node("g")), gang({"CPU": 1}, label_selector={"zone": "moon"}))
+        assert decision.reason is RejectionReason.NEVER_FITS
+        assert "label_selector" in decision.message
+
+    def test_gang_too_big_for_one_node_never_fits(self):
+        decision = place(cluster(node("a", cpus=4), node("b", cpus=4)), gang(*[{"CPU": 3}] * 2, constraint="same_node"))
+        assert decision.reason is RejectionReason.NEVER_FITS
+        assert "same_node" in decision.message
+
+    def test_busy_cluster_is_no_room_now(self):
+        engine = PlacementEngine(cluster(node("g", gpus=1)), "bestfit")
+        engine.place(gang({"GPU": 1}))
+        decision = engine.place(gang({"GPU": 1}))
+        assert decision.reason is RejectionReason.NO_ROOM_NOW
+
+    def test_a_rejected_gang_leaves_the_books_untouched(self):
+        engine = PlacementEngine(cluster(node("a", gpus=2), node("b", gpus=1)), "bestfit")
+        before = engine.snapshot()
+        assert isinstance(engine.place(gang({"GPU": 2}, {"GPU": 2})), Rejection)
+        assert engine.snapshot() == before
+
+
+class TestRayView:
+    def test_node_from_ray_reads_resources_and_llmos_labels(self):
+        labels = {POOL_LABEL: "v5e", TPU_SLICE_LABEL: "v5e-s0", RAY_ACCELERATOR_TYPE_LABEL: "TPU-V5LITEPOD"}
+        tpu = node_from_ray("h0", {"CPU": 8, "memory": 16 * GIB, "TPU": 4}, labels)
+        assert (tpu.pool, tpu.tpu_slice, tpu.tpu_chips, tpu.gpu_type) == ("v5e", "v5e-s0", 4, None)
+        gpu = node_from_ray(
+            "g0",
+            {"CPU": 8, "memory": GIB, "GPU": 4},
+            {RAY_ACCELERATOR_TYPE_LABEL: "H100"},
+            available={"CPU": 2, "memory": GIB, "GPU": 2.5},
+        )
+        assert (gpu.gpu_type, gpu.gpu_free, gpu.cpus_free) == ("H100", (1.0, 1.0, 0.5, 0.0), 2)
+
+
+class TestWorkload:
+    def test_fragmentation_follows_the_paper(self):
+        # One node: devices with 0.3 and 1.0 free, 3 CPUs free. The 1-GPU, 4-CPU shape lacks CPU, so
+        # all 1.3 free GPUs are a fragment for it; the half-GPU, 2-CPU shape can use the idle device
+        # but not the 0.3 one. Expected: 0.5 * 1.3 + 0.5 * 0.3 = 0.8 GPUs.
+        gpu_free = np.array([[3000, UNITS]])
+        accessible = HALF_AND_WHOLE.accessible(["A100"])[[1]]
+        fragment = HALF_AND_WHOLE.fragmentation(gpu_free, np.array([3 * UNITS]), accessible)
+        assert fragment[0] == pytest.approx(0.8 * UNITS)
+
+    def test_stranded_counts_cpu_as_a_limit_on_copies(self):
+        # 4 idle GPUs but CPU for one 4-CPU copy: FGD calls all 4 usable, `stranded` only 1.
+        workload = TargetWorkload([WHOLE], [1])
+        free, cpu = np.full((1, 4), UNITS), np.array([5 * UNITS])
+        accessible = workload.accessible(["A100"])[[1]]
+        assert workload.fragmentation(free, cpu, accessible)[0] == 0
+        assert workload.stranded(free, cpu, accessible)[0] == 3 * UNITS
+
+    def test_most_common_covers_the_share_of_tasks_asked(self):
+        demands = [Bundle(resources={"GPU": 1}).demand] * 90 + [Bundle(resources={"GPU": 0.5}).demand] * 10
+        assert len(TargetWorkload.most_common(demands, coverage=0.9).shapes) == 1
+        assert len(TargetWorkload.most_common(demands, coverage=0.95).shapes) == 2
+
+    def test_estimator_rebuilds_on_a_doubling_schedule(self):
+        estimator = WorkloadEstimator()
+        demand = Bundle(resources={"GPU": 1}).demand
+        rebuilt = [estimator.observe([demand]) is not None for _ in range(8)]
+        assert rebuilt == [True, True, False, True, False, False, False, True]
+
+    def test_engine_learns_a_workload_when_given_none(self):
+        engine = PlacementEngine(cluster(node("g", gpus=2)), "fgd")
+        assert isinstance(engine.place(gang({"GPU": 0.5})), Placement)
+        assert engine.policy.workload is not None
+
+
+def choice(policy: str, snapshot: ClusterSnapshot, request: GangRequest, **kwargs) -> tuple[str, tuple[int, ...]]:
+    decision = placed(PlacementEngine(snapshot, policy, **kwargs).place(request))
+    return decision.bundles[0].node, decision.bundles[0].gpu_devices
+
+
+class TestPolicyScoring:
+    """Each policy on a small cluster where its rule, and only its rule, picks one node."""
+
+    def test_bestfit_prefers_the_node_left_fullest(self):
+        snapshot = cluster(node("roomy", gpus=8, cpus=64), node("snug", gpus=2, cpus=8))
+        assert choice("bestfit", snapshot, gang({"GPU": 1, "CPU": 4}))[0] == "snug"
+
+    def test_dotprod_prefers_free_resources_least_aligned_with_the_request(self):
+        snapshot = cluster(node("gpu-rich", gpus=8, cpus=8), node("cpu-rich", gpus=2, cpus=96))
+        assert choice("dotprod", snapshot, gang({"GPU": 1, "CPU": 1}))[0] == "cpu-rich"
+
+    def test_packing_shares_a_used_gpu_then_a_used_node_then_the_smallest_idle_node(self):
+        used = node("used", gpus=4, gpu_free=(0.6, 1.0, 1.0, 1.0))
+        snapshot = cluster(node("idle8", gpus=8), node("idle2", gpus=2), used)
+        assert choice("packing", snapshot, gang({"GPU": 0.5})) == ("used", (0,))
+        assert choice("packing", snapshot, gang({"GPU": 1}))[0] == "used"
+        idle_only = cluster(node("idle8", gpus=8), node("idle2", gpus=2))
+        assert choice("packing", idle_only, gang({"GPU": 1}))[0] == "idle2"
+
+    def test_clustering_keeps_one_kind_of_gpu_work_together(self):
+        engine = PlacementEngine(cluster(node("a", gpus=4), node("b", gpus=4)), "clustering", seed=3)
+        shared_node = placed(engine.place(gang({"GPU": 0.5}))).nodes[0]
+        whole_node = placed(engine.place(gang({"GPU": 1}))).nodes[0]
+        assert whole_node != shared_node
+        assert placed(engine.place(gang({"GPU": 0.25}))).nodes[0] == shared_node
+
+    def test_fgd_pairs_a_half_gpu_with_a_half_free_device(self):
+        snapshot = cluster(node("idle", gpus=2, cpus=16), node("half", gpus=2, cpus=16, gpu_free=(1.0, 0.5)))
+        assert choice("fgd", snapshot, gang({"GPU": 0.5, "CPU": 2}), workload=HALF_AND_WHOLE) == ("half", (1,))
+
+    def test_fgd_score_is_the_simulators_truncated_sigmoid(self):
+        from cluster.placement.policies.fgd import Fgd
+
+        state = ClusterState(cluster(node("half", gpus=2, cpus=16, gpu_free=(1.0, 0.5))))
+        demand = Bundle(resources={"GPU": 0.5, "CPU": 2}).demand
+        scores = Fgd(workload=HALF_AND_WHOLE).score(state, demand, np.array([0]))
+        # Before: the 0.5 device is a fragment for the 1-GPU shape (0.5 * 0.5 = 0.25 GPU). After
+        # filling it, nothing is left there: the fragmentation falls by 0.25 GPU.
+        assert scores.score[0] == int(100 / (1 + np.exp(-0.25)))
+        assert scores.shared_device[0] == 1
+
+    def test_llmos_breaks_fgd_ties_by_the_gpus_cpu_would_strand(self):
+        # Two idle 4-GPU nodes; the workload is 1-GPU, 4-CPU tasks. FGD scores both nodes the same
+        # for a 1-GPU, 8-CPU task: either way the remaining GPUs still fit a typical task. On the
+        # 16-CPU node, though, only two typical tasks would then fit next to three free GPUs, one
+        # GPU stranded; llmos sends the task to the 32-CPU node whatever the node order.
+        workload = TargetWorkload([WHOLE], [1])
+        snapshot = cluster(node("lean", gpus=4, cpus=16), node("rich", gpus=4, cpus=32))
+        request = gang({"GPU": 1, "CPU": 8})
+        fgd_picks = {choice("fgd", snapshot, request, workload=workload, seed=seed)[0] for seed in range(8)}
+        assert fgd_picks == {"lean", "rich"}
+        assert {choice("llmos", snapshot, request, workload=workload, seed=seed)[0] for seed in range(8)} == {"rich"}
+
+    def test_random_picks_only_nodes_with_room_and_varies_with_the_seed(self):
+        snapshot = cluster(node("full", gpus=1, gpu_free=(0.0,)), *[node(f"n{i}", gpus=1) for i in range(6)])
+        picks = {choice("random", snapshot, gang({"GPU": 1}), seed=seed)[0] for seed in range(12)}
+        assert "full" not in picks and len(picks) > 1
+
+    def test_ray_hybrid_spreads_below_half_utilization_and_packs_above(self):
+        # Five nodes, so Ray's top-k is 1 and the choice is deterministic given the node order.
+        busy = {"cpus_free": 2.0}  # 87.5% CPU used
+        warm = {"cpus_free": 6.0}  # 62.5% used
+        cool = {"cpus_free": 12.0}  # 25% used: below the 0.5 spread threshold, scores 0
+        snapshot = cluster(
+            node("busy", **busy), node("warm", **warm), node("cool", **cool), node("idle1"), node("idle2")
+        )
+        order = ["idle2", "cool", "idle1", "warm", "busy"]
+        assert choice("ray-hybrid", snapshot, gang({"CPU": 1}), node_order=order)[0] == "idle2"
+        order = ["cool", "idle2", "idle1", "warm", "busy"]
+        assert choice("ray-hybrid", snapshot, gang({"CPU": 1}), node_order=order)[0] == "cool"
+        only_busy = cluster(node("busy", **busy), node("warm", **warm))
+        assert choice("ray-hybrid", only_busy, gang({"CPU": 1}))[0] == "warm"
+
+    def test_ray_hybrid_pack_fills_the_roomiest_node_first(self):
+        snapshot = cluster(node("small", cpus=4), node("large", cpus=16), node("mid", cpus=8))
+        placement = placed(PlacementEngine(snapshot, "ray-hybrid").place(gang(*[{"CPU": 4}] * 5)))
+        assert placement.nodes == ("large",) * 4 + ("mid",)
+
+    def test_unknown_policy_names_the_choices(self):
+        with pytest.raises(ValueError, match="fgd"):
+            make_policy("fdg")
