@@ -51,6 +51,33 @@ def _largest_first(demand: Demand) -> tuple[int, int, int, int]:
     return (demand.gpu_total, demand.tpu, demand.memory, demand.cpu)
 
 
+def _distinct_nodes(candidates: Sequence[np.ndarray]) -> list[int] | None:
+    """A different node for every bundle, each from its candidates (best first), or None if impossible.
+
+    Bipartite matching by augmenting paths: exact, unlike placing bundles one by one, which can take
+    the only node a later bundle fits.
+    """
+    owner: dict[int, int] = {}
+
+    def assign(bundle: int, visited: set[int]) -> bool:
+        for node in candidates[bundle]:
+            node = int(node)
+            if node in visited:
+                continue
+            visited.add(node)
+            if node not in owner or assign(owner[node], visited):
+                owner[node] = bundle
+                return True
+        return False
+
+    if not all(assign(bundle, set()) for bundle in range(len(candidates))):
+        return None
+    nodes = [0] * len(candidates)
+    for node, bundle in owner.items():
+        nodes[bundle] = node
+    return nodes
+
+
 class _Planner:
     """Places gangs on one cluster state with one policy; remembers node scores between calls."""
 
@@ -137,7 +164,7 @@ class _Planner:
         if len(demands) == 1:
             return self._place(demands, order, None, distinct=False)
         if constraint is Constraint.SPREAD:
-            return self._place(demands, order, None, distinct=True)
+            return self._place(demands, order, None, distinct=True) or self._spread_by_matching(demands)
         if constraint is Constraint.SAME_NODE:
             for node in self._nodes_for_whole_gang(demands, order):
                 only = np.zeros(self.state.size, dtype=bool)
@@ -204,6 +231,21 @@ class _Planner:
             closed[node] = True
         return placed
 
+    def _spread_by_matching(self, demands: Sequence[Demand]) -> list[_Choice] | None:
+        """When the policy's bundle-by-bundle choices dead-end, any distinct nodes with room will do."""
+        everywhere = np.arange(self.state.size)
+        candidates = [self._gang_preference([demand], demand, everywhere) for demand in demands]
+        nodes = _distinct_nodes(candidates)
+        if nodes is None:
+            return None
+        placed = [
+            _Choice(index, node, demands[index], self._devices_on(node, demands[index]))
+            for index, node in enumerate(nodes)
+        ]
+        for choice in placed:
+            self.state.allocate(choice.node, choice.reserved, choice.devices)
+        return placed
+
     def _static_for_all(self, demands: Sequence[Demand]) -> np.ndarray:
         mask = np.ones(self.state.size, dtype=bool)
         for demand in demands:
@@ -213,7 +255,7 @@ class _Planner:
     def _gang_preference(self, demands: Sequence[Demand], largest: Demand, nodes: np.ndarray) -> np.ndarray:
         """`nodes` that fit the largest bundle, best first by the policy's gang score, then the tie
         order; plain nodes before accelerator nodes when no bundle wants an accelerator."""
-        nodes = nodes[self.state.fits(largest, nodes)]
+        nodes = nodes[self.state.static_mask(largest)[nodes] & self.state.fits(largest, nodes)]
         if not len(nodes):
             return nodes
         scores = self.policy.gang_score(self.state, largest, nodes)
@@ -281,19 +323,25 @@ class _Planner:
         return best[1]
 
     def _assign_hosts(self, demands: Sequence[Demand], order: list[int], hosts: np.ndarray) -> list[_Choice] | None:
+        """One whole host per bundle, if the slice's idle hosts can hold them all."""
         state = self.state
-        free_hosts = list(hosts)
-        assignment: list[_Choice] = []
-        for index in order:
-            for host in free_hosts:
-                whole_host = replace(demands[index], tpu=int(state.tpu_cap[host]))
-                if demands[index].tpu <= whole_host.tpu and state.fits(whole_host, np.array([host]))[0]:
-                    devices = self._devices_on(host, whole_host)
-                    assignment.append(_Choice(index, int(host), whole_host, devices))
-                    free_hosts.remove(host)
-                    break
-            else:
-                return None
+        whole_host = [[replace(demands[index], tpu=int(state.tpu_cap[host])) for host in hosts] for index in order]
+        candidates = [
+            hosts[
+                [
+                    demands[index].tpu <= taken.tpu and state.fits(taken, np.array([host]))[0]
+                    for host, taken in zip(hosts, whole_host[position], strict=True)
+                ]
+            ]
+            for position, index in enumerate(order)
+        ]
+        chosen = _distinct_nodes(candidates)
+        if chosen is None:
+            return None
+        assignment = []
+        for position, (index, host) in enumerate(zip(order, chosen, strict=True)):
+            taken = whole_host[position][int(np.flatnonzero(hosts == host)[0])]
+            assignment.append(_Choice(index, host, taken, self._devices_on(host, taken)))
         return assignment
 
 
@@ -361,8 +409,6 @@ class PlacementEngine:
         if estimate is not None:
             self.policy.workload = estimate
             self._planner.forget_scores()
-            if self._empty_planner is not None:
-                self._empty_planner.forget_scores()
 
     def _describe(self, choice: _Choice) -> BundlePlacement:
         reserved = choice.reserved
@@ -407,7 +453,10 @@ class PlacementEngine:
         if len(demands) == 1 and constraint is not Constraint.SAME_TPU_SLICE:
             return None
         if self._empty_planner is None:
-            self._empty_planner = _Planner(state.empty_copy(), self.policy, self._planner.tie_rank)
+            # Best-fit packing decides, whatever the policy: deterministic, and exact for spread and TPU
+            # gangs (matching); for same_node and same_pool it is a packing heuristic, so "never" means
+            # "not even best-fit packing on the empty cluster finds a place".
+            self._empty_planner = _Planner(state.empty_copy(), make_policy("bestfit"), self._planner.tie_rank)
         placed = self._empty_planner.plan(demands, constraint)
         if placed is None:
             return (
