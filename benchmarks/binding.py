@@ -12,15 +12,13 @@ Every group is released after its round (removed, or cancelled through the contr
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from cluster.console import progress
-from cluster.launcher import LocalCluster, free_port
+from cluster.launcher import temporary_cluster
 from cluster.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,20 +74,10 @@ def run(
     on_progress: Callable[[str], None] = progress,
 ) -> dict:
     from cluster.admin import Admin
-    from cluster.inventory import connect, disconnect
+    from cluster.inventory import connect
 
-    home = Path(tempfile.mkdtemp(prefix="llmos-bench-"))
-    previous_home = os.environ.get("LLMOS_HOME")
-    os.environ["LLMOS_HOME"] = str(home)
     on_progress("starting a local cluster for the benchmark")
-    cluster = LocalCluster.up(
-        load_spec(spec_path),
-        home=home,
-        gcs_port=free_port("127.0.0.2"),
-        dashboard_port=free_port(),
-        on_progress=on_progress,
-    )
-    try:
+    with temporary_cluster(load_spec(spec_path), on_progress=on_progress):
         connect()
         admin = Admin(policy=policy)
         cpu_node = next(node.node_id for node in admin.nodes() if node.pool == "cpu")
@@ -109,13 +97,6 @@ def run(
                     f"round {round_index + 1}/{rounds}, {size}-bundle gangs: Ray {ray_rates[size][-1]:.0f}/s, "
                     f"Ray pinned+detached {pinned_rates[size][-1]:.0f}/s, llmos {llmos_rates[size][-1]:.0f}/s"
                 )
-    finally:
-        disconnect()
-        cluster.down()
-        if previous_home is None:
-            os.environ.pop("LLMOS_HOME", None)
-        else:
-            os.environ["LLMOS_HOME"] = previous_home
 
     def means(rates: dict[int, list[float]]) -> dict[str, float]:
         return {str(size): round(statistics.mean(values), 1) for size, values in rates.items()}

@@ -9,7 +9,6 @@ figure calls the same decoder directly, one request at a time, before the cluste
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cluster.console import progress
-from cluster.launcher import LocalCluster, free_port
+from cluster.launcher import free_port, temporary_cluster
 from cluster.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +93,7 @@ def run(
     from ray import serve
 
     from cluster.admin import Admin
-    from cluster.inventory import connect, disconnect
+    from cluster.inventory import connect
     from serving.deploy import deploy
     from serving.spec import ServeJob
 
@@ -103,18 +102,9 @@ def run(
     on_progress("measuring the decoder in-process (one request at a time)")
     direct = _direct_tokens_per_s(checkpoint, count=16)
 
-    previous_home = os.environ.get("LLMOS_HOME")
-    os.environ["LLMOS_HOME"] = str(workdir / "home")
-    cluster = LocalCluster.up(
-        load_spec(REPO / "examples" / "cluster.yaml"),
-        home=workdir / "home",
-        gcs_port=free_port("127.0.0.2"),
-        dashboard_port=free_port(),
-        on_progress=on_progress,
-    )
     port = free_port()
     results: list[dict] = []
-    try:
+    with temporary_cluster(load_spec(REPO / "examples" / "cluster.yaml"), on_progress=on_progress):
         connect()
         admin = Admin()
         urls = {}
@@ -139,17 +129,7 @@ def run(
                     f"{'batched' if batched else 'unbatched'} c={concurrency}: {result['tokens_per_s']:.0f} tokens/s, "
                     f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms"
                 )
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            serve.shutdown()
-        disconnect()
-        cluster.down()
-        if previous_home is None:
-            os.environ.pop("LLMOS_HOME", None)
-        else:
-            os.environ["LLMOS_HOME"] = previous_home
+        serve.shutdown()
 
     def tokens_per_s(batched: bool, concurrency: int) -> float:
         return next(r["tokens_per_s"] for r in results if r["batched"] is batched and r["concurrency"] == concurrency)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -411,3 +411,37 @@ class LocalCluster:
         shutil.rmtree(self.record.temp_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             self.record_path(self.home).unlink()
+
+
+@contextlib.contextmanager
+def temporary_cluster(
+    spec: ClusterSpec, *, replicas_per_pool: int = 1, on_progress: Callable[[str], None] = lambda message: None
+) -> Iterator[LocalCluster]:
+    """A throwaway local cluster for benchmarks and scripts: its own state directory and free ports, with
+    `LLMOS_HOME` pointed at it so the admin API finds it; this process's Ray driver (if it connected)
+    and every process the cluster started are stopped on exit."""
+    home = Path(tempfile.mkdtemp(prefix="llmos-"))
+    previous_home = os.environ.get("LLMOS_HOME")
+    os.environ["LLMOS_HOME"] = str(home)
+    try:
+        cluster = LocalCluster.up(
+            spec,
+            home=home,
+            replicas_per_pool=replicas_per_pool,
+            gcs_port=free_port(DEFAULT_HEAD_IP),
+            dashboard_port=free_port(),
+            on_progress=on_progress,
+        )
+        try:
+            yield cluster
+        finally:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+            cluster.down()
+    finally:
+        if previous_home is None:
+            os.environ.pop("LLMOS_HOME", None)
+        else:
+            os.environ["LLMOS_HOME"] = previous_home

@@ -17,7 +17,6 @@ import dataclasses
 import math
 import multiprocessing
 import queue
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from cluster.launcher import free_port
 from cluster.spec import SpecError
 from jobs import checkpoint as checkpoints
 from jobs import precision
@@ -364,18 +364,12 @@ def run_bare(
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _run_processes(
     job: TrainingJob, workers: int, resume_from: Path | None, stop_at_step: int | None, echo: bool
 ) -> TrainingResult:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     processes = [
         context.Process(
             target=_bare_worker,
