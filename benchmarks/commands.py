@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_placement(benchmarks)
     _register_binding(benchmarks)
     _register_serve(benchmarks)
+    _register_train(benchmarks)
 
 
 def _register_placement(benchmarks: argparse._SubParsersAction) -> None:
@@ -176,6 +177,36 @@ def _serve(args: argparse.Namespace) -> int:
     result = run(
         checkpoint=args.checkpoint, requests_per_level=args.requests, plot_path=args.plot, on_progress=progress
     )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_json(result)
+    return 0
+
+
+def _register_train(benchmarks: argparse._SubParsersAction) -> None:
+    train = benchmarks.add_parser(
+        "train",
+        help="Ray Train overhead vs bare processes; recovery from a killed worker and from a removed node.",
+        description="Starts its own local cluster, trains small jobs on it (through the controller and with "
+        "ray job submit), kills a worker, stops a node's raylet and adds it back, and stops the cluster.",
+    )
+    train.add_argument("--spec", type=Path, default=REPO_ROOT / "examples" / "cluster.yaml", help="ClusterSpec.")
+    train.add_argument("--workers", type=int, default=2, help="Workers for the overhead comparison.")
+    train.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
+    train.add_argument("--plot", type=Path, help="Write the loss curve of the worker-kill run (PNG) here.")
+    train.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from benchmarks.train import run
+    from cluster.console import print_json
+
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    result = run(args.spec, workers=args.workers, plot_path=args.plot, on_progress=progress)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
