@@ -67,7 +67,7 @@ def run_seed(trace: Trace, policy: str, seed: int) -> SeedRun:
         elif first_failure is None:
             first_failure = arrived / trace.gpus
         if frag_rate is None and arrived >= FRAGMENTATION_POINT * trace.gpus:
-            frag_rate = fragmentation_rate(engine.state, trace.workload)
+            frag_rate = fragmentation_rate(engine.state, trace.workload.covering())
         arrived_at[position] = arrived / trace.gpus
         allocated_at[position] = allocated / trace.gpus
     # Allocation at each curve point: as it stood after the last task that arrived by then.

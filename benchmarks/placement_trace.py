@@ -35,7 +35,7 @@ class Trace:
     requests: tuple[GangRequest, ...]
     request_gpus: np.ndarray  # GPUs each request asks for
     task_shape: np.ndarray
-    workload: TargetWorkload  # the 35 or so most common shapes, FGD's target workload
+    workload: TargetWorkload  # every task shape and its frequency; FGD targets the top 95% (35 shapes)
 
     def arrivals(self, seed: int) -> np.ndarray:
         """Shape index of each submitted task: the pod list shuffled, then random draws from it,

@@ -225,8 +225,10 @@ class TestWorkload:
 
     def test_most_common_covers_the_share_of_tasks_asked(self):
         demands = [Bundle(resources={"GPU": 1}).demand] * 90 + [Bundle(resources={"GPU": 0.5}).demand] * 10
-        assert len(TargetWorkload.most_common(demands, coverage=0.9).shapes) == 1
-        assert len(TargetWorkload.most_common(demands, coverage=0.95).shapes) == 2
+        workload = TargetWorkload.most_common(demands)
+        assert len(workload.covering(0.9).shapes) == 1
+        assert len(workload.covering(0.95).shapes) == 2
+        assert workload.covered_popularity(0.9).tolist() == [1.0, 0.0]
 
     def test_estimator_rebuilds_on_a_doubling_schedule(self):
         estimator = WorkloadEstimator()

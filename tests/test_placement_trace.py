@@ -95,7 +95,7 @@ def test_bad_input_is_a_clean_error(trace_dir: Path, capsys):
 def test_real_trace_matches_the_paper_setup_and_runs_small():
     trace = load_trace("default", DEFAULT_TRACE_DIR)
     assert (len(trace.cluster.nodes), trace.gpus, len(trace.task_shape)) == (1213, 6212, 8152)
-    assert len(trace.workload.shapes) == 35  # FGD's target workload: 95% of tasks
+    assert len(trace.workload.covering().shapes) == 35  # FGD's target workload: 95% of tasks
     small = load_trace("default", DEFAULT_TRACE_DIR, nodes=100)
     results = {policy: run_seed(small, policy, seed=42).gpu_alloc_ratio for policy in ("random", "llmos")}
     assert results["llmos"] > results["random"] > 0.5

@@ -1,10 +1,11 @@
-"""The target workload: which task shapes arrive and how often, and the fragmentation it defines.
+"""The workload: which task shapes arrive and how often, and the fragmentation it defines.
 
 Fragmentation follows the FGD paper (Weng et al., ATC'23). For a task shape m, the fragment of a
 node is the free GPU capacity m cannot use: all of it when m does not fit the node at all (too
 little CPU, too few usable devices, the wrong GPU type, or m asks for no GPU), otherwise the free
 share of the devices too small for m's per-device request. A node's fragmentation is the
 popularity-weighted sum over shapes: the GPUs a random arriving task would find unusable there.
+FGD measures it against its target workload, the most popular shapes covering 95% of tasks.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import numpy as np
 
 from cluster.placement.request import UNITS, Demand
 
-# FGD keeps the most popular shapes that together make up this share of all tasks.
-DEFAULT_COVERAGE = 0.95
+# FGD's target workload: the most popular shapes that together make up this share of all tasks.
+FGD_COVERAGE = 0.95
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,42 +37,53 @@ class TaskShape:
 
 
 class TargetWorkload:
+    """Task shapes and their popularity, most popular first."""
+
     def __init__(self, shapes: Sequence[TaskShape], popularity: Sequence[float]):
         if not shapes or len(shapes) != len(popularity):
             raise ValueError("a target workload needs at least one shape and one popularity per shape")
-        self.shapes = tuple(shapes)
         weights = np.asarray(popularity, dtype=np.float64)
-        self.popularity = weights / weights.sum()
-        self.cpu = np.array([shape.cpu for shape in shapes], dtype=np.int64)
-        self.gpu_count = np.array([shape.gpu_count for shape in shapes], dtype=np.int64)
+        # Most popular first, keeping the given order among equals.
+        order = np.argsort(-weights, kind="stable")
+        self.shapes = tuple(shapes[index] for index in order)
+        self.popularity = weights[order] / weights.sum()
+        self.cpu = np.array([shape.cpu for shape in self.shapes], dtype=np.int64)
+        self.gpu_count = np.array([shape.gpu_count for shape in self.shapes], dtype=np.int64)
         # A CPU-only shape can use no device: its per-device need is set above any device's capacity.
         self.gpu_share = np.array(
-            [shape.gpu_share if shape.gpu_count else UNITS + 1 for shape in shapes], dtype=np.int64
+            [shape.gpu_share if shape.gpu_count else UNITS + 1 for shape in self.shapes], dtype=np.int64
         )
         self._accessible: dict[tuple[str, ...], np.ndarray] = {}
+        self._covering: dict[float, TargetWorkload] = {}
 
     @classmethod
-    def most_common(cls, demands: Iterable[Demand], coverage: float = DEFAULT_COVERAGE) -> TargetWorkload:
-        """The fewest most-frequent shapes that cover `coverage` of the tasks, as the FGD simulator picks."""
-        return cls.from_counts(Counter(TaskShape.of(demand) for demand in demands), coverage)
+    def most_common(cls, demands: Iterable[Demand]) -> TargetWorkload:
+        return cls.from_counts(Counter(TaskShape.of(demand) for demand in demands))
 
     @classmethod
-    def from_counts(cls, counts: Counter[TaskShape], coverage: float = DEFAULT_COVERAGE) -> TargetWorkload:
-        # Equal counts are ordered as the simulator does (larger CPU, then share, then GPU count first).
+    def from_counts(cls, counts: Counter[TaskShape]) -> TargetWorkload:
+        # Equal counts are ordered as the FGD simulator orders them (larger CPU, share, GPU count first).
         ranked = sorted(
             counts.items(),
             key=lambda item: (item[1], item[0].cpu, item[0].gpu_share, item[0].gpu_count),
             reverse=True,
         )
-        total = sum(counts.values())
-        kept: list[tuple[TaskShape, int]] = []
-        covered = 0
-        for shape, count in ranked:
-            if covered >= coverage * total:
-                break
-            kept.append((shape, count))
-            covered += count
-        return cls([shape for shape, _ in kept], [count for _, count in kept])
+        return cls([shape for shape, _ in ranked], [count for _, count in ranked])
+
+    def covered_popularity(self, coverage: float = FGD_COVERAGE) -> np.ndarray:
+        """Popularity of the fewest most popular shapes covering `coverage` of tasks (the rest 0),
+        renormalized: FGD's target workload, as the simulator picks it, over all shapes."""
+        covered_before = np.concatenate([[0.0], np.cumsum(self.popularity)[:-1]])
+        kept = np.where(covered_before < coverage - 1e-12, self.popularity, 0.0)
+        return kept / kept.sum()
+
+    def covering(self, coverage: float = FGD_COVERAGE) -> TargetWorkload:
+        """FGD's target workload: just the shapes that `covered_popularity` keeps."""
+        if coverage not in self._covering:
+            popularity = self.covered_popularity(coverage)
+            kept = np.flatnonzero(popularity)
+            self._covering[coverage] = TargetWorkload([self.shapes[index] for index in kept], popularity[kept])
+        return self._covering[coverage]
 
     def accessible(self, gpu_types: Sequence[str]) -> np.ndarray:
         """(types + 1, shapes): may shape m use a node of GPU type t (row 0: nodes without a GPU type)?
@@ -98,10 +110,8 @@ class TargetWorkload:
 
     def fragmentation(self, gpu_free: np.ndarray, cpu_free: np.ndarray, accessible: np.ndarray) -> np.ndarray:
         """Expected unusable GPU units of each node state (rows of `gpu_free`, `cpu_free`, `accessible`)."""
-        usable = gpu_free[:, :, None] >= self.gpu_share[None, None, :]
-        usable_capacity = (gpu_free[:, :, None] * usable).sum(axis=1)
-        fits = accessible & (cpu_free[:, None] >= self.cpu) & (usable.sum(axis=1) >= self.gpu_count)
-        return gpu_free.sum(axis=1) - (usable_capacity * fits) @ self.popularity
+        usable_devices, usable_capacity = self._usable_devices(gpu_free)
+        return self._fragmentation(gpu_free, cpu_free, accessible, usable_devices, usable_capacity, self.popularity)
 
     def stranded(self, gpu_free: np.ndarray, cpu_free: np.ndarray, accessible: np.ndarray) -> np.ndarray:
         """Like `fragmentation`, but a shape can use only as many devices as its copies that fit.
@@ -111,21 +121,50 @@ class TargetWorkload:
         11-CPU task. Here copies of shape m are limited by devices (count // m's GPUs) and by CPU
         (free CPU // m's CPU), and m can use only the largest devices those copies would take.
         """
+        usable_devices, _ = self._usable_devices(gpu_free)
+        return self._stranded(gpu_free, cpu_free, accessible, usable_devices, self.popularity)
+
+    def fragmentation_and_stranded(
+        self,
+        gpu_free: np.ndarray,
+        cpu_free: np.ndarray,
+        accessible: np.ndarray,
+        fragmentation_popularity: np.ndarray,
+        stranded_popularity: np.ndarray,
+    ) -> np.ndarray:
+        """Both measures as two columns, each with its own weights over this workload's shapes;
+        they share the costly per-device comparison."""
+        usable_devices, usable_capacity = self._usable_devices(gpu_free)
+        fragmentation = self._fragmentation(
+            gpu_free, cpu_free, accessible, usable_devices, usable_capacity, fragmentation_popularity
+        )
+        stranded = self._stranded(gpu_free, cpu_free, accessible, usable_devices, stranded_popularity)
+        return np.stack([fragmentation, stranded], axis=1)
+
+    def _usable_devices(self, gpu_free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[row, shape]: how many devices are big enough for the shape, and their free capacity."""
+        usable = gpu_free[:, :, None] >= self.gpu_share[None, None, :]
+        return usable.sum(axis=1), np.einsum("rd,rdm->rm", gpu_free, usable)
+
+    def _fragmentation(self, gpu_free, cpu_free, accessible, usable_devices, usable_capacity, popularity) -> np.ndarray:
+        fits = accessible & (cpu_free[:, None] >= self.cpu) & (usable_devices >= self.gpu_count)
+        return gpu_free.sum(axis=1) - (usable_capacity * fits) @ popularity
+
+    def _stranded(self, gpu_free, cpu_free, accessible, usable_devices, popularity) -> np.ndarray:
         largest_first = -np.sort(-gpu_free, axis=1)
         capacity_of_largest = np.concatenate(
-            [np.zeros((len(gpu_free), 1), dtype=np.int64), np.cumsum(largest_first, axis=1)], axis=1
+            [np.zeros((len(gpu_free), 1), dtype=gpu_free.dtype), np.cumsum(largest_first, axis=1)], axis=1
         )
-        usable_devices = (gpu_free[:, :, None] >= self.gpu_share[None, None, :]).sum(axis=1)
         devices_per_copy = np.maximum(self.gpu_count, 1)
         copies_by_cpu = np.where(self.cpu > 0, cpu_free[:, None] // np.maximum(self.cpu, 1), usable_devices)
         copies = np.minimum(usable_devices // devices_per_copy, copies_by_cpu)
         devices_used = np.minimum(copies * devices_per_copy, gpu_free.shape[1])
         usable = np.take_along_axis(capacity_of_largest, devices_used, axis=1)
-        return gpu_free.sum(axis=1) - np.where(accessible, usable, 0) @ self.popularity
+        return gpu_free.sum(axis=1) - np.where(accessible, usable, 0) @ popularity
 
 
 class WorkloadEstimator:
-    """Learns the target workload online from the bundles submitted, for a live cluster.
+    """Learns the workload online from the bundles submitted, for a live cluster.
 
     The estimate is rebuilt after 1, 2, 4, ... 1024 bundles and then every 1024, so that scores
     cached against the previous estimate stay valid between rebuilds.

@@ -1,7 +1,8 @@
 """FGD: fragmentation gradient descent (Weng et al., ATC'23).
 
-Place the bundle where the node's fragmentation, measured against the target workload, grows the
-least (or shrinks the most), on the device that achieves it. The score is the paper simulator's:
+Place the bundle where the node's fragmentation, measured against the target workload (the most
+popular shapes covering 95% of tasks), grows the least (or shrinks the most), on the device that
+achieves it. The score is the paper simulator's:
 sigmoid of the fragmentation decrease in GPUs, times 100, truncated to an integer.
 """
 
@@ -17,7 +18,8 @@ from cluster.placement.request import UNITS, Demand
 from cluster.placement.state import ClusterState
 from cluster.placement.workload import TargetWorkload
 
-# A fragmentation measure: (gpu_free[rows, devices], cpu_free[rows], accessible[rows, shapes]) -> [rows].
+# A fragmentation measure: (gpu_free[rows, devices], cpu_free[rows], accessible[rows, shapes]) -> [rows]
+# (or [rows, columns] for several measures at once).
 Measure = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -64,20 +66,20 @@ class PlacementOptions:
         return cls(free, cpu, accessible, free_after, cpu_after, accessible, np.ones((len(nodes), 1), dtype=bool))
 
     def decrease(self, measure: Measure) -> np.ndarray:
-        """[node, option]: how much the measure falls (in GPUs) if the demand is placed that way."""
+        """[node, option, ...]: how much the measure falls (in GPUs) if the demand is placed that way;
+        a measure with several columns gives one decrease per column."""
         before = measure(self.gpu_free, self.cpu_free, self.accessible)
         after = measure(self.gpu_free_after, self.cpu_free_after, self.accessible_after)
-        return (before[:, None] - after.reshape(self.valid.shape)) / UNITS
+        return (before[:, None] - after.reshape(self.valid.shape + before.shape[1:])) / UNITS
 
 
 def sigmoid(values: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-values))
 
 
-def fgd_option_scores(options: PlacementOptions, workload: TargetWorkload) -> np.ndarray:
-    """[node, option]: the simulator's integer FGD score, -1 where the option is impossible."""
-    decrease = options.decrease(workload.fragmentation)
-    return np.where(options.valid, truncated(sigmoid(decrease) * 100), -1.0)
+def fgd_score(fragmentation_decrease: np.ndarray) -> np.ndarray:
+    """The simulator's integer FGD score of a fragmentation decrease in GPUs."""
+    return truncated(sigmoid(fragmentation_decrease) * 100)
 
 
 class Fgd(Policy):
@@ -85,6 +87,8 @@ class Fgd(Policy):
     needs_workload = True
 
     def score(self, state: ClusterState, demand: Demand, nodes: np.ndarray) -> NodeScores:
-        option_score = fgd_option_scores(PlacementOptions.of(self.workload, state, demand, nodes), self.workload)
+        target = self.workload.covering()
+        options = PlacementOptions.of(target, state, demand, nodes)
+        option_score = np.where(options.valid, fgd_score(options.decrease(target.fragmentation)), -1.0)
         device = option_score.argmax(axis=1)
         return NodeScores(option_score.max(axis=1), device if demand.is_fractional_gpu else None)
