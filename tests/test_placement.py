@@ -328,3 +328,17 @@ class TestPolicyScoring:
     def test_unknown_policy_names_the_choices(self):
         with pytest.raises(ValueError, match="fgd"):
             make_policy("fdg")
+
+
+@pytest.mark.parametrize("policy", ["clustering", "fgd", "llmos", "ray-hybrid"])
+def test_scoring_each_distinct_node_state_once_changes_no_decision(policy: str, monkeypatch):
+    snapshot = cluster(*[node(f"n{i}", gpus=4, cpus=16 + 8 * (i % 3)) for i in range(90)])
+    shapes = [{"GPU": 0.5, "CPU": 2}, {"GPU": 1, "CPU": 6}, {"GPU": 0.25, "CPU": 1}, {"GPU": 2, "CPU": 4}]
+    requests = [gang(shapes[(i * 7) % len(shapes)], name=f"r{i}") for i in range(150)]
+
+    def decisions(threshold: int) -> list:
+        monkeypatch.setattr("cluster.placement.engine.DISTINCT_STATES_ABOVE", threshold)
+        engine = PlacementEngine(snapshot, policy, workload=HALF_AND_WHOLE, seed=5)
+        return [engine.place(request) for request in requests]
+
+    assert decisions(threshold=1) == decisions(threshold=10**9)

@@ -29,6 +29,9 @@ from cluster.placement.snapshot import ClusterSnapshot
 from cluster.placement.state import ClusterState
 from cluster.placement.workload import TargetWorkload, WorkloadEstimator
 
+# Below this many stale nodes, finding the distinct node states costs more than it saves.
+DISTINCT_STATES_ABOVE = 64
+
 
 @dataclass
 class _ScoreCache:
@@ -111,15 +114,25 @@ class _Planner:
             cache.fits[stale] = fits
             roomy = stale[fits]
             if len(roomy):
-                scored = self.policy.score(state, demand, roomy)
-                cache.score[roomy] = scored.score
+                score, shared_device = self._score_distinct(demand, roomy)
+                cache.score[roomy] = score
                 if demand.is_fractional_gpu:
                     cache.shared_device[roomy] = (
-                        scored.shared_device
-                        if scored.shared_device is not None
-                        else state.best_fit_devices(roomy, demand.gpu_share)
+                        shared_device if shared_device is not None else state.best_fit_devices(roomy, demand.gpu_share)
                     )
         return cache
+
+    def _score_distinct(self, demand: Demand, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores nodes, once per distinct node state when many are stale (a new bundle shape meets a
+        cluster of mostly identical nodes); a cacheable policy scores equal states equally."""
+        if not self.policy.cacheable or len(nodes) < DISTINCT_STATES_ABOVE:
+            scored = self.policy.score(self.state, demand, nodes)
+            return scored.score, scored.shared_device
+        _, first, inverse = np.unique(self.state.scoring_keys(nodes), axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        scored = self.policy.score(self.state, demand, nodes[first])
+        shared_device = scored.shared_device[inverse] if scored.shared_device is not None else None
+        return scored.score[inverse], shared_device
 
     def _candidates(self, mask: np.ndarray, demand: Demand) -> np.ndarray:
         if not demand.wants_accelerator:

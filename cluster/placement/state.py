@@ -78,6 +78,12 @@ class ClusterState:
             [node.tpu_chips if node.tpu_chips_free is None else node.tpu_chips_free for node in nodes]
         )
         self.has_accelerator = (self.gpu_count > 0) | (self.tpu_cap > 0)
+        _, self.capacity_class = _intern(
+            [
+                f"{node.gpu_type}/{node.gpus}/{cpus}/{node.memory}/{tpus}"
+                for node, cpus, tpus in zip(nodes, self.cpu_cap, self.tpu_cap, strict=True)
+            ]
+        )
         # Kinds of GPU work each node runs (index 0: shared GPUs, k: k whole GPUs); GPU clustering
         # reads it. Work already running in the snapshot is of unknown kind and not counted.
         self.gpu_kind_counts = np.zeros((len(nodes), self.max_devices + 1), dtype=np.int64)
@@ -105,6 +111,19 @@ class ClusterState:
                 mask &= np.array([selector_matches(labels, key_name, expression) for labels in self.labels])
             self._static_masks[key] = mask
         return mask
+
+    def scoring_keys(self, nodes: np.ndarray) -> np.ndarray:
+        """One row per node of everything a policy may read about it: equal rows score the same."""
+        return np.column_stack(
+            [
+                self.capacity_class[nodes],
+                self.cpu_free[nodes],
+                self.mem_free[nodes],
+                self.tpu_free[nodes],
+                self.gpu_free[nodes],
+                self.gpu_kind_counts[nodes],
+            ]
+        )
 
     def fits(self, demand: Demand, nodes: np.ndarray) -> np.ndarray:
         """Which of `nodes` have room for the demand now (labels and GPU type not checked)."""
