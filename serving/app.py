@@ -52,11 +52,18 @@ class CompletionServer:
         self.model = load_model(resolve_checkpoint(self.job.checkpoint))
         self.decoder = BatchDecoder(self.model)
         self.created = int(time.time())
-        self._decode.set_max_batch_size(self.job.batching.max_batch_size)
-        self._decode.set_batch_wait_timeout_s(self.job.batching.wait_timeout_s)
+        for batched in (self._complete, self._decode):
+            batched.set_max_batch_size(self.job.batching.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.job.batching.wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _complete(self, generations: list[Generation]) -> list[tuple[list[int], str]]:
+        """Whole completions for a batch: one result per request, no per-step traffic."""
+        return self.decoder.complete(generations)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _decode(self, generations: list[Generation]) -> AsyncIterator[list]:
+        """Step by step, for streaming requests."""
         for steps in self.decoder.stream(generations):
             # A finished request's slot carries StopIteration, which ends that caller's stream.
             yield [StopIteration if step is None else step for step in steps]
@@ -95,22 +102,16 @@ class CompletionServer:
         except ApiError as error:
             return _error(error)
         request_id = completion_id()
-        steps = self._decode(generation)
         if stream:
-            return StreamingResponse(self._events(request_id, steps), media_type="text/event-stream")
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text, produced, finish_reason = [], 0, "length"
-        async for step in steps:
-            text.append(decoder.decode(bytes(step.tokens)))
-            produced += len(step.tokens)
-            finish_reason = step.finish_reason or finish_reason
-        text.append(decoder.decode(b"", final=True))
+            return StreamingResponse(self._events(request_id, self._decode(generation)), media_type="text/event-stream")
+        tokens, finish_reason = await self._complete(generation)
         usage = {
             "prompt_tokens": len(generation.prompt),
-            "completion_tokens": produced,
-            "total_tokens": len(generation.prompt) + produced,
+            "completion_tokens": len(tokens),
+            "total_tokens": len(generation.prompt) + len(tokens),
         }
-        return JSONResponse(completion_body(request_id, self.job.name, "".join(text), finish_reason, usage))
+        text = bytes(tokens).decode("utf-8", errors="replace")
+        return JSONResponse(completion_body(request_id, self.job.name, text, finish_reason, usage))
 
     async def _events(self, request_id: str, steps: AsyncIterator[Step]) -> AsyncIterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -107,20 +107,20 @@ class BatchDecoder:
             mask[index, longest - len(generation.prompt) :] = True
         cache = self.model.new_cache(len(rows), longest + budget)
         logits = self.model(tokens, cache, mask)[:, -1]
+        greedy_rows = torch.tensor([g.temperature <= 0 for g in generations], device=device)
         for _ in range(budget):
-            next_tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
+            # One argmax for every greedy row; only rows that sample pay for a call of their own.
+            next_tokens = torch.where(greedy_rows, logits.argmax(dim=-1), 0)
             steps: list[Step | None] = []
             for index, row in enumerate(rows):
                 if row.finish_reason is not None:
                     steps.append(None)
                     continue
-                token = int(
-                    sample_next(
+                if not greedy_rows[index]:
+                    next_tokens[index] = sample_next(
                         logits[index : index + 1], row.generation.temperature, row.generation.top_p, row.generator
-                    )
-                )
-                next_tokens[index] = token
-                steps.append(row.accept(token))
+                    )[0]
+                steps.append(row.accept(int(next_tokens[index])))
             yield steps
             running = torch.tensor([row.finish_reason is None for row in rows], device=device)
             if not running.any():
