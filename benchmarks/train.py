@@ -3,10 +3,10 @@
 One local cluster (started here on free ports, stopped at the end) runs three measurements:
 
 - overhead: tokens/s of the same training loop in 2 bare processes (gloo) and in 2 Ray Train workers
-  admitted through the controller, same job. Two rates each: step throughput (the loop's own timer,
-  training steps only) and wall throughput (tokens between the first and last report over the time
-  between them, so Ray's report barrier and checkpoint registration count). `overhead_ratio` is the
-  wall one, the stricter.
+  admitted through the controller, same job, in interleaved rounds (and the same with 1 worker). Two
+  rates each: step throughput (the loop's own timer, training steps only) and wall throughput (tokens
+  between the first and last report over the time between them, so Ray's report barrier and checkpoint
+  registration count). `overhead_ratio` is the wall one, the stricter, averaged over rounds.
 - worker kill: the example-style job submitted with the Ray Jobs API (`python -m jobs.train`), one
   worker process SIGKILLed mid-run; seconds to the first step after the resume, at full size.
 - node removal: an elastic job (`workers: {min: 1, max: 2}`) on two cpu nodes; the raylet of a
@@ -38,6 +38,7 @@ from jobs.spec import TrainingJob
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180.0
+OVERHEAD_ROUNDS = 2
 WORKER_GROUP_START_TIMEOUT_S = "15"
 NOTE_ELASTIC = (
     "node removal is handled by Ray Train V2 alone (ScalingConfig num_workers=(1, 2), "
@@ -105,25 +106,60 @@ def alive_worker_pids() -> list[tuple[int, str]]:
     return [(actor.pid, actor.node_id) for actor in actors]
 
 
-def measure_overhead(admin, storage: Path, workers: int, on_progress) -> dict:
-    from jobs import train as ray_train
+def _bare_rates(storage: Path, workers: int) -> dict[str, float]:
+    import torch
+
     from jobs.training_loop import run_bare
 
-    overrides = {"workers": {"min": workers, "max": workers}}
-    bare = bench_job(storage, "overhead-bare", **overrides)
-    on_progress(f"overhead: {workers} bare processes")
-    run_bare(bare, workers, resume=False, echo=False)
-    on_progress(f"overhead: {workers} Ray Train workers through the controller")
-    on_ray = bench_job(storage, "overhead-ray", **overrides)
+    bare = bench_job(storage, "overhead-bare", workers={"min": workers, "max": workers})
+    # One worker trains in this process: give it the threads a Ray worker of the job gets, as the
+    # spawned processes of several workers do themselves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(bare.resources.cpus)))
+    try:
+        run_bare(bare, workers, resume=False, echo=False)
+    finally:
+        torch.set_num_threads(threads)
+    return throughput(bare)
+
+
+def _ray_rates(admin, storage: Path, workers: int) -> dict[str, float]:
+    from jobs import train as ray_train
+
+    on_ray = bench_job(storage, "overhead-ray", workers={"min": workers, "max": workers})
     ray_train.run_admitted(on_ray, admin, on_progress=lambda line: None)
-    bare_rates, ray_rates = throughput(bare), throughput(on_ray)
+    return throughput(on_ray)
+
+
+def measure_overhead(admin, storage: Path, workers: int, on_progress, rounds: int = OVERHEAD_ROUNDS) -> dict:
+    """Bare and Ray runs of the same job, interleaved (bare first, then Ray first) to cancel drift in load."""
+    bare_runs, ray_runs = [], []
+    for index in range(rounds):
+        order = ("bare", "ray") if index % 2 == 0 else ("ray", "bare")
+        for kind in order:
+            directory = storage / f"overhead-{workers}w-{index}"
+            if kind == "bare":
+                bare_runs.append(_bare_rates(directory, workers))
+            else:
+                ray_runs.append(_ray_rates(admin, directory, workers))
+        on_progress(
+            f"overhead round {index + 1}/{rounds}, {workers} workers: bare {bare_runs[-1]['wall_tokens_per_s']:,.0f} "
+            f"tok/s, Ray Train {ray_runs[-1]['wall_tokens_per_s']:,.0f} tok/s"
+        )
+
+    def mean(runs: list[dict[str, float]], key: str) -> float:
+        return round(statistics.mean(run[key] for run in runs), 1)
+
+    wall = [r["wall_tokens_per_s"] / b["wall_tokens_per_s"] for b, r in zip(bare_runs, ray_runs, strict=True)]
+    step = [r["step_tokens_per_s"] / b["step_tokens_per_s"] for b, r in zip(bare_runs, ray_runs, strict=True)]
     return {
-        "bare_tokens_per_s": bare_rates["wall_tokens_per_s"],
-        "ray_tokens_per_s": ray_rates["wall_tokens_per_s"],
-        "overhead_ratio": round(ray_rates["wall_tokens_per_s"] / bare_rates["wall_tokens_per_s"], 3),
-        "bare_step_tokens_per_s": bare_rates["step_tokens_per_s"],
-        "ray_step_tokens_per_s": ray_rates["step_tokens_per_s"],
-        "step_overhead_ratio": round(ray_rates["step_tokens_per_s"] / bare_rates["step_tokens_per_s"], 3),
+        "bare_tokens_per_s": mean(bare_runs, "wall_tokens_per_s"),
+        "ray_tokens_per_s": mean(ray_runs, "wall_tokens_per_s"),
+        "overhead_ratio": round(statistics.mean(wall), 3),
+        "overhead_ratio_per_round": [round(ratio, 3) for ratio in wall],
+        "bare_step_tokens_per_s": mean(bare_runs, "step_tokens_per_s"),
+        "ray_step_tokens_per_s": mean(ray_runs, "step_tokens_per_s"),
+        "step_overhead_ratio": round(statistics.mean(step), 3),
     }
 
 
