@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from cluster.cli import main as llmos
 from cluster.console import stdout
@@ -43,7 +46,9 @@ def run_demo(home: Path) -> None:
     try:
         step("llmos status: pools and nodes as Ray sees them")
         llmos(["status"])
-        show_scheduling()
+        admin = show_scheduling()
+        checkpoints = show_training(cluster, admin, home)
+        show_serving(admin, checkpoints)
     finally:
         disconnect()
         step("llmos down: stop exactly what up started")
@@ -88,6 +93,90 @@ def show_scheduling() -> None:
     stdout.print(f"  prod urgent -> {urgent.id}: {urgent.state.value}")
     llmos(["decisions", "--limit", "6"])
     llmos(["queue"])
+    return admin
+
+
+def show_training(cluster: LocalCluster, admin, home: Path) -> Path:
+    """The example training job through `ray job submit`; a worker is killed mid-run and it resumes."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    from jobs.spec import load_training_job
+
+    for status in admin.queue():  # the scheduling story's gangs make way
+        admin.cancel(status.id)
+    example = load_training_job(REPO / "examples" / "train.yaml")
+    job = example.model_copy(
+        update={
+            "steps": 80,
+            "storage_path": str(home / "jobs"),
+            "checkpoint": example.checkpoint.model_copy(update={"every_steps": 20}),
+            "evaluation": example.evaluation.model_copy(update={"every_steps": 40}),
+        }
+    )
+    job_file = home / "train.yaml"
+    job_file.write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+    step("ray job submit: the example job (80 steps here) on Ray Train, admitted and placed by the controller")
+    stdout.print(
+        f"  ray job submit --address {cluster.dashboard_url} --working-dir . -- python -m jobs.train {job_file}"
+    )
+    client = JobSubmissionClient(cluster.dashboard_url)
+    submission = client.submit_job(
+        entrypoint=f"python -m jobs.train {job_file}", runtime_env={"working_dir": str(REPO)}
+    )
+    shown, killed = 0, False
+    deadline = time.monotonic() + 900
+    while not client.get_job_status(submission).is_terminal():
+        if time.monotonic() > deadline:
+            client.stop_job(submission)
+            raise RuntimeError("the demo training job did not finish within 15 minutes")
+        lines = client.get_job_logs(submission).splitlines()
+        for line in lines[shown:]:
+            stdout.print(f"  | {line}")
+        shown = len(lines)
+        mine = [s for s in admin.queue() if s.request.gang.name == job.name]
+        if not killed and mine and mine[0].details.get("step", 0) >= 30:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+            if len(workers) >= 2:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed = True
+                stdout.print(
+                    f"  [bold yellow]>> killed a training worker (pid {workers[-1].pid}) at step "
+                    f"{mine[0].details['step']}; Ray Train restarts the group from the last checkpoint[/]",
+                    markup=True,
+                )
+        time.sleep(1)
+    for line in client.get_job_logs(submission).splitlines()[shown:]:
+        stdout.print(f"  | {line}")
+    (final,) = [s for s in admin.queue(include_finished=True) if s.request.gang.name == job.name]
+    stdout.print(
+        f"  job {client.get_job_status(submission).value}; request {final.id} {final.state.value}: "
+        f"step {final.details.get('step')}, restarts {final.details.get('restarts')}"
+    )
+    return job.checkpoint_directory
+
+
+def show_serving(admin, checkpoints: Path) -> None:
+    """Serve the checkpoint the training wrote and complete a Python snippet over HTTP."""
+    import requests
+    from ray import serve
+
+    from serving.deploy import deploy
+    from serving.spec import load_serve_job
+
+    step("llmos serve deploy: the checkpoint behind an OpenAI-style API, replicas booked by the controller")
+    job = load_serve_job(REPO / "examples" / "serve.yaml").model_copy(update={"checkpoint": str(checkpoints)})
+    deployment = deploy(job, admin, port=free_port(), on_progress=lambda message: stdout.print(f"  {message}"))
+    prompt = "def main():\n    "
+    stdout.print(f"  POST {deployment.url}  prompt={prompt!r}")
+    response = requests.post(
+        deployment.url,
+        json={"model": job.name, "prompt": prompt, "max_tokens": 64, "temperature": 0.8, "seed": 0},
+        timeout=60,
+    )
+    completion = response.json()["choices"][0]["text"]
+    stdout.print(f"  [bold]{prompt}[/]{completion}", markup=True)
+    serve.shutdown()
 
 
 def main() -> int:
@@ -96,8 +185,9 @@ def main() -> int:
     stale = LocalCluster.find(home)
     if stale is not None:
         stale.down()
-    # Each demo tells its story from an empty queue.
-    shutil.rmtree(home / "controller", ignore_errors=True)
+    # Each demo tells its story from an empty queue and trains from scratch.
+    for leftover in ("controller", "jobs"):
+        shutil.rmtree(home / leftover, ignore_errors=True)
     run_demo(home)
     stdout.print("\n[bold green]demo finished[/]", markup=True)
     return 0
