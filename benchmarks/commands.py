@@ -139,19 +139,12 @@ def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def _binding(args: argparse.Namespace) -> int:
-    import json
-
     from benchmarks.binding import run
-    from cluster.console import print_json
 
     if args.count < 1 or args.rounds < 1:
         raise UserError("--count and --rounds must be at least 1")
     result = run(args.spec, count=args.count, rounds=args.rounds, policy=args.policy, on_progress=progress)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print_json(result)
-    return 0
+    return _report(result, args.json)
 
 
 def _register_serve(benchmarks: argparse._SubParsersAction) -> None:
@@ -167,21 +160,14 @@ def _register_serve(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import json
-
     from benchmarks.serve import run
-    from cluster.console import print_json
 
     if args.requests < 1:
         raise UserError("--requests must be at least 1")
     result = run(
         checkpoint=args.checkpoint, requests_per_level=args.requests, plot_path=args.plot, on_progress=progress
     )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print_json(result)
-    return 0
+    return _report(result, args.json)
 
 
 def _register_train(benchmarks: argparse._SubParsersAction) -> None:
@@ -199,16 +185,22 @@ def _register_train(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import json
-
     from benchmarks.train import run
-    from cluster.console import print_json
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
     result = run(args.spec, workers=args.workers, plot_path=args.plot, on_progress=progress)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return _report(result, args.json)
+
+
+def _report(result: dict, json_path: Path | None) -> int:
+    """Write the benchmark's JSON where asked, and print it for scripts either way."""
+    import json
+
+    from cluster.console import print_json
+
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
     print_json(result)
     return 0
