@@ -179,6 +179,12 @@ class Scheduler:
         )
         self.engine = PlacementEngine(snapshot, self.policy, node_order=sorted(self.nodes))
 
+    def _trial_engine(self, snapshot: ClusterSnapshot) -> PlacementEngine:
+        """A what-if engine that decides as the live one does (same policy, same learned workload)."""
+        return PlacementEngine(
+            snapshot, self.policy, workload=self.engine.policy.workload, node_order=sorted(self.nodes)
+        )
+
     def _labels_of(self, node: NodeSnapshot) -> dict[str, str]:
         control = self.controls.get(node.name)
         if control and control.cordoned:
@@ -254,7 +260,7 @@ class Scheduler:
             }
         )
         gang = status.request.gang.model_copy(update={"name": status.id})
-        decision = PlacementEngine(uncordoned, self.policy).place(gang)
+        decision = self._trial_engine(uncordoned).place(gang)
         if isinstance(decision, Rejection) and decision.reason is RejectionReason.NEVER_FITS:
             return f"can never fit this cluster: {decision.message}"
         return None
@@ -396,7 +402,7 @@ class Scheduler:
         holders = self.holders()
 
         def fits_without(victims: list[RequestStatus]) -> bool:
-            trial = PlacementEngine(self.engine.snapshot(), self.policy)
+            trial = self._trial_engine(self.engine.snapshot())
             for victim in victims:
                 trial.release(_placement_of(victim))
             return not isinstance(trial.place(gang), Rejection)
