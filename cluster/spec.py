@@ -114,17 +114,21 @@ def _check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(_check_name)]
 
 
-class Replicas(StrictModel):
+class MinMaxBounds(StrictModel):
+    """Base of every `min`/`max` pair (node, slice, worker and replica counts): min may not pass max."""
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> MinMaxBounds:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max}); raise max or lower min")
+        return self
+
+
+class Replicas(MinMaxBounds):
     """How many nodes (CPU and GPU pools) or slices (TPU pools) a pool may have."""
 
     min: NonNegativeInt = Field(0, description="Fewest replicas; the autoscaler never goes below.")
     max: PositiveInt = Field(..., description="Most replicas the pool may grow to.")
-
-    @model_validator(mode="after")
-    def _min_not_above_max(self) -> Replicas:
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) is above max ({self.max}); raise max or lower min")
-        return self
 
 
 class NodeShape(StrictModel):

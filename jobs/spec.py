@@ -26,6 +26,7 @@ from cluster.spec import (
     AcceleratorKind,
     ClusterSpec,
     MemoryBytes,
+    MinMaxBounds,
     Name,
     StrictModel,
     format_memory,
@@ -100,17 +101,11 @@ class Optimizer(StrictModel):
     grad_clip: PositiveFloat = Field(1.0, description="Largest global gradient norm; larger is scaled down.")
 
 
-class WorkerCount(StrictModel):
+class WorkerCount(MinMaxBounds):
     """Data-parallel workers: the run starts with up to `max` and keeps going down to `min`."""
 
     min: PositiveInt = Field(1, description="Fewest workers the run continues with after a loss.")
     max: PositiveInt = Field(..., description="Workers wanted; the run grows back to this when it can.")
-
-    @model_validator(mode="after")
-    def _min_not_above_max(self) -> WorkerCount:
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) is above max ({self.max}); raise max or lower min")
-        return self
 
 
 class WorkerResources(StrictModel):

@@ -10,18 +10,12 @@ from pathlib import Path
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from cluster.spec import MemoryBytes, Name, StrictModel, load_yaml, parse_memory, parse_model
+from cluster.spec import MemoryBytes, MinMaxBounds, Name, StrictModel, load_yaml, parse_memory, parse_model
 
 
-class ReplicaCount(StrictModel):
+class ReplicaCount(MinMaxBounds):
     min: PositiveInt = Field(1, description="Fewest replicas; preemption never takes the deployment below this.")
     max: PositiveInt = Field(1, description="Replicas wanted when the cluster has room.")
-
-    @model_validator(mode="after")
-    def _min_not_above_max(self) -> ReplicaCount:
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) is above max ({self.max}); raise max or lower min")
-        return self
 
 
 class ReplicaResources(StrictModel):
