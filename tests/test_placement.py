@@ -342,3 +342,26 @@ def test_scoring_each_distinct_node_state_once_changes_no_decision(policy: str, 
         return [engine.place(request) for request in requests]
 
     assert decisions(threshold=1) == decisions(threshold=10**9)
+
+
+@pytest.mark.parametrize("policy", ["fgd", "llmos"])
+def test_nodes_a_bundle_leaves_without_free_gpu_score_as_the_full_measure_does(policy: str):
+    """The shortcut for GPU-less bundles on nodes with no free GPU share is exact, node for node."""
+    snapshot = cluster(
+        node("cpu-a", cpus=8),
+        node("cpu-b", cpus=64),
+        node("idle", cpus=32, gpus=8),
+        node("partly", cpus=24, gpus=4, gpu_free=(0.0, 0.5, 1.0, 0.0)),
+        node("full", cpus=16, gpus=4, gpu_free=(0.0, 0.0, 0.0, 0.0)),
+        node("h100", cpus=26, gpus=8, gpu_type="H100", gpu_free=(0.25,) + (0.0,) * 7),
+    )
+    engine = PlacementEngine(snapshot, policy, workload=HALF_AND_WHOLE)
+    state, scorer = engine.state, engine.policy
+    everywhere = np.arange(state.size)
+    for resources in ({"CPU": 1}, {"CPU": 6}, {"CPU": 0.01}, {"CPU": 1, "GPU": 0.5}, {"CPU": 2, "GPU": 1}):
+        demand = Bundle(resources=resources).demand
+        for nodes in (everywhere, everywhere[:2], everywhere[[0, 3, 4]], everywhere[4:]):
+            fast, full = scorer.score(state, demand, nodes), scorer._score(state, demand, nodes)
+            assert fast.score.tolist() == full.score.tolist(), (resources, nodes)
+            if demand.is_fractional_gpu:
+                assert fast.shared_device.tolist() == full.shared_device.tolist()

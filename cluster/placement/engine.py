@@ -159,8 +159,15 @@ class _Planner:
         nodes = nodes[state.fits(demand, nodes)]
         if not len(nodes):
             return None
-        node = best_scored(nodes, self.policy.gang_score(state, demand, nodes), self.tie_rank)
+        node = best_scored(nodes, self._gang_scores(demand, nodes), self.tie_rank)
         return node, self._devices_on(node, demand)
+
+    def _gang_scores(self, demand: Demand, nodes: np.ndarray) -> np.ndarray:
+        """The policy's gang scores of `nodes` (all with room for `demand`); from the score cache when
+        the policy's gang scores are its single-bundle scores, so unchanged nodes are not rescored."""
+        if self.policy.cacheable and type(self.policy).gang_score is Policy.gang_score:
+            return self._scores(demand).score[nodes]
+        return self.policy.gang_score(self.state, demand, nodes)
 
     def _devices_on(self, node: int, demand: Demand) -> tuple[int, ...]:
         """Devices for a bundle the policy did not score: best fit for a fractional GPU, as Ray does."""
@@ -271,7 +278,7 @@ class _Planner:
         nodes = nodes[self.state.static_mask(largest)[nodes] & self.state.fits(largest, nodes)]
         if not len(nodes):
             return nodes
-        scores = self.policy.gang_score(self.state, largest, nodes)
+        scores = self._gang_scores(largest, nodes)
         cpu_only = not any(demand.wants_accelerator for demand in demands)
         on_accelerator = self.state.has_accelerator[nodes] & cpu_only
         return nodes[np.lexsort((self.tie_rank[nodes], -scores, on_accelerator))]

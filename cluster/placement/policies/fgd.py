@@ -73,6 +73,31 @@ class PlacementOptions:
         return (before[:, None] - after.reshape(self.valid.shape + before.shape[1:])) / UNITS
 
 
+def gpu_free_unchanged(
+    state: ClusterState,
+    demand: Demand,
+    nodes: np.ndarray,
+    score: Callable[[np.ndarray], NodeScores],
+    unchanged: float,
+) -> NodeScores:
+    """Scores `nodes` with `score`, except nodes a GPU-less demand leaves without any free GPU share.
+
+    On such a node every measure of free GPU capacity is zero before and after placing the demand,
+    so its decrease is zero and its score is the constant `unchanged` (the policy's score of a zero
+    decrease); only the other nodes are scored in full. Exact, and it spares a CPU-only bundle on a
+    CPU node the per-device arithmetic.
+    """
+    if demand.gpu_count:
+        return score(nodes)
+    has_gpu_free = state.gpu_free[nodes].any(axis=1)
+    if has_gpu_free.all():
+        return score(nodes)
+    scores = np.full(len(nodes), unchanged)
+    if has_gpu_free.any():
+        scores[has_gpu_free] = score(nodes[has_gpu_free]).score
+    return NodeScores(scores, None)
+
+
 def sigmoid(values: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-values))
 
@@ -82,11 +107,18 @@ def fgd_score(fragmentation_decrease: np.ndarray) -> np.ndarray:
     return truncated(sigmoid(fragmentation_decrease) * 100)
 
 
+# The score of a zero fragmentation decrease: a node where the bundle changes no free GPU capacity.
+UNCHANGED = float(fgd_score(np.zeros(1))[0])
+
+
 class Fgd(Policy):
     name = "fgd"
     needs_workload = True
 
     def score(self, state: ClusterState, demand: Demand, nodes: np.ndarray) -> NodeScores:
+        return gpu_free_unchanged(state, demand, nodes, lambda some: self._score(state, demand, some), UNCHANGED)
+
+    def _score(self, state: ClusterState, demand: Demand, nodes: np.ndarray) -> NodeScores:
         target = self.workload.covering()
         options = PlacementOptions.of(target, state, demand, nodes)
         option_score = np.where(options.valid, fgd_score(options.decrease(target.fragmentation)), -1.0)

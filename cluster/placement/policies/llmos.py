@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from cluster.placement.policies.base import NodeScores, Policy
-from cluster.placement.policies.fgd import PlacementOptions, fgd_score, sigmoid
+from cluster.placement.policies.fgd import PlacementOptions, fgd_score, gpu_free_unchanged, sigmoid
 from cluster.placement.request import Demand
 from cluster.placement.state import ClusterState
 from cluster.placement.workload import TargetWorkload
@@ -37,6 +37,8 @@ from cluster.placement.workload import TargetWorkload
 TIE_BREAK_BINS = 10
 # Each bin is worth this much; all of them together stay below one FGD score point.
 TIE_BREAK_STEP = 0.9 / TIE_BREAK_BINS
+# The score of a zero decrease on both keys: a node where the bundle changes no free GPU capacity.
+UNCHANGED = float(fgd_score(np.zeros(1))[0] + np.floor(sigmoid(np.zeros(1))[0] * TIE_BREAK_BINS) * TIE_BREAK_STEP)
 
 
 def host_pressure_popularity(workload: TargetWorkload, state: ClusterState) -> np.ndarray:
@@ -62,6 +64,9 @@ class Llmos(Policy):
         self._pressure: tuple[TargetWorkload, ClusterState, np.ndarray] | None = None
 
     def score(self, state: ClusterState, demand: Demand, nodes: np.ndarray) -> NodeScores:
+        return gpu_free_unchanged(state, demand, nodes, lambda some: self._score(state, demand, some), UNCHANGED)
+
+    def _score(self, state: ClusterState, demand: Demand, nodes: np.ndarray) -> NodeScores:
         workload = self.workload
         fgd_popularity = workload.covered_popularity()
         stranded_popularity = self._pressure_popularity(workload, state)
