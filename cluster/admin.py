@@ -241,10 +241,18 @@ class Admin:
     # -- changing --------------------------------------------------------------------------------------
 
     def submit(self, request: SubmitRequest | dict) -> RequestStatus:
-        if not isinstance(request, SubmitRequest):
-            request = parse_model(SubmitRequest, request, "request")
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: list[SubmitRequest | dict]) -> list[RequestStatus]:
+        """Submit several requests in one controller call, journaled with one fsync.
+
+        All of them are accepted or, if any is malformed, names an unknown team, pool or priority
+        class, or is forbidden to this credential, none is (the error names its index). Each is its
+        own gang: placed whole or not at all, in priority order, within its team's quota.
+        """
+        parsed = self._parse_all(requests)
         # The same key on a retried call returns the first submission instead of queueing a twin.
-        return self._call("submit", request.model_dump(mode="json"), uuid.uuid4().hex)
+        return self._call("submit_many", parsed, [uuid.uuid4().hex for _ in parsed])
 
     def acquire(self, request: SubmitRequest | dict, timeout_s: float = 0.0) -> tuple[RequestStatus, Any]:
         """Submit and obtain the Ray placement group to schedule into: what training and serving call.
@@ -252,13 +260,35 @@ class Admin:
         Returns at once if the request was placed or rejected; otherwise waits up to `timeout_s` for
         it to be placed (the group is None if it is still waiting then).
         """
-        if not isinstance(request, SubmitRequest):
-            request = parse_model(SubmitRequest, request, "request")
-        status, group = self._call("acquire", request.model_dump(mode="json"), uuid.uuid4().hex)
-        if status.state.waiting and timeout_s > 0:
-            status = self.wait(status.id, timeout_s=timeout_s)
-            group = self.placement_group(status.id)
-        return status, group
+        return self.acquire_many([request], timeout_s)[0]
+
+    def acquire_many(
+        self, requests: list[SubmitRequest | dict], timeout_s: float = 0.0
+    ) -> list[tuple[RequestStatus, Any]]:
+        """`acquire` for several gangs at once (e.g. the replicas of a deployment), in one controller call.
+
+        Accepted all or none, as `submit_many`; one journal fsync covers the batch, made before any
+        placement group is created and before the call returns. Each request is placed whole or not
+        at all; with `timeout_s`, requests still waiting are waited for (UserError if one still waits then).
+        """
+        parsed = self._parse_all(requests)
+        results = self._call("acquire_many", parsed, [uuid.uuid4().hex for _ in parsed])
+        if timeout_s > 0:
+            deadline = time.monotonic() + timeout_s
+            for index, (status, _) in enumerate(results):
+                if status.state.waiting:
+                    status = self.wait(status.id, timeout_s=max(deadline - time.monotonic(), 0.0))
+                    results[index] = (status, self.placement_group(status.id))
+        return results
+
+    @staticmethod
+    def _parse_all(requests: list[SubmitRequest | dict]) -> list[dict]:
+        parsed = []
+        for index, request in enumerate(requests):
+            if not isinstance(request, SubmitRequest):
+                request = parse_model(SubmitRequest, request, "request" if len(requests) == 1 else f"requests[{index}]")
+            parsed.append(request.model_dump(mode="json"))
+        return parsed
 
     def cancel(self, request_id: str) -> RequestStatus:
         return self._call("cancel", request_id)

@@ -50,9 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         func=_controller_status
     )
 
-    submit = _with_json(subparsers.add_parser("submit", help="Submit a gang request (YAML: team, gang, kind, ...)."))
-    submit.add_argument("request", help="Request YAML file.")
-    submit.add_argument("--wait", type=float, default=0, help="Seconds to wait for it to be placed.")
+    submit = _with_json(
+        subparsers.add_parser(
+            "submit",
+            help="Submit gang requests (YAML: team, gang, kind, ...); several files go in one call, all or none.",
+        )
+    )
+    submit.add_argument("request", nargs="+", help="Request YAML file(s); each is its own gang.")
+    submit.add_argument("--wait", type=float, default=0, help="Seconds to wait for them to be placed.")
     submit.set_defaults(func=_submit)
 
     queue = _with_json(subparsers.add_parser("queue", help="Requests and their state."))
@@ -156,13 +161,21 @@ def _controller_status(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    request = parse_model(SubmitRequest, load_yaml(args.request), args.request)
+    requests = [parse_model(SubmitRequest, load_yaml(path), path) for path in args.request]
     admin = _admin(args)
-    status = admin.submit(request)
-    if args.wait and status.state.waiting:
-        status = admin.wait(status.id, timeout_s=args.wait)
-    _print_request(status, args.json)
-    return 1 if status.state.value in ("rejected", "failed") else 0
+    statuses = admin.submit_many(requests)
+    if args.wait:
+        deadline = time.monotonic() + args.wait
+        statuses = [
+            admin.wait(status.id, timeout_s=max(deadline - time.monotonic(), 0.0)) if status.state.waiting else status
+            for status in statuses
+        ]
+    if args.json and len(statuses) > 1:
+        print_json(statuses)
+    else:
+        for status in statuses:
+            _print_request(status, args.json)
+    return 1 if any(status.state.value in ("rejected", "failed") for status in statuses) else 0
 
 
 def _queue(args: argparse.Namespace) -> int:

@@ -68,11 +68,19 @@ class Controller:
     # -- side effects ---------------------------------------------------------------------------------
 
     def _refresh_inventory(self) -> None:
+        """The nodes Ray reports alive and not draining.
+
+        A draining node (its raylet got SIGTERM: a Kubernetes pod deleted, a spot VM's notice, an
+        autoscaler scale-down) keeps running until its deadline, but it is leaving: taking it out of
+        the books now requeues its gangs while their workers can still checkpoint and stop cleanly.
+        """
         nodes = []
         node_ids = {}
+        draining = ray._private.state.state.get_draining_nodes()
         for entry in ray.nodes():
             labels = entry.get("Labels") or {}
-            if not entry.get("Alive") or labels.get(POOL_LABEL, HEAD_POOL) == HEAD_POOL:
+            leaving = not entry.get("Alive") or entry["NodeID"] in draining
+            if leaving or labels.get(POOL_LABEL, HEAD_POOL) == HEAD_POOL:
                 continue
             name = labels.get(NODE_LABEL, entry["NodeID"])
             node_ids[name] = entry["NodeID"]
@@ -92,7 +100,9 @@ class Controller:
                 self.scheduler.effects.append(Unbind(name.removeprefix("llmos-"), name))
 
     def _commit(self) -> None:
-        """Persist first, then act: a crash in between is repaired by `_reconcile`."""
+        """Persist first (one write and one fsync for everything the call changed), then act: a crash
+        in between is repaired by `_reconcile`."""
+        self.scheduler.write_journal()
         self.journal.flush()
         effects, self.scheduler.effects = self.scheduler.effects, []
         for effect in effects:
@@ -173,26 +183,85 @@ class Controller:
         self, credential: str | None, request: dict, idempotency_key: str | None = None
     ) -> tuple[RequestStatus, Any]:
         """Submit, and hand back the placement group too when the request was placed at once."""
-        status = self.submit(credential, request, idempotency_key)
-        return status, self.placement_group(credential, status.id)
+        return self.acquire_many(credential, [request], [idempotency_key])[0]
+
+    def acquire_many(
+        self, credential: str | None, requests: list[dict], idempotency_keys: list[str | None] | None = None
+    ) -> list[tuple[RequestStatus, Any]]:
+        """`acquire` for a batch, in one call: one lock, one scheduling pass, one journal write and fsync.
+
+        Every request is checked first; an invalid or forbidden one refuses the whole batch and
+        changes nothing. Each request is then its own gang, placed whole or not at all, in priority
+        order within its team's quota; the batch is journaled durably before any placement group
+        is created and before the call returns.
+        """
+        statuses = self.submit_many(credential, requests, idempotency_keys)
+        with self._lock:
+            return [(status, self._group_of(status)) for status in statuses]
 
     def submit(self, credential: str | None, request: dict, idempotency_key: str | None = None) -> RequestStatus:
-        parsed = request if isinstance(request, SubmitRequest) else SubmitRequest.model_validate(request)
-        principal = self._allow(credential, Action.SUBMIT, parsed.gang.name, parsed.team)
+        return self.submit_many(credential, [request], [idempotency_key])[0]
+
+    def submit_many(
+        self, credential: str | None, requests: list[dict], idempotency_keys: list[str | None] | None = None
+    ) -> list[RequestStatus]:
+        """Submit a batch: all of it or, if any request is malformed, unknown or forbidden, none of it."""
+        keys = list(idempotency_keys or [None] * len(requests))
+        if len(keys) != len(requests):
+            raise UserError(f"{len(keys)} idempotency keys for {len(requests)} requests; pass one per request")
+        batch = len(requests) > 1
+        parsed = []
+        for index, request in enumerate(requests):
+            try:
+                parsed.append(request if isinstance(request, SubmitRequest) else SubmitRequest.model_validate(request))
+            except ValueError as error:
+                where = f"requests[{index}]: " if batch else ""
+                raise UserError(f"{where}malformed request: {error}") from None
+        if not parsed:
+            return []
+        principal = ""
+        for request in parsed:  # a forbidden request refuses the batch before anything changes
+            principal = self._allow(credential, Action.SUBMIT, request.gang.name, request.team)
+
+        def submit_new() -> list[RequestStatus]:
+            for index, request in enumerate(parsed):
+                try:
+                    self.scheduler.check(request)
+                except UserError as error:
+                    raise UserError(
+                        f"requests[{index}]: {error}; nothing was submitted" if batch else str(error)
+                    ) from None
+            # A key seen before (a retried call) returns the first submission instead of queueing a twin.
+            fresh = [
+                i for i, key in enumerate(keys) if not key or (key not in self.idempotency and key not in keys[:i])
+            ]
+            submitted = self.scheduler.submit_many([parsed[i] for i in fresh], [keys[i] for i in fresh])
+            by_index = dict(zip(fresh, submitted, strict=True))
+            for status in submitted:
+                if status.idempotency_key:
+                    self.idempotency[status.idempotency_key] = status.id
+            return [by_index.get(i) or self.scheduler.get(self.idempotency[key]) for i, key in enumerate(keys)]
+
         with self._lock:
-            if idempotency_key and idempotency_key in self.idempotency:
-                return self.scheduler.get(self.idempotency[idempotency_key])
+            try:
+                result = submit_new()
+                self.scheduler.schedule()
+            except UserError as error:
+                for request in parsed:
+                    self.audit.record(principal, Action.SUBMIT.value, request.gang.name, "failed", str(error))
+                raise
+            finally:
+                self._commit()
+        for request in parsed:
+            self.audit.record(principal, Action.SUBMIT.value, request.gang.name, "ok")
+        return result
 
-        def submit_once() -> RequestStatus:
-            status = self.scheduler.submit(parsed)
-            if idempotency_key:
-                status.idempotency_key = idempotency_key
-                self.idempotency[idempotency_key] = status.id
-                self.scheduler.journal({"request": status.model_dump(mode="json")})
-            return status
-
-        status = self._audited(principal, Action.SUBMIT, parsed.gang.name, submit_once)
-        return self.scheduler.get(status.id)
+    def _group_of(self, status: RequestStatus):
+        if not status.placement_group:
+            return None
+        if status.id not in self.groups:  # bound by an earlier incarnation of this controller
+            self.groups[status.id] = binding.find(status.placement_group)
+        return self.groups[status.id]
 
     def status(self, credential: str | None, request_id: str) -> RequestStatus:
         return self._owned(credential, Action.READ_OWN, request_id)[1]
@@ -230,11 +299,7 @@ class Controller:
         """The Ray placement group of a placed request (for workloads to schedule into), or None."""
         _, status = self._owned(credential, Action.READ_OWN, request_id)
         with self._lock:
-            if not status.placement_group:
-                return None
-            if request_id not in self.groups:  # bound by an earlier incarnation of this controller
-                self.groups[request_id] = binding.find(status.placement_group)
-            return self.groups[request_id]
+            return self._group_of(status)
 
     def cordon(self, credential: str | None, node: str, cordoned: bool = True) -> NodeControl:
         action = Action.CORDON

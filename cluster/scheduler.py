@@ -2,9 +2,11 @@
 
 The scheduler holds every request and its state, the nodes as last seen, team usage against quotas,
 and the decision log. Each call changes the books and returns nothing Ray-shaped: effects to apply
-(`Bind` a placement to a Ray placement group, `Unbind` one) accumulate in `effects`, and every change
-is handed to `journal` so the caller can persist it before acknowledging. The Ray actor in
-`cluster.controller` is the only place those effects happen.
+(`Bind` a placement to a Ray placement group, `Unbind` one) accumulate in `effects`. Changes are handed
+to `journal` for the caller to persist before it acknowledges: decisions, quotas and node controls at
+once, and each changed request once, in its latest state, when the caller asks for them with
+`write_journal` (a request submitted, placed and bound in one call is written once, not three times).
+The Ray actor in `cluster.controller` is the only place those effects happen.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Scheduler:
         self.controls: dict[str, NodeControl] = {}
         self.decisions: deque[DecisionRecord] = deque(maxlen=DECISION_LOG_SIZE)
         self.effects: list[Effect] = []
+        self._changed: dict[str, RequestStatus] = {}  # requests changed since the last `write_journal`
         self.nodes: dict[str, NodeSnapshot] = {}
         self.engine: PlacementEngine | None = None
         self._seq = 0
@@ -102,7 +105,18 @@ class Scheduler:
 
     def _save(self, status: RequestStatus) -> None:
         self.requests[status.id] = status
-        self.journal({"request": status.model_dump(mode="json")})
+        self._changed[status.id] = status
+
+    def write_journal(self) -> int:
+        """Hand each request changed since the last call to `journal`, once, in its latest state.
+
+        The caller calls this, then makes the journal durable, before it acknowledges any change.
+        Returns how many requests were written.
+        """
+        changed, self._changed = self._changed, {}
+        for status in changed.values():
+            self.journal({"request": status.model_dump(mode="json")})
+        return len(changed)
 
     def _decide(self, status: RequestStatus, action: DecisionAction, reason: str = "", nodes=()) -> None:
         self._decision_seq += 1
@@ -193,16 +207,21 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def submit(self, request: SubmitRequest) -> RequestStatus:
+    def check(self, request: SubmitRequest) -> int:
+        """Refuse a request that names an unknown team, priority class or pool; else its priority value."""
         self._known_team(request.team)
-        team = self.spec.team(request.team)
-        priority_class = request.priority or team.priority
+        priority_class = request.priority or self.spec.team(request.team).priority
         try:
             priority_value = self.spec.priority_value(priority_class)
         except KeyError:
             classes = ", ".join(c.name for c in self.spec.priority_classes)
             raise UserError(f"priority: unknown priority class {priority_class!r}; use one of {classes}") from None
         self._check_pools_named(request.gang)
+        return priority_value
+
+    def submit(self, request: SubmitRequest, idempotency_key: str | None = None) -> RequestStatus:
+        priority_value = self.check(request)
+        priority_class = request.priority or self.spec.team(request.team).priority
         self._seq += 1
         status = RequestStatus(
             id=f"{request.team}-{self._seq:05d}",
@@ -211,6 +230,7 @@ class Scheduler:
             state=RequestState.QUEUED,
             submitted_seq=self._seq,
             submitted_at=self.clock(),
+            idempotency_key=idempotency_key,
         )
         never = self._never_admissible(status)
         if never:
@@ -222,6 +242,24 @@ class Scheduler:
         self._decide(status, DecisionAction.ADMITTED, f"priority {priority_class} ({priority_value})")
         self._untried.add(status.id)
         return status
+
+    def submit_many(
+        self, requests: list[SubmitRequest], idempotency_keys: list[str | None] | None = None
+    ) -> list[RequestStatus]:
+        """Submit a batch in order: all of it, or, if any request is invalid, none of it.
+
+        Each request stays its own gang: the next `schedule` places each one whole or not at all, in
+        priority order, charging each to its team's quota before the next is considered.
+        """
+        keys = idempotency_keys or [None] * len(requests)
+        if len(keys) != len(requests):
+            raise UserError(f"{len(keys)} idempotency keys for {len(requests)} requests; pass one per request")
+        for index, request in enumerate(requests):
+            try:
+                self.check(request)
+            except UserError as error:
+                raise UserError(f"requests[{index}]: {error}; nothing was submitted") from None
+        return [self.submit(request, key) for request, key in zip(requests, keys, strict=True)]
 
     def _check_pools_named(self, gang: GangRequest) -> None:
         pools = {pool.name for pool in self.spec.pools}

@@ -286,6 +286,15 @@ def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the
             lambda: research.submit({"team": "prod", "gang": gang("x", [{"resources": {"CPU": 1}}])}),
             "cannot submit requests of team prod",
         ),
+        (  # one forbidden request refuses the whole batch
+            lambda: research.acquire_many(
+                [
+                    {"team": "research", "gang": gang("ok", [{"resources": {"CPU": 1}}])},
+                    {"team": "prod", "gang": gang("x", [{"resources": {"CPU": 1}}])},
+                ]
+            ),
+            "cannot submit requests of team prod",
+        ),
         (lambda: interns.cancel(mine.id), "team interns cannot cancel requests of team research"),
         (lambda: interns.status(mine.id), "team interns cannot read requests of team research"),
         (lambda: research.cordon("cpu-0"), "cordon needs the admin credential"),
@@ -310,3 +319,42 @@ def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the
     assert any(e["principal"] == "research" and e["action"] == "cancel" and e["outcome"] == "ok" for e in audit)
     assert any(e["principal"] == "unknown" and e["outcome"] == "refused" for e in audit)
     assert not any(token in json.dumps(audit) for token in tokens.values())
+
+
+def test_acquire_many_is_all_or_nothing_per_request_within_quota_and_durable_before_it_returns(admin: Admin):
+    pair = {"team": "interns", "gang": gang("pair", [{"resources": {"CPU": 0.5, "GPU": 1}}] * 2)}
+    cpus = {"team": "research", "gang": gang("cpus", [{"resources": {"CPU": 1}}] * 4)}
+    unknown_pool = {
+        "team": "interns",
+        "gang": gang("x", [{"resources": {"CPU": 1}, "label_selector": {"llmos.io/pool": "v100"}}]),
+    }
+    before = admin.queue()
+    with pytest.raises(UserError, match=r"requests\[1\]: .*unknown pool 'v100'.*nothing was submitted"):
+        admin.acquire_many([pair, unknown_pool])
+    with pytest.raises(SpecError, match=r"requests\[0\]"):
+        admin.acquire_many([{"team": "interns", "gang": gang("x", [])}, pair])
+    assert admin.queue() == before
+    # Three 2-GPU gangs for a team with 4 GPUs of quota, and a CPU gang, in one call.
+    acquired = admin.acquire_many([pair, pair, pair, cpus])
+    states = [status.state for status, _ in acquired]
+    assert states == [RequestState.PLACED, RequestState.PLACED, RequestState.QUEUED, RequestState.PLACED]
+    ids = node_ids(admin)
+    for status, group in acquired:
+        if status.state is RequestState.PLACED:
+            assert group.wait(WAIT_S)
+            ordered = sorted(status.bundles, key=lambda bundle: bundle.bundle_index)
+            assert binding.bundle_nodes(group) == [ids[bundle.node] for bundle in ordered]
+        else:  # a gang that does not fit now holds nothing: whole or not at all
+            assert group is None and status.bundles == [] and status.reason.startswith("over quota")
+    assert {u.team: u for u in admin.usage()}["interns"].used["gpu"] == 4
+    # Acknowledged means journaled: a controller killed right after the call restores every request
+    # as it was, keeps the groups it made (same ids) and binds none of them twice.
+    expected = {status.id: (status.state, status.nodes, status.placement_group) for status, _ in acquired}
+    groups_before = live_llmos_groups()
+    assert {f"llmos-{status.id}" for status, group in acquired if group} <= set(groups_before)
+    old_pid = admin.ping()["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: admin.ping()["pid"] != old_pid, what="the controller to restart")
+    restored = {status.id: (status.state, status.nodes, status.placement_group) for status in admin.queue()}
+    assert {request_id: restored[request_id] for request_id in expected} == expected
+    assert live_llmos_groups() == groups_before

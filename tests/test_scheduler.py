@@ -214,6 +214,7 @@ def test_books_restored_from_the_journal_match(scheduler: Scheduler, journal):
     submit(scheduler, "small", workers=1, gpus=2)
     scheduler.set_quota("research", {"cpu": 32})
     scheduler.cordon("cpu-0")
+    scheduler.write_journal()
     restored = Scheduler(SPEC, POLICY)
     restored.restore(journal)
     restored.set_nodes(NODES)
@@ -269,3 +270,45 @@ def test_books_only_request_is_placed_without_a_placement_group(scheduler: Sched
     assert scheduler.usage["research"]["gpu"] == 8  # booked all the same
     scheduler.complete(status.id)
     assert scheduler.effects == [] and scheduler.usage["research"] == {}
+
+
+def test_each_changed_request_is_journaled_once_per_commit_in_its_latest_state(scheduler: Scheduler, journal):
+    status = scheduler.submit(SubmitRequest(team="research", gang=gang("job", 2, 1)))
+    scheduler.schedule()  # submitted, then placed: two changes of one request
+    assert not [entry for entry in journal if "request" in entry]  # nothing until the caller commits
+    assert [entry["decision"]["action"] for entry in journal] == ["admitted", "placed"]
+    assert scheduler.write_journal() == 1
+    written = [entry["request"] for entry in journal if "request" in entry]
+    assert len(written) == 1
+    assert written[0]["state"] == "placed" and written[0]["placement_group"] == f"llmos-{status.id}"
+    assert scheduler.write_journal() == 0  # nothing changed since
+
+
+def test_submit_many_is_all_or_nothing_and_each_gang_keeps_to_its_quota(scheduler: Scheduler, journal):
+    bad = [
+        SubmitRequest(team="small", gang=gang("a", 1, 1)),
+        SubmitRequest(team="small", gang=gang("b", 1, 1, label_selector={"llmos.io/pool": "tpu"})),
+    ]
+    with pytest.raises(UserError, match=r"requests\[1\]: .*unknown pool 'tpu'.*nothing was submitted"):
+        scheduler.submit_many(bad)
+    assert scheduler.requests == {} and journal == [] and scheduler.write_journal() == 0
+    # Three 1-GPU gangs and a 2-bundle gang for a team with 2 GPUs of quota, in one batch.
+    batch = [SubmitRequest(team="small", gang=gang(f"one-{i}", 1, 1)) for i in range(3)]
+    statuses = scheduler.submit_many(
+        [*batch, SubmitRequest(team="small", gang=gang("pair", 2, 1))], ["k0", "k1", "k2", "k3"]
+    )
+    scheduler.schedule()
+    states = [scheduler.get(status.id).state for status in statuses]
+    assert states == [RequestState.PLACED, RequestState.PLACED, RequestState.QUEUED, RequestState.QUEUED]
+    assert scheduler.usage["small"]["gpu"] == 2
+    for status in statuses[2:]:  # waiting gangs hold nothing: whole or not at all
+        assert scheduler.get(status.id).bundles == [] and "over quota" in scheduler.get(status.id).reason
+    assert [status.idempotency_key for status in statuses] == ["k0", "k1", "k2", "k3"]
+    assert [effect.request_id for effect in scheduler.effects] == [status.id for status in statuses[:2]]
+    # One journal entry per request, and the books restored from it match.
+    assert scheduler.write_journal() == 4
+    restored = Scheduler(SPEC, POLICY)
+    restored.restore(journal)
+    assert restored.requests == scheduler.requests and restored.usage == scheduler.usage
+    with pytest.raises(UserError, match="2 idempotency keys for 1 requests"):
+        scheduler.submit_many(batch[:1], ["a", "b"])
