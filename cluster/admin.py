@@ -244,7 +244,7 @@ class Admin:
         return self.submit_many([request])[0]
 
     def submit_many(self, requests: list[SubmitRequest | dict]) -> list[RequestStatus]:
-        """Submit several requests in one controller call, journaled with one fsync.
+        """Submit several requests in one controller call, journaled together (group commit).
 
         All of them are accepted or, if any is malformed, names an unknown team, pool or priority
         class, or is forbidden to this credential, none is (the error names its index). Each is its
@@ -267,9 +267,11 @@ class Admin:
     ) -> list[tuple[RequestStatus, Any]]:
         """`acquire` for several gangs at once (e.g. the replicas of a deployment), in one controller call.
 
-        Accepted all or none, as `submit_many`; one journal fsync covers the batch, made before any
-        placement group is created and before the call returns. Each request is placed whole or not
-        at all; with `timeout_s`, requests still waiting are waited for (UserError if one still waits then).
+        Accepted all or none, as `submit_many`. Every request is journaled before any placement group
+        is created, and placements are journaled and bound a few at a time (one fsync each), so Ray
+        reserves the first groups while the rest are placed; all is durable before the call returns.
+        Each request is placed whole or not at all; with `timeout_s`, requests still waiting are
+        waited for (UserError if one still waits then).
         """
         parsed = self._parse_all(requests)
         results = self._call("acquire_many", parsed, [uuid.uuid4().hex for _ in parsed])

@@ -32,6 +32,8 @@ CONTROLLER_NAME = "llmos-controller"
 NAMESPACE = binding.NAMESPACE
 DEFAULT_POLICY = "llmos"
 POLL_INTERVAL_S = 0.5
+# A batch's placements are journaled (one fsync) and bound this many at a time.
+BIND_EVERY = 8
 
 logger = logging.getLogger("llmos.controller")
 
@@ -188,12 +190,13 @@ class Controller:
     def acquire_many(
         self, credential: str | None, requests: list[dict], idempotency_keys: list[str | None] | None = None
     ) -> list[tuple[RequestStatus, Any]]:
-        """`acquire` for a batch, in one call: one lock, one scheduling pass, one journal write and fsync.
+        """`acquire` for a batch, in one call and under one hold of the lock.
 
         Every request is checked first; an invalid or forbidden one refuses the whole batch and
         changes nothing. Each request is then its own gang, placed whole or not at all, in priority
-        order within its team's quota; the batch is journaled durably before any placement group
-        is created and before the call returns.
+        order within its team's quota. Every request is journaled (one write, one fsync) before any
+        placement group is created; placements are then journaled and bound `BIND_EVERY` at a time,
+        and the call returns once all of them are durable.
         """
         statuses = self.submit_many(credential, requests, idempotency_keys)
         with self._lock:
@@ -245,7 +248,10 @@ class Controller:
         with self._lock:
             try:
                 result = submit_new()
-                self.scheduler.schedule()
+                # Pipelined: persist and bind every few placements, so Ray reserves the first groups
+                # while the rest are still being placed; the call returns once all are durable.
+                while self.scheduler.schedule(max_binds=BIND_EVERY):
+                    self._commit()
             except UserError as error:
                 for request in parsed:
                     self.audit.record(principal, Action.SUBMIT.value, request.gang.name, "failed", str(error))

@@ -360,18 +360,31 @@ class Scheduler:
 
     # -- placing ----------------------------------------------------------------------------------
 
-    def schedule(self) -> None:
-        """Place what can be placed, highest priority first; preempt lower priorities if that makes room."""
+    def schedule(self, max_binds: int | None = None) -> bool:
+        """Place what can be placed, highest priority first; preempt lower priorities if that makes room.
+
+        With `max_binds`, stop once that many placements wait to be bound, so the caller can persist
+        and bind them before going on; the next call continues in the same order. Returns True if it
+        stopped with requests left to try.
+        """
         if self.engine is None:
-            return
-        if self._retry_all:
+            return False
+        retry_all = self._retry_all
+        if retry_all:
             self._retry_all = False
             candidates = self.waiting()
         else:
             candidates = [status for status in self.waiting() if status.id in self._untried]
+        binds = sum(isinstance(effect, Bind) for effect in self.effects)
         for status in candidates:
+            if max_binds is not None and binds >= max_binds:
+                self._retry_all = self._retry_all or retry_all  # the rest are tried on the next call
+                return True
+            effects_before = len(self.effects)
             self._try_place(status)
             self._untried.discard(status.id)
+            binds += sum(isinstance(effect, Bind) for effect in self.effects[effects_before:])
+        return False
 
     def _try_place(self, status: RequestStatus) -> None:
         quota, used = self.quotas[status.team], self.usage[status.team]

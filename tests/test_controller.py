@@ -255,7 +255,7 @@ def test_preemption_frees_the_victims_placement_group(admin: Admin):
     assert admin.placement_group(urgent.id).wait(WAIT_S)
 
 
-def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster: LocalCluster):
+def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster: LocalCluster, tmp_path: Path):
     held = admin.submit({"team": "research", "gang": gang("cli", [{"resources": {"CPU": 1}}])})
     env = {**os.environ, "LLMOS_HOME": str(local_cluster.home)}
 
@@ -270,6 +270,23 @@ def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster
     refused = llmos("drain", "head-0")
     assert refused.returncode == 2
     assert "head node" in refused.stderr and "Traceback" not in refused.stderr
+    # Several request files in one submit: one call, all or none.
+    files = []
+    for name, pool in (("one", "cpu"), ("two", "cpu"), ("bad", "v100")):
+        files.append(tmp_path / f"{name}.yaml")
+        files[-1].write_text(
+            f"team: research\ngang:\n  name: {name}\n  bundles:\n"
+            f"    - {{resources: {{CPU: 1}}, label_selector: {{llmos.io/pool: {pool}}}}}\n"
+        )
+    before = admin.queue()
+    refused = llmos("submit", str(files[0]), str(files[2]))
+    assert refused.returncode == 2 and "requests[1]" in refused.stderr and "unknown pool 'v100'" in refused.stderr
+    assert admin.queue() == before
+    submitted = llmos("submit", str(files[0]), str(files[1]), "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    statuses = json.loads(submitted.stdout)
+    assert [status["request"]["gang"]["name"] for status in statuses] == ["one", "two"]
+    assert all(status["state"] == "placed" for status in statuses)
 
 
 def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the_admin(admin: Admin):

@@ -312,3 +312,31 @@ def test_submit_many_is_all_or_nothing_and_each_gang_keeps_to_its_quota(schedule
     assert restored.requests == scheduler.requests and restored.usage == scheduler.usage
     with pytest.raises(UserError, match="2 idempotency keys for 1 requests"):
         scheduler.submit_many(batch[:1], ["a", "b"])
+
+
+def test_scheduling_a_few_binds_at_a_time_places_as_one_pass_does():
+    def books() -> Scheduler:
+        fresh = Scheduler(SPEC, POLICY, clock=lambda: 0.0)
+        fresh.set_nodes(NODES)
+        requests = [
+            SubmitRequest(team=team, gang=gang(f"{team}-{i}", workers, gpus), priority=priority)
+            for i, (team, workers, gpus, priority) in enumerate(
+                [("research", 2, 2, None), ("small", 1, 1, None), ("prod", 1, 4, "high"), ("small", 1, 1, None)]
+                + [("research", 1, 1, None)] * 4
+                + [("small", 1, 1, None), ("prod", 4, 2, "high")]
+            )
+        ]
+        fresh.submit_many(requests)
+        return fresh
+
+    one_pass, stepwise = books(), books()
+    assert one_pass.schedule() is False
+    steps = 0
+    while stepwise.schedule(max_binds=3):
+        assert sum(isinstance(effect, Bind) for effect in stepwise.effects) == 3  # the caller binds these
+        stepwise.effects.clear()
+        steps += 1
+    assert steps == 2
+    assert stepwise.requests == one_pass.requests
+    assert list(stepwise.decisions) == list(one_pass.decisions)
+    assert stepwise.usage == one_pass.usage
