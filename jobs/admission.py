@@ -72,9 +72,9 @@ def gang_request(job: TrainingJob, workers: int) -> SubmitRequest:
     )
 
 
-def placement_for(status: RequestStatus) -> WorkerPlacement:
-    """Exactly one worker per booked bundle, worker i pinned to the node of bundle i."""
-    selectors = [{NODE_LABEL: node} for node in status.nodes]
+def placement_for(bookings: list[RequestStatus]) -> WorkerPlacement:
+    """Exactly one worker per booked bundle (across the bookings), worker i pinned to the node of bundle i."""
+    selectors = [{NODE_LABEL: node} for status in bookings for node in status.nodes]
     return WorkerPlacement(len(selectors), len(selectors), selectors)
 
 
@@ -117,7 +117,7 @@ def admit(
     for index, workers in enumerate(sizes):
         status = admin.submit(gang_request(job, workers))
         if status.state.holding:
-            return Admission(status, placement_for(status))
+            return Admission(status, placement_for([status]))
         if status.state is RequestState.REJECTED:
             rejected.append((workers, status.reason))
             status = None
@@ -130,7 +130,7 @@ def admit(
         workers, reason = rejected[-1]
         raise UserError(rejection_message(job, workers, reason))
     placed = _wait_placed(admin, status, on_progress, wait_timeout_s)
-    return Admission(placed, placement_for(placed))
+    return Admission(placed, placement_for([placed]))
 
 
 def _wait_placed(

@@ -2,14 +2,16 @@
 
 The driver asks the llmos controller for admission (`jobs.admission.admit`): the controller books a
 gang of one bundle per worker against the team's quota and priority, and the workers are pinned to
-the booked nodes (`WorkerPlacement`), so Ray Train's own placement group lands exactly there. The
-request is marked running when fit() starts and released (finished or failed) when it ends.
+the booked nodes (`WorkerPlacement`), so Ray Train's own placement group lands exactly there. Each
+attempt is one Ray Train fit() with no retries of its own; `jobs.elastic` decides what follows a
+lost node, a dead worker, a preemption or room to grow, and releases the bookings at the end.
 
 The worker function is a thin wrapper around `jobs.training_loop.train`: it takes rank, world size
 and device from Ray Train, resumes from `ray.train.get_checkpoint()` (or, when Ray has none, from
 the newest complete checkpoint in the job's directory), forwards every report to `ray.train.report`,
 attaching the checkpoint rank 0 wrote at that step, and on rank 0 sends the progress (step, loss,
-tokens/s, workers, restarts) to the controller, where `llmos request ID` shows it.
+tokens/s, workers, restarts) to the controller, where `llmos request ID` shows it, and reads the
+driver's stop directive at every reporting step (`stop_check`).
 
 `--without-controller` skips admission: the workers go to any node of the job's pool
 (`placement_from_spec`), for a Ray cluster that runs no llmos controller.
@@ -18,11 +20,9 @@ tokens/s, workers, restarts) to the controller, where `llmos request ID` shows i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +30,8 @@ from typing import Any
 
 import ray.train
 import torch
+import torch.distributed as dist
+from ray.exceptions import RayError
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -40,20 +42,30 @@ from ray.train import (
     TrainingFailedError,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from cluster.admin import Admin, ProgressReporter
 from cluster.console import UserError
 from cluster.ray_mapping import POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL
 from cluster.spec import SpecError
-from jobs.admission import WorkerPlacement, admit
+from jobs.admission import WorkerPlacement
 from jobs.checkpoint import latest_checkpoint
+from jobs.elastic import ElasticRun, RestartBudgetExhausted, TrainingAttemptFailed, one_line, wants_stop
 from jobs.metrics import plot_loss_curve
 from jobs.spec import TrainingJob, load_training_job
-from jobs.training_loop import StepReport, format_report, report_to_files, train
+from jobs.training_loop import StepReport, StopCheck, format_report, report_to_files, train
 
-# Each ray.train.report waits for a controller poll, every 2 s by default; 0.2 s keeps reporting
-# every few steps cheap (measured: 20 steps took 55 s instead of 16 s at the default).
-HEALTH_CHECK_INTERVAL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+RAY_TRAIN_ENV = {
+    # Each ray.train.report waits for a controller poll, every 2 s by default; 0.2 s keeps reporting
+    # every few steps cheap (measured: 20 steps took 55 s instead of 16 s at the default).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # A worker group that cannot start (a booked node died and Ray has not noticed yet) fails the
+    # attempt after this long instead of 60 s, and llmos admits the job again.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+}
+# Under the controller, llmos restarts (jobs.elastic): Ray Train ends an attempt at its first failure,
+# including a worker group that cannot start, which Ray would otherwise retry without end.
+ATTEMPT_ENDS_AT_FIRST_FAILURE = FailureConfig(max_failures=0, max_preemption_failures=0, controller_failure_limit=0)
 
 # gloo runs on CPU and also carries CUDA tensors, so it is right on real GPUs and on the local
 # cluster, where CPU compute stands in for the GPUs of a GPU pool. nccl is faster on real GPUs;
@@ -93,19 +105,20 @@ def scaling_config(job: TrainingJob, placement: WorkerPlacement) -> ScalingConfi
     )
 
 
-def run_config(job: TrainingJob) -> RunConfig:
-    """Storage under <storage_path>/<name>; separate budgets for failures and preemptions.
+def run_config(job: TrainingJob, *, retries_by_ray: bool) -> RunConfig:
+    """Storage under <storage_path>/<name>, and who restarts a failed attempt.
 
+    Under the controller, llmos restarts (`jobs.elastic`), so Ray Train ends an attempt at its first
+    failure; without it (`--without-controller`) Ray Train retries within the job's budgets.
     Checkpoint retention is the job's own (jobs.checkpoint keeps the last K), so Ray keeps every
     checkpoint it was told about rather than deleting the same directories a second time.
     """
+    budget = job.restart_budget
+    failures = FailureConfig(max_failures=budget.failures, max_preemption_failures=budget.preemptions)
     return RunConfig(
         name=job.name,
         storage_path=str(job.run_directory.parent),
-        failure_config=FailureConfig(
-            max_failures=job.restart_budget.failures,
-            max_preemption_failures=job.restart_budget.preemptions,
-        ),
+        failure_config=failures if retries_by_ray else ATTEMPT_ENDS_AT_FIRST_FAILURE,
         checkpoint_config=CheckpointConfig(num_to_keep=None),
     )
 
@@ -117,7 +130,7 @@ def checkpoint_upload_mode(job: TrainingJob) -> CheckpointUploadMode:
     return CheckpointUploadMode.SYNC
 
 
-def progress_details(report: StepReport, restarts: int) -> dict[str, Any]:
+def progress_details(report: StepReport, attempt: dict[str, Any]) -> dict[str, Any]:
     """What the controller shows for a training request at a reporting step."""
     details = {
         "step": report.step,
@@ -126,7 +139,8 @@ def progress_details(report: StepReport, restarts: int) -> dict[str, Any]:
         "tokens_per_s": round(report.tokens_per_s, 1),
         "world_size": report.world_size,
         "resumed_from_step": report.resumed_from_step,
-        "restarts": restarts,
+        "attempt": attempt.get("attempt"),
+        "restarts": attempt.get("restarts", 0),
         "reported_at": time.time(),
     }
     if report.heldout_loss is not None:
@@ -134,13 +148,18 @@ def progress_details(report: StepReport, restarts: int) -> dict[str, Any]:
     return details
 
 
-def _start_attempt(reporter: ProgressReporter | None, world_size: int) -> int:
-    """On rank 0: count this attempt in the controller's record; returns the restarts so far."""
-    if reporter is None:
-        return 0
-    attempts = int(reporter.status().details.get("attempts", 0)) + 1
-    reporter.report({"attempts": attempts, "restarts": attempts - 1, "world_size": world_size})
-    return attempts - 1
+def stop_check(reporter: ProgressReporter | None, attempt: int, world_size: int) -> StopCheck:
+    """Rank 0 reads the driver's stop directive from the controller; every rank gets its answer."""
+
+    def should_stop(step: int, checkpoint_step: bool) -> bool:
+        wanted = reporter is not None and wants_stop(reporter.status().details, attempt, checkpoint_step)
+        if world_size == 1:
+            return wanted
+        flag = torch.tensor([int(wanted)])
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    return should_stop
 
 
 def worker_device() -> torch.device:
@@ -161,12 +180,13 @@ def train_worker(config: dict[str, Any]) -> None:
     to_files = report_to_files(job, rank)
     upload_mode = checkpoint_upload_mode(job)
     reporter: ProgressReporter | None = config.get("reporter") if rank == 0 else None
-    restarts = _start_attempt(reporter, world_size)
+    attempt: dict[str, Any] = config.get("attempt") or {}
+    should_stop = stop_check(reporter, attempt["attempt"], world_size) if "attempt" in attempt else None
 
     def report(step_report: StepReport) -> None:
         to_files(step_report)
         if reporter is not None:
-            reporter.report(progress_details(step_report, restarts))  # no round trip: one actor call
+            reporter.report(progress_details(step_report, attempt))  # no round trip: one actor call
         # Every rank calls report at the same steps (it is a barrier); only rank 0 has a checkpoint.
         checkpoint = Checkpoint.from_directory(step_report.checkpoint) if step_report.checkpoint else None
         ray.train.report(step_report.as_dict(), checkpoint=checkpoint, checkpoint_upload_mode=upload_mode)
@@ -181,6 +201,7 @@ def train_worker(config: dict[str, Any]) -> None:
             device=worker_device(),
             resume_from=latest_checkpoint(job.checkpoint_directory),
             on_report=report,
+            should_stop=should_stop,
         )
     else:
         with ray_checkpoint.as_directory() as directory:
@@ -191,23 +212,32 @@ def train_worker(config: dict[str, Any]) -> None:
                 device=worker_device(),
                 resume_from=Path(directory),
                 on_report=report,
+                should_stop=should_stop,
             )
     if rank == 0:
         plot_loss_curve(job.metrics_file, job.loss_curve_file, title=job.name)
 
 
 def build_trainer(
-    job: TrainingJob, placement: WorkerPlacement, reporter: ProgressReporter | None = None
+    job: TrainingJob,
+    placement: WorkerPlacement,
+    reporter: ProgressReporter | None = None,
+    attempt: dict[str, Any] | None = None,
 ) -> TorchTrainer:
-    for name, value in HEALTH_CHECK_INTERVAL_ENV.items():
+    """A TorchTrainer for one attempt; with `attempt` (under the controller) Ray Train does not retry."""
+    for name, value in RAY_TRAIN_ENV.items():
         # Ray Train passes these from the driver to its controller and workers.
         os.environ.setdefault(name, value)
+    # The job's checkpoint directory is the record (the worker resumes from its newest checkpoint);
+    # Ray Train's snapshot of an earlier fit still names checkpoints that keep_last has deleted
+    # since, and Ray refuses to start on it.
+    (job.run_directory / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).unlink(missing_ok=True)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "reporter": reporter},
+        train_loop_config={"job": job.model_dump(mode="json"), "reporter": reporter, "attempt": attempt},
         torch_config=TorchConfig(backend=PROCESS_GROUP_BACKEND),
         scaling_config=scaling_config(job, placement),
-        run_config=run_config(job),
+        run_config=run_config(job, retries_by_ray=attempt is None),
     )
 
 
@@ -217,61 +247,26 @@ def describe(placement: WorkerPlacement) -> str:
     return str(placement.label_selector or "any node")
 
 
-def fit(job: TrainingJob, placement: WorkerPlacement, reporter: ProgressReporter | None = None) -> StepReport:
-    """Run the trainer to the end; returns the last report. Raises TrainingFailedError."""
-    result = build_trainer(job, placement, reporter).fit()
+def fit(
+    job: TrainingJob,
+    placement: WorkerPlacement,
+    reporter: ProgressReporter | None = None,
+    attempt: dict[str, Any] | None = None,
+) -> StepReport:
+    """Run the trainer until it ends; returns the last report. Raises TrainingFailedError."""
+    result = build_trainer(job, placement, reporter, attempt).fit()
     reported = {item.name for item in dataclasses.fields(StepReport)}
     return StepReport(**{key: value for key, value in result.metrics.items() if key in reported})
 
 
-def format_progress(details: dict[str, Any]) -> str:
-    """A driver progress line from what rank 0 reported to the controller."""
-    parts = [
-        f"step {details['step']}/{details.get('steps', '?')}",
-        f"loss {details['loss']:.3f}" if "loss" in details else "",
-        f"held-out {details['heldout_loss']:.3f}" if "heldout_loss" in details else "",
-        f"{details.get('tokens_per_s', 0):,.0f} tok/s",
-        f"{details.get('world_size', '?')} workers",
-        f"resumed from step {details['resumed_from_step']}" if details.get("resumed_from_step") else "",
-        f"restarts {details['restarts']}" if details.get("restarts") else "",
-    ]
-    return "  ".join(part for part in parts if part)
-
-
-class ProgressPrinter(threading.Thread):
-    """Prints, on the driver, each new step the rank-0 worker reported to the controller.
-
-    Worker output is not forwarded to the driver (llmos connects with log_to_driver off), and the
-    controller's record is what `llmos request ID` shows, so the driver prints that.
-    """
-
-    def __init__(self, reporter: ProgressReporter, on_progress: Callable[[str], None], interval_s: float = 1.0):
-        super().__init__(daemon=True, name="llmos-train-progress")
-        self.reporter, self.on_progress, self.interval_s = reporter, on_progress, interval_s
-        self.stopping = threading.Event()
-        self.last_step: tuple[int, int] | None = None
-
-    def poll(self) -> None:
-        details = self.reporter.status().details
-        if "step" in details:
-            seen = (int(details.get("restarts", 0)), int(details["step"]))
-            if seen != self.last_step:
-                self.last_step = seen
-                self.on_progress(format_progress(details))
-
-    def run(self) -> None:
-        while not self.stopping.wait(self.interval_s):
-            try:
-                self.poll()
-            except Exception:  # progress output is best effort; the run goes on
-                continue
-
-    def stop(self) -> None:
-        """Stop polling, then print the last step if it was not printed yet."""
-        self.stopping.set()
-        self.join(self.interval_s + 30)
-        with contextlib.suppress(Exception):
-            self.poll()
+def run_attempt(
+    job: TrainingJob, placement: WorkerPlacement, reporter: ProgressReporter, attempt: dict[str, Any]
+) -> StepReport:
+    """One attempt of an elastic run (`jobs.elastic`): Ray Train on the booked nodes, no retries of its own."""
+    try:
+        return fit(job, placement, reporter, attempt)
+    except (TrainingFailedError, RayError) as error:
+        raise TrainingAttemptFailed(one_line(error)) from error
 
 
 def run_admitted(
@@ -281,42 +276,11 @@ def run_admitted(
     on_progress: Callable[[str], None] = print,
     wait_timeout_s: float | None = None,
 ) -> tuple[str, StepReport]:
-    """Admit the job through the controller, train on the booked nodes, release them; returns (request id, last report).
+    """Admit the job through the controller and train it to the end, elastically; returns (request id, last report).
 
     The request ends finished, or failed with the reason when training fails or is interrupted.
     """
-    admission = admit(job, admin, on_progress=on_progress, wait_timeout_s=wait_timeout_s)
-    request_id, placement = admission.request_id, admission.placement
-    on_progress(
-        f"training {job.name}: request {request_id} placed {placement.max_workers} worker"
-        f"{'s' if placement.max_workers > 1 else ''} on {describe(placement)}; "
-        f"checkpoints in {job.checkpoint_directory}"
-    )
-    try:
-        admin.mark_running(request_id, {"world_size": placement.max_workers, "nodes": admission.status.nodes})
-        printer = ProgressPrinter(admin.reporter(request_id), on_progress)
-        printer.start()
-        try:
-            final = fit(job, placement, admin.reporter(request_id))
-        finally:
-            printer.stop()
-    except TrainingFailedError as error:
-        admin.complete(request_id, failed=True, reason=f"training failed: {_first_line(error)}")
-        raise
-    except BaseException as error:
-        admin.complete(request_id, failed=True, reason=f"driver stopped: {type(error).__name__} {_first_line(error)}")
-        raise
-    admin.complete(request_id)
-    return request_id, final
-
-
-def _first_line(error: BaseException) -> str:
-    """One line for a log or a request's reason: the summary, and the innermost error when there is one."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    summary = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
-    return summary[:400]
+    return ElasticRun(job, admin, run_attempt, on_progress=on_progress, wait_timeout_s=wait_timeout_s).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, SpecError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except TrainingFailedError as error:
-        print(f"training {job.name} failed: {_first_line(error)}", file=sys.stderr)
+    except (TrainingFailedError, TrainingAttemptFailed, RestartBudgetExhausted) as error:
+        print(f"training {job.name} failed: {one_line(error)}", file=sys.stderr)
         return 1
     print(f"done: {format_report(final)}")
     print(f"metrics {job.metrics_file}, loss curve {job.loss_curve_file}")

@@ -72,6 +72,9 @@ class TrainingResult:
 
 
 ReportCallback = Callable[[StepReport], None]
+# Asked at every reporting step with (step, whether it is a checkpoint step); True ends the attempt
+# there, with a checkpoint. Every rank calls it at the same steps and must get the same answer.
+StopCheck = Callable[[int, bool], bool]
 
 
 def default_device() -> torch.device:
@@ -142,8 +145,10 @@ def train(
     resume_from: Path | None = None,
     on_report: ReportCallback | None = None,
     stop_at_step: int | None = None,
+    should_stop: StopCheck | None = None,
 ) -> TrainingResult:
-    """Train `job` on this rank until its last step, or until `stop_at_step` (with a checkpoint there).
+    """Train `job` on this rank until its last step, `stop_at_step`, or a step where `should_stop`
+    says so; the attempt checkpoints where it stops.
 
     With `world_size` > 1 the caller has set up the torch.distributed process group (Ray Train does;
     `run_bare` does for its processes). `resume_from` is a checkpoint directory to continue from;
@@ -218,6 +223,8 @@ def train(
         save = step % job.checkpoint.every_steps == 0 or step == last_step
         if not (evaluate or save or step % job.log_every_steps == 0):
             continue
+        if step < last_step and should_stop is not None and should_stop(step, save):
+            last_step, save = step, True
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         window_seconds = time.perf_counter() - window_started

@@ -1,12 +1,17 @@
-"""Admission of a TrainingJob, without Ray: the gang it asks for, the pins it gets, the errors it shows."""
+"""Admission of a TrainingJob, without Ray: the gang it asks for, the pins it gets, the errors it shows,
+and the elastic driver's decisions."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from cluster.placement.request import Constraint
 from cluster.requests import BundleBinding, RequestState, RequestStatus, WorkloadKind
 from jobs.admission import WorkerPlacement, gang_request, placement_for, rejection_message, sizes_to_try
+from jobs.elastic import Outcome, StopWhen, classify, format_progress, stop_directive, wants_stop
 from jobs.spec import TrainingJob
-from jobs.train import format_progress, scaling_config
+from jobs.train import scaling_config
+from jobs.training_loop import StepReport
 
 
 def job(**overrides) -> TrainingJob:
@@ -57,7 +62,7 @@ def test_each_worker_is_pinned_to_the_node_of_its_bundle():
         submitted_seq=1,
         submitted_at=0.0,
     )
-    placement = placement_for(status)
+    placement = placement_for([status])
     assert placement == WorkerPlacement(2, 2, [{"llmos.io/node": "h100-1"}, {"llmos.io/node": "h100-0"}])
     config = scaling_config(job(), placement)
     assert config.num_workers == 2
@@ -76,3 +81,51 @@ def test_progress_line_shows_step_loss_rate_workers_and_restarts():
         {"step": 40, "steps": 100, "loss": 2.5, "tokens_per_s": 1234.5, "world_size": 2, "restarts": 1}
     )
     assert line.startswith("step 40/100  loss 2.500  1,234 tok/s  2 workers") and "restarts 1" in line
+
+
+def test_a_stop_directive_applies_to_its_own_attempt_only():
+    now = stop_directive(3, StopWhen.NOW, "node left")
+    assert wants_stop(now, 3, checkpoint_step=False)
+    assert not wants_stop(now, 4, checkpoint_step=True), "a directive for an earlier attempt is stale"
+    at_checkpoint = stop_directive(3, StopWhen.CHECKPOINT, "room to grow")
+    assert not wants_stop(at_checkpoint, 3, checkpoint_step=False)
+    assert wants_stop(at_checkpoint, 3, checkpoint_step=True)
+    assert not wants_stop({"stop": None}, 3, checkpoint_step=True)
+
+
+def _booking(state: RequestState, reason: str = "") -> RequestStatus:
+    return RequestStatus(
+        id="r-1",
+        request=gang_request(job(), 1),
+        priority_value=500,
+        state=state,
+        reason=reason,
+        submitted_seq=1,
+        submitted_at=0.0,
+    )
+
+
+def test_an_attempt_is_classified_from_how_it_ended_and_the_books():
+    training = job()
+    done = StepReport(
+        step=training.steps,
+        steps=training.steps,
+        loss=1.0,
+        learning_rate=0.0,
+        tokens_per_s=1.0,
+        tokens_seen=1,
+        world_size=2,
+        elapsed_s=1.0,
+    )
+    early = dataclasses.replace(done, step=10)
+    running = _booking(RequestState.RUNNING)
+    # The controller requeued it for its lost node, then wrote why it still waits.
+    node_left = _booking(RequestState.PREEMPTED, "waiting: no room now").model_copy(update={"failures": 1})
+    preempted = _booking(RequestState.PREEMPTED, "preempted by r-9").model_copy(update={"preemptions": 1})
+    before = {"r-1": 0}
+    assert classify(False, done, training, [running], before) is Outcome.FINISHED
+    assert classify(True, None, training, [running, node_left], before) is Outcome.NODE_LOST
+    assert classify(False, early, training, [preempted], before) is Outcome.PREEMPTED
+    assert classify(False, early, training, [node_left], {"r-1": 1}) is Outcome.PREEMPTED, "an old loss is no news"
+    assert classify(True, None, training, [running], before) is Outcome.WORKER_FAILED
+    assert classify(False, early, training, [running], before) is Outcome.STOPPED

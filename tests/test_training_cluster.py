@@ -221,3 +221,69 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_the_loss_curve_conti
     status = admin.status(request_id)
     assert status.state is RequestState.FINISHED
     assert status.details["restarts"] == 1 and status.details["step"] == job.steps
+
+
+def test_lost_node_shrinks_the_job_to_the_nodes_left_and_it_grows_back_at_a_checkpoint(
+    admin: Admin, local_cluster: LocalCluster, tmp_path: Path
+):
+    (extra,) = local_cluster.add_replica("cpu")
+    wait_for(lambda: extra.name in {n.name for n in admin.nodes()}, what=f"{extra.name} in the controller")
+    # One worker per cpu node (6 of 8 CPUs each), at most two: cpu-0 and the added node.
+    job = tiny_job(
+        tmp_path,
+        "elastic",
+        pool="cpu",
+        resources={"cpus": 6, "memory": "256Mi"},
+        workers={"min": 1, "max": 2},
+        model={"layers": 2, "d_model": 128, "heads": 4, "context_length": 128},
+        batch_size_per_worker=8,
+        steps=400,
+        checkpoint={"every_steps": 20, "keep_last": 2},
+        evaluation={"every_steps": 400, "batches": 1},
+    )
+    events: dict = {}
+    lines: list[str] = []
+
+    def remove_then_add_back(status) -> bool:
+        step, workers = status.details.get("step", 0), status.details.get("world_size")
+        if "removed_at" not in events and step >= 30 and workers == 2:
+            events["removed_step"], events["removed_at"] = step, time.time()
+            local_cluster.remove_node(extra.name)
+        elif "removed_at" in events and "added" not in events and workers == 1:
+            events["shrunk_step"] = step
+            (events["added"],) = local_cluster.add_replica("cpu")
+            events["added_at"] = time.time()
+            return True
+        return False
+
+    try:
+        with Watcher(admin, job.name, remove_then_add_back) as watcher:
+            request_id, final = ray_train.run_admitted(job, admin, on_progress=lines.append)
+    finally:
+        for node in ("added",):
+            if node in events:
+                local_cluster.remove_node(events[node].name)
+    assert watcher.error is None
+    assert "added" in events, f"the run ended before it shrank: {events}\n" + "\n".join(lines[-20:])
+    records = metrics(job)
+    sizes = [(r["step"], r["world_size"], r["resumed_from_step"]) for r in records]
+    shrunk = [r for r in records if r["world_size"] == 1]
+    regrown = [r for r in records if r["world_size"] == 2 and r["step"] > shrunk[0]["step"]]
+    assert shrunk and regrown, sizes
+    # Resumed with fewer workers from a checkpoint at or after the removal: the node was draining, so the
+    # workers checkpointed where they stopped and no step was lost.
+    resumed_at = shrunk[0]["resumed_from_step"]
+    last_before = max(r["step"] for r in records if r["step"] < shrunk[0]["step"] and r["world_size"] == 2)
+    assert resumed_at >= events["removed_step"] and resumed_at == last_before, sizes
+    # Grew back at a checkpoint boundary: the 2-worker attempt resumed from a checkpoint of the 1-worker one.
+    assert regrown[0]["resumed_from_step"] % 20 == 0 and regrown[0]["resumed_from_step"] > resumed_at, sizes
+    assert final.step == job.steps and final.world_size == 2
+    status = admin.status(request_id)
+    assert status.state is RequestState.FINISHED
+    assert status.details["failures"] == 1 and status.details["preemptions"] == 0
+    assert status.details["replaced"], "the request that lost its node was replaced"
+    (old,) = [admin.status(r) for r in status.details["replaced"]]
+    assert "left the cluster" in old.reason and old.state.final
+    assert any("growth request" in line for line in lines), lines
+    assert all(usage.used.get("cpu", 0) == 0 for usage in admin.usage() if usage.team == "research")
+    print("elastic timeline:", events, "\n".join(lines))

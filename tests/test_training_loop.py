@@ -134,3 +134,25 @@ def test_bare_run_in_two_processes_then_resumes_on_one(tmp_path):
     assert records[-1]["tokens_seen"] == (20 * 2 * 4 + 20 * 4) * 64
     assert records[-1]["resumed_from_step"] == 20
     assert job.loss_curve_file.stat().st_size > 10_000
+
+
+def test_a_stop_request_ends_the_attempt_with_a_checkpoint_where_it_stops(tmp_path):
+    job = tiny_job(tmp_path / "stopped", steps=60)
+    asked: list[tuple[int, bool]] = []
+
+    def at_the_checkpoint_after_step_20(step: int, checkpoint_step: bool) -> bool:
+        asked.append((step, checkpoint_step))
+        return step > 20 and checkpoint_step
+
+    stopped = train(job, should_stop=at_the_checkpoint_after_step_20)
+    assert (
+        stopped.step == 40
+        and checkpoints.checkpoint_step(checkpoints.latest_checkpoint(job.checkpoint_directory)) == 40
+    )
+    assert asked == [(step, step % 20 == 0) for step in range(5, 41, 5)], "asked at every reporting step"
+
+    now = tiny_job(tmp_path / "now", steps=60)
+    result = train(now, should_stop=lambda step, checkpoint_step: step == 15)
+    # Step 15 is no checkpoint step of the job; stopping there writes one, so nothing is lost.
+    assert result.step == 15 and result.checkpoint is not None
+    assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(now.checkpoint_directory)) == 15

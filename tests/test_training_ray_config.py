@@ -31,7 +31,7 @@ def test_example_job_becomes_an_elastic_gpu_pool_run():
 
 def test_run_config_uses_the_job_directory_and_separate_budgets():
     job = load_training_job(EXAMPLE)
-    config = run_config(job)
+    config = run_config(job, retries_by_ray=True)
     assert Path(config.storage_path) / config.name == job.run_directory
     assert config.failure_config.max_failures == 3
     assert config.failure_config.max_preemption_failures == 10
