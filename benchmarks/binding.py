@@ -1,13 +1,26 @@
 """`llmos bench binding`: placement groups per second, created directly with Ray vs through the controller.
 
 All paths run on one local cluster in one run, interleaved round by round so drift on a shared
-machine hits them alike. A placement group counts when it is ready (all bundles reserved):
-- Ray: `placement_group(bundles, strategy="PACK")`, then wait until ready.
-- Ray pinned+detached: the same, with every bundle pinned by `ray.io/node-id` and a detached
-  lifetime: what binding asks Ray for, so the difference to llmos is the controller's own cost.
-- llmos: `Admin.acquire` (admission, placement decision, journal fsync, binding to a placement group
-  pinned node by node, the group handed back), then wait until ready.
-Every group is released after its round (removed, or cancelled through the controller).
+machine hits them alike. Every path makes `count` groups of `size` bundles ({"CPU": 0.01} each) per
+round, and a group counts when it is ready (all bundles reserved). Two modes, each side doing the
+same thing as the other:
+
+- one at a time: create one group, wait until it is ready, then the next.
+  - Ray: `placement_group(bundles, strategy="PACK")`, then `ray.get(group.ready())`.
+  - Ray pinned+detached: what binding asks Ray for: every bundle pinned to the CPU node by
+    `ray.io/node-id`, a detached lifetime, and STRICT_PACK (binding's strategy when all bundles sit
+    on one node, as here), so the difference to llmos is the controller's own cost.
+  - llmos: `Admin.acquire(request)`: one controller call doing admission, the placement decision, a
+    journal write with fsync, binding to a placement group pinned node by node; then the group's ready.
+- batched: create all `count` groups, then wait until all are ready.
+  - Ray (and Ray pinned+detached): `count` `placement_group(...)` calls in a loop, then one
+    `ray.get([group.ready() ...])`.
+  - llmos: one `Admin.acquire_many([request] * count)` call: every request admitted and journaled
+    (fsync) before any group is created, then placed one by one in order, journaled and bound eight
+    at a time (one fsync each), and the `count` groups handed back; then one `ray.get` on all their
+    ready refs.
+
+Every group is released after its round (removed, or cancelled through the controller), untimed.
 """
 
 from __future__ import annotations
@@ -24,44 +37,62 @@ from cluster.spec import load_spec
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = {"CPU": 0.01}
 TIMEOUT_S = 60.0
+MODES = ("one_at_a_time", "batched")
 
 
-def _ray_round(size: int, count: int, pin_to: str | None = None) -> float:
+def _ray_round(size: int, count: int, batched: bool, pin_to: str | None = None) -> float:
     """Ray's own rate; with `pin_to`, for groups made the way binding makes them (pinned, detached)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    options = {}
+    options = {"strategy": "PACK"}
     if pin_to:
-        options = {"lifetime": "detached", "bundle_label_selector": [{"ray.io/node-id": pin_to}] * size}
+        options = {
+            "strategy": "STRICT_PACK",
+            "lifetime": "detached",
+            "bundle_label_selector": [{"ray.io/node-id": pin_to}] * size,
+        }
     groups = []
     started = time.perf_counter()
-    for _ in range(count):
-        group = placement_group([dict(BUNDLE)] * size, strategy="PACK", **options)
-        ray.get(group.ready(), timeout=TIMEOUT_S)
-        groups.append(group)
+    if batched:
+        groups = [placement_group([dict(BUNDLE)] * size, **options) for _ in range(count)]
+        ray.get([group.ready() for group in groups], timeout=TIMEOUT_S)
+    else:
+        for _ in range(count):
+            group = placement_group([dict(BUNDLE)] * size, **options)
+            ray.get(group.ready(), timeout=TIMEOUT_S)
+            groups.append(group)
     elapsed = time.perf_counter() - started
     for group in groups:
         remove_placement_group(group)
     return count / elapsed
 
 
-def _llmos_round(admin, size: int, count: int) -> float:
+def _llmos_round(admin, size: int, count: int, batched: bool) -> float:
     import ray
 
     request = {"team": "research", "gang": {"name": "bench", "bundles": [{"resources": BUNDLE}] * size}}
-    placed = []
     started = time.perf_counter()
-    for _ in range(count):
-        status, group = admin.acquire(request)
+    if batched:
+        acquired = admin.acquire_many([request] * count)
+        _check_placed(acquired)
+        ray.get([group.ready() for _, group in acquired], timeout=TIMEOUT_S)
+    else:
+        acquired = []
+        for _ in range(count):
+            acquired.append(admin.acquire(request))
+            _check_placed(acquired[-1:])
+            ray.get(acquired[-1][1].ready(), timeout=TIMEOUT_S)
+    elapsed = time.perf_counter() - started
+    for status, _ in acquired:
+        admin.cancel(status.id)
+    return count / elapsed
+
+
+def _check_placed(acquired: list) -> None:
+    for status, group in acquired:
         if group is None:
             raise RuntimeError(f"benchmark request was not placed at once: {status.state.value} {status.reason}")
-        ray.get(group.ready(), timeout=TIMEOUT_S)
-        placed.append(status.id)
-    elapsed = time.perf_counter() - started
-    for request_id in placed:
-        admin.cancel(request_id)
-    return count / elapsed
 
 
 def run(
@@ -77,39 +108,52 @@ def run(
     from cluster.inventory import connect
 
     on_progress("starting a local cluster for the benchmark")
+    paths = ("ray", "ray_pinned_detached", "llmos")
+    rates = {(mode, path, size): [] for mode in MODES for path in paths for size in sizes}
     with temporary_cluster(load_spec(spec_path), on_progress=on_progress):
         connect()
         admin = Admin(policy=policy)
         cpu_node = next(node.node_id for node in admin.nodes() if node.pool == "cpu")
-        ray_rates: dict[int, list[float]] = {size: [] for size in sizes}
-        pinned_rates: dict[int, list[float]] = {size: [] for size in sizes}
-        llmos_rates: dict[int, list[float]] = {size: [] for size in sizes}
-        for size in sizes:  # warm every path (worker start-up, first GCS calls)
-            _ray_round(size, 5)
-            _ray_round(size, 5, pin_to=cpu_node)
-            _llmos_round(admin, size, 5)
-        for round_index in range(rounds):
+
+        def measure(mode: str, path: str, size: int, groups: int) -> float:
+            batched = mode == "batched"
+            if path == "llmos":
+                return _llmos_round(admin, size, groups, batched)
+            return _ray_round(size, groups, batched, pin_to=cpu_node if path == "ray_pinned_detached" else None)
+
+        for mode in MODES:  # warm every path (worker start-up, first GCS calls)
             for size in sizes:
-                ray_rates[size].append(_ray_round(size, count))
-                pinned_rates[size].append(_ray_round(size, count, pin_to=cpu_node))
-                llmos_rates[size].append(_llmos_round(admin, size, count))
-                on_progress(
-                    f"round {round_index + 1}/{rounds}, {size}-bundle gangs: Ray {ray_rates[size][-1]:.0f}/s, "
-                    f"Ray pinned+detached {pinned_rates[size][-1]:.0f}/s, llmos {llmos_rates[size][-1]:.0f}/s"
-                )
+                for path in paths:
+                    measure(mode, path, size, 5)
+        for round_index in range(rounds):
+            for mode in MODES:
+                for size in sizes:
+                    for path in paths:
+                        rates[mode, path, size].append(measure(mode, path, size, count))
+                    on_progress(
+                        f"round {round_index + 1}/{rounds}, {mode}, {size}-bundle gangs: "
+                        + ", ".join(f"{path} {rates[mode, path, size][-1]:.0f}/s" for path in paths)
+                    )
 
-    def means(rates: dict[int, list[float]]) -> dict[str, float]:
-        return {str(size): round(statistics.mean(values), 1) for size, values in rates.items()}
-
-    ray_mean, pinned_mean, llmos_mean = means(ray_rates), means(pinned_rates), means(llmos_rates)
-    return {
-        "ray_pgs_per_s": ray_mean,
-        "llmos_pgs_per_s": llmos_mean,
-        "ratio": {size: round(llmos_mean[size] / ray_mean[size], 3) for size in ray_mean},
-        # Ray's own rate for groups pinned node by node and detached, as binding must make them.
-        "ray_pinned_detached_pgs_per_s": pinned_mean,
-        "ratio_to_pinned_detached": {size: round(llmos_mean[size] / pinned_mean[size], 3) for size in ray_mean},
-        "policy": policy,
-        "groups_per_round": count,
-        "rounds": rounds,
-    }
+    result: dict = {}
+    for mode in MODES:
+        mean = {
+            path: {str(size): round(statistics.mean(rates[mode, path, size]), 1) for size in sizes} for path in paths
+        }
+        result[mode] = {
+            "ray_pgs_per_s": mean["ray"],
+            "llmos_pgs_per_s": mean["llmos"],
+            "ratio": {size: round(mean["llmos"][size] / mean["ray"][size], 3) for size in mean["ray"]},
+            # Ray's own rate for groups pinned node by node and detached, as binding must make them.
+            "ray_pinned_detached_pgs_per_s": mean["ray_pinned_detached"],
+            "ratio_to_pinned_detached": {
+                size: round(mean["llmos"][size] / mean["ray_pinned_detached"][size], 3) for size in mean["ray"]
+            },
+            # Every round's rate, to show the spread on a shared machine.
+            "rounds_pgs_per_s": {
+                path: {str(size): [round(rate, 1) for rate in rates[mode, path, size]] for size in sizes}
+                for path in paths
+            },
+        }
+    result.update(policy=policy, groups_per_round=count, rounds=rounds)
+    return result
