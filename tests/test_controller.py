@@ -351,10 +351,13 @@ def test_acquire_many_is_all_or_nothing_per_request_within_quota_and_durable_bef
     with pytest.raises(SpecError, match=r"requests\[0\]"):
         admin.acquire_many([{"team": "interns", "gang": gang("x", [])}, pair])
     assert admin.queue() == before
-    # Three 2-GPU gangs for a team with 4 GPUs of quota, and a CPU gang, in one call.
-    acquired = admin.acquire_many([pair, pair, pair, cpus])
+    # Three 2-GPU gangs for a team with 4 GPUs of quota and a CPU gang, then enough small gangs that
+    # the batch is journaled and bound in several steps (controller.BIND_EVERY), in one call.
+    small = {"team": "research", "gang": gang("small", [{"resources": {"CPU": 0.1}}])}
+    acquired = admin.acquire_many([pair, pair, pair, cpus] + [small] * 2 * controller.BIND_EVERY)
     states = [status.state for status, _ in acquired]
-    assert states == [RequestState.PLACED, RequestState.PLACED, RequestState.QUEUED, RequestState.PLACED]
+    assert states[:4] == [RequestState.PLACED, RequestState.PLACED, RequestState.QUEUED, RequestState.PLACED]
+    assert states[4:] == [RequestState.PLACED] * 2 * controller.BIND_EVERY
     ids = node_ids(admin)
     for status, group in acquired:
         if status.state is RequestState.PLACED:
