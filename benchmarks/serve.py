@@ -94,7 +94,7 @@ def run(
 
     from cluster.admin import Admin
     from cluster.inventory import connect
-    from serving.deploy import deploy
+    from serving.deploy import delete, deploy
     from serving.spec import ServeJob
 
     workdir = Path(tempfile.mkdtemp(prefix="llmos-bench-serve-"))
@@ -129,6 +129,8 @@ def run(
                     f"{'batched' if batched else 'unbatched'} c={concurrency}: {result['tokens_per_s']:.0f} tokens/s, "
                     f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms"
                 )
+        for name in ("bench-batched", "bench-unbatched"):
+            delete(name, admin)
         serve.shutdown()
 
     def tokens_per_s(batched: bool, concurrency: int) -> float:

@@ -81,6 +81,12 @@ class ProgressReporter:
 
         return ray.get(self._controller.status.remote(self._credential, self.request_id), timeout=timeout_s)
 
+    def mark_running(self, details: dict, timeout_s: float = 30.0) -> RequestStatus:
+        import ray
+
+        call = self._controller.mark_running.remote(self._credential, self.request_id, details)
+        return ray.get(call, timeout=timeout_s)
+
     def __repr__(self) -> str:
         return f"ProgressReporter({self.request_id})"
 

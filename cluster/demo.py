@@ -161,7 +161,7 @@ def show_serving(admin, checkpoints: Path) -> None:
     import requests
     from ray import serve
 
-    from serving.deploy import deploy
+    from serving.deploy import delete, deploy
     from serving.spec import load_serve_job
 
     step("llmos serve deploy: the checkpoint behind an OpenAI-style API, replicas booked by the controller")
@@ -176,6 +176,7 @@ def show_serving(admin, checkpoints: Path) -> None:
     )
     completion = response.json()["choices"][0]["text"]
     stdout.print(f"  [bold]{prompt}[/]{completion}", markup=True)
+    delete(job.name, admin)
     serve.shutdown()
 
 

@@ -2,7 +2,9 @@
 
 Each replica is one serving request of the team (group = the deployment, `group_min` = its minimum
 replicas, so preemption never takes it below that). The controller books the replicas; Serve then
-starts them pinned to the booked nodes through the `llmos.io/node` label. A deployment the cluster
+starts them pinned to the booked nodes through the `llmos.io/node` label, and a reconciler
+(`serving.reconcile`) keeps the replica count in step with the books afterwards: down when the
+controller preempts a replica, up when a queued or requeued one is placed. A deployment the cluster
 can never hold is rejected at once with the controller's reason, instead of Serve waiting in
 DEPLOYING forever.
 """
@@ -17,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from cluster.console import UserError
 from cluster.ray_mapping import POOL_LABEL
 from cluster.requests import RequestState, RequestStatus, SubmitRequest, WorkloadKind
-from serving.config import replica_actor_options
+from serving.reconcile import run_replicas, serving_nodes, start_reconciler, stop_reconciler
 from serving.spec import ServeJob
 
 
@@ -68,7 +70,7 @@ def deploy(
 ) -> Deployment:
     from ray import serve
 
-    from serving.app import CompletionServer, resolve_checkpoint
+    from serving.app import resolve_checkpoint
 
     try:
         resolve_checkpoint(job.checkpoint)
@@ -91,30 +93,27 @@ def deploy(
             )
         on_progress(f"waiting for replicas: {len(placed)}/{job.replicas.min} placed")
         time.sleep(0.5)
-    # Serve runs a fixed replica count; replicas the cluster has no room for now are not kept queued.
-    placed_ids = {status.id for status in placed}
-    for request_id in request_ids:
-        if request_id not in placed_ids:
-            admin.cancel(request_id)
-    nodes = [status.nodes[0] for status in placed]
+    # Replicas the cluster has no room for now stay queued: the reconciler starts them once placed.
+    nodes = serving_nodes(placed)
     on_progress(f"starting {len(placed)} replica(s) of {job.name} on {', '.join(sorted(set(nodes)))}")
     serve.start(http_options={"host": host, "port": port})
-    application = CompletionServer.options(
-        num_replicas=len(placed), ray_actor_options=replica_actor_options(job, nodes)
-    ).bind(job.model_dump(mode="json"))
     try:
-        serve.run(application, name=job.name, route_prefix=job.route_prefix, blocking=False)
+        run_replicas(job, nodes)
     except Exception as error:
-        _cancel_all(admin, list(placed_ids))
+        _cancel_all(admin, request_ids)
         raise UserError(f"Serve could not start {job.name}: {error}") from None
     for status in placed:
         admin.mark_running(status.id, {"deployment": job.name})
+    start_reconciler(job, [admin.reporter(request_id) for request_id in request_ids], nodes)
+    queued = len(request_ids) - len(placed)
+    if queued:
+        on_progress(f"{queued} more replica(s) queued; they start when the controller places them")
     return Deployment(
         name=job.name,
         url=f"http://{host}:{port}{job.route_prefix.rstrip('/')}/v1/completions",
         replicas=len(placed),
         nodes=nodes,
-        requests=sorted(placed_ids),
+        requests=request_ids,
     )
 
 
@@ -125,9 +124,10 @@ def _cancel_all(admin, request_ids: list[str]) -> None:
 
 
 def delete(name: str, admin) -> list[str]:
-    """Remove the Serve application and release its replicas' bookings; returns the released ids."""
+    """Remove the Serve application and release its replicas' bookings (queued ones too); returns their ids."""
     from ray import serve
 
+    stop_reconciler(name)
     serve.delete(name)
     released = []
     for status in admin.queue():

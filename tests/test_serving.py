@@ -8,20 +8,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import ray
 import requests
 import torch
 from ray import serve
 from ray.util.state import list_actors
+from waiting import wait_for
 
 from cluster.admin import Admin
 from cluster.console import UserError
 from cluster.launcher import LocalCluster, free_port
+from cluster.ray_mapping import POOL_LABEL
 from cluster.requests import RequestState
 from jobs.checkpoint import save_checkpoint
 from jobs.data import VOCAB_SIZE
 from jobs.model import TransformerLM
 from jobs.spec import ModelSize
 from serving.deploy import delete, deploy
+from serving.reconcile import find_reconciler
 from serving.spec import ServeJob
 
 TIMEOUT_S = 60
@@ -50,6 +54,7 @@ def served(local_cluster: LocalCluster, checkpoint: Path, tmp_path_factory):
     )
     deployment = deploy(job, admin, port=free_port(), wait_s=TIMEOUT_S)
     yield admin, job, deployment
+    delete(job.name, admin)
     serve.shutdown()
     for status in admin.queue():
         admin.cancel(status.id)
@@ -169,3 +174,66 @@ def test_delete_releases_the_bookings(served, checkpoint):
     released = delete("extra-lm", admin)
     assert released == [booked[0].id]
     assert admin.status(booked[0].id).state is RequestState.FINISHED
+
+
+def serve_replicas(name: str) -> int:
+    """Replica actors of the application alive in Ray, and Serve counting every one of them running."""
+    alive = list_actors(filters=[("class_name", "=", f"ServeReplica:{name}:CompletionServer"), ("state", "=", "ALIVE")])
+    application = serve.status().applications.get(name)
+    running = 0
+    if application is not None:
+        (deployment,) = application.deployments.values()
+        running = deployment.replica_states.get("RUNNING", 0)
+    return len(alive) if len(alive) == running else -1
+
+
+def reconciled_replicas(name: str) -> int:
+    return ray.get(find_reconciler(name).state.remote(), timeout=TIMEOUT_S)["replicas"]
+
+
+def test_a_preempted_replica_scales_the_deployment_down_and_it_comes_back(served, checkpoint):
+    admin, _, deployment = served
+    # Two replicas of 3 CPUs on cpu-0 (8 CPUs); a prod gang of 5 CPUs can only be placed by taking one.
+    job = ServeJob(
+        name="elastic-lm",
+        team="research",
+        checkpoint=str(checkpoint),
+        replicas={"min": 1, "max": 2},
+        resources={"cpus": 3},
+        pool="cpu",
+        route_prefix="/elastic",
+    )
+    port = int(deployment.url.split(":")[2].split("/")[0])
+    elastic = deploy(job, admin, port=port, wait_s=TIMEOUT_S)
+    url = elastic.url
+    try:
+        assert elastic.replicas == 2
+        wait_for(lambda: serve_replicas(job.name) == 2, what="two running replicas")
+        blocker = admin.submit(
+            {
+                "team": "prod",
+                "priority": "high",
+                "gang": {
+                    "name": "blocker",
+                    "bundles": [{"resources": {"CPU": 5}, "label_selector": {POOL_LABEL: "cpu"}}],
+                },
+            }
+        )
+        assert blocker.state is RequestState.PLACED, blocker.reason
+        replicas = [admin.status(request_id) for request_id in elastic.requests]
+        assert sorted(status.state.value for status in replicas) == ["preempted", "running"]
+        wait_for(lambda: reconciled_replicas(job.name) == 1, what="the reconciler to scale down")
+        wait_for(lambda: serve_replicas(job.name) == 1, what="Serve to run one replica")
+        # Ray's books agree with the controller's: the gang's placement group is reserved once Serve let go.
+        ray.get(admin.placement_group(blocker.id).ready(), timeout=TIMEOUT_S)
+        assert post(url, {"model": job.name, "prompt": "x", "max_tokens": 2}).status_code == 200
+
+        admin.complete(blocker.id)
+        wait_for(lambda: reconciled_replicas(job.name) == 2, what="the requeued replica to be placed again")
+        wait_for(lambda: serve_replicas(job.name) == 2, what="Serve to run two replicas again")
+        assert all(admin.status(request_id).state is RequestState.RUNNING for request_id in elastic.requests)
+        assert post(url, {"model": job.name, "prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        released = delete(job.name, admin)
+    assert sorted(released) == sorted(elastic.requests)
+    assert serve_replicas(job.name) == 0
