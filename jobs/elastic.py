@@ -44,7 +44,7 @@ from jobs.training_loop import StepReport
 WATCH_INTERVAL_S = 0.25
 # After a failed attempt, how long to wait for the controller to see a node loss before taking the
 # failure for a dead process on a live node (the controller reads Ray's node table every 0.5 s).
-NODE_LOSS_GRACE_S = 3.0
+NODE_LOSS_GRACE_S = 1.0
 
 # Runs one attempt on a placement and returns its last report; raises TrainingAttemptFailed.
 AttemptRunner = Callable[[TrainingJob, WorkerPlacement, ProgressReporter, dict[str, Any]], StepReport]

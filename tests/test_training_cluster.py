@@ -258,7 +258,9 @@ def test_lost_node_shrinks_the_job_to_the_nodes_left_and_it_grows_back_at_a_chec
 
     try:
         with Watcher(admin, job.name, remove_then_add_back) as watcher:
-            request_id, final = ray_train.run_admitted(job, admin, on_progress=lines.append)
+            request_id, final = ray_train.run_admitted(
+                job, admin, on_progress=lambda line: lines.append(f"{time.time():.1f} {line}")
+            )
     finally:
         for node in ("added",):
             if node in events:
