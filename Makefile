@@ -25,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The fault suite: every fault on a real local cluster, 10,000 requests from 20 teams, the input fuzzers.
+faults: $(STAMP)
+	$(BIN)/llmos bench faults --json benchmarks/results/faults.json
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_binding(benchmarks)
     _register_serve(benchmarks)
     _register_train(benchmarks)
+    _register_faults(benchmarks)
 
 
 def _register_placement(benchmarks: argparse._SubParsersAction) -> None:
@@ -190,6 +191,42 @@ def _train(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
     result = run(args.spec, workers=args.workers, plot_path=args.plot, on_progress=progress)
+    return _report(result, args.json)
+
+
+def _register_faults(benchmarks: argparse._SubParsersAction) -> None:
+    faults = benchmarks.add_parser(
+        "faults",
+        help="Faults survived, requests lost, quotas under load, inputs fuzzed (what `make faults` runs).",
+        description="Starts its own local cluster with --teams teams, kills the controller with requests placed and "
+        "queued, removes a node under a training gang and a serving replica, interrupts checkpoint writes, fills "
+        "the checkpoint disk, submits --load requests from every team at once, runs the input fuzzers.",
+    )
+    faults.add_argument("--teams", type=int, default=20, help="Teams in the load test (default 20).")
+    faults.add_argument("--load", type=int, default=10_000, help="Requests in the load test (default 10,000).")
+    faults.add_argument("--queued", type=int, default=100, help="Requests queued when the controller is killed.")
+    faults.add_argument("--placed", type=int, default=10, help="Requests placed when the controller is killed.")
+    faults.add_argument("--no-fuzz", action="store_true", help="Skip the input fuzzers.")
+    faults.add_argument("--json", type=Path, help="Write the report as JSON to this file.")
+    faults.set_defaults(func=_faults)
+
+
+def _faults(args: argparse.Namespace) -> int:
+    from benchmarks.faults import run
+
+    for name in ("teams", "load", "queued", "placed"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.load < args.teams:
+        raise UserError(f"--load {args.load} is fewer than --teams {args.teams}: give each team a request at least")
+    result = run(
+        teams=args.teams,
+        load_requests=args.load,
+        queued=args.queued,
+        placed=args.placed,
+        run_fuzz=not args.no_fuzz,
+        on_progress=progress,
+    )
     return _report(result, args.json)
 
 

@@ -222,8 +222,10 @@ class Admin:
     def usage(self) -> list[TeamUsage]:
         return self._call("usage")
 
-    def decisions(self, limit: int = 50, request_id: str | None = None) -> list[DecisionRecord]:
-        return self._call("decisions", limit, request_id)
+    def decisions(self, limit: int = 50, request_id: str | None = None, after_seq: int = 0) -> list[DecisionRecord]:
+        """The newest `limit` decisions (all with 0), of one request if given, later than `after_seq`:
+        follow the log by passing the last seq seen (it keeps the last 10,000)."""
+        return self._call("decisions", limit, request_id, after_seq)
 
     def placement_group(self, request_id: str):
         """The Ray placement group of a placed request, to schedule actors into."""

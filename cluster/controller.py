@@ -358,13 +358,16 @@ class Controller:
                 )
             return rows
 
-    def decisions(self, credential: str | None, limit: int = 50, request_id: str | None = None) -> list[DecisionRecord]:
+    def decisions(
+        self, credential: str | None, limit: int = 50, request_id: str | None = None, after_seq: int = 0
+    ) -> list[DecisionRecord]:
         principal = self._allow(credential, Action.READ_OWN)
         with self._lock:
             records = [
                 d
                 for d in self.scheduler.decisions
-                if (request_id is None or d.request_id == request_id)
+                if d.seq > after_seq
+                and (request_id is None or d.request_id == request_id)
                 and (principal == ADMIN or self.scheduler.requests[d.request_id].team == principal)
             ]
             return records[-limit:] if limit else records

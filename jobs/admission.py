@@ -61,13 +61,18 @@ def worker_bundle(job: TrainingJob) -> Bundle:
     return Bundle(resources=resources)
 
 
-def gang_request(job: TrainingJob, workers: int) -> SubmitRequest:
-    """A books-only training gang of `workers` bundles in one pool, charged to the job's team."""
+def gang_request(job: TrainingJob, workers: int, name: str | None = None) -> SubmitRequest:
+    """A books-only training gang of `workers` bundles in one pool, charged to the job's team.
+
+    `name` tells the gang apart from the job's main one (the elastic driver's growth request).
+    """
     return SubmitRequest(
         team=job.team,
         priority=job.priority,
         kind=WorkloadKind.TRAINING,
-        gang=GangRequest(name=job.name, bundles=(worker_bundle(job),) * workers, constraint=Constraint.SAME_POOL),
+        gang=GangRequest(
+            name=name or job.name, bundles=(worker_bundle(job),) * workers, constraint=Constraint.SAME_POOL
+        ),
         bind_placement_group=False,
     )
 

@@ -10,6 +10,7 @@ previous ones untouched. Ray Train can register the same directory as a `ray.tra
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -63,10 +64,54 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the ones written before are untouched."""
+
+
 def save_checkpoint(
     directory: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep_last: int | None = None
 ) -> Path:
-    """Write a checkpoint for `step` atomically; then keep only the newest `keep_last` (all if None)."""
+    """Write a checkpoint for `step` atomically; then keep only the newest `keep_last` (all if None).
+
+    Raises CheckpointError, naming the directory and the fix, when the disk is full or not writable.
+    """
+    try:
+        return _save_checkpoint(directory, step, state, meta, keep_last)
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a full disk as a RuntimeError from its zip writer, not as ENOSPC.
+        if getattr(error, "errno", None) == errno.ENOSPC or _too_little_space(directory, state):
+            problem = "no space left on the device"
+        elif getattr(error, "errno", None) in (errno.EACCES, errno.EROFS, errno.EPERM):
+            problem = "the directory is not writable"
+        else:
+            raise
+        raise CheckpointError(
+            errno.ENOSPC if problem.startswith("no space") else error.errno,
+            f"checkpoint of step {step} not written: {problem} under {directory}; the previous checkpoints are "
+            "intact. Free space there or set checkpoint.directory to a larger volume",
+        ) from error
+
+
+def _too_little_space(directory: Path, state: Any) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < _tensor_bytes(state)
+    except OSError:
+        return False
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.nelement() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
+def _save_checkpoint(
+    directory: Path, step: int, state: dict[str, Any], meta: dict[str, Any], keep_last: int | None
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / checkpoint_name(step)
     staging = Path(tempfile.mkdtemp(prefix=f"{_IN_PROGRESS_PREFIX}{final.name}-", dir=directory))

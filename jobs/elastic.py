@@ -34,9 +34,8 @@ from enum import StrEnum
 from typing import Any
 
 from cluster.admin import Admin, ProgressReporter
-from cluster.placement.request import Constraint, GangRequest
-from cluster.requests import RequestStatus, SubmitRequest, WorkloadKind
-from jobs.admission import WorkerPlacement, admit, placement_for, worker_bundle
+from cluster.requests import RequestStatus
+from jobs.admission import WorkerPlacement, admit, gang_request, placement_for
 from jobs.spec import TrainingJob
 from jobs.training_loop import StepReport
 
@@ -103,19 +102,6 @@ def classify(
     if lost:
         return Outcome.PREEMPTED
     return Outcome.WORKER_FAILED if failed else Outcome.STOPPED
-
-
-def growth_request(job: TrainingJob, workers: int) -> SubmitRequest:
-    """The missing workers of a shrunk job: books only, in the job's pool, at the job's priority."""
-    return SubmitRequest(
-        team=job.team,
-        priority=job.priority,
-        kind=WorkloadKind.TRAINING,
-        gang=GangRequest(
-            name=f"{job.name}-grow", bundles=(worker_bundle(job),) * workers, constraint=Constraint.SAME_POOL
-        ),
-        bind_placement_group=False,
-    )
 
 
 def format_progress(details: dict[str, Any]) -> str:
@@ -192,7 +178,7 @@ class AttemptWatcher(threading.Thread):
         if missing <= 0 or self.directive is not None:
             return
         if self.growth is None:
-            self.growth = self.admin.submit(growth_request(self.job, missing))
+            self.growth = self.admin.submit(gang_request(self.job, missing, name=f"{self.job.name}-grow"))
             self.on_progress(
                 f"running {self.workers} of {self.job.workers.max} workers: growth request {self.growth.id} queued"
             )

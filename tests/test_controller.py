@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from controllers import own_controller
 from ray.util.placement_group import placement_group, remove_placement_group
 from waiting import WAIT_S, wait_for
 
@@ -25,12 +26,8 @@ from cluster.spec import SpecError
 
 @pytest.fixture(scope="module")
 def admin(local_cluster: LocalCluster, tmp_path_factory) -> Admin:
-    state_dir = tmp_path_factory.mktemp("controller-state")
-    admin = Admin(state_dir=state_dir, policy="bestfit")
-    yield admin
-    for status in admin.queue():
-        admin.cancel(status.id)
-    admin.stop_controller()
+    with own_controller(tmp_path_factory, "controller-state", "bestfit") as admin:
+        yield admin
 
 
 @pytest.fixture(autouse=True)

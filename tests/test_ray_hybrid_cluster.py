@@ -65,7 +65,7 @@ def four_cpu_nodes(local_cluster: LocalCluster):
     finally:
         for node in added:
             local_cluster.remove_node(node.name)
-        with contextlib.suppress(AssertionError):
+        with contextlib.suppress(TimeoutError):
             wait_for(lambda: not {n.name for n in added} & _alive_nodes().keys(), what="added nodes to leave")
 
 

@@ -213,6 +213,7 @@ def test_a_preempted_replica_scales_the_deployment_down_and_it_comes_back(served
             {
                 "team": "prod",
                 "priority": "high",
+                "kind": "training",
                 "gang": {
                     "name": "blocker",
                     "bundles": [{"resources": {"CPU": 5}, "label_selector": {POOL_LABEL: "cpu"}}],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from controllers import own_controller
 from ray.util.state import list_actors
 from waiting import WAIT_S, wait_for
 
@@ -27,11 +28,8 @@ TRAIN_WORKER_CLASS = "RayTrainWorker"
 
 @pytest.fixture(scope="module")
 def admin(local_cluster: LocalCluster, tmp_path_factory) -> Admin:
-    admin = Admin(state_dir=tmp_path_factory.mktemp("training-controller"), policy="bestfit")
-    yield admin
-    for status in admin.queue():
-        admin.cancel(status.id)
-    admin.stop_controller()
+    with own_controller(tmp_path_factory, "training-controller", "bestfit") as admin:
+        yield admin
 
 
 def tiny_job(tmp_path: Path, name: str, **overrides) -> TrainingJob:

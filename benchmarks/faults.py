@@ -1,0 +1,511 @@
+"""`llmos bench faults` (`make faults`): faults survived, requests lost, quotas under load, inputs fuzzed.
+
+Everything runs on one real local cluster (started here on free ports, stopped at the end; the
+ClusterSpec is examples/cluster.yaml with `--teams` teams instead of its three), and after every
+fault the controller's books are compared with Ray's (`books_disagree`): every placed request has
+its placement group on exactly the booked nodes, and no llmos group exists that the books do not
+hold.
+
+- controller SIGKILL: `placed` requests placed and `queued` waiting; the actor process is killed;
+  the restarted controller must hold the same requests in the same states, with the same groups.
+- node removal: a training gang and a serving replica booked (groups bound) on a node whose raylet
+  is then stopped: both must be requeued, their groups gone, nothing else touched.
+- checkpoint write interrupted: a process writing checkpoints is SIGKILLed mid-write, again and
+  again: the newest complete checkpoint must always load, and no partial one may be listed.
+- disk full: checkpoints written to a 2 MiB tmpfs: a clear error naming the directory, the earlier
+  checkpoint intact (skipped, and said so, where tmpfs cannot be mounted).
+- load: `load_requests` requests from every team at once, in batches through the admin API, while
+  a releaser finishes placed ones: none lost, and every decision in the controller's log replayed
+  in order to check that no team's use ever went above its quota; admission latency and the
+  controller's memory.
+- fuzz: the hypothesis fuzzers of tests/test_fuzz_inputs.py (ClusterSpec, TrainingJob, ServeJob
+  YAML, admin requests and call sequences), counted from hypothesis' own statistics.
+Not covered here yet: a head-node restart with GCS fault tolerance (Redis) and schemathesis
+against the serving API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cluster.waiting import wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 90.0
+BATCH = 50
+
+
+@dataclass
+class Fault:
+    name: str
+    survived: bool
+    detail: str
+    requests_lost: int = 0
+    seconds: float = 0.0
+
+
+def live_llmos_groups() -> dict[str, dict]:
+    import ray
+
+    return {
+        entry["name"]: entry
+        for entry in ray.util.placement_group_table().values()
+        if entry["name"].startswith("llmos-") and entry["state"] != "REMOVED"
+    }
+
+
+def books_disagree(admin) -> list[str]:
+    """Where the controller's books and Ray's placement groups differ (empty when they agree)."""
+    node_ids = {node.name: node.node_id for node in admin.nodes()}
+    groups = live_llmos_groups()
+    problems = []
+    held = set()
+    for status in admin.queue():
+        if not status.state.holding or not status.placement_group:
+            continue
+        held.add(status.placement_group)
+        group = groups.get(status.placement_group)
+        if group is None:
+            problems.append(f"{status.id} holds {status.nodes} but Ray has no group {status.placement_group}")
+            continue
+        placed = group.get("bundles_to_node_id") or {}
+        for index, node in enumerate(status.nodes):
+            if index in placed and placed[index] != node_ids.get(node):
+                problems.append(f"{status.id} bundle {index}: booked on {node}, Ray put it elsewhere")
+    problems += [f"Ray holds {name}, which no request in the books holds" for name in groups.keys() - held]
+    return problems
+
+
+def _gang(name: str, resources: dict, selector: dict | None = None, count: int = 1) -> dict:
+    bundle = {"resources": resources, **({"label_selector": selector} if selector else {})}
+    return {"name": name, "bundles": [bundle] * count}
+
+
+def controller_kill(admin, team: str, *, placed: int = 10, queued: int = 100) -> Fault:
+    """SIGKILL the controller with `placed` requests placed and `queued` waiting."""
+    started = time.monotonic()
+    blocker = admin.submit({"team": team, "gang": _gang("blocker", {"CPU": 1, "GPU": 8}, {"llmos.io/pool": "h100"})})
+    small = admin.submit_many(
+        [{"team": team, "gang": _gang(f"small-{i}", {"CPU": 0.1}, {"llmos.io/pool": "cpu"})} for i in range(placed - 1)]
+    )
+    waiting = admin.submit_many(
+        [
+            {"team": team, "gang": _gang(f"wait-{i}", {"CPU": 1, "GPU": 8}, {"llmos.io/pool": "h100"})}
+            for i in range(queued)
+        ]
+    )
+    ids = [blocker.id, *(s.id for s in small), *(s.id for s in waiting)]
+    try:
+        before = {s.id: (s.state, s.nodes, s.placement_group) for s in map(admin.status, ids)}
+        held = sum(state.holding for state, _, _ in before.values())
+        if held != placed or sum(state.waiting for state, _, _ in before.values()) != queued:
+            return Fault("controller SIGKILL", False, f"setup: {held} placed, expected {placed}")
+        wait_for(
+            lambda: all(g["state"] == "CREATED" for g in live_llmos_groups().values()), WAIT_S, "groups to be created"
+        )
+        groups_before = {name: g["placement_group_id"] for name, g in live_llmos_groups().items()}
+        old_pid = admin.ping()["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+        wait_for(lambda: _pid_or_none(admin) not in (None, old_pid), WAIT_S, "the controller to restart")
+        after = {s.id: (s.state, s.nodes, s.placement_group) for s in map(admin.status, ids)}
+        lost = sum(1 for request_id in ids if after.get(request_id) != before[request_id])
+        groups_after = {name: g["placement_group_id"] for name, g in live_llmos_groups().items()}
+        problems = books_disagree(admin)
+        if groups_after != groups_before:
+            problems.append("placement groups changed across the restart (bound twice or lost)")
+        detail = (
+            f"{placed} placed + {queued} queued; restarted in {time.monotonic() - started:.1f}s; "
+            f"{lost} changed; " + ("; ".join(problems) or "books agree with Ray")
+        )
+        return Fault("controller SIGKILL", lost == 0 and not problems, detail, lost, time.monotonic() - started)
+    finally:
+        for request_id in ids:
+            with contextlib.suppress(Exception):
+                admin.cancel(request_id)
+
+
+def _none_holding(statuses: list) -> list | None:
+    return None if any(status.state.holding for status in statuses) else statuses
+
+
+def _pid_or_none(admin) -> int | None:
+    try:
+        return admin.ping()["pid"]
+    except Exception:
+        return None
+
+
+def node_removal(cluster, admin, team: str) -> Fault:
+    """A training gang and a serving replica bound on one node; its raylet stopped."""
+    from cluster.ray_mapping import NODE_LABEL
+
+    started = time.monotonic()
+    (node,) = cluster.add_replica("cpu")
+    try:
+        wait_for(lambda: node.name in {n.name for n in admin.nodes()}, WAIT_S, f"{node.name} in the controller")
+        on_node = {NODE_LABEL: node.name}
+        training = admin.submit(
+            {"team": team, "kind": "training", "gang": _gang("train", {"CPU": 2}, on_node, count=2)}
+        )
+        serving = admin.submit({"team": team, "kind": "serving", "gang": _gang("replica", {"CPU": 1}, on_node)})
+        ids = [training.id, serving.id]
+        if not all(admin.status(i).state.holding for i in ids):
+            return Fault("node removal", False, "setup: the gang and the replica were not placed")
+        wait_for(lambda: not books_disagree(admin), WAIT_S, "the groups to be bound")
+        cluster.remove_node(node.name)
+        statuses = wait_for(lambda: _none_holding([admin.status(i) for i in ids]), WAIT_S, "both to be requeued")
+        requeued = all(s.state.waiting and s.failures == 1 for s in statuses)
+        problems = books_disagree(admin)
+        detail = (
+            f"gang and replica on {node.name}: "
+            + ("requeued; " if requeued else f"states {[s.state.value for s in statuses]}; ")
+            + ("; ".join(problems) or "books agree with Ray")
+        )
+        for request_id in ids:
+            admin.cancel(request_id)
+        lost = sum(1 for s in statuses if s.state.final)
+        return Fault("node removal", requeued and not problems, detail, lost, time.monotonic() - started)
+    finally:
+        if node.name in {n.name for n in cluster.record.nodes}:
+            cluster.remove_node(node.name)
+
+
+_WRITER = """
+import sys, torch
+from pathlib import Path
+from jobs.checkpoint import save_checkpoint
+directory = Path(sys.argv[1])
+state = {"weights": torch.randn(4_000_000)}
+step = int(sys.argv[2])
+print("ready", flush=True)
+while True:
+    step += 1
+    save_checkpoint(directory, step, state, {"writer": "faults"}, keep_last=3)
+"""
+
+
+def checkpoint_interrupted(workdir: Path, kills: int = 5) -> Fault:
+    """SIGKILL a process writing checkpoints, `kills` times; the newest complete one must always load."""
+    from jobs.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+
+    started = time.monotonic()
+    directory = workdir / "interrupted"
+    problems = []
+    step = 0
+    for attempt in range(kills):
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(directory), str(step)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        writer.stdout.readline()
+        time.sleep(0.3 + 0.37 * attempt)  # a different moment of the write each time
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        latest = latest_checkpoint(directory)
+        if latest is None:
+            problems.append(f"kill {attempt + 1}: no complete checkpoint")
+            continue
+        try:
+            load_checkpoint(latest)
+        except Exception as error:
+            problems.append(f"kill {attempt + 1}: {latest.name} does not load: {error}")
+        if any(not (path / "state.pt").exists() for path in list_checkpoints(directory)):
+            problems.append(f"kill {attempt + 1}: a partial checkpoint is listed")
+        step = int(latest.name.rsplit("-", 1)[-1])
+    detail = f"{kills} writers killed mid-write; " + ("; ".join(problems) or "the newest checkpoint always loaded")
+    return Fault("checkpoint write interrupted", not problems, detail, seconds=time.monotonic() - started)
+
+
+def disk_full(workdir: Path) -> Fault:
+    """Checkpoints on a 2 MiB tmpfs: the write that does not fit fails clearly; the earlier one is intact."""
+    import torch
+
+    from jobs.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+
+    started = time.monotonic()
+    mount = workdir / "tmpfs"
+    mount.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        return Fault("disk full", False, f"skipped: cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        directory = mount / "checkpoints"
+        save_checkpoint(directory, 1, {"weights": torch.zeros(1000)}, {})
+        try:
+            save_checkpoint(directory, 2, {"weights": torch.zeros(2_000_000)}, {})
+            return Fault("disk full", False, "an 8 MB checkpoint was written to a 2 MiB disk")
+        except CheckpointError as error:
+            message = str(error)
+        intact = latest_checkpoint(directory)
+        clear = "no space left" in message and str(directory) in message
+        loads = intact is not None and intact.name.endswith("1") and load_checkpoint(intact) is not None
+        leftovers = [p.name for p in directory.iterdir() if p != intact]
+        survived = clear and loads and not leftovers
+        detail = f"error: {message!r}; previous checkpoint {'loads' if loads else 'BROKEN'}; leftovers {leftovers}"
+        return Fault("disk full", survived, detail, seconds=time.monotonic() - started)
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def load(admin, teams: list[str], total: int, on_progress: Callable[[str], None]) -> dict:
+    """`total` requests from all teams at once, in batches, while placed ones are finished; quotas replayed.
+
+    The requests still waiting are left to the caller (`run` stops the controller with them queued).
+    """
+    from cluster.quota import gang_demand
+    from cluster.requests import DecisionAction
+
+    per_team = total // len(teams)
+    latencies: list[float] = []
+    submitted: dict[str, object] = {}
+    errors: list[str] = []
+    lock = threading.Lock()
+    log = DecisionFollower(admin)
+    log.start()
+
+    def submit_team(team: str) -> None:
+        for first in range(0, per_team, BATCH):
+            batch = [
+                {"team": team, "gang": _gang(f"{team}-{first + i}", {"CPU": 1 if (first + i) % 3 else 2})}
+                for i in range(min(BATCH, per_team - first))
+            ]
+            began = time.perf_counter()
+            try:
+                statuses = admin.submit_many(batch)
+            except Exception as error:
+                errors.append(f"{team}: {error}")
+                return
+            elapsed = (time.perf_counter() - began) * 1000
+            with lock:
+                latencies.extend([elapsed] * len(statuses))
+                submitted.update({status.id: status.request for status in statuses})
+
+    stop = threading.Event()
+
+    def release_placed() -> None:
+        """Finish what gets placed, so the queue keeps turning over and quotas keep being tested."""
+        seen, placed = 0, []
+        while not stop.is_set():
+            fresh, seen = log.records[seen:], len(log.records)
+            placed += [record.request_id for record in fresh if record.action is DecisionAction.PLACED]
+            # A placement can be logged before its batch call returned the ids: keep it for the next round.
+            ready, placed = [i for i in placed if i in submitted], [i for i in placed if i not in submitted]
+            for request_id in ready:
+                with contextlib.suppress(Exception):
+                    admin.complete(request_id)
+            time.sleep(0.1)
+
+    releaser = threading.Thread(target=release_placed, daemon=True)
+    releaser.start()
+    began = time.monotonic()
+    threads = [threading.Thread(target=submit_team, args=(team,)) for team in teams]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    on_progress(f"load: {len(submitted)} requests accepted in {time.monotonic() - began:.1f}s")
+    time.sleep(3)  # let the releaser and the scheduler turn over a few more
+    stop.set()
+    releaser.join()
+    log.stop()
+    known = {status.id for status in admin.queue(include_finished=True)}
+    lost = sum(1 for request_id in submitted if request_id not in known)
+    quotas = {usage.team: usage.quota for usage in admin.usage()}
+    violations, checked = replay_quotas(log.records, submitted, quotas, gang_demand)
+    ordered = sorted(latencies)
+    return {
+        "load_requests": len(submitted),
+        "load_teams": len(teams),
+        "load_requests_lost": lost,
+        "load_errors": errors,
+        "quota_violations": violations,
+        "quota_decisions_checked": checked,
+        "decision_log_complete": log.complete,
+        "admission_p50_ms": round(statistics.median(ordered), 1) if ordered else None,
+        "admission_p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 1) if ordered else None,
+        "controller_rss_mib": _rss_mib(admin.ping()["pid"]),
+    }
+
+
+class DecisionFollower(threading.Thread):
+    """Reads the controller's decision log as it grows, so no decision is missed (the log keeps the last 10,000)."""
+
+    def __init__(self, admin, interval_s: float = 0.1):
+        super().__init__(daemon=True)
+        self.admin, self.interval_s = admin, interval_s
+        self.records: list = []
+        self.last_seq = max((d.seq for d in admin.decisions(limit=1)), default=0)
+        self.complete = True
+        self.stopping = threading.Event()
+
+    def poll(self) -> None:
+        fresh = self.admin.decisions(limit=0, after_seq=self.last_seq)
+        if fresh and fresh[0].seq != self.last_seq + 1:
+            self.complete = False  # decisions fell off the log between two reads
+        self.records.extend(fresh)
+        if fresh:
+            self.last_seq = fresh[-1].seq
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval_s):
+            with contextlib.suppress(Exception):
+                self.poll()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+        self.poll()
+
+
+def replay_quotas(records, requests: dict, quotas: dict, gang_demand) -> tuple[int, int]:
+    """Replay placements and releases in decision order; count decisions after which a team was over quota."""
+    from cluster.requests import DecisionAction
+
+    holding: set[str] = set()
+    used: dict[str, dict[str, float]] = {}
+    violations = checked = 0
+    for record in records:
+        request = requests.get(record.request_id)
+        if request is None:
+            continue
+        demand = gang_demand(request.gang)
+        team = used.setdefault(request.team, {})
+        if record.action is DecisionAction.PLACED and record.request_id not in holding:
+            holding.add(record.request_id)
+            sign = 1.0
+        elif record.request_id in holding and record.action in (
+            DecisionAction.RELEASED,
+            DecisionAction.CANCELLED,
+            DecisionAction.PREEMPTED,
+            DecisionAction.REQUEUED,
+        ):
+            holding.discard(record.request_id)
+            sign = -1.0
+        else:
+            continue
+        for key, amount in demand.items():
+            team[key] = team.get(key, 0.0) + sign * amount
+        checked += 1
+        quota = quotas.get(request.team, {})
+        if any(team.get(key, 0.0) > limit + 1e-9 for key, limit in quota.items()):
+            violations += 1
+    return violations, checked
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+def fuzz() -> tuple[int, int]:
+    """Run the input fuzzers; (cases tried, cases that failed), from hypothesis' statistics."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/test_fuzz_inputs.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--hypothesis-show-statistics",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    # "- 600 passing, 0 failing, and 70 invalid test cases" per phase of each test.
+    counts = re.findall(r"(\d+) passing, (\d+) failing", result.stdout)
+    passing = sum(int(ok) for ok, _ in counts)
+    failing = sum(int(bad) for _, bad in counts)
+    if result.returncode != 0 and failing == 0:
+        failing = 1  # pytest failed outside hypothesis' examples: count it rather than hide it
+    return passing + failing, failing
+
+
+def spec_with_teams(count: int):
+    """examples/cluster.yaml with `count` teams (team-00 ...), each with room for a few placements."""
+    from cluster.spec import load_spec
+
+    spec = load_spec(REPO / "examples" / "cluster.yaml")
+    teams = [
+        {"name": f"team-{index:02d}", "priority": "normal", "quota": {"cpu": 8, "gpu": 8}} for index in range(count)
+    ]
+    data = spec.model_dump(mode="json")
+    data["teams"] = teams
+    return type(spec).model_validate(data)
+
+
+def run(
+    *,
+    teams: int = 20,
+    load_requests: int = 10_000,
+    queued: int = 100,
+    placed: int = 10,
+    checkpoint_kills: int = 5,
+    run_fuzz: bool = True,
+    on_progress: Callable[[str], None] = print,
+) -> dict:
+    from cluster.admin import Admin
+    from cluster.launcher import temporary_cluster
+
+    spec = spec_with_teams(teams)
+    team_names = [team.name for team in spec.teams]
+    faults: list[Fault] = []
+    workdir = Path(tempfile.mkdtemp(prefix="llmos-faults-"))
+    for name, check in (
+        ("checkpoint write interrupted", lambda: checkpoint_interrupted(workdir, checkpoint_kills)),
+        ("disk full", lambda: disk_full(workdir)),
+    ):
+        on_progress(f"fault: {name}")
+        faults.append(_guarded(name, check))
+    with temporary_cluster(spec, on_progress=on_progress) as cluster:
+        admin = Admin(state_dir=workdir / "controller", policy="llmos")
+        on_progress(f"fault: controller SIGKILL with {placed} placed and {queued} queued")
+        faults.append(
+            _guarded("controller SIGKILL", lambda: controller_kill(admin, team_names[0], placed=placed, queued=queued))
+        )
+        on_progress("fault: node removal under a training gang and a serving replica")
+        faults.append(_guarded("node removal", lambda: node_removal(cluster, admin, team_names[0])))
+        on_progress(f"load: {load_requests} requests from {teams} teams")
+        report_load = load(admin, team_names, load_requests, on_progress)
+        admin.stop_controller()
+    for fault in faults:
+        on_progress(f"{'survived' if fault.survived else 'FAILED  '} {fault.name}: {fault.detail}")
+    fuzz_cases, fuzz_failures = fuzz() if run_fuzz else (0, 0)
+    ran = [fault for fault in faults if not fault.detail.startswith("skipped")]
+    return {
+        "faults_run": len(ran),
+        "faults_survived": sum(fault.survived for fault in ran),
+        "requests_lost": sum(fault.requests_lost for fault in faults) + report_load["load_requests_lost"],
+        "fuzz_cases": fuzz_cases,
+        "fuzz_failures": fuzz_failures,
+        **report_load,
+        "faults": [asdict(fault) for fault in faults],
+        "not_covered": ["head-node restart with GCS fault tolerance (Redis)", "schemathesis on the serving API"],
+    }
+
+
+def _guarded(name: str, check: Callable[[], Fault]) -> Fault:
+    """A fault whose check itself breaks counts as not survived, with the reason."""
+    started = time.monotonic()
+    try:
+        return check()
+    except Exception as error:
+        return Fault(name, False, f"{type(error).__name__}: {error}", seconds=time.monotonic() - started)
