@@ -87,6 +87,11 @@ class Scheduler:
         # Waiting requests are retried only when capacity may have been freed; new ones always once.
         self._retry_all = True
         self._untried: set[str] = set()
+        # A request over its team's quota can only fit once that team's use drops or its quota rises:
+        # each team's count of such changes, and the count each quota-blocked request last saw.
+        self._quota_changes: dict[str, int] = {team.name: 0 for team in spec.teams}
+        self._quota_blocked: dict[str, int] = {}
+        self._demands: dict[str, dict[str, float]] = {}  # request id -> its quota demand (requests are frozen)
 
     # -- books ------------------------------------------------------------------------------------
 
@@ -342,6 +347,8 @@ class Scheduler:
         status.state, status.reason = state, reason
         self._save(status)
         self._decide(status, action, reason, freed)
+        self._quota_blocked.pop(status.id, None)
+        self._demands.pop(status.id, None)
 
     def mark_running(self, request_id: str, details: dict | None = None) -> RequestStatus:
         status = self.get(request_id)
@@ -380,6 +387,8 @@ class Scheduler:
             if max_binds is not None and binds >= max_binds:
                 self._retry_all = self._retry_all or retry_all  # the rest are tried on the next call
                 return True
+            if self._quota_blocked.get(status.id) == self._quota_changes[status.team]:
+                continue  # still over its team's quota: nothing that team holds was freed since
             effects_before = len(self.effects)
             self._try_place(status)
             self._untried.discard(status.id)
@@ -388,17 +397,19 @@ class Scheduler:
 
     def _try_place(self, status: RequestStatus) -> None:
         quota, used = self.quotas[status.team], self.usage[status.team]
-        demand = quotas.gang_demand(status.request.gang)
+        demand = self._demands.get(status.id)
+        if demand is None:
+            demand = self._demands[status.id] = quotas.gang_demand(status.request.gang)
         over = quotas.exceeded(quota, used, demand)
         if over:
-            self._wait(status, "over quota: " + "; ".join(over))
+            self._over_quota(status, "over quota: " + "; ".join(over))
             return
         gpu_types = None
         if demand.get("gpu"):
             candidates = self._gpu_types(status.request.gang)
             gpu_types = quotas.allowed_types("gpu", candidates, quota, used, demand["gpu"])
             if not gpu_types:
-                self._wait(status, f"over quota: no GPU type among {', '.join(candidates)} has typed quota left")
+                self._over_quota(status, f"over quota: no GPU type among {', '.join(candidates)} has typed quota left")
                 return
         gang = self._gang_for_engine(status, gpu_types)
         decision = self.engine.place(gang)
@@ -430,8 +441,10 @@ class Scheduler:
         ]
         if typed_over:
             self.engine.release(decision)
+            # Not quota-blocked for good: another GPU type may free up and be chosen next time.
             self._wait(status, f"over quota: {', '.join(typed_over)}")
             return
+        self._quota_blocked.pop(status.id, None)
         quotas.add_usage(used, usage)
         status.bundles = bundles
         status.state, status.reason = RequestState.PLACED, ""
@@ -442,6 +455,10 @@ class Scheduler:
         self._decide(status, DecisionAction.PLACED, f"{decision.policy}: {_describe_nodes(bundles)}", status.nodes)
         if bound:
             self.effects.append(Bind(status.id, status.placement_group, tuple(bundles)))
+
+    def _over_quota(self, status: RequestStatus, reason: str) -> None:
+        self._quota_blocked[status.id] = self._quota_changes[status.team]
+        self._wait(status, reason)
 
     def _wait(self, status: RequestStatus, reason: str) -> None:
         if status.reason != reason:
@@ -472,6 +489,7 @@ class Scheduler:
         if self.engine is not None and all(node in self.nodes for node in status.nodes):
             self.engine.release(_placement_of(status))
         quotas.add_usage(self.usage[status.team], self._request_usage(status), sign=-1)
+        self._quota_changes[status.team] += 1
         if status.placement_group:
             self.effects.append(Unbind(status.id, status.placement_group))
         status.bundles = []
@@ -553,6 +571,7 @@ class Scheduler:
                 )
             new[key] = float(amount)
         self.quotas[team] = new
+        self._quota_changes[team] += 1
         self._retry_all = True
         self.journal({"quota": {"team": team, "quota": new}})
         return self.team_usage(team)

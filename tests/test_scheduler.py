@@ -105,6 +105,28 @@ def test_request_over_quota_waits_and_one_over_quota_alone_is_rejected(scheduler
     assert scheduler.get(second).state is RequestState.PLACED
 
 
+def test_a_request_over_quota_is_retried_only_when_its_team_frees_something(scheduler: Scheduler, monkeypatch):
+    held = submit(scheduler, "small", workers=1, gpus=2)
+    blocked = submit(scheduler, "small", workers=1, gpus=1)
+    other = submit(scheduler, "research", workers=1, gpus=1)
+    tried: list[str] = []
+    try_place = scheduler._try_place
+    monkeypatch.setattr(scheduler, "_try_place", lambda status: (tried.append(status.id), try_place(status)))
+    scheduler.complete(other)  # research frees a GPU: small's quota is as full as before
+    scheduler.schedule()
+    assert blocked not in tried and scheduler.get(blocked).state is RequestState.QUEUED
+    scheduler.set_quota("small", {"gpu": 3})  # a higher quota unblocks it
+    scheduler.schedule()
+    assert scheduler.get(blocked).state is RequestState.PLACED
+    scheduler.complete(blocked)
+    scheduler.set_quota("small", {"gpu": 2})
+    again = submit(scheduler, "small", workers=1, gpus=1)
+    assert scheduler.get(again).state is RequestState.QUEUED
+    scheduler.complete(held)  # its own team frees two GPUs
+    scheduler.schedule()
+    assert scheduler.get(again).state is RequestState.PLACED
+
+
 def test_typed_quota_steers_to_another_gpu_type(scheduler: Scheduler):
     on_h100 = submit(scheduler, "prod", workers=1, gpus=8)
     assert scheduler.get(on_h100).nodes[0].startswith("h100")
