@@ -207,6 +207,12 @@ def _register_faults(benchmarks: argparse._SubParsersAction) -> None:
     faults.add_argument("--queued", type=int, default=100, help="Requests queued when the controller is killed.")
     faults.add_argument("--placed", type=int, default=10, help="Requests placed when the controller is killed.")
     faults.add_argument("--no-fuzz", action="store_true", help="Skip the input fuzzers.")
+    faults.add_argument(
+        "--http-examples",
+        type=int,
+        default=100,
+        help="Schemathesis examples per API operation against a deployed completions app (0 skips it).",
+    )
     faults.add_argument("--json", type=Path, help="Write the report as JSON to this file.")
     faults.set_defaults(func=_faults)
 
@@ -217,6 +223,8 @@ def _faults(args: argparse.Namespace) -> int:
     for name in ("teams", "load", "queued", "placed"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
+    if args.http_examples < 0:
+        raise UserError("--http-examples must be 0 (skip) or more")
     if args.load < args.teams:
         raise UserError(f"--load {args.load} is fewer than --teams {args.teams}: give each team a request at least")
     result = run(
@@ -225,6 +233,7 @@ def _faults(args: argparse.Namespace) -> int:
         queued=args.queued,
         placed=args.placed,
         run_fuzz=not args.no_fuzz,
+        http_examples=args.http_examples,
         on_progress=progress,
     )
     return _report(result, args.json)

@@ -21,11 +21,19 @@ from ray import serve
 
 from jobs.checkpoint import latest_checkpoint, load_model
 from jobs.data import encode
-from serving.api import ApiError, completion_body, completion_id, models_body, parse_completion
+from serving.api import ApiError, CompletionRequest, completion_body, completion_id, models_body, parse_completion
 from serving.decoding import BatchDecoder, Generation, Step
 from serving.spec import ServeJob
 
 api = FastAPI(title="llmos completions")
+# The handler reads the raw body (to answer every malformed one with an OpenAI-style 4xx), so FastAPI
+# cannot infer its schema; it is declared here, for clients and for fuzzing from the OpenAPI document.
+COMPLETIONS_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": CompletionRequest.model_json_schema()}},
+    }
+}
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -90,7 +98,7 @@ class CompletionServer:
         )
         return generation, request.stream
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=COMPLETIONS_OPENAPI)
     async def completions(self, request: Request) -> Response:
         declared = int(request.headers.get("content-length") or 0)
         if declared > self.job.limits.max_body_bytes:

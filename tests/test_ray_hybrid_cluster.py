@@ -17,6 +17,7 @@ rule it exercises decides it (no ties at the top):
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 import ray
@@ -38,6 +39,7 @@ from tests.waiting import wait_for
 
 CPU_NODES = ("cpu-0", "cpu-1", "cpu-2", "cpu-3")
 CPUS_PER_NODE = 8.0
+RESOURCE_VIEW_SYNC_S = 2.0
 IN_CPU_POOL = {POOL_LABEL: "cpu"}
 
 
@@ -83,6 +85,9 @@ def cpus_free(free: dict[str, float]):
                 )
         ray.get([group.ready() for group in groups], timeout=60)
         wait_for(lambda: _free_cpus(free) == free, what=f"Ray to report free CPUs {free}")
+        # The GCS has the new free resources; the head raylet, which schedules the probe, hears of
+        # them through Ray's syncer a moment later (a stale view once sent a probe to a full node).
+        time.sleep(RESOURCE_VIEW_SYNC_S)
         yield
     finally:
         for group in groups:

@@ -15,6 +15,7 @@ from ray import serve
 from ray.util.state import list_actors
 from waiting import wait_for
 
+from benchmarks.faults import http_fuzz
 from cluster.admin import Admin
 from cluster.console import UserError
 from cluster.launcher import LocalCluster, free_port
@@ -111,6 +112,18 @@ def test_every_bad_request_gets_a_4xx_and_the_replica_keeps_serving(served):
         assert message in error["message"] and error["type"] == "invalid_request_error"
     good = post(deployment.url, {"model": "tiny-lm", "prompt": "import", "max_tokens": 4})
     assert good.status_code == 200
+
+
+def test_the_api_fuzzed_from_its_openapi_schema_never_answers_5xx(served):
+    _, job, deployment = served
+    base = deployment.url.removesuffix("/v1/completions")
+    schema = requests.get(f"{base}/openapi.json", timeout=TIMEOUT_S).json()
+    body = schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["additionalProperties"] is False and {"model", "prompt"} <= set(body["required"])
+    cases, failures = http_fuzz(base, max_examples=25)
+    assert cases >= 50 and failures == 0
+    response = post(deployment.url, {"model": job.name, "prompt": "def f(x):", "max_tokens": 4, "temperature": 0})
+    assert response.status_code == 200, response.text
 
 
 def test_streaming_sends_the_same_text_as_a_plain_request(served):
