@@ -559,11 +559,14 @@ def run(
         )
         on_progress("fault: node removal under a training gang and a serving replica")
         faults.append(_guarded("node removal", lambda: node_removal(cluster, admin, team_names[0])))
-        on_progress(f"load: {load_requests} requests from {teams} teams")
-        report_load = load(admin, team_names, load_requests, on_progress)
         if http_examples:
             on_progress(f"fuzz: the serving API from its OpenAPI schema ({http_examples} examples per operation)")
-            report_http = serving_fuzz(admin, workdir, team_names[0], http_examples)
+            try:
+                report_http = serving_fuzz(admin, workdir, team_names[0], http_examples)
+            except Exception as error:  # reported, counted as a failure, and the rest still runs
+                report_http = {**report_http, "http_fuzz_failures": 1, "http_fuzz_error": f"{error}"}
+        on_progress(f"load: {load_requests} requests from {teams} teams")
+        report_load = load(admin, team_names, load_requests, on_progress)
         admin.stop_controller()
     for fault in faults:
         on_progress(f"{'survived' if fault.survived else 'FAILED  '} {fault.name}: {fault.detail}")
