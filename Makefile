@@ -27,6 +27,7 @@ test: $(STAMP)
 
 # The fault suite: every fault on a real local cluster, 10,000 requests from 20 teams, the input fuzzers.
 faults: $(STAMP)
+	@command -v redis-server >/dev/null || echo "no redis-server: the head-restart fault is skipped (apt-get install redis-server)"
 	$(BIN)/llmos bench faults --json benchmarks/results/faults.json
 
 lint: $(STAMP)

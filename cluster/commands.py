@@ -31,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--port", type=int, default=DEFAULT_GCS_PORT, help="GCS port on 127.0.0.2.")
     up.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT, help="Dashboard/job server port.")
     up.add_argument("--object-store-mb", type=int, default=DEFAULT_OBJECT_STORE_MB, help="Object store per node.")
+    up.add_argument(
+        "--redis-address",
+        help="host:port of a Redis server for Ray's GCS fault tolerance: the head can restart and keep the cluster.",
+    )
     up.add_argument("--json", action="store_true", help="Print the started cluster as JSON.")
     up.set_defaults(func=_up)
 
@@ -70,6 +74,7 @@ def _up(args: argparse.Namespace) -> int:
         gcs_port=args.port,
         dashboard_port=args.dashboard_port,
         object_store_mb=args.object_store_mb,
+        redis_address=args.redis_address,
         on_progress=progress,
     )
     if args.json:

@@ -69,6 +69,10 @@ class LocalClusterRecord(BaseModel):
     object_store_bytes: int
     nodes: list[NodeProcess]
     started_at: float
+    # GCS fault tolerance: the Redis server the head's GCS keeps its tables in (None: in memory).
+    redis_address: str | None = None
+    # Temp dirs of earlier head processes (see `restart_head`), removed with the cluster.
+    stale_temp_dirs: list[str] = []
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -228,8 +232,14 @@ class LocalCluster:
         gcs_port: int = DEFAULT_GCS_PORT,
         dashboard_port: int = DEFAULT_DASHBOARD_PORT,
         object_store_mb: int = DEFAULT_OBJECT_STORE_MB,
+        redis_address: str | None = None,
         on_progress: Callable[[str], None] = lambda message: None,
     ) -> LocalCluster:
+        """Start the head, then every node of the spec's pools one by one.
+
+        With `redis_address` the head's GCS keeps its tables in that Redis server (Ray's GCS fault
+        tolerance, what KubeRay's `gcsFaultToleranceOptions` sets up), so `restart_head` keeps the cluster.
+        """
         home = home or llmos_home()
         home.mkdir(parents=True, exist_ok=True)
         existing = cls.find(home)
@@ -267,6 +277,7 @@ class LocalCluster:
             object_store_bytes=object_store_mb * 1024 * 1024,
             nodes=[],
             started_at=time.time(),
+            redis_address=redis_address,
         )
         cluster = cls(home, record)
         cluster._save()
@@ -339,6 +350,10 @@ class LocalCluster:
         else:
             args += ["--address", self.gcs_address]
         env = self._node_env()
+        if head and self.record.redis_address:
+            env["RAY_REDIS_ADDRESS"] = self.record.redis_address
+            # One cluster's tables in Redis: a head restarted later finds exactly these.
+            env["RAY_external_storage_namespace"] = f"{self.record.cluster_name}-{int(self.record.started_at)}"
         if declaration.reserved_labels:
             # `--labels` refuses keys under ray.io/; Ray reads them from this variable instead.
             env["RAY_OVERRIDE_LABELS"] = json.dumps(declaration.reserved_labels)
@@ -400,6 +415,33 @@ class LocalCluster:
         self.record.nodes = [n for n in self.record.nodes if n.name != name]
         self._save()
 
+    def restart_head(self, on_progress: Callable[[str], None] = lambda message: None) -> NodeProcess:
+        """Kill the head node's processes at once, as a crash would, and start the head again.
+
+        Needs GCS fault tolerance (`redis_address`): the new GCS reloads nodes, actors, placement groups
+        and jobs from Redis, the worker nodes reconnect, and what runs on them keeps running. Actors
+        of the head node itself (the llmos controller) are restarted by Ray. A driver attached to
+        the head node dies with it: disconnect first and connect again after.
+        """
+        if not self.record.redis_address:
+            raise UserError(
+                "this cluster keeps its GCS in memory: restarting the head would lose it; "
+                "start the cluster with a Redis address for GCS fault tolerance"
+            )
+        (head,) = [node for node in self.record.nodes if node.pool == "head"]
+        on_progress(f"killing {head.name} (pid group {head.pid})")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        _stop_groups([head.pid], NODE_STOP_TIMEOUT_S)
+        self.record.nodes = [node for node in self.record.nodes if node is not head]
+        # `ray start --head` refuses a port that its temp dir says a running cluster uses, and on one
+        # machine the worker raylets' own flags name that address: the new head gets a new temp dir.
+        self.record.stale_temp_dirs.append(self.record.temp_dir)
+        self.record.temp_dir = tempfile.mkdtemp(prefix="llmos-")
+        self._save()
+        on_progress(f"starting {head.name} again on {self.gcs_address}")
+        return self._start_node(head_declaration(self.spec), head=True)
+
     def down(self, timeout_s: float = NODE_STOP_TIMEOUT_S, on_progress: Callable[[str], None] = lambda m: None) -> None:
         """Stop every process group this cluster started: the workers together, then the head."""
         workers = [node for node in self.record.nodes if node.pool != "head"]
@@ -408,14 +450,19 @@ class LocalCluster:
             if group:
                 on_progress(f"stopping {', '.join(node.name for node in group)}")
                 _stop_groups([node.pid for node in group], timeout_s)
-        shutil.rmtree(self.record.temp_dir, ignore_errors=True)
+        for temp_dir in (self.record.temp_dir, *self.record.stale_temp_dirs):
+            shutil.rmtree(temp_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             self.record_path(self.home).unlink()
 
 
 @contextlib.contextmanager
 def temporary_cluster(
-    spec: ClusterSpec, *, replicas_per_pool: int = 1, on_progress: Callable[[str], None] = lambda message: None
+    spec: ClusterSpec,
+    *,
+    replicas_per_pool: int = 1,
+    redis_address: str | None = None,
+    on_progress: Callable[[str], None] = lambda message: None,
 ) -> Iterator[LocalCluster]:
     """A throwaway local cluster for benchmarks and scripts: its own state directory and free ports, with
     `LLMOS_HOME` pointed at it so the admin API finds it; this process's Ray driver (if it connected)
@@ -428,6 +475,7 @@ def temporary_cluster(
             spec,
             home=home,
             replicas_per_pool=replicas_per_pool,
+            redis_address=redis_address,
             gcs_port=free_port(DEFAULT_HEAD_IP),
             dashboard_port=free_port(),
             on_progress=on_progress,

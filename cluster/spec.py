@@ -346,6 +346,18 @@ class PoolPlacement(StrictModel):
     )
 
 
+class GcsFaultTolerance(StrictModel):
+    """Ray's GCS fault tolerance on KubeRay: the head's GCS keeps its tables in Redis, so a restarted
+    head pod finds the cluster, its actors, placement groups and jobs where it left them."""
+
+    redis_address: str = Field(
+        ..., min_length=1, description="host:port of a highly available Redis, e.g. redis.llmos.svc:6379."
+    )
+    redis_password_secret: str | None = Field(
+        None, description="Name of a Secret in the cluster's namespace whose key `password` holds Redis's password."
+    )
+
+
 class KubernetesOptions(StrictModel):
     """How `llmos manifests render` writes this cluster for KubeRay and Kueue."""
 
@@ -367,6 +379,9 @@ class KubernetesOptions(StrictModel):
     )
     pools: dict[str, PoolPlacement] = Field(
         default_factory=dict, description="Per-pool node selectors and taints, keyed by pool name."
+    )
+    gcs_fault_tolerance: GcsFaultTolerance | None = Field(
+        None, description="Keep the GCS in Redis (KubeRay gcsFaultToleranceOptions); None keeps it in memory."
     )
 
 

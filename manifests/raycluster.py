@@ -114,6 +114,19 @@ def ray_cluster_spec(
     """A RayClusterSpec (the body of a RayCluster, a RayJob's rayClusterSpec or a RayService's)."""
     body: dict[str, Any] = {"rayVersion": spec.kubernetes.ray_version}
     body["authOptions"] = {"mode": "token" if spec.kubernetes.token_auth else "disabled"}
+    tolerance = spec.kubernetes.gcs_fault_tolerance
+    if tolerance is not None:
+        options: dict[str, Any] = {
+            "backend": "redis",
+            "redisAddress": tolerance.redis_address,
+            # One cluster's tables per namespace in a shared Redis.
+            "externalStorageNamespace": f"{spec.kubernetes.namespace}-{spec.name}",
+        }
+        if tolerance.redis_password_secret:
+            options["redisPassword"] = {
+                "valueFrom": {"secretKeyRef": {"name": tolerance.redis_password_secret, "key": "password"}}
+            }
+        body["gcsFaultToleranceOptions"] = options
     body["enableInTreeAutoscaling"] = autoscaling
     if autoscaling:
         body["autoscalerOptions"] = {

@@ -129,6 +129,24 @@ def test_token_auth_and_network_policy_are_on_by_default_and_can_be_switched_off
     assert validate_documents(relaxed["raycluster.yaml"]) == []
 
 
+def test_gcs_fault_tolerance_renders_kuberays_redis_options(spec):
+    assert "gcsFaultToleranceOptions" not in render_cluster(spec)["raycluster.yaml"][0]["spec"]
+    tolerant = spec_with(
+        spec, gcs_fault_tolerance={"redis_address": "redis.llmos.svc:6379", "redis_password_secret": "redis-auth"}
+    )
+    files = render_cluster(tolerant)
+    options = files["raycluster.yaml"][0]["spec"]["gcsFaultToleranceOptions"]
+    assert options == {
+        "backend": "redis",
+        "redisAddress": "redis.llmos.svc:6379",
+        "externalStorageNamespace": "llmos-llmos-demo",
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "redis-auth", "key": "password"}}},
+    }
+    assert validate_documents(files["raycluster.yaml"]) == []
+    with pytest.raises(SpecError, match=r"gcs_fault_tolerance\.redis_address"):
+        spec_with(spec, gcs_fault_tolerance={"redis_adress": "x:1"})
+
+
 def test_other_clouds_override_node_selectors_and_taints(spec):
     eks = spec_with(
         spec,
