@@ -573,6 +573,7 @@ def http_fuzz(base_url: str, max_examples: int = 50, seed: int = 1) -> tuple[int
         capture_output=True,
         text=True,
         timeout=900,
+        cwd=tempfile.mkdtemp(prefix="llmos-schemathesis-"),  # it keeps its example database in the working dir
     )
     generated = re.search(r"(\d+) generated", result.stdout)
     if generated is None:
