@@ -122,19 +122,23 @@ def controller_kill(admin, team: str, *, placed: int = 10, queued: int = 100) ->
         )
         groups_before = {name: g["placement_group_id"] for name, g in live_llmos_groups().items()}
         old_pid = admin.ping()["pid"]
+        killed = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
         wait_for(lambda: _pid_or_none(admin) not in (None, old_pid), WAIT_S, "the controller to restart")
-        after = {s.id: (s.state, s.nodes, s.placement_group) for s in map(admin.status, ids)}
-        lost = sum(1 for request_id in ids if after.get(request_id) != before[request_id])
+        restarted = time.monotonic() - killed
+        after = {s.id: (s.state, s.nodes, s.placement_group) for s in admin.queue() if s.id in before}
+        lost = len(before.keys() - after.keys())
+        changed = sum(1 for request_id, kept in after.items() if kept != before[request_id])
         groups_after = {name: g["placement_group_id"] for name, g in live_llmos_groups().items()}
         problems = books_disagree(admin)
         if groups_after != groups_before:
             problems.append("placement groups changed across the restart (bound twice or lost)")
         detail = (
-            f"{placed} placed + {queued} queued; restarted in {time.monotonic() - started:.1f}s; "
-            f"{lost} changed; " + ("; ".join(problems) or "books agree with Ray")
+            f"{placed} placed + {queued} queued; back {restarted:.1f}s after the kill; {lost} lost, {changed} changed; "
+            + ("; ".join(problems) or "books agree with Ray")
         )
-        return Fault("controller SIGKILL", lost == 0 and not problems, detail, lost, time.monotonic() - started)
+        survived = lost == 0 and changed == 0 and not problems
+        return Fault("controller SIGKILL", survived, detail, lost, time.monotonic() - started)
     finally:
         for request_id in ids:
             with contextlib.suppress(Exception):
