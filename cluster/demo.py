@@ -132,7 +132,7 @@ def show_training(cluster: LocalCluster, admin, home: Path) -> Path:
             raise RuntimeError("the demo training job did not finish within 15 minutes")
         lines = client.get_job_logs(submission).splitlines()
         for line in lines[shown:]:
-            stdout.print(f"  | {line}")
+            stdout.print(f"  | {line}", markup=False, highlight=False)  # job logs may hold [brackets]
         shown = len(lines)
         mine = [s for s in admin.queue() if s.request.gang.name == job.name]
         if not killed and mine and mine[0].details.get("step", 0) >= 30:
@@ -142,13 +142,13 @@ def show_training(cluster: LocalCluster, admin, home: Path) -> Path:
                 killed = True
                 stdout.print(
                     f"  [bold yellow]>> killed a training worker (pid {workers[-1].pid}) at step "
-                    f"{mine[0].details['step']}; Ray Train restarts the group from the last checkpoint[/]",
+                    f"{mine[0].details['step']}; llmos restarts the attempt from the last checkpoint[/]",
                     markup=True,
                 )
         time.sleep(1)
     for line in client.get_job_logs(submission).splitlines()[shown:]:
-        stdout.print(f"  | {line}")
-    (final,) = [s for s in admin.queue(include_finished=True) if s.request.gang.name == job.name]
+        stdout.print(f"  | {line}", markup=False, highlight=False)
+    final = [s for s in admin.queue(include_finished=True) if s.request.gang.name == job.name][-1]
     stdout.print(
         f"  job {client.get_job_status(submission).value}; request {final.id} {final.state.value}: "
         f"step {final.details.get('step')}, restarts {final.details.get('restarts')}"
