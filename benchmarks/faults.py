@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cluster.binding import live_groups
 from cluster.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,20 +62,10 @@ class Fault:
     seconds: float = 0.0
 
 
-def live_llmos_groups() -> dict[str, dict]:
-    import ray
-
-    return {
-        entry["name"]: entry
-        for entry in ray.util.placement_group_table().values()
-        if entry["name"].startswith("llmos-") and entry["state"] != "REMOVED"
-    }
-
-
 def books_disagree(admin) -> list[str]:
     """Where the controller's books and Ray's placement groups differ (empty when they agree)."""
     node_ids = {node.name: node.node_id for node in admin.nodes()}
-    groups = live_llmos_groups()
+    groups = live_groups()
     problems = []
     held = set()
     for status in admin.queue():
@@ -117,10 +108,8 @@ def controller_kill(admin, team: str, *, placed: int = 10, queued: int = 100) ->
         held = sum(state.holding for state, _, _ in before.values())
         if held != placed or sum(state.waiting for state, _, _ in before.values()) != queued:
             return Fault("controller SIGKILL", False, f"setup: {held} placed, expected {placed}")
-        wait_for(
-            lambda: all(g["state"] == "CREATED" for g in live_llmos_groups().values()), WAIT_S, "groups to be created"
-        )
-        groups_before = {name: g["placement_group_id"] for name, g in live_llmos_groups().items()}
+        wait_for(lambda: all(g["state"] == "CREATED" for g in live_groups().values()), WAIT_S, "groups to be created")
+        groups_before = {name: g["placement_group_id"] for name, g in live_groups().items()}
         old_pid = admin.ping()["pid"]
         killed = time.monotonic()
         os.kill(old_pid, signal.SIGKILL)
@@ -129,7 +118,7 @@ def controller_kill(admin, team: str, *, placed: int = 10, queued: int = 100) ->
         after = {s.id: (s.state, s.nodes, s.placement_group) for s in admin.queue() if s.id in before}
         lost = len(before.keys() - after.keys())
         changed = sum(1 for request_id, kept in after.items() if kept != before[request_id])
-        groups_after = {name: g["placement_group_id"] for name, g in live_llmos_groups().items()}
+        groups_after = {name: g["placement_group_id"] for name, g in live_groups().items()}
         problems = books_disagree(admin)
         if groups_after != groups_before:
             problems.append("placement groups changed across the restart (bound twice or lost)")

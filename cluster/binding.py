@@ -13,6 +13,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from cluster.requests import BundleBinding
+from cluster.scheduler import PLACEMENT_GROUP_PREFIX
 
 NODE_ID_LABEL = "ray.io/node-id"
 NAMESPACE = "llmos"
@@ -53,6 +54,15 @@ def unbind(name: str) -> bool:
         return False
     remove_placement_group(group)
     return True
+
+
+def live_groups() -> dict[str, dict]:
+    """Every llmos placement group Ray holds (any state but removed), by name: Ray's table entry of each."""
+    return {
+        entry["name"]: entry
+        for entry in ray.util.placement_group_table().values()
+        if entry.get("name", "").startswith(PLACEMENT_GROUP_PREFIX) and entry.get("state") != "REMOVED"
+    }
 
 
 def bundle_nodes(group: PlacementGroup) -> list[str]:

@@ -24,7 +24,7 @@ from cluster.console import UserError
 from cluster.placement.snapshot import node_from_ray
 from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL
 from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
-from cluster.scheduler import Bind, Scheduler, Unbind
+from cluster.scheduler import PLACEMENT_GROUP_PREFIX, Bind, Scheduler, Unbind
 from cluster.spec import ClusterSpec
 from cluster.store import Journal
 
@@ -96,10 +96,8 @@ class Controller:
         for status in self.scheduler.holders():
             if binding.find(status.placement_group) is None:
                 self.scheduler.effects.append(Bind(status.id, status.placement_group, tuple(status.bundles)))
-        for entry in ray.util.placement_group_table().values():
-            name = entry.get("name", "")
-            if name.startswith("llmos-") and entry.get("state") != "REMOVED" and name not in expected:
-                self.scheduler.effects.append(Unbind(name.removeprefix("llmos-"), name))
+        for name in sorted(binding.live_groups().keys() - expected):
+            self.scheduler.effects.append(Unbind(name.removeprefix(PLACEMENT_GROUP_PREFIX), name))
 
     def _commit(self) -> None:
         """Persist first (one write and one fsync for everything the call changed), then act: a crash

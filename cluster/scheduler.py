@@ -56,8 +56,11 @@ class Unbind:
 Effect = Bind | Unbind
 
 
+PLACEMENT_GROUP_PREFIX = "llmos-"
+
+
 def placement_group_name(request_id: str) -> str:
-    return f"llmos-{request_id}"
+    return f"{PLACEMENT_GROUP_PREFIX}{request_id}"
 
 
 class Scheduler:

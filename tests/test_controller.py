@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import ray
 from controllers import own_controller
 from ray.util.placement_group import placement_group, remove_placement_group
 from waiting import WAIT_S, wait_for
@@ -113,11 +112,7 @@ def test_controller_killed_with_20_requests_queued_loses_none(admin: Admin):
 
 
 def live_llmos_groups() -> dict[str, str]:
-    return {
-        entry["name"]: entry["placement_group_id"]
-        for entry in ray.util.placement_group_table().values()
-        if entry["name"].startswith("llmos-") and entry["state"] != "REMOVED"
-    }
+    return {name: entry["placement_group_id"] for name, entry in binding.live_groups().items()}
 
 
 def test_node_removed_while_gang_runs_is_requeued_elsewhere(admin: Admin, local_cluster: LocalCluster):
