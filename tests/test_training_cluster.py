@@ -207,10 +207,13 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_the_loss_curve_conti
     resumed = [r for r in records if r["resumed_from_step"] is not None]
     assert resumed, "no report came from a resumed attempt"
     restart_step = resumed[0]["resumed_from_step"]
-    # It resumed from the last checkpoint before the kill, not from step 0.
-    assert restart_step > 0 and restart_step % job.checkpoint.every_steps == 0
-    assert restart_step <= killed["step"] < restart_step + 2 * job.checkpoint.every_steps
     before = [r for r in records if r["resumed_from_step"] is None]
+    # It resumed from the last checkpoint before the kill, not from step 0 or an older one. The step
+    # the watcher saw lags the workers, so the first attempt may have saved one more checkpoint before
+    # the kill landed; it cannot have resumed past the last step that attempt reported.
+    every = job.checkpoint.every_steps
+    assert restart_step % every == 0
+    assert killed["step"] // every * every <= restart_step <= before[-1]["step"]
     assert [r["step"] for r in resumed] == list(range(restart_step + 5, job.steps + 1, 5))
     # The loss curve continues: the first loss after resuming is near the one before, far below the start.
     at_restart = next(r["loss"] for r in before if r["step"] == restart_step)
