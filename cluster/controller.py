@@ -92,8 +92,10 @@ class Controller:
 
     def _reconcile(self) -> None:
         """Make Ray's placement groups match the books after a restart."""
-        expected = {status.placement_group for status in self.scheduler.holders()}
-        for status in self.scheduler.holders():
+        # A booking made without a group (`bind_placement_group: false`, as training's) has nothing to bind.
+        bound = [status for status in self.scheduler.holders() if status.placement_group]
+        expected = {status.placement_group for status in bound}
+        for status in bound:
             if binding.find(status.placement_group) is None:
                 self.scheduler.effects.append(Bind(status.id, status.placement_group, tuple(status.bundles)))
         for name in sorted(binding.live_groups().keys() - expected):

@@ -94,6 +94,11 @@ def test_fractional_gpu_gang_that_ray_would_hang_on_is_rejected_at_once(admin: A
 def test_controller_killed_with_20_requests_queued_loses_none(admin: Admin):
     blocker = admin.submit({"team": "prod", "gang": gang("blocker", [{"resources": {"CPU": 1, "GPU": 8}}])})
     assert admin.wait(blocker.id).state is RequestState.PLACED
+    # A booking without a group of its own, as training and serving make: nothing to bind after a restart.
+    booked = admin.submit(
+        {"team": "prod", "bind_placement_group": False, "gang": gang("booked", [{"resources": {"CPU": 1}}])}
+    )
+    assert booked.state is RequestState.PLACED and booked.placement_group is None
     queued = [
         admin.submit({"team": "research", "gang": gang(f"q{i}", [{"resources": {"CPU": 1, "GPU": 8}}])}).id
         for i in range(20)
