@@ -24,9 +24,10 @@ hold.
   OpenAPI schema: no 5xx, and a valid request still answered afterwards.
 - head restart: a second cluster whose GCS keeps its tables in a Redis server (Debian's
   redis-server on 127.0.0.2, started here and stopped by pid); its head node is killed and started
-  again: the controller's queue and groups, an actor on a worker node with its state, and every
-  node must come back, the books agreeing with Ray. Only `make faults` runs it: it needs a cluster
-  of its own, and the test session's cluster is up the whole time.
+  again while a training job runs (2 workers, driven from a worker node): the controller's queue
+  and groups, an actor on a worker node with its state, and every node must come back, the books
+  agreeing with Ray, and the job must train on to its last step and end finished. Only `make
+  faults` runs it: it needs a cluster of its own, and the test session's cluster is up the whole time.
 """
 
 from __future__ import annotations
@@ -44,12 +45,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from cluster.binding import live_groups
+from cluster.requests import RequestState
 from cluster.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 90.0
+TRAINING_WAIT_S = 300.0
 BATCH = 50
 
 
@@ -216,8 +220,9 @@ def _accepts(host: str, port: int) -> bool:
         return probe.connect_ex((host, port)) == 0
 
 
-def head_restart(spec, workdir: Path, team: str, on_progress: Callable[[str], None]) -> Fault:
-    """The head node killed and started again, with the GCS kept in Redis (GCS fault tolerance)."""
+def head_restart(spec, workdir: Path, team: str, training_team: str, on_progress: Callable[[str], None]) -> Fault:
+    """The head node killed and started again, with the GCS kept in Redis (GCS fault tolerance), while
+    `training_team` trains through `ray job submit`."""
     import shutil
 
     import ray
@@ -246,6 +251,7 @@ def head_restart(spec, workdir: Path, team: str, on_progress: Callable[[str], No
         on_worker_node = ray.remote(num_cpus=0, label_selector={"llmos.io/pool": "cpu"})(_Counter)
         workload = on_worker_node.options(name="llmos-fault-counter", namespace="llmos", lifetime="detached").remote()
         ray.get([workload.add.remote() for _ in range(3)], timeout=WAIT_S)
+        job, training_id = _start_training(workdir, training_team, admin, kill_at_step=20)
         ray.shutdown()  # this driver is attached to the head node, which is about to go
         killed = time.monotonic()
         cluster.restart_head(on_progress)
@@ -263,15 +269,110 @@ def head_restart(spec, workdir: Path, team: str, on_progress: Callable[[str], No
         missing = {node.name for node in cluster.record.nodes} - alive
         if missing:
             problems.append(f"nodes not back: {sorted(missing)}")
+        trained, training_problems = _training_outcome(job, admin, training_id)
+        problems += training_problems
         detail = (
             f"head killed and restarted, back in {recovered - killed:.1f}s; controller queue and groups, an actor "
-            "on a worker node with its state, every node: " + ("; ".join(problems) or "all back, books agree with Ray")
+            f"on a worker node with its state, every node, a training job ({trained}): "
+            + ("; ".join(problems) or "all back, books agree with Ray")
         )
         for request_id in ids:
             with contextlib.suppress(Exception):
                 admin.cancel(request_id)
         admin.stop_controller()
         return Fault("head restart (GCS in Redis)", not problems, detail, seconds=time.monotonic() - started)
+
+
+class _TrainingDriver:
+    """The elastic training driver (`jobs.train.run_admitted`) in a detached actor on a worker node.
+
+    A driver attached to the head node dies with it, and Ray Train puts its controller and its
+    synchronization actor on the driver's node. On one host every raylet shares one address, and
+    Ray attaches a `ray job submit` driver to the head node whatever the entrypoint's label
+    selector; on a real cluster the selector moves it to a worker node, as this actor is.
+    """
+
+    def __init__(self):
+        self.outcome: dict | None = None
+
+    def run(self, job: dict) -> None:
+        from cluster.admin import Admin
+        from jobs.spec import TrainingJob
+        from jobs.train import run_admitted
+
+        try:
+            request_id, final = run_admitted(TrainingJob.model_validate(job), Admin(), on_progress=lambda line: None)
+            self.outcome = {"request_id": request_id, "step": final.step}
+        except Exception as error:
+            self.outcome = {"error": f"{type(error).__name__}: {error}"}
+
+    def result(self) -> dict | None:
+        return self.outcome
+
+
+TRAINING_DRIVER = "llmos-fault-training-driver"
+
+
+def _start_training(workdir: Path, team: str, admin, kill_at_step: int) -> tuple[Any, str]:
+    """A small training job on the a100 pool, driven from a worker node; returns the job and its
+    request id once its workers reported `kill_at_step`."""
+    import ray
+
+    from cluster.ray_mapping import POOL_LABEL
+    from jobs.spec import TrainingJob
+
+    job = TrainingJob.model_validate(
+        {
+            "name": "through-head-restart",
+            "team": team,
+            "model": {"layers": 2, "d_model": 64, "heads": 2, "context_length": 64},
+            "batch_size_per_worker": 8,
+            "steps": 150,
+            "workers": {"min": 2, "max": 2},
+            "resources": {"cpus": 1, "gpus": 1, "memory": "256Mi"},
+            "pool": "a100",
+            "checkpoint": {"every_steps": 10, "keep_last": 2},
+            "evaluation": {"every_steps": 150, "batches": 1},
+            "log_every_steps": 5,
+            "storage_path": str(workdir / "jobs"),
+        }
+    )
+    driver_class = ray.remote(num_cpus=0, max_concurrency=2, label_selector={POOL_LABEL: "cpu"})(_TrainingDriver)
+    driver = driver_class.options(name=TRAINING_DRIVER, namespace="llmos", lifetime="detached").remote()
+    driver.run.remote(job.model_dump(mode="json"))
+
+    def running():
+        outcome = ray.get(driver.result.remote(), timeout=WAIT_S)
+        if outcome is not None:
+            raise RuntimeError(f"the training job ended before step {kill_at_step}: {outcome}")
+        for status in admin.queue():
+            if status.request.gang.name == job.name and status.details.get("step", 0) >= kill_at_step:
+                return status.id
+        return None
+
+    return job, wait_for(running, TRAINING_WAIT_S, f"{job.name} to reach step {kill_at_step}")
+
+
+def _training_outcome(job, admin, request_id: str) -> tuple[str, list[str]]:
+    """How the job ended after the restart, and what went wrong (empty when nothing did)."""
+    import ray
+
+    driver = ray.get_actor(TRAINING_DRIVER, namespace="llmos")
+    try:
+        outcome = wait_for(lambda: ray.get(driver.result.remote(), timeout=WAIT_S), TRAINING_WAIT_S, "training to end")
+    finally:
+        ray.kill(driver)
+    status = admin.status(request_id)
+    seen = status.details.get("step")
+    # Known gap: rank 0's progress reports, sent through a controller handle from before the restart,
+    # stop reaching the controller; the driver's own calls (and so the request's end) do arrive.
+    ended = f"ran through to step {outcome.get('step')}/{job.steps}; the last step the controller saw: {seen}"
+    problems = []
+    if "error" in outcome:
+        problems.append(f"the training job failed: {outcome['error']}")
+    elif outcome["step"] != job.steps or status.state is not RequestState.FINISHED:
+        problems.append(f"the training request ended {status.state.value} at step {outcome['step']}")
+    return ended, problems
 
 
 class _Counter:
@@ -673,7 +774,10 @@ def run(
         admin.stop_controller()
     on_progress("fault: head node restart with the GCS in Redis (a cluster of its own, with its own Redis)")
     faults.append(
-        _guarded("head restart (GCS in Redis)", lambda: head_restart(spec, workdir, team_names[0], on_progress))
+        _guarded(
+            "head restart (GCS in Redis)",
+            lambda: head_restart(spec, workdir, team_names[0], team_names[1], on_progress),
+        )
     )
     for fault in faults:
         on_progress(f"{'survived' if fault.survived else 'FAILED  '} {fault.name}: {fault.detail}")
@@ -689,7 +793,13 @@ def run(
         **report_http,
         **report_load,
         "faults": [asdict(fault) for fault in faults],
-        "not_covered": ["a training job whose driver runs on the head node does not survive a head restart"],
+        "not_covered": [
+            "a training job whose driver runs on the head node does not survive a head restart; on one host "
+            "`ray job submit` always attaches its driver there (the head restart fault drives training from a "
+            "worker node)",
+            "after a head restart, rank 0's progress reports and stop-directive reads go through a stale "
+            "controller handle: the job trains on and finishes, but `llmos request` shows the step from before",
+        ],
     }
 
 

@@ -79,7 +79,11 @@ class ProgressReporter:
     def status(self, timeout_s: float = 30.0) -> RequestStatus:
         import ray
 
-        return ray.get(self._controller.status.remote(self._credential, self.request_id), timeout=timeout_s)
+        return ray.get(self.status_later(), timeout=timeout_s)
+
+    def status_later(self):
+        """The request's status as an ObjectRef, for a caller that must not wait on the controller."""
+        return self._controller.status.remote(self._credential, self.request_id)
 
     def mark_running(self, details: dict, timeout_s: float = 30.0) -> RequestStatus:
         import ray

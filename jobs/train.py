@@ -20,6 +20,7 @@ driver's stop directive at every reporting step (`stop_check`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
@@ -148,11 +150,41 @@ def progress_details(report: StepReport, attempt: dict[str, Any]) -> dict[str, A
     return details
 
 
+class LatestDetails:
+    """A request's details as last read from the controller, asked for again at every read, never waited on.
+
+    A read returns the answer to the previous read's question if it has come, else what it knew
+    before: a busy controller, or one being restarted with the head node, never stalls training, and
+    a stop directive reaches the workers one reporting step later than a blocking read would. A
+    question unanswered for `UNANSWERED_S` (a call lost in a restart) is asked again.
+    """
+
+    UNANSWERED_S = 5.0
+
+    def __init__(self, reporter: ProgressReporter):
+        self._reporter = reporter
+        self._asked = None
+        self._asked_at = 0.0
+        self._details: dict[str, Any] = {}
+
+    def __call__(self) -> dict[str, Any]:
+        if self._asked is not None:
+            answered, _ = ray.wait([self._asked], timeout=0)
+            if answered:
+                with contextlib.suppress(RayError):  # the controller is restarting: ask again
+                    self._details = ray.get(self._asked).details
+            elif time.monotonic() - self._asked_at < self.UNANSWERED_S:
+                return self._details
+        self._asked, self._asked_at = self._reporter.status_later(), time.monotonic()
+        return self._details
+
+
 def stop_check(reporter: ProgressReporter | None, attempt: int, world_size: int) -> StopCheck:
     """Rank 0 reads the driver's stop directive from the controller; every rank gets its answer."""
+    latest_details = LatestDetails(reporter) if reporter is not None else None
 
     def should_stop(step: int, checkpoint_step: bool) -> bool:
-        wanted = reporter is not None and wants_stop(reporter.status().details, attempt, checkpoint_step)
+        wanted = latest_details is not None and wants_stop(latest_details(), attempt, checkpoint_step)
         if world_size == 1:
             return wanted
         flag = torch.tensor([int(wanted)])

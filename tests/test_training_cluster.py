@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,36 @@ def test_lost_node_shrinks_the_job_to_the_nodes_left_and_it_grows_back_at_a_chec
     assert any("growth request" in line for line in lines), lines
     assert all(usage.used.get("cpu", 0) == 0 for usage in admin.usage() if usage.team == "research")
     print("elastic timeline:", events, "\n".join(lines))
+
+
+def test_directive_reads_never_wait_on_an_unanswering_controller(admin: Admin, monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray_train.LatestDetails, "UNANSWERED_S", 0.5)
+    never_answers = ray.remote(num_cpus=0)(lambda: time.sleep(120)).remote()
+
+    class Reporter:
+        def __init__(self, answers):
+            self.answers, self.asked = answers, 0
+
+        def status_later(self):
+            self.asked += 1
+            return self.answers.pop(0)
+
+    def answer(details: dict):
+        return ray.put(types.SimpleNamespace(details=details))
+
+    reporter = Reporter([answer({"stop": 1}), never_answers, answer({"stop": 2}), answer({"stop": 3})])
+    latest = ray_train.LatestDetails(reporter)
+    try:
+        ray.get(reporter.answers[0])
+        assert latest() == {} and reporter.asked == 1  # nothing answered yet: no directive
+        assert latest() == {"stop": 1} and reporter.asked == 2
+        started = time.monotonic()
+        assert latest() == {"stop": 1} and reporter.asked == 2  # the question is out: no new one, no wait
+        assert time.monotonic() - started < 0.25
+        time.sleep(0.6)
+        assert latest() == {"stop": 1} and reporter.asked == 3  # unanswered too long: asked again
+        assert latest() == {"stop": 2} and reporter.asked == 4
+    finally:
+        ray.cancel(never_answers, force=True)
