@@ -8,8 +8,9 @@ hold.
 
 - controller SIGKILL: `placed` requests placed and `queued` waiting; the actor process is killed;
   the restarted controller must hold the same requests in the same states, with the same groups.
-- node removal: a training gang and a serving replica booked (groups bound) on a node whose raylet
-  is then stopped: both must be requeued, their groups gone, nothing else touched.
+- node removal: a 2-worker training job (Ray Train, elastic) and a Serve replica running on a node
+  whose raylet is then stopped: the job must resume on the nodes left and finish, the replica must
+  be placed again and answer, and nothing may stay booked on the removed node.
 - checkpoint write interrupted: a process writing checkpoints is SIGKILLed mid-write, again and
   again: the newest complete checkpoint must always load, and no partial one may be listed.
 - disk full: checkpoints written to a 2 MiB tmpfs: a clear error naming the directory, the earlier
@@ -149,39 +150,130 @@ def _pid_or_none(admin) -> int | None:
         return None
 
 
-def node_removal(cluster, admin, team: str) -> Fault:
-    """A training gang and a serving replica bound on one node; its raylet stopped."""
-    from cluster.ray_mapping import NODE_LABEL
+def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
+    """A training gang and a serving replica running on one node; its raylet stopped.
+
+    The other cpu node is cordoned while both are placed, so the controller puts them on the added
+    node; then the node goes. The training job must resume on the nodes left and finish, the replica
+    must be placed again and answer, and the books must agree with Ray.
+    """
+    import requests as http
+    from ray import serve
+
+    from cluster.launcher import free_port
+    from jobs.spec import TrainingJob
+    from jobs.train import run_admitted
+    from serving.deploy import delete, deploy
+    from serving.spec import ServeJob
 
     started = time.monotonic()
     (node,) = cluster.add_replica("cpu")
+    others = [n.name for n in admin.nodes() if n.pool == "cpu" and n.name != node.name]
+    job = TrainingJob.model_validate(
+        {
+            "name": "on-removed-node",
+            "team": team,
+            "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
+            "batch_size_per_worker": 4,
+            "steps": 300,
+            "workers": {"min": 1, "max": 2},
+            "resources": {"cpus": 2, "memory": "256Mi"},
+            "pool": "cpu",
+            "checkpoint": {"every_steps": 10, "keep_last": 2},
+            "evaluation": {"every_steps": 300, "batches": 1},
+            "log_every_steps": 5,
+            "storage_path": str(workdir / "jobs"),
+        }
+    )
+    replica = ServeJob(
+        name="on-removed-node-lm",
+        team=team,
+        checkpoint=str(_random_weight_checkpoint(workdir)),
+        resources={"cpus": 1},
+        pool="cpu",
+        route_prefix="/on-removed-node",
+    )
+    trained: dict = {}
+
+    def train() -> None:
+        try:
+            trained["request"], trained["final"] = run_admitted(job, admin, on_progress=lambda line: None)
+        except Exception as error:  # reported as the fault's detail
+            trained["error"] = f"{type(error).__name__}: {error}"
+
+    trainer = threading.Thread(target=train, daemon=True, name="llmos-fault-training")
+    deployment = None
     try:
         wait_for(lambda: node.name in {n.name for n in admin.nodes()}, WAIT_S, f"{node.name} in the controller")
-        on_node = {NODE_LABEL: node.name}
-        training = admin.submit(
-            {"team": team, "kind": "training", "gang": _gang("train", {"CPU": 2}, on_node, count=2)}
-        )
-        serving = admin.submit({"team": team, "kind": "serving", "gang": _gang("replica", {"CPU": 1}, on_node)})
-        ids = [training.id, serving.id]
-        if not all(admin.status(i).state.holding for i in ids):
-            return Fault("node removal", False, "setup: the gang and the replica were not placed")
-        wait_for(lambda: not books_disagree(admin), WAIT_S, "the groups to be bound")
+        for other in others:
+            admin.cordon(other)
+        deployment = deploy(replica, admin, port=free_port(), wait_s=WAIT_S)
+        if deployment.nodes != [node.name]:
+            return Fault("node removal", False, f"setup: the replica went to {deployment.nodes}, not {node.name}")
+        trainer.start()
+        wait_for(lambda: _training_on(admin, job.name, node.name), WAIT_S, f"{job.name} to train on {node.name}")
+        for other in others:
+            admin.uncordon(other)
         cluster.remove_node(node.name)
-        statuses = wait_for(lambda: _none_holding([admin.status(i) for i in ids]), WAIT_S, "both to be requeued")
-        requeued = all(s.state.waiting and s.failures == 1 for s in statuses)
-        problems = books_disagree(admin)
-        detail = (
-            f"gang and replica on {node.name}: "
-            + ("requeued; " if requeued else f"states {[s.state.value for s in statuses]}; ")
-            + ("; ".join(problems) or "books agree with Ray")
+        removed = time.monotonic()
+        answered = wait_for(
+            lambda: _answers(http, deployment.url, replica.name), WAIT_S, "the replica to be placed again and answer"
         )
-        for request_id in ids:
-            admin.cancel(request_id)
-        lost = sum(1 for s in statuses if s.state.final)
-        return Fault("node removal", requeued and not problems, detail, lost, time.monotonic() - started)
+        replica_back = time.monotonic() - removed
+        trainer.join(TRAINING_WAIT_S)
+        problems = books_disagree(admin)
+        if "error" in trained or trainer.is_alive():
+            problems.append(f"the training job did not finish: {trained.get('error', 'still running')}")
+        else:
+            status = admin.status(trained["request"])
+            if trained["final"].step != job.steps or status.details.get("failures") != 1:
+                problems.append(f"training ended at step {trained['final'].step}, details {status.details}")
+        if any(node.name in admin.status(request_id).nodes for request_id in deployment.requests):
+            problems.append(f"the replica is still booked on the removed {node.name}")
+        lost = int("error" in trained or trainer.is_alive())
+        detail = (
+            f"a {job.workers.max}-worker training gang and a serving replica running on {node.name}: the job "
+            f"resumed on {', '.join(others)} and finished, the replica answered {answered} again "
+            f"{replica_back:.1f}s after the removal; " + ("; ".join(problems) or "books agree with Ray")
+        )
+        return Fault("node removal", not problems, detail, lost, time.monotonic() - started)
     finally:
+        for other in others:
+            with contextlib.suppress(Exception):
+                admin.uncordon(other)
+        if deployment is not None:
+            delete(replica.name, admin)
+            serve.shutdown()
         if node.name in {n.name for n in cluster.record.nodes}:
             cluster.remove_node(node.name)
+
+
+def _training_on(admin, name: str, node: str) -> bool:
+    """Whether training job `name` runs on `node` (placed there, and its workers reported a step)."""
+    return any(
+        s.request.gang.name == name and s.state.holding and node in s.nodes and s.details.get("step")
+        for s in admin.queue()
+    )
+
+
+def _answers(http, url: str, model: str) -> int | None:
+    try:
+        response = http.post(url, json={"model": model, "prompt": "def f():", "max_tokens": 2}, timeout=30)
+    except http.RequestException:
+        return None
+    return response.status_code if response.status_code == 200 else None
+
+
+def _random_weight_checkpoint(workdir: Path) -> Path:
+    """A checkpoint of a tiny random-weight model, for serving faults that need a model, not a good one."""
+    from jobs.checkpoint import save_checkpoint
+    from jobs.data import VOCAB_SIZE
+    from jobs.model import TransformerLM
+    from jobs.spec import ModelSize
+
+    size = ModelSize(layers=1, d_model=32, heads=2, context_length=64)
+    model = TransformerLM(size, VOCAB_SIZE)
+    return save_checkpoint(workdir / "serve", 1, {"model": model.state_dict(), "job": {"model": size.model_dump()}}, {})
 
 
 @contextlib.contextmanager
@@ -684,22 +776,13 @@ def serving_fuzz(admin, workdir: Path, team: str, max_examples: int) -> dict:
     from ray import serve
 
     from cluster.launcher import free_port
-    from jobs.checkpoint import save_checkpoint
-    from jobs.data import VOCAB_SIZE
-    from jobs.model import TransformerLM
-    from jobs.spec import ModelSize
     from serving.deploy import delete, deploy
     from serving.spec import ServeJob
 
-    size = ModelSize(layers=1, d_model=32, heads=2, context_length=64)
-    model = TransformerLM(size, VOCAB_SIZE)
-    checkpoint = save_checkpoint(
-        workdir / "serve", 1, {"model": model.state_dict(), "job": {"model": size.model_dump()}}, {}
-    )
     job = ServeJob(
         name="fuzzed-lm",
         team=team,
-        checkpoint=str(checkpoint),
+        checkpoint=str(_random_weight_checkpoint(workdir)),
         resources={"cpus": 1},
         pool="cpu",
         limits={"max_tokens": 8, "max_prompt_bytes": 256, "max_body_bytes": 4096},
@@ -762,7 +845,7 @@ def run(
             _guarded("controller SIGKILL", lambda: controller_kill(admin, team_names[0], placed=placed, queued=queued))
         )
         on_progress("fault: node removal under a training gang and a serving replica")
-        faults.append(_guarded("node removal", lambda: node_removal(cluster, admin, team_names[0])))
+        faults.append(_guarded("node removal", lambda: node_removal(cluster, admin, team_names[0], workdir)))
         if http_examples:
             on_progress(f"fuzz: the serving API from its OpenAPI schema ({http_examples} examples per operation)")
             try:

@@ -28,10 +28,10 @@ def test_controller_sigkill_with_requests_placed_and_queued_loses_none(admin: Ad
     assert fault.requests_lost == 0 and "books agree with Ray" in fault.detail
 
 
-def test_node_removal_requeues_the_gang_and_the_replica_and_frees_their_groups(
-    admin: Admin, local_cluster: LocalCluster
+def test_node_removal_under_a_running_training_gang_and_serving_replica_recovers_both(
+    admin: Admin, local_cluster: LocalCluster, tmp_path
 ):
-    fault = faults.node_removal(local_cluster, admin, "research")
+    fault = faults.node_removal(local_cluster, admin, "research", tmp_path)
     assert fault.survived, fault.detail
     assert not faults.books_disagree(admin)
 
