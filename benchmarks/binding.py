@@ -10,6 +10,10 @@ same thing as the other:
   - Ray pinned+detached: what binding asks Ray for: every bundle pinned to the CPU node by
     `ray.io/node-id`, a detached lifetime, and STRICT_PACK (binding's strategy when all bundles sit
     on one node, as here), so the difference to llmos is the controller's own cost.
+  - Ray pinned to two nodes: the same, the groups alternating between the CPU node and the node
+    with the most CPUs. Ray's own PACK spreads the groups over two nodes (`ray_nodes_used`), and a
+    node's raylet reserves bundles at a bounded rate, while llmos packs every group on the CPU node:
+    this path shows how much of the gap that is.
   - llmos: `Admin.acquire(request)`: one controller call doing admission, the placement decision, a
     journal write with fsync, binding to a placement group pinned node by node; then the group's ready.
 - batched: create all `count` groups, then wait until all are ready.
@@ -40,32 +44,37 @@ TIMEOUT_S = 60.0
 MODES = ("one_at_a_time", "batched")
 
 
-def _ray_round(size: int, count: int, batched: bool, pin_to: str | None = None) -> float:
-    """Ray's own rate; with `pin_to`, for groups made the way binding makes them (pinned, detached)."""
+def _ray_round(size: int, count: int, batched: bool, pin_to: tuple[str, ...] = ()) -> tuple[float, int]:
+    """Ray's own rate and the number of nodes its groups went to; with `pin_to`, for groups made the
+    way binding makes them (pinned, detached), the i-th group on node `pin_to[i % len(pin_to)]`."""
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
-    options = {"strategy": "PACK"}
-    if pin_to:
-        options = {
+    def options(index: int) -> dict:
+        if not pin_to:
+            return {"strategy": "PACK"}
+        node = pin_to[index % len(pin_to)]
+        return {
             "strategy": "STRICT_PACK",
             "lifetime": "detached",
-            "bundle_label_selector": [{"ray.io/node-id": pin_to}] * size,
+            "bundle_label_selector": [{"ray.io/node-id": node}] * size,
         }
+
     groups = []
     started = time.perf_counter()
     if batched:
-        groups = [placement_group([dict(BUNDLE)] * size, **options) for _ in range(count)]
+        groups = [placement_group([dict(BUNDLE)] * size, **options(index)) for index in range(count)]
         ray.get([group.ready() for group in groups], timeout=TIMEOUT_S)
     else:
-        for _ in range(count):
-            group = placement_group([dict(BUNDLE)] * size, **options)
+        for index in range(count):
+            group = placement_group([dict(BUNDLE)] * size, **options(index))
             ray.get(group.ready(), timeout=TIMEOUT_S)
             groups.append(group)
     elapsed = time.perf_counter() - started
+    nodes = {node for group in groups for node in placement_group_table(group)["bundles_to_node_id"].values()}
     for group in groups:
         remove_placement_group(group)
-    return count / elapsed
+    return count / elapsed, len(nodes)
 
 
 def _llmos_round(admin, size: int, count: int, batched: bool) -> float:
@@ -108,18 +117,26 @@ def run(
     from cluster.inventory import connect
 
     on_progress("starting a local cluster for the benchmark")
-    paths = ("ray", "ray_pinned_detached", "llmos")
+    paths = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", "llmos")
     rates = {(mode, path, size): [] for mode in MODES for path in paths for size in sizes}
+    ray_nodes_used: dict[tuple[str, int], int] = {}
     with temporary_cluster(load_spec(spec_path), on_progress=on_progress):
         connect()
         admin = Admin(policy=policy)
-        cpu_node = next(node.node_id for node in admin.nodes() if node.pool == "cpu")
+        nodes = admin.nodes()
+        cpu_node = next(node for node in nodes if node.pool == "cpu")
+        roomiest = max((node for node in nodes if node is not cpu_node), key=lambda node: node.capacity.get("CPU", 0))
+        pins = {"ray": (), "ray_pinned_detached": (cpu_node.node_id,)}
+        pins["ray_pinned_two_nodes"] = (cpu_node.node_id, roomiest.node_id)
 
         def measure(mode: str, path: str, size: int, groups: int) -> float:
             batched = mode == "batched"
             if path == "llmos":
                 return _llmos_round(admin, size, groups, batched)
-            return _ray_round(size, groups, batched, pin_to=cpu_node if path == "ray_pinned_detached" else None)
+            rate, nodes_used = _ray_round(size, groups, batched, pin_to=pins[path])
+            if path == "ray":
+                ray_nodes_used[mode, size] = nodes_used
+            return rate
 
         for mode in MODES:  # warm every path (worker start-up, first GCS calls)
             for size in sizes:
@@ -149,6 +166,9 @@ def run(
             "ratio_to_pinned_detached": {
                 size: round(mean["llmos"][size] / mean["ray_pinned_detached"][size], 3) for size in mean["ray"]
             },
+            # Ray's own PACK spreads the groups over this many nodes; llmos packs them on one.
+            "ray_nodes_used": {str(size): ray_nodes_used[mode, size] for size in sizes},
+            "ray_pinned_two_nodes_pgs_per_s": mean["ray_pinned_two_nodes"],
             # Every round's rate, to show the spread on a shared machine.
             "rounds_pgs_per_s": {
                 path: {str(size): [round(rate, 1) for rate in rates[mode, path, size]] for size in sizes}
