@@ -8,6 +8,7 @@ back the admin API and feed the CLI; `cluster.ray_mapping` turns a pool into wha
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from enum import StrEnum
@@ -500,17 +501,18 @@ _PLAIN_KEY = re.compile(r"^[A-Za-z_][\w\-:/.]*$")
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:
-    """`pools[1].node.gpus`; keys that are not plain names are quoted: `teams[0].quota['my key']`."""
+    """`pools[1].node.gpus`; keys that are not plain names are quoted as YAML and JSON do, quotes in
+    them escaped: `teams[0].quota["my key"]`."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
         elif isinstance(part, str) and part.startswith(("function-after", "function-before")):
             continue
-        elif _PLAIN_KEY.match(str(part)):
+        elif _PLAIN_KEY.fullmatch(str(part)):
             text += f".{part}" if text else str(part)
         else:
-            text += f"[{str(part)!r}]"
+            text += f"[{json.dumps(str(part), ensure_ascii=False)}]"
     return text
 
 

@@ -37,8 +37,8 @@ CASES = 600  # per input kind; four kinds and the admin calls make well over 2,0
 
 # A problem names its field: a path such as `pools[1].node.gpu:` or `teams[0].quota:`, or (for
 # whole-document problems) says what the top level must be.
-_SEGMENT = r"""(?:[A-Za-z_][\w\-:/.]*|\[(?:\d+|'[^']*'|"[^"]*")\])"""
-FIELD_PATH = re.compile(rf"^{_SEGMENT}(?:\.[A-Za-z_][\w\-:/.]*|\[(?:\d+|'[^']*'|\"[^\"]*\")\])*: \S")
+_KEY = r"""\[(?:\d+|"(?:[^"\\]|\\.)*")\]"""  # [3] or a quoted key, quotes in it escaped: ["a\"b"]
+FIELD_PATH = re.compile(rf"^(?:[A-Za-z_][\w\-:/.]*|{_KEY})(?:\.[A-Za-z_][\w\-:/.]*|{_KEY})*: \S")
 TOP_LEVEL = ("expected a mapping", "set pool or accelerator_type", "accelerator_type is set")
 
 scalars = st.one_of(

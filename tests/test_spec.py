@@ -51,6 +51,16 @@ def test_unknown_top_level_field(example):
     assert "did you mean 'pools'" in problem
 
 
+def test_a_key_that_is_no_plain_name_is_quoted_with_its_quotes_escaped(example):
+    example["pools"][1]["node"]['it\'s "odd"'] = 1  # found by the fuzzer: a key holding both quotes
+    (problem,) = problems_of(example)
+    assert problem.startswith('pools[1].node["it\'s \\"odd\\""]: unknown field'), problem
+    del example["pools"][1]["node"]['it\'s "odd"']
+    example["pools"][1]["node"]["gpus\n"] = 1  # `$` matches before a final newline; the key is not plain
+    (problem,) = problems_of(example)
+    assert problem.startswith('pools[1].node["gpus\\n"]: unknown field'), problem
+
+
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
