@@ -214,8 +214,8 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
         wait_for(lambda: _training_on(admin, job.name, node.name), WAIT_S, f"{job.name} to train on {node.name}")
         for other in others:
             admin.uncordon(other)
-        cluster.remove_node(node.name)
         removed = time.monotonic()
+        cluster.remove_node(node.name)
         # Asked only once the replica is booked elsewhere: the dying one may still answer for a moment.
         wait_for(
             lambda: all(_booked_off(admin.status(request_id), node.name) for request_id in deployment.requests),
