@@ -186,7 +186,10 @@ class TrainingJob(StrictModel):
         if self.pool and self.accelerator_type:
             raise ValueError("set pool or accelerator_type, not both (a pool already has one accelerator type)")
         if self.schedule.warmup_steps >= self.steps:
-            raise ValueError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be below steps ({self.steps})")
+            raise ValueError(
+                f"schedule.warmup_steps: {self.schedule.warmup_steps} is not below steps ({self.steps}); "
+                "lower warmup_steps or raise steps"
+            )
         return self
 
     @property

@@ -91,3 +91,8 @@ def test_problems_against_cluster_name_the_field():
     assert problems_against_cluster(too_big, cluster)[0].startswith("resources: a worker")
     unknown_team = parse_model(TrainingJob, job_data(team="nobody"), "job.yaml")
     assert problems_against_cluster(unknown_team, cluster)[0].startswith("team: 'nobody'")
+
+
+def test_warmup_not_below_steps_names_the_field():
+    [problem] = problems_of(job_data(steps=1, schedule={"warmup_steps": 30}))
+    assert problem.startswith("schedule.warmup_steps: 30 is not below steps (1)"), problem

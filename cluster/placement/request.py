@@ -87,6 +87,8 @@ class Bundle(BaseModel):
         gpus = resources.get("GPU", 0.0)
         if gpus > 1 and not float(gpus).is_integer():
             raise ValueError(f"GPU is {gpus}; above 1 a bundle takes whole devices, e.g. 2, not 1.5")
+        if 0 < gpus < 1 / UNITS:
+            raise ValueError(f"GPU is {gpus}; the smallest share of a device is {1 / UNITS}, or 0 for none")
         tpus = resources.get("TPU", 0.0)
         if not float(tpus).is_integer():
             raise ValueError(f"TPU is {tpus}; TPU chips are whole, e.g. 4")
