@@ -69,7 +69,7 @@ class TestRequests:
     def test_a_gpu_share_below_the_engines_resolution_is_refused(self):
         # Found by the admin-call fuzzer: 4.9e-92 GPU became one device with a zero share, which
         # fitted everywhere and then matched no device (an OversubscriptionError in the controller).
-        with pytest.raises(ValidationError, match="smallest share of a device is 0.0001"):
+        with pytest.raises(ValidationError, match=r"smallest share of a device is 0\.0001"):
             Bundle(resources={"CPU": 2, "GPU": 4.855781060752736e-92})
         assert Bundle(resources={"GPU": 0.0001}).demand.gpu_share == 1
 
