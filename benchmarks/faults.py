@@ -11,6 +11,8 @@ hold.
 - node removal: a 2-worker training job (Ray Train, elastic) and a Serve replica running on a node
   whose raylet is then stopped: the job must resume on the nodes left and finish, the replica must
   be placed again and answer, and nothing may stay booked on the removed node.
+- worker killed: a 2-worker training job (Ray Train) has one worker process SIGKILLed at step 10 or
+  later: llmos restarts it on the same bookings from the newest checkpoint and it finishes.
 - checkpoint write interrupted: a process writing checkpoints is SIGKILLed mid-write, again and
   again: the newest complete checkpoint must always load, and no partial one may be listed.
 - disk full: checkpoints written to a 2 MiB tmpfs: a clear error naming the directory, the earlier
@@ -150,6 +152,74 @@ def _pid_or_none(admin) -> int | None:
         return None
 
 
+def _small_job(workdir: Path, name: str, team: str, **overrides):
+    """A TrainingJob small enough for a 2-core machine: a 1-layer model, checkpoints every 10 steps."""
+    from jobs.spec import TrainingJob
+
+    fields = {
+        "name": name,
+        "team": team,
+        "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
+        "batch_size_per_worker": 4,
+        "steps": 300,
+        "workers": {"min": 2, "max": 2},
+        "checkpoint": {"every_steps": 10, "keep_last": 2},
+        "evaluation": {"every_steps": overrides.get("steps", 300), "batches": 1},
+        "log_every_steps": 5,
+        "storage_path": str(workdir / "jobs"),
+    }
+    return TrainingJob.model_validate({**fields, **overrides})
+
+
+class _Trainer(threading.Thread):
+    """`jobs.train.run_admitted` in a thread of this driver: the request id, last report or error."""
+
+    def __init__(self, job, admin):
+        super().__init__(daemon=True, name=f"llmos-fault-{job.name}")
+        self.job, self.admin = job, admin
+        self.request_id: str | None = None
+        self.final = None
+        self.error: str | None = None
+
+    def run(self) -> None:
+        from jobs.train import run_admitted
+
+        try:
+            self.request_id, self.final = run_admitted(self.job, self.admin, on_progress=lambda line: None)
+        except Exception as error:  # reported as the fault's detail
+            self.error = f"{type(error).__name__}: {error}"
+
+    def problems(self, restarts: int) -> list[str]:
+        """What is wrong with how the job ended, expecting `restarts` restarts of its workers."""
+        if self.error or self.is_alive():
+            return [f"the training job did not finish: {self.error or 'still running'}"]
+        details = self.admin.status(self.request_id).details
+        if self.final.step != self.job.steps or details.get("restarts") != restarts:
+            return [f"training ended at step {self.final.step} of {self.job.steps}, details {details}"]
+        return []
+
+
+def worker_kill(admin, team: str, workdir: Path) -> Fault:
+    """A Ray Train worker process SIGKILLed mid-step: the job restarts from its checkpoint and finishes."""
+    from ray.util.state import list_actors
+
+    started = time.monotonic()
+    job = _small_job(workdir, "worker-killed", team, resources={"cpus": 1, "gpus": 1, "memory": "256Mi"}, pool="h100")
+    trainer = _Trainer(job, admin)
+    trainer.start()
+    wait_for(lambda: _training_on(admin, job.name, None, at_step=10), WAIT_S, f"{job.name} to reach step 10")
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    victim = max(workers, key=lambda actor: actor.pid)
+    os.kill(victim.pid, signal.SIGKILL)
+    trainer.join(TRAINING_WAIT_S)
+    problems = trainer.problems(restarts=1) + books_disagree(admin)
+    lost = int(bool(trainer.error or trainer.is_alive()))
+    detail = f"1 of {len(workers)} workers (pid {victim.pid}) killed at step 10 or later: " + (
+        "; ".join(problems) or f"restarted from its checkpoint and finished all {job.steps} steps; books agree"
+    )
+    return Fault("worker killed mid-step", not problems, detail, lost, time.monotonic() - started)
+
+
 def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
     """A training gang and a serving replica running on one node; its raylet stopped.
 
@@ -161,29 +231,19 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
     from ray import serve
 
     from cluster.launcher import free_port
-    from jobs.spec import TrainingJob
-    from jobs.train import run_admitted
     from serving.deploy import delete, deploy
     from serving.spec import ServeJob
 
     started = time.monotonic()
     (node,) = cluster.add_replica("cpu")
     others = [n.name for n in admin.nodes() if n.pool == "cpu" and n.name != node.name]
-    job = TrainingJob.model_validate(
-        {
-            "name": "on-removed-node",
-            "team": team,
-            "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
-            "batch_size_per_worker": 4,
-            "steps": 300,
-            "workers": {"min": 1, "max": 2},
-            "resources": {"cpus": 2, "memory": "256Mi"},
-            "pool": "cpu",
-            "checkpoint": {"every_steps": 10, "keep_last": 2},
-            "evaluation": {"every_steps": 300, "batches": 1},
-            "log_every_steps": 5,
-            "storage_path": str(workdir / "jobs"),
-        }
+    job = _small_job(
+        workdir,
+        "on-removed-node",
+        team,
+        workers={"min": 1, "max": 2},
+        resources={"cpus": 2, "memory": "256Mi"},
+        pool="cpu",
     )
     replica = ServeJob(
         name="on-removed-node-lm",
@@ -193,15 +253,7 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
         pool="cpu",
         route_prefix="/on-removed-node",
     )
-    trained: dict = {}
-
-    def train() -> None:
-        try:
-            trained["request"], trained["final"] = run_admitted(job, admin, on_progress=lambda line: None)
-        except Exception as error:  # reported as the fault's detail
-            trained["error"] = f"{type(error).__name__}: {error}"
-
-    trainer = threading.Thread(target=train, daemon=True, name="llmos-fault-training")
+    trainer = _Trainer(job, admin)
     deployment = None
     try:
         wait_for(lambda: node.name in {n.name for n in admin.nodes()}, WAIT_S, f"{node.name} in the controller")
@@ -226,13 +278,8 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
         replica_back = time.monotonic() - removed
         trainer.join(TRAINING_WAIT_S)
         problems = books_disagree(admin)
-        if "error" in trained or trainer.is_alive():
-            problems.append(f"the training job did not finish: {trained.get('error', 'still running')}")
-        else:
-            status = admin.status(trained["request"])
-            if trained["final"].step != job.steps or status.details.get("failures") != 1:
-                problems.append(f"training ended at step {trained['final'].step}, details {status.details}")
-        lost = int("error" in trained or trainer.is_alive())
+        problems += trainer.problems(restarts=1)
+        lost = int(bool(trainer.error or trainer.is_alive()))
         detail = (
             f"a {job.workers.max}-worker training gang and a serving replica running on {node.name}: the job "
             f"resumed on {', '.join(others)} and finished; the replica was placed on {', '.join(others)} and "
@@ -251,10 +298,13 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
             cluster.remove_node(node.name)
 
 
-def _training_on(admin, name: str, node: str) -> bool:
-    """Whether training job `name` runs on `node` (placed there, and its workers reported a step)."""
+def _training_on(admin, name: str, node: str | None, at_step: int = 1) -> bool:
+    """Whether training job `name` runs (on `node`, if given) and its workers reported `at_step`."""
     return any(
-        s.request.gang.name == name and s.state.holding and node in s.nodes and s.details.get("step")
+        s.request.gang.name == name
+        and s.state.holding
+        and (node is None or node in s.nodes)
+        and s.details.get("step", 0) >= at_step
         for s in admin.queue()
     )
 
@@ -418,23 +468,16 @@ def _start_training(workdir: Path, team: str, admin, kill_at_step: int) -> tuple
     import ray
 
     from cluster.ray_mapping import POOL_LABEL
-    from jobs.spec import TrainingJob
 
-    job = TrainingJob.model_validate(
-        {
-            "name": "through-head-restart",
-            "team": team,
-            "model": {"layers": 2, "d_model": 64, "heads": 2, "context_length": 64},
-            "batch_size_per_worker": 8,
-            "steps": 150,
-            "workers": {"min": 2, "max": 2},
-            "resources": {"cpus": 1, "gpus": 1, "memory": "256Mi"},
-            "pool": "a100",
-            "checkpoint": {"every_steps": 10, "keep_last": 2},
-            "evaluation": {"every_steps": 150, "batches": 1},
-            "log_every_steps": 5,
-            "storage_path": str(workdir / "jobs"),
-        }
+    job = _small_job(
+        workdir,
+        "through-head-restart",
+        team,
+        model={"layers": 2, "d_model": 64, "heads": 2, "context_length": 64},
+        batch_size_per_worker=8,
+        steps=150,
+        resources={"cpus": 1, "gpus": 1, "memory": "256Mi"},
+        pool="a100",
     )
     driver_class = ray.remote(num_cpus=0, max_concurrency=2, label_selector={POOL_LABEL: "cpu"})(_TrainingDriver)
     driver = driver_class.options(name=TRAINING_DRIVER, namespace="llmos", lifetime="detached").remote()
@@ -851,6 +894,8 @@ def run(
         faults.append(
             _guarded("controller SIGKILL", lambda: controller_kill(admin, team_names[0], placed=placed, queued=queued))
         )
+        on_progress("fault: a training worker killed mid-step")
+        faults.append(_guarded("worker killed mid-step", lambda: worker_kill(admin, team_names[0], workdir)))
         on_progress("fault: node removal under a training gang and a serving replica")
         faults.append(_guarded("node removal", lambda: node_removal(cluster, admin, team_names[0], workdir)))
         if http_examples:

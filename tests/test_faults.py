@@ -36,6 +36,12 @@ def test_node_removal_under_a_running_training_gang_and_serving_replica_recovers
     assert not faults.books_disagree(admin)
 
 
+def test_a_training_worker_killed_mid_step_restarts_from_its_checkpoint_and_finishes(admin: Admin, tmp_path):
+    fault = faults.worker_kill(admin, "research", tmp_path)
+    assert fault.survived, fault.detail
+    assert fault.requests_lost == 0
+
+
 def test_load_from_several_teams_loses_nothing_and_never_exceeds_a_quota(admin: Admin):
     report = faults.load(admin, ["research", "interns"], 200, on_progress=print)
     assert report["load_requests"] == 200 and report["load_requests_lost"] == 0, report
