@@ -232,7 +232,6 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
 
     from cluster.launcher import free_port
     from serving.deploy import delete, deploy
-    from serving.spec import ServeJob
 
     started = time.monotonic()
     (node,) = cluster.add_replica("cpu")
@@ -245,14 +244,7 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
         resources={"cpus": 2, "memory": "256Mi"},
         pool="cpu",
     )
-    replica = ServeJob(
-        name="on-removed-node-lm",
-        team=team,
-        checkpoint=str(_random_weight_checkpoint(workdir)),
-        resources={"cpus": 1},
-        pool="cpu",
-        route_prefix="/on-removed-node",
-    )
+    replica = _small_serve_job(workdir, "on-removed-node-lm", team, route_prefix="/on-removed-node")
     trainer = _Trainer(job, admin)
     deployment = None
     try:
@@ -319,6 +311,14 @@ def _answers(http, url: str, model: str) -> int | None:
     except http.RequestException:
         return None
     return response.status_code if response.status_code == 200 else None
+
+
+def _small_serve_job(workdir: Path, name: str, team: str, **overrides):
+    """A ServeJob of a tiny random-weight model on one CPU of the cpu pool."""
+    from serving.spec import ServeJob
+
+    fields = {"checkpoint": str(_random_weight_checkpoint(workdir)), "resources": {"cpus": 1}, "pool": "cpu"}
+    return ServeJob(name=name, team=team, **{**fields, **overrides})
 
 
 def _random_weight_checkpoint(workdir: Path) -> Path:
@@ -827,15 +827,9 @@ def serving_fuzz(admin, workdir: Path, team: str, max_examples: int) -> dict:
 
     from cluster.launcher import free_port
     from serving.deploy import delete, deploy
-    from serving.spec import ServeJob
 
-    job = ServeJob(
-        name="fuzzed-lm",
-        team=team,
-        checkpoint=str(_random_weight_checkpoint(workdir)),
-        resources={"cpus": 1},
-        pool="cpu",
-        limits={"max_tokens": 8, "max_prompt_bytes": 256, "max_body_bytes": 4096},
+    job = _small_serve_job(
+        workdir, "fuzzed-lm", team, limits={"max_tokens": 8, "max_prompt_bytes": 256, "max_body_bytes": 4096}
     )
     deployment = deploy(job, admin, port=free_port(), wait_s=WAIT_S)
     try:
