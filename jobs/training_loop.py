@@ -52,6 +52,7 @@ class StepReport:
     elapsed_s: float  # since this attempt started
     heldout_loss: float | None = None  # set at evaluation steps
     checkpoint: str | None = None  # the checkpoint written at this step, on rank 0
+    checkpointed: bool = False  # whether rank 0 wrote a checkpoint at this step; the same on every rank
     resumed_from_step: int | None = None  # the step this attempt resumed from, if it resumed
 
     def as_dict(self) -> dict[str, Any]:
@@ -240,6 +241,7 @@ def train(
             world_size=world_size,
             elapsed_s=time.perf_counter() - started,
             resumed_from_step=resumed_from_step,
+            checkpointed=save,
         )
         if evaluate:
             last_heldout = heldout_loss(model, heldout, job, device, world_size)
