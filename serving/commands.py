@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config = commands.add_parser("config", help="Ray's own Serve config (for `serve deploy` and RayService).")
     config.add_argument("job", help="ServeJob YAML.")
     config.add_argument("-o", "--output", type=Path, help="Write the YAML here instead of printing it.")
+    config.add_argument("--host", default="0.0.0.0", help="HTTP host of Serve's proxies (127.0.0.1 keeps it local).")
     config.add_argument("--port", type=int, default=8000)
     config.set_defaults(func=_config)
 
@@ -98,7 +99,7 @@ def _delete(args: argparse.Namespace) -> int:
 def _config(args: argparse.Namespace) -> int:
     from serving.config import build_serve_config
 
-    text = yaml.safe_dump(build_serve_config(load_serve_job(args.job), port=args.port), sort_keys=False)
+    text = yaml.safe_dump(build_serve_config(load_serve_job(args.job), host=args.host, port=args.port), sort_keys=False)
     if args.output:
         args.output.write_text(text)
         stdout.print(f"wrote {args.output}; deploy it with `serve deploy {args.output}`")

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import ray
 import requests
-import torch
 from ray import serve
 from ray.util.state import list_actors
 from waiting import wait_for
@@ -21,10 +20,6 @@ from cluster.console import UserError
 from cluster.launcher import LocalCluster, free_port
 from cluster.ray_mapping import POOL_LABEL
 from cluster.requests import RequestState
-from jobs.checkpoint import save_checkpoint
-from jobs.data import VOCAB_SIZE
-from jobs.model import TransformerLM
-from jobs.spec import ModelSize
 from serving.deploy import delete, deploy
 from serving.reconcile import find_reconciler
 from serving.spec import ServeJob
@@ -33,21 +28,12 @@ TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    size = ModelSize(layers=2, d_model=32, heads=2, context_length=128)
-    torch.manual_seed(0)
-    model = TransformerLM(size, VOCAB_SIZE)
-    directory = tmp_path_factory.mktemp("serve-checkpoints")
-    return save_checkpoint(directory, 1, {"model": model.state_dict(), "job": {"model": size.model_dump()}}, {})
-
-
-@pytest.fixture(scope="module")
-def served(local_cluster: LocalCluster, checkpoint: Path, tmp_path_factory):
+def served(local_cluster: LocalCluster, tiny_lm_checkpoint: Path, tmp_path_factory):
     admin = Admin(state_dir=tmp_path_factory.mktemp("serve-controller"), policy="bestfit")
     job = ServeJob(
         name="tiny-lm",
         team="research",
-        checkpoint=str(checkpoint),
+        checkpoint=str(tiny_lm_checkpoint),
         replicas={"min": 1, "max": 2},
         resources={"cpus": 1, "gpus": 0.25},
         pool="a100",
@@ -160,22 +146,22 @@ def test_a_client_that_disconnects_mid_stream_does_not_hurt_the_replica(served):
     assert [r.status_code for r in responses] == [200] * 8
 
 
-def test_a_deployment_that_can_never_fit_is_rejected_at_once(served, checkpoint):
+def test_a_deployment_that_can_never_fit_is_rejected_at_once(served, tiny_lm_checkpoint):
     admin, _, _ = served
     impossible = ServeJob(
-        name="huge", team="prod", checkpoint=str(checkpoint), resources={"cpus": 1, "gpus": 16}, pool="h100"
+        name="huge", team="prod", checkpoint=str(tiny_lm_checkpoint), resources={"cpus": 1, "gpus": 16}, pool="h100"
     )
     with pytest.raises(UserError, match="cannot be deployed: can never fit this cluster"):
         deploy(impossible, admin, port=free_port(), wait_s=5)
     assert not [s for s in admin.queue() if s.request.group == "huge"]
 
 
-def test_delete_releases_the_bookings(served, checkpoint):
+def test_delete_releases_the_bookings(served, tiny_lm_checkpoint):
     admin, _, deployment = served
     extra = ServeJob(
         name="extra-lm",
         team="research",
-        checkpoint=str(checkpoint),
+        checkpoint=str(tiny_lm_checkpoint),
         resources={"cpus": 1},
         pool="cpu",
         route_prefix="/extra",
@@ -204,13 +190,13 @@ def reconciled_replicas(name: str) -> int:
     return ray.get(find_reconciler(name).state.remote(), timeout=TIMEOUT_S)["replicas"]
 
 
-def test_a_preempted_replica_scales_the_deployment_down_and_it_comes_back(served, checkpoint):
+def test_a_preempted_replica_scales_the_deployment_down_and_it_comes_back(served, tiny_lm_checkpoint):
     admin, _, deployment = served
     # Two replicas of 3 CPUs on cpu-0 (8 CPUs); a prod gang of 5 CPUs can only be placed by taking one.
     job = ServeJob(
         name="elastic-lm",
         team="research",
-        checkpoint=str(checkpoint),
+        checkpoint=str(tiny_lm_checkpoint),
         replicas={"min": 1, "max": 2},
         resources={"cpus": 3},
         pool="cpu",
