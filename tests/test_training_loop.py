@@ -152,7 +152,10 @@ def test_a_stop_request_ends_the_attempt_with_a_checkpoint_where_it_stops(tmp_pa
     assert asked == [(step, step % 20 == 0) for step in range(5, 41, 5)], "asked at every reporting step"
 
     now = tiny_job(tmp_path / "now", steps=60)
-    result = train(now, should_stop=lambda step, checkpoint_step: step == 15)
+    reports = []
+    result = train(now, on_report=reports.append, should_stop=lambda step, checkpoint_step: step == 15)
     # Step 15 is no checkpoint step of the job; stopping there writes one, so nothing is lost.
     assert result.step == 15 and result.checkpoint is not None
+    # Ray Train hears only of checkpoint steps (jobs.train), so the stop step must say it is one.
+    assert [(report.step, report.checkpointed) for report in reports] == [(5, False), (10, False), (15, True)]
     assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(now.checkpoint_directory)) == 15
