@@ -1,7 +1,8 @@
 """Ray's own `serve deploy` runs the config `llmos serve config` renders: the file a RayService carries.
 
-Its own module, so that no application deployed through llmos (imperatively, by `serving.deploy`) is
-running: Serve refuses to mix the two ways of deploying.
+Its own module, so that Serve is not running when it starts: the `served` fixture of
+tests/test_serving.py holds Serve for that whole module, and a running Serve keeps the HTTP options it
+was started with, whatever a config deployed later says.
 """
 
 from __future__ import annotations
