@@ -245,8 +245,9 @@ def measure_node_removal(
 
 def _remove_and_regrow(job: TrainingJob, cluster: LocalCluster, cycle: int, cycles: int, on_progress) -> dict:
     victim = next(node.name for node in cluster.record.nodes if node.pool == "cpu" and node.name != "cpu-0")
-    run: dict = {"recovery_s": None, "steps_lost": None, "workers_before": None, "workers_after": None}
-    run.update(regrow_s=None, grown_at_step=None)
+    run: dict = dict.fromkeys(
+        ("recovery_s", "steps_lost", "workers_before", "workers_after", "regrow_s", "grown_at_step")
+    )
     removed_at = time.time()
     last_before = records(job)[-1]
     cluster.remove_node(victim)
