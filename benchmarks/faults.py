@@ -317,20 +317,25 @@ def _small_serve_job(workdir: Path, name: str, team: str, **overrides):
     """A ServeJob of a tiny random-weight model on one CPU of the cpu pool."""
     from serving.spec import ServeJob
 
-    fields = {"checkpoint": str(_random_weight_checkpoint(workdir)), "resources": {"cpus": 1}, "pool": "cpu"}
+    fields = {"checkpoint": str(random_weight_checkpoint(workdir / "serve")), "resources": {"cpus": 1}, "pool": "cpu"}
     return ServeJob(name=name, team=team, **{**fields, **overrides})
 
 
-def _random_weight_checkpoint(workdir: Path) -> Path:
-    """A checkpoint of a tiny random-weight model, for serving faults that need a model, not a good one."""
+def random_weight_checkpoint(directory: Path, layers: int = 1, context_length: int = 64) -> Path:
+    """A checkpoint of a tiny random-weight model, as jobs/ writes it, for serving that needs a model,
+    not a good one (the fault suite, the serving tests); the same weights every time."""
+    import torch
+
     from jobs.checkpoint import save_checkpoint
     from jobs.data import VOCAB_SIZE
     from jobs.model import TransformerLM
     from jobs.spec import ModelSize
 
-    size = ModelSize(layers=1, d_model=32, heads=2, context_length=64)
-    model = TransformerLM(size, VOCAB_SIZE)
-    return save_checkpoint(workdir / "serve", 1, {"model": model.state_dict(), "job": {"model": size.model_dump()}}, {})
+    size = ModelSize(layers=layers, d_model=32, heads=2, context_length=context_length)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TransformerLM(size, VOCAB_SIZE)
+    return save_checkpoint(directory, 1, {"model": model.state_dict(), "job": {"model": size.model_dump()}}, {})
 
 
 @contextlib.contextmanager

@@ -50,15 +50,6 @@ def local_cluster(tmp_path_factory) -> LocalCluster:
 @pytest.fixture(scope="module")
 def tiny_lm_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint of a small untrained model, as jobs/ writes it, for serving tests."""
-    import torch
+    from benchmarks.faults import random_weight_checkpoint
 
-    from jobs.checkpoint import save_checkpoint
-    from jobs.data import VOCAB_SIZE
-    from jobs.model import TransformerLM
-    from jobs.spec import ModelSize
-
-    size = ModelSize(layers=2, d_model=32, heads=2, context_length=128)
-    torch.manual_seed(0)
-    model = TransformerLM(size, VOCAB_SIZE)
-    directory = tmp_path_factory.mktemp("serve-checkpoints")
-    return save_checkpoint(directory, 1, {"model": model.state_dict(), "job": {"model": size.model_dump()}}, {})
+    return random_weight_checkpoint(tmp_path_factory.mktemp("serve-checkpoints"), layers=2, context_length=128)
