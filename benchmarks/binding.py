@@ -24,7 +24,10 @@ same thing as the other:
     at a time (one fsync each), and the `count` groups handed back; then one `ray.get` on all their
     ready refs.
 
-Every group is released after its round (removed, or cancelled through the controller), untimed.
+Every group is released after its round (removed, or cancelled through the controller), and the next
+round starts only once Ray has handed every bundle back (no `*_group_*` resource left, the CPUs back),
+untimed: a raylet still returning the last round's bundles reserves new ones more slowly, which
+would tax whichever path came next. The order of the paths rotates from round to round.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from pathlib import Path
 from cluster.console import progress
 from cluster.launcher import temporary_cluster
 from cluster.spec import load_spec
+from cluster.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = {"CPU": 0.01}
 TIMEOUT_S = 60.0
+RELEASE_TIMEOUT_S = 30.0
 MODES = ("one_at_a_time", "batched")
 HEADLINE_MODE = "batched"
 
@@ -78,7 +83,8 @@ def _ray_round(size: int, count: int, batched: bool, pin_to: tuple[str, ...] = (
     return count / elapsed, len(nodes)
 
 
-def _llmos_round(admin, size: int, count: int, batched: bool) -> float:
+def _llmos_round(admin, size: int, count: int, batched: bool) -> tuple[float, int]:
+    """The rate through the controller and the number of nodes the engine placed the groups on."""
     import ray
 
     request = {"team": "research", "gang": {"name": "bench", "bundles": [{"resources": BUNDLE}] * size}}
@@ -94,9 +100,28 @@ def _llmos_round(admin, size: int, count: int, batched: bool) -> float:
             _check_placed(acquired[-1:])
             ray.get(acquired[-1][1].ready(), timeout=TIMEOUT_S)
     elapsed = time.perf_counter() - started
+    nodes = {bundle.node for status, _ in acquired for bundle in status.bundles}
     for status, _ in acquired:
         admin.cancel(status.id)
-    return count / elapsed
+    return count / elapsed, len(nodes)
+
+
+def _free_cpus() -> float:
+    import ray
+
+    return ray.available_resources().get("CPU", 0.0)
+
+
+def _wait_released(free_cpus: float) -> None:
+    """Until Ray holds no bundle of any group and has `free_cpus` CPUs free again."""
+    import ray
+
+    def released() -> bool:
+        available = ray.available_resources()
+        no_bundles = not any("_group_" in name for name in available)
+        return no_bundles and abs(available.get("CPU", 0.0) - free_cpus) < 1e-3
+
+    wait_for(released, RELEASE_TIMEOUT_S, "Ray to release the benchmark's placement groups", interval_s=0.02)
 
 
 def _check_placed(acquired: list) -> None:
@@ -114,44 +139,58 @@ def run(
     policy: str = "llmos",
     on_progress: Callable[[str], None] = progress,
 ) -> dict:
+    """Start a local cluster of `spec_path` and measure on it (see `measure`)."""
     from cluster.admin import Admin
     from cluster.inventory import connect
 
     on_progress("starting a local cluster for the benchmark")
-    paths = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", "llmos")
-    rates = {(mode, path, size): [] for mode in MODES for path in paths for size in sizes}
-    ray_nodes_used: dict[tuple[str, int], int] = {}
     with temporary_cluster(load_spec(spec_path), on_progress=on_progress):
         connect()
-        admin = Admin(policy=policy)
-        nodes = admin.nodes()
-        cpu_node = next(node for node in nodes if node.pool == "cpu")
-        roomiest = max((node for node in nodes if node is not cpu_node), key=lambda node: node.capacity.get("CPU", 0))
-        pins = {"ray": (), "ray_pinned_detached": (cpu_node.node_id,)}
-        pins["ray_pinned_two_nodes"] = (cpu_node.node_id, roomiest.node_id)
+        return measure(Admin(policy=policy), sizes=sizes, count=count, rounds=rounds, on_progress=on_progress)
 
-        def measure(mode: str, path: str, size: int, groups: int) -> float:
-            batched = mode == "batched"
-            if path == "llmos":
-                return _llmos_round(admin, size, groups, batched)
-            rate, nodes_used = _ray_round(size, groups, batched, pin_to=pins[path])
-            if path == "ray":
-                ray_nodes_used[mode, size] = nodes_used
-            return rate
 
-        for mode in MODES:  # warm every path (worker start-up, first GCS calls)
+def measure(
+    admin,
+    *,
+    sizes: tuple[int, ...] = (1, 8),
+    count: int = 50,
+    rounds: int = 3,
+    on_progress: Callable[[str], None] = progress,
+) -> dict:
+    """Every path, mode and gang size on the cluster `admin`'s controller runs on, which must be idle."""
+    paths = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", "llmos")
+    rates = {(mode, path, size): [] for mode in MODES for path in paths for size in sizes}
+    nodes_used: dict[tuple[str, str, int], int] = {}
+    nodes = admin.nodes()
+    cpu_node = next(node for node in nodes if node.pool == "cpu")
+    roomiest = max((node for node in nodes if node is not cpu_node), key=lambda node: node.capacity.get("CPU", 0))
+    pins = {"ray": (), "ray_pinned_detached": (cpu_node.node_id,)}
+    pins["ray_pinned_two_nodes"] = (cpu_node.node_id, roomiest.node_id)
+    free_cpus = _free_cpus()
+
+    def measure_round(mode: str, path: str, size: int, groups: int) -> float:
+        batched = mode == "batched"
+        if path == "llmos":
+            rate, nodes_used[mode, path, size] = _llmos_round(admin, size, groups, batched)
+        else:
+            rate, nodes_used[mode, path, size] = _ray_round(size, groups, batched, pin_to=pins[path])
+        _wait_released(free_cpus)
+        return rate
+
+    for mode in MODES:  # warm every path (worker start-up, first GCS calls)
+        for size in sizes:
+            for path in paths:
+                measure_round(mode, path, size, 5)
+    for round_index in range(rounds):
+        order = paths[round_index % len(paths) :] + paths[: round_index % len(paths)]
+        for mode in MODES:
             for size in sizes:
-                for path in paths:
-                    measure(mode, path, size, 5)
-        for round_index in range(rounds):
-            for mode in MODES:
-                for size in sizes:
-                    for path in paths:
-                        rates[mode, path, size].append(measure(mode, path, size, count))
-                    on_progress(
-                        f"round {round_index + 1}/{rounds}, {mode}, {size}-bundle gangs: "
-                        + ", ".join(f"{path} {rates[mode, path, size][-1]:.0f}/s" for path in paths)
-                    )
+                for path in order:
+                    rates[mode, path, size].append(measure_round(mode, path, size, count))
+                on_progress(
+                    f"round {round_index + 1}/{rounds}, {mode}, {size}-bundle gangs: "
+                    + ", ".join(f"{path} {rates[mode, path, size][-1]:.0f}/s" for path in paths)
+                )
 
     result: dict = {}
     for mode in MODES:
@@ -167,8 +206,9 @@ def run(
             "ratio_to_pinned_detached": {
                 size: round(mean["llmos"][size] / mean["ray_pinned_detached"][size], 3) for size in mean["ray"]
             },
-            # Ray's own PACK spreads the groups over this many nodes; llmos packs them on one.
-            "ray_nodes_used": {str(size): ray_nodes_used[mode, size] for size in sizes},
+            # Ray's own PACK spreads its groups over this many nodes; the engine packs them.
+            "ray_nodes_used": {str(size): nodes_used[mode, "ray", size] for size in sizes},
+            "llmos_nodes_used": {str(size): nodes_used[mode, "llmos", size] for size in sizes},
             "ray_pinned_two_nodes_pgs_per_s": mean["ray_pinned_two_nodes"],
             # Every round's rate, to show the spread on a shared machine.
             "rounds_pgs_per_s": {
@@ -183,7 +223,7 @@ def run(
         **headline,
         "headline_mode": HEADLINE_MODE,
         **result,
-        "policy": policy,
+        "policy": admin.ping()["policy"],
         "groups_per_round": count,
         "rounds": rounds,
     }
