@@ -25,9 +25,10 @@ same thing as the other:
     ready refs.
 
 Every group is released after its round (removed, or cancelled through the controller), and the next
-round starts only once Ray has handed every bundle back (no `*_group_*` resource left, the CPUs back),
-untimed: a raylet still returning the last round's bundles reserves new ones more slowly, which
-would tax whichever path came next. The order of the paths rotates from round to round.
+round starts only once Ray has handed every bundle back (no node offers a `*_group_<id>` resource of
+them any more, and the CPUs are free again), untimed: a raylet still returning the last round's
+bundles reserves new ones more slowly, which would tax whichever path came next. The order of the
+paths rotates from round to round.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from cluster.console import progress
 from cluster.launcher import temporary_cluster
@@ -50,9 +52,15 @@ MODES = ("one_at_a_time", "batched")
 HEADLINE_MODE = "batched"
 
 
-def _ray_round(size: int, count: int, batched: bool, pin_to: tuple[str, ...] = ()) -> tuple[float, int]:
-    """Ray's own rate and the number of nodes its groups went to; with `pin_to`, for groups made the
-    way binding makes them (pinned, detached), the i-th group on node `pin_to[i % len(pin_to)]`."""
+class Round(NamedTuple):
+    rate: float  # groups per second
+    nodes_used: int  # distinct nodes the groups' bundles went to
+    group_ids: tuple[str, ...]  # Ray's ids (hex) of the groups made, all released by the round
+
+
+def _ray_round(size: int, count: int, batched: bool, pin_to: tuple[str, ...] = ()) -> Round:
+    """Ray's own rate; with `pin_to`, for groups made the way binding makes them (pinned, detached),
+    the i-th group on node `pin_to[i % len(pin_to)]`."""
     import ray
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
@@ -80,11 +88,10 @@ def _ray_round(size: int, count: int, batched: bool, pin_to: tuple[str, ...] = (
     nodes = {node for group in groups for node in placement_group_table(group)["bundles_to_node_id"].values()}
     for group in groups:
         remove_placement_group(group)
-    return count / elapsed, len(nodes)
+    return Round(count / elapsed, len(nodes), tuple(group.id.hex() for group in groups))
 
 
-def _llmos_round(admin, size: int, count: int, batched: bool) -> tuple[float, int]:
-    """The rate through the controller and the number of nodes the engine placed the groups on."""
+def _llmos_round(admin, size: int, count: int, batched: bool) -> Round:
     import ray
 
     request = {"team": "research", "gang": {"name": "bench", "bundles": [{"resources": BUNDLE}] * size}}
@@ -103,7 +110,7 @@ def _llmos_round(admin, size: int, count: int, batched: bool) -> tuple[float, in
     nodes = {bundle.node for status, _ in acquired for bundle in status.bundles}
     for status, _ in acquired:
         admin.cancel(status.id)
-    return count / elapsed, len(nodes)
+    return Round(count / elapsed, len(nodes), tuple(group.id.hex() for _, group in acquired))
 
 
 def _free_cpus() -> float:
@@ -112,14 +119,15 @@ def _free_cpus() -> float:
     return ray.available_resources().get("CPU", 0.0)
 
 
-def _wait_released(free_cpus: float) -> None:
-    """Until Ray holds no bundle of any group and has `free_cpus` CPUs free again."""
+def _wait_released(group_ids: tuple[str, ...], free_cpus: float) -> None:
+    """Until no node offers a resource of these groups' bundles (`CPU_group_<id>`, ...) and `free_cpus`
+    CPUs are free again: Ray drops the groups' resources before it counts their CPUs as free."""
     import ray
 
     def released() -> bool:
         available = ray.available_resources()
-        no_bundles = not any("_group_" in name for name in available)
-        return no_bundles and abs(available.get("CPU", 0.0) - free_cpus) < 1e-3
+        gone = not any(name.endswith(group_ids) for name in available)
+        return gone and abs(available.get("CPU", 0.0) - free_cpus) < 1e-3
 
     wait_for(released, RELEASE_TIMEOUT_S, "Ray to release the benchmark's placement groups", interval_s=0.02)
 
@@ -171,11 +179,12 @@ def measure(
     def measure_round(mode: str, path: str, size: int, groups: int) -> float:
         batched = mode == "batched"
         if path == "llmos":
-            rate, nodes_used[mode, path, size] = _llmos_round(admin, size, groups, batched)
+            measured = _llmos_round(admin, size, groups, batched)
         else:
-            rate, nodes_used[mode, path, size] = _ray_round(size, groups, batched, pin_to=pins[path])
-        _wait_released(free_cpus)
-        return rate
+            measured = _ray_round(size, groups, batched, pin_to=pins[path])
+        nodes_used[mode, path, size] = measured.nodes_used
+        _wait_released(measured.group_ids, free_cpus)
+        return measured.rate
 
     for mode in MODES:  # warm every path (worker start-up, first GCS calls)
         for size in sizes:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import ray
 from controllers import own_controller
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from benchmarks import binding
+from cluster.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +36,20 @@ def test_measure_reports_every_path_and_releases_what_it_made(bench_admin):
     assert result["policy"] == "llmos"
     assert bench_admin.queue() == []
     assert ray.available_resources().get("CPU", 0.0) == pytest.approx(free_before, abs=1e-3)
+
+
+def test_release_wait_watches_the_resources_of_the_groups_bundles(local_cluster):
+    """The wait between rounds looks for resources named after the group's id; were Ray to name them
+    otherwise, the wait would return at once and measure nothing."""
+    free_cpus = ray.available_resources().get("CPU", 0.0)
+    group = placement_group([{"CPU": 0.01}])
+    ray.get(group.ready(), timeout=30)
+    group_id = group.id.hex()
+
+    def offered() -> bool:
+        return any(name.endswith(group_id) for name in ray.available_resources())
+
+    wait_for(offered, 30, f"the resources of placement group {group_id}", interval_s=0.05)
+    remove_placement_group(group)
+    binding._wait_released((group_id,), free_cpus)
+    assert not offered()
