@@ -39,8 +39,8 @@ def test_measure_reports_every_path_and_releases_what_it_made(bench_admin):
 
 
 def test_release_wait_watches_the_resources_of_the_groups_bundles(local_cluster):
-    """The wait between rounds looks for resources named after the group's id; were Ray to name them
-    otherwise, the wait would return at once and measure nothing."""
+    """The wait between rounds looks for resources named after each released group's id: Ray must name
+    them so, or the wait would watch nothing but the CPUs."""
     free_cpus = ray.available_resources().get("CPU", 0.0)
     group = placement_group([{"CPU": 0.01}])
     ray.get(group.ready(), timeout=30)
