@@ -74,25 +74,40 @@ def four_cpu_nodes(local_cluster: LocalCluster):
 @contextlib.contextmanager
 def cpus_free(free: dict[str, float]):
     """Reserve CPUs with one pinned placement group per node until each named node has `free` CPUs left."""
-    # A finished probe task's worker lease goes back to its node a moment later.
-    now = wait_for(lambda: _free_cpus_if_at_least(free), what=f"at least {free} CPUs free")
-    groups = []
+    groups = _reserve_down_to(free)
     try:
-        for name, wanted in free.items():
-            if now[name] > wanted:
-                groups.append(
-                    placement_group([{"CPU": now[name] - wanted}], bundle_label_selector=[{NODE_LABEL: name}])
-                )
-        ray.get([group.ready() for group in groups], timeout=60)
-        wait_for(lambda: _free_cpus(free) == free, what=f"Ray to report free CPUs {free}")
         # The GCS has the new free resources; the head raylet, which schedules the probe, hears of
         # them through Ray's syncer a moment later (a stale view once sent a probe to a full node).
         time.sleep(RESOURCE_VIEW_SYNC_S)
         yield
     finally:
-        for group in groups:
-            remove_placement_group(group)
-        wait_for(lambda: _free_cpus_if_at_least(free), what="reservations released")
+        _release(groups, free)
+
+
+def _reserve_down_to(free: dict[str, float], attempts: int = 3) -> list:
+    for _ in range(attempts):
+        # A finished probe task's worker lease goes back to its node a moment later.
+        now = wait_for(lambda: _free_cpus_if_at_least(free), what=f"at least {free} CPUs free")
+        groups = [
+            placement_group([{"CPU": now[name] - wanted}], bundle_label_selector=[{NODE_LABEL: name}])
+            for name, wanted in free.items()
+            if now[name] > wanted
+        ]
+        ray.get([group.ready() for group in groups], timeout=60)
+        try:
+            wait_for(lambda: _free_cpus(free) == free, timeout_s=20, what=f"Ray to report free CPUs {free}")
+            return groups
+        except TimeoutError:
+            # A lease still out when `now` was read came back since, and left more free than wanted: again.
+            _release(groups, free)
+    reported = _free_cpus(free)
+    raise TimeoutError(f"could not reserve down to free CPUs {free} in {attempts} tries; Ray reports {reported}")
+
+
+def _release(groups: list, free: dict[str, float]) -> None:
+    for group in groups:
+        remove_placement_group(group)
+    wait_for(lambda: _free_cpus_if_at_least(free), what="reservations released")
 
 
 def _free_cpus_if_at_least(free: dict[str, float]) -> dict[str, float] | None:
