@@ -12,8 +12,9 @@ same thing as the other:
     on one node, as here), so the difference to llmos is the controller's own cost.
   - Ray pinned to two nodes: the same, the groups alternating between the CPU node and the node
     with the most CPUs. Ray's own PACK spreads the groups over two nodes (`ray_nodes_used`), and a
-    node's raylet reserves bundles at a bounded rate, while llmos packs every group on the CPU node:
-    this path shows how much of the gap that is.
+    node's raylet reserves bundles ever more slowly as it holds more (it rebuilds its whole resource
+    set at each change), while llmos packs every group on the CPU node: this path shows how much of
+    the gap that is.
   - llmos: `Admin.acquire(request)`: one controller call doing admission, the placement decision, a
     journal write with fsync, binding to a placement group pinned node by node; then the group's ready.
 - batched: create all `count` groups, then wait until all are ready.
