@@ -382,6 +382,7 @@ class Controller:
         self._stopping.set()
         with self._lock:
             self.journal.close()
+            self.audit.close()
 
 
 RemoteController = ray.remote(Controller)

@@ -81,7 +81,8 @@ class BundleBinding(BaseModel):
 class RequestStatus(BaseModel):
     """The controller's record of one request."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity (a diverged loss in `details`) are written to the journal as JSON's usual extension.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
     id: str
     request: SubmitRequest

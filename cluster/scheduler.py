@@ -3,18 +3,21 @@
 The scheduler holds every request and its state, the nodes as last seen, team usage against quotas,
 and the decision log. Each call changes the books and returns nothing Ray-shaped: effects to apply
 (`Bind` a placement to a Ray placement group, `Unbind` one) accumulate in `effects`. Changes are handed
-to `journal` for the caller to persist before it acknowledges: decisions, quotas and node controls at
-once, and each changed request once, in its latest state, when the caller asks for them with
-`write_journal` (a request submitted, placed and bound in one call is written once, not three times).
+to `journal`, one JSON line each, for the caller to persist before it acknowledges: decisions, quotas
+and node controls at once, and each changed request once, in its latest state, when the caller asks
+for them with `write_journal` (a request submitted, placed and bound in one call is written once).
 The Ray actor in `cluster.controller` is the only place those effects happen.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from pydantic import BaseModel
 
 from cluster import quota as quotas
 from cluster.console import UserError
@@ -69,7 +72,7 @@ class Scheduler:
         spec: ClusterSpec,
         policy: str = "llmos",
         *,
-        journal: Callable[[dict], None] = lambda entry: None,
+        journal: Callable[[str], None] = lambda line: None,
         clock: Callable[[], float] = time.time,
     ):
         self.spec = spec
@@ -77,6 +80,8 @@ class Scheduler:
         self.journal = journal
         self.clock = clock
         self.requests: dict[str, RequestStatus] = {}
+        # The requests not yet final, so scheduling costs what is live, not every request ever made.
+        self._live: dict[str, RequestStatus] = {}
         self.quotas: dict[str, dict[str, float]] = {team.name: dict(team.quota) for team in spec.teams}
         self.usage: dict[str, dict[str, float]] = {team.name: {} for team in spec.teams}
         self.controls: dict[str, NodeControl] = {}
@@ -112,8 +117,16 @@ class Scheduler:
         return total
 
     def _save(self, status: RequestStatus) -> None:
+        """Record a change of `status`; every change of a request's state goes through here."""
         self.requests[status.id] = status
         self._changed[status.id] = status
+        self._index(status)
+
+    def _index(self, status: RequestStatus) -> None:
+        if status.state.final:
+            self._live.pop(status.id, None)
+        else:
+            self._live[status.id] = status
 
     def write_journal(self) -> int:
         """Hand each request changed since the last call to `journal`, once, in its latest state.
@@ -123,7 +136,7 @@ class Scheduler:
         """
         changed, self._changed = self._changed, {}
         for status in changed.values():
-            self.journal({"request": status.model_dump(mode="json")})
+            self.journal(_journal_line("request", status))
         return len(changed)
 
     def _decide(self, status: RequestStatus, action: DecisionAction, reason: str = "", nodes=()) -> None:
@@ -138,15 +151,15 @@ class Scheduler:
             nodes=list(nodes),
         )
         self.decisions.append(record)
-        self.journal({"decision": record.model_dump(mode="json")})
+        self.journal(_journal_line("decision", record))
 
     def holders(self) -> list[RequestStatus]:
-        return [status for status in self.requests.values() if status.state.holding]
+        return [status for status in self._live.values() if status.state.holding]
 
     def waiting(self) -> list[RequestStatus]:
         """Waiting requests in the order they are considered: priority, then arrival."""
         return sorted(
-            (status for status in self.requests.values() if status.state.waiting),
+            (status for status in self._live.values() if status.state.waiting),
             key=lambda status: (-status.priority_value, status.submitted_seq),
         )
 
@@ -537,7 +550,7 @@ class Scheduler:
         if not cordoned:
             control.drained = False
         self.controls[node] = control
-        self.journal({"control": control.model_dump(mode="json")})
+        self.journal(_journal_line("control", control))
         self._rebuild_engine()
         return control
 
@@ -545,7 +558,7 @@ class Scheduler:
         """Cordon the node and move its work elsewhere (requeued; placed again where there is room)."""
         self.cordon(node)
         self.controls[node].drained = True
-        self.journal({"control": self.controls[node].model_dump(mode="json")})
+        self.journal(_journal_line("control", self.controls[node]))
         moved = []
         for status in self.holders():
             if node in status.nodes:
@@ -576,7 +589,7 @@ class Scheduler:
         self.quotas[team] = new
         self._quota_changes[team] += 1
         self._retry_all = True
-        self.journal({"quota": {"team": team, "quota": new}})
+        self.journal(json.dumps({"quota": {"team": team, "quota": new}}))
         return self.team_usage(team)
 
     # -- recovery -----------------------------------------------------------------------------------
@@ -587,6 +600,7 @@ class Scheduler:
             if "request" in entry:
                 status = RequestStatus.model_validate(entry["request"])
                 self.requests[status.id] = status
+                self._index(status)
                 self._seq = max(self._seq, status.submitted_seq)
             elif "decision" in entry:
                 record = DecisionRecord.model_validate(entry["decision"])
@@ -608,6 +622,12 @@ class Scheduler:
         entries += [{"request": status.model_dump(mode="json")} for status in self.requests.values()]
         entries += [{"decision": record.model_dump(mode="json")} for record in self.decisions]
         return entries
+
+
+def _journal_line(kind: str, record: BaseModel) -> str:
+    """`{kind: record}` as one JSON line; pydantic writes the record's JSON several times faster than
+    `json.dumps` of its dump, and the journal takes a line per decision and per changed request."""
+    return f'{{"{kind}":{record.model_dump_json()}}}'
 
 
 def _binding_of(bundle: BundlePlacement, pool: str) -> BundleBinding:

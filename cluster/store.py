@@ -1,8 +1,9 @@
 """Durable state for the controller: an append-only JSON-lines journal plus a compacted snapshot.
 
-Entries are buffered by `append` and made durable by `flush` (write + fsync), which the controller
-calls before it acknowledges a change, so an acknowledged request survives a killed controller. A
-torn last line (a write cut off by a kill) belonged to an unacknowledged change and is skipped.
+Entries, one JSON object per line, are buffered by `append` and made durable by `flush` (write +
+fsync), which the controller calls before it acknowledges a change, so an acknowledged request
+survives a killed controller. A torn last line (a write cut off by a kill) belonged to an
+unacknowledged change and is skipped.
 
 Compaction writes the whole state as snapshot generation g+1 (temporary file, fsync, rename) and
 starts `journal-<g+1>.jsonl`; loading reads the snapshot and only the journal of its generation, so
@@ -39,8 +40,9 @@ class Journal:
         data = json.loads(path.read_text(encoding="utf-8"))
         return data["generation"], data["entries"]
 
-    def append(self, entry: dict) -> None:
-        self._pending.append(json.dumps(entry, separators=(",", ":")))
+    def append(self, line: str) -> None:
+        """Buffer one entry, a JSON object on one line, until `flush`."""
+        self._pending.append(line)
 
     def flush(self) -> None:
         if not self._pending:

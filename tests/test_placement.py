@@ -73,6 +73,11 @@ class TestRequests:
             Bundle(resources={"CPU": 2, "GPU": 4.855781060752736e-92})
         assert Bundle(resources={"GPU": 0.0001}).demand.gpu_share == 1
 
+    def test_an_infinite_amount_is_refused_with_its_field(self):
+        for amount in (float("inf"), float("nan")):
+            with pytest.raises(ValidationError, match=r"resources\.CPU\n  Input should be a finite number"):
+                Bundle(resources={"CPU": amount})
+
     def test_empty_bundle_is_refused(self):
         with pytest.raises(ValidationError, match="asks for nothing"):
             Bundle(resources={"CPU": 0})

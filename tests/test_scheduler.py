@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from cluster.console import UserError
@@ -69,7 +72,7 @@ def journal() -> list[dict]:
 
 @pytest.fixture()
 def scheduler(journal) -> Scheduler:
-    books = Scheduler(SPEC, POLICY, journal=journal.append)
+    books = Scheduler(SPEC, POLICY, journal=lambda line: journal.append(json.loads(line)))
     books.set_nodes(NODES)
     return books
 
@@ -362,3 +365,49 @@ def test_scheduling_a_few_binds_at_a_time_places_as_one_pass_does():
     assert stepwise.requests == one_pass.requests
     assert list(stepwise.decisions) == list(one_pass.decisions)
     assert stepwise.usage == one_pass.usage
+
+
+def test_finished_requests_leave_the_lists_scheduling_walks_and_stay_readable(scheduler: Scheduler, journal):
+    def scanned(books: Scheduler) -> tuple[list[str], list[str]]:
+        statuses = list(books.requests.values())
+        waiting = sorted((s for s in statuses if s.state.waiting), key=lambda s: (-s.priority_value, s.submitted_seq))
+        return [s.id for s in waiting], [s.id for s in statuses if s.state.holding]
+
+    def walked(books: Scheduler) -> tuple[list[str], list[str]]:
+        return [s.id for s in books.waiting()], [s.id for s in books.holders()]
+
+    done = submit(scheduler, "research", workers=1, gpus=1)
+    scheduler.complete(done)
+    running = submit(scheduler, "research", workers=2, gpus=4)
+    scheduler.mark_running(running)
+    cancelled = submit(scheduler, "research", workers=2, gpus=8)  # waits for a whole second H100 node
+    assert scheduler.get(cancelled).state is RequestState.QUEUED
+    scheduler.cancel(cancelled)
+    moved = submit(scheduler, "small", workers=1, gpus=2)
+    submit(scheduler, "small", workers=1, gpus=2)  # over small's quota: waits
+    submit(scheduler, "prod", workers=2, gpus=8)  # preempts research's running gang
+    lost = scheduler.get(moved).nodes[0]
+    scheduler.set_nodes([n for n in NODES if n.name != lost])  # requeues `moved`
+    assert scheduler.get(moved).state is RequestState.PREEMPTED
+    scheduler.schedule()
+
+    states = {status.state for status in scheduler.requests.values()}
+    assert {RequestState.FINISHED, RequestState.CANCELLED, RequestState.PREEMPTED, RequestState.PLACED} <= states
+    assert scheduler.get(done).state is RequestState.FINISHED  # still answers `status`
+    assert walked(scheduler) == scanned(scheduler)
+    assert done not in walked(scheduler)[0] + walked(scheduler)[1]
+
+    scheduler.write_journal()
+    restored = Scheduler(SPEC, POLICY)
+    restored.restore(journal)
+    assert walked(restored) == scanned(restored) == scanned(scheduler)
+
+
+def test_a_diverged_loss_a_workload_reports_survives_the_journal(scheduler: Scheduler, journal):
+    request_id = submit(scheduler, "research", workers=1, gpus=1)
+    scheduler.report(request_id, {"step": 7, "loss": float("nan"), "grad_norm": float("inf")})
+    scheduler.write_journal()
+    restored = Scheduler(SPEC, POLICY)
+    restored.restore(journal)
+    details = restored.get(request_id).details
+    assert details["step"] == 7 and math.isnan(details["loss"]) and details["grad_norm"] == float("inf")

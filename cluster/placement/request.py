@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Fixed-point resolution of every resource but memory, the same as Ray's FixedPoint (1e-4):
 # 0.46 GPU is 4600 units, so 1/16 GPU is exact and three 1/3 GPUs still fit on one device.
@@ -63,7 +64,7 @@ class Bundle(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    resources: dict[str, NonNegativeFloat] = Field(
+    resources: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
         ...,
         description="CPU (cores), memory (bytes), GPU (a fraction below 1, or whole devices) and TPU (chips).",
     )
