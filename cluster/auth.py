@@ -12,6 +12,7 @@ import hmac
 import json
 import os
 import secrets
+import threading
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -80,15 +81,19 @@ class AuditLog:
         self.path = path
         # Open for the controller's life and line-buffered: a record costs one write, not an open and a close.
         self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self._write_lock = threading.Lock()  # the controller records from several threads at once
 
     def record(self, principal: str, action: str, target: str, outcome: str, reason: str = "") -> None:
         entry = {"time": time.time(), "principal": principal, "action": action, "target": target, "outcome": outcome}
         if reason:
             entry["reason"] = reason
-        self._file.write(json.dumps(entry) + "\n")
+        line = json.dumps(entry) + "\n"
+        with self._write_lock:
+            self._file.write(line)
 
     def close(self) -> None:
-        self._file.close()
+        with self._write_lock:
+            self._file.close()
 
     def entries(self) -> list[dict]:
         if not self.path.exists():
