@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ DEFAULT_POLICY = "llmos"
 POLL_INTERVAL_S = 0.5
 # A batch's placements are journaled (one fsync) and bound this many at a time.
 BIND_EVERY = 8
+# Creating a placement group waits on a GCS round trip with the GIL released: binder threads overlap
+# those round trips with each other and with the decisions that follow.
+BIND_THREADS = 4
 
 logger = logging.getLogger("llmos.controller")
 
@@ -57,6 +61,8 @@ class Controller:
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
         self.started_at = time.time()
         self.groups: dict[str, Any] = {}  # request id -> the placement group this controller created
+        self._binder = ThreadPoolExecutor(BIND_THREADS, thread_name_prefix="llmos-bind")
+        self._binds_in_flight: list[tuple[str, Future]] = []  # (request id, its group being created)
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         with self._lock:
@@ -101,22 +107,41 @@ class Controller:
         for name in sorted(binding.live_groups().keys() - expected):
             self.scheduler.effects.append(Unbind(name.removeprefix(PLACEMENT_GROUP_PREFIX), name))
 
-    def _commit(self) -> None:
+    def _commit(self, wait: bool = True) -> None:
         """Persist first (one write and one fsync for everything the call changed), then act: a crash
-        in between is repaired by `_reconcile`."""
+        in between is repaired by `_reconcile`.
+
+        Placement groups are created on the binder threads; with `wait`, this returns once Ray has
+        taken every one, else the caller goes on deciding while they are created, and must commit
+        with `wait` before it answers.
+        """
         self.scheduler.write_journal()
         self.journal.flush()
         effects, self.scheduler.effects = self.scheduler.effects, []
         for effect in effects:
-            if isinstance(effect, Unbind):
-                self.groups.pop(effect.request_id, None)
-                binding.unbind(effect.placement_group)
-            else:
-                self.groups[effect.request_id] = binding.bind(
-                    effect.placement_group, list(effect.bundles), self.node_ids
-                )
+            if isinstance(effect, Bind):
+                created = self._binder.submit(binding.bind, effect.placement_group, list(effect.bundles), self.node_ids)
+                self._binds_in_flight.append((effect.request_id, created))
+                continue
+            self._finish_binds()  # in order: a group is never removed before it was made
+            self.groups.pop(effect.request_id, None)
+            binding.unbind(effect.placement_group)
+        if wait:
+            self._finish_binds()
         if self.journal.needs_compaction:
             self.journal.compact(self.scheduler.checkpoint())
+
+    def _finish_binds(self) -> None:
+        """Wait for the groups in flight; every one that was made is kept, then the first error is raised."""
+        in_flight, self._binds_in_flight = self._binds_in_flight, []
+        errors = []
+        for request_id, created in in_flight:
+            try:
+                self.groups[request_id] = created.result()
+            except Exception as error:  # raised below, once the others are recorded
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
     def _poll(self, interval_s: float) -> None:
         while not self._stopping.wait(interval_s):
@@ -249,9 +274,10 @@ class Controller:
             try:
                 result = submit_new()
                 # Pipelined: persist and bind every few placements, so Ray reserves the first groups
-                # while the rest are still being placed; the call returns once all are durable.
+                # while the rest are still being placed; the call returns once all are durable and
+                # every group has been made.
                 while self.scheduler.schedule(max_binds=BIND_EVERY):
-                    self._commit()
+                    self._commit(wait=False)
             except UserError as error:
                 for request in parsed:
                     self.audit.record(principal, Action.SUBMIT.value, request.gang.name, "failed", str(error))
@@ -381,6 +407,7 @@ class Controller:
         self.audit.record(principal, Action.SHUTDOWN.value, "controller", "ok")
         self._stopping.set()
         with self._lock:
+            self._binder.shutdown()
             self.journal.close()
             self.audit.close()
 
