@@ -17,6 +17,9 @@ same thing as the other:
     the gap that is.
   - llmos: `Admin.acquire(request)`: one controller call doing admission, the placement decision, a
     journal write with fsync, binding to a placement group pinned node by node; then the group's ready.
+  - llmos per node: the same with `group_bundles: per_node`, which binds a gang's bundles on one node
+    as one Ray bundle (an option a request asks for: Ray libraries that start a worker per bundle
+    need the default).
 - batched: create all `count` groups, then wait until all are ready.
   - Ray (and Ray pinned+detached): `count` `placement_group(...)` calls in a loop, then one
     `ray.get([group.ready() ...])`.
@@ -92,10 +95,14 @@ def _ray_round(size: int, count: int, batched: bool, pin_to: tuple[str, ...] = (
     return Round(count / elapsed, len(nodes), tuple(group.id.hex() for group in groups))
 
 
-def _llmos_round(admin, size: int, count: int, batched: bool) -> Round:
+def _llmos_round(admin, size: int, count: int, batched: bool, group_bundles: str) -> Round:
     import ray
 
-    request = {"team": "research", "gang": {"name": "bench", "bundles": [{"resources": BUNDLE}] * size}}
+    request = {
+        "team": "research",
+        "group_bundles": group_bundles,
+        "gang": {"name": "bench", "bundles": [{"resources": BUNDLE}] * size},
+    }
     started = time.perf_counter()
     if batched:
         acquired = admin.acquire_many([request] * count)
@@ -167,7 +174,7 @@ def measure(
     on_progress: Callable[[str], None] = progress,
 ) -> dict:
     """Every path, mode and gang size on the cluster `admin`'s controller runs on, which must be idle."""
-    paths = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", "llmos")
+    paths = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", "llmos", "llmos_per_node")
     rates = {(mode, path, size): [] for mode in MODES for path in paths for size in sizes}
     nodes_used: dict[tuple[str, str, int], int] = {}
     nodes = admin.nodes()
@@ -179,8 +186,10 @@ def measure(
 
     def measure_round(mode: str, path: str, size: int, groups: int) -> float:
         batched = mode == "batched"
-        if path == "llmos":
-            measured = _llmos_round(admin, size, groups, batched)
+        if path in ("llmos", "llmos_per_node"):
+            measured = _llmos_round(
+                admin, size, groups, batched, "per_node" if path == "llmos_per_node" else "per_bundle"
+            )
         else:
             measured = _ray_round(size, groups, batched, pin_to=pins[path])
         nodes_used[mode, path, size] = measured.nodes_used
@@ -220,6 +229,11 @@ def measure(
             "ray_nodes_used": {str(size): nodes_used[mode, "ray", size] for size in sizes},
             "llmos_nodes_used": {str(size): nodes_used[mode, "llmos", size] for size in sizes},
             "ray_pinned_two_nodes_pgs_per_s": mean["ray_pinned_two_nodes"],
+            # Requests that ask for one Ray bundle per node (`group_bundles: per_node`).
+            "llmos_per_node_pgs_per_s": mean["llmos_per_node"],
+            "ratio_per_node": {
+                size: round(mean["llmos_per_node"][size] / mean["ray"][size], 3) for size in mean["ray"]
+            },
             # Every round's rate, to show the spread on a shared machine.
             "rounds_pgs_per_s": {
                 path: {str(size): [round(rate, 1) for rate in rates[mode, path, size]] for size in sizes}

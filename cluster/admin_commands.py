@@ -210,7 +210,9 @@ def _print_request(status: RequestStatus, as_json: bool) -> None:
     stdout.print(f"{status.id}: {status.state.value}" + (f" ({status.reason})" if status.reason else ""))
     for bundle in status.bundles:
         devices = f" GPU devices {bundle.gpu_devices}" if bundle.gpu_devices else ""
-        stdout.print(f"  bundle {bundle.bundle_index} -> {bundle.node} {bundle.resources}{devices}")
+        held_by = bundle.group_bundle_index
+        shared = f" in Ray bundle {held_by}" if held_by != bundle.bundle_index else ""
+        stdout.print(f"  bundle {bundle.bundle_index} -> {bundle.node} {bundle.resources}{devices}{shared}")
     if status.details:
         stdout.print(f"  progress: {status.details}")
 

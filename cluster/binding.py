@@ -1,7 +1,9 @@
 """Binding: the only code that turns the engine's decisions into Ray placement groups.
 
 Each placed request becomes one detached placement group named `llmos-<request id>` in the `llmos`
-namespace, each bundle pinned to the node the engine chose through Ray's `ray.io/node-id` label.
+namespace, each bundle pinned to the node the engine chose through Ray's `ray.io/node-id` label:
+one Ray bundle per bundle of the gang, or with `group_bundles: per_node` one per node holding the
+gang's bundles there (`BundleBinding.group_bundle_index` says which).
 Detached, because the controller that creates it may be restarted and the group must outlive it.
 A group whose bundles all sit on one node is asked for as STRICT_PACK, which says the same thing to
 Ray and lets it reserve the bundles together instead of one by one.
@@ -19,24 +21,34 @@ NODE_ID_LABEL = "ray.io/node-id"
 NAMESPACE = "llmos"
 
 
-def ray_bundle(binding: BundleBinding) -> dict[str, float]:
-    """Ray refuses zero amounts in a bundle; memory is whole bytes."""
-    bundle = {key: amount for key, amount in binding.resources.items() if amount > 0}
-    if "memory" in bundle:
-        bundle["memory"] = float(int(bundle["memory"]))
-    return bundle
+def ray_bundles(bundles: list[BundleBinding]) -> tuple[list[dict[str, float]], list[str]]:
+    """The Ray bundles of a placement, by `group_bundle_index`: each the sum of the bundles it holds
+    (all on one node), and that node. Ray refuses zero amounts in a bundle; memory is whole bytes."""
+    amounts: dict[int, dict[str, float]] = {}
+    nodes: dict[int, str] = {}
+    for binding in bundles:
+        total = amounts.setdefault(binding.group_bundle_index, {})
+        for key, amount in binding.resources.items():
+            total[key] = total.get(key, 0.0) + amount
+        nodes[binding.group_bundle_index] = binding.node
+    ray_amounts = []
+    for index in range(len(amounts)):
+        bundle = {key: amount for key, amount in amounts[index].items() if amount > 0}
+        if "memory" in bundle:
+            bundle["memory"] = float(int(bundle["memory"]))
+        ray_amounts.append(bundle)
+    return ray_amounts, [nodes[index] for index in range(len(amounts))]
 
 
 def bind(name: str, bundles: list[BundleBinding], node_ids: dict[str, str]) -> PlacementGroup:
     """Create the placement group for one placement; `node_ids` maps llmos node names to Ray node ids."""
-    ordered = sorted(bundles, key=lambda binding: binding.bundle_index)
-    one_node = len({binding.node for binding in ordered}) == 1
+    resources, nodes = ray_bundles(bundles)
     return placement_group(
-        [ray_bundle(binding) for binding in ordered],
-        strategy="STRICT_PACK" if one_node else "PACK",
+        resources,
+        strategy="STRICT_PACK" if len(set(nodes)) == 1 else "PACK",
         name=name,
         lifetime="detached",
-        bundle_label_selector=[{NODE_ID_LABEL: node_ids[binding.node]} for binding in ordered],
+        bundle_label_selector=[{NODE_ID_LABEL: node_ids[node]} for node in nodes],
     )
 
 

@@ -7,8 +7,9 @@ These pydantic models are the admin API's vocabulary: YAML request files, `Admin
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
 from cluster.placement.request import GangRequest
 
@@ -17,6 +18,13 @@ class WorkloadKind(StrEnum):
     TRAINING = "training"
     SERVING = "serving"
     BATCH = "batch"
+
+
+class GroupBundles(StrEnum):
+    """How a placement's bundles become the bundles of its Ray placement group."""
+
+    PER_BUNDLE = "per_bundle"  # one Ray bundle per gang bundle, in order
+    PER_NODE = "per_node"  # one Ray bundle per node, holding the gang's bundles there
 
 
 class RequestState(StrEnum):
@@ -63,6 +71,14 @@ class SubmitRequest(BaseModel):
         "controller only books it, and the workload reserves the same nodes itself (Ray Train creates its own "
         "placement group; pin its workers with the `llmos.io/node` label of each bundle's node).",
     )
+    group_bundles: GroupBundles = Field(
+        GroupBundles.PER_BUNDLE,
+        description="per_bundle: the placement group has one Ray bundle per gang bundle, bundle i as Ray bundle i "
+        "(what Ray libraries that start one worker per bundle expect). per_node: one Ray bundle per node, "
+        "holding the sum of the gang's bundles there; Ray reserves a group more slowly the more bundles it has "
+        "(ray-project/ray#20243), so a dense gang is bound several times faster. Schedule each worker into "
+        "its bundle's `group_bundle_index`. Bundles with a fractional GPU keep a Ray bundle each.",
+    )
 
 
 class BundleBinding(BaseModel):
@@ -76,6 +92,15 @@ class BundleBinding(BaseModel):
     resources: dict[str, float]
     gpu_devices: list[int] = Field(default_factory=list)
     gpu_share: float = 0.0
+    group_bundle_index: int = Field(..., description="The bundle of the Ray placement group that holds this one.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bound_one_to_one_before(cls, data: Any) -> Any:
+        # Journals written before `group_bundles` existed bound every bundle as its own Ray bundle.
+        if isinstance(data, dict) and "group_bundle_index" not in data and "bundle_index" in data:
+            return {**data, "group_bundle_index": data["bundle_index"]}
+        return data
 
 
 class RequestStatus(BaseModel):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -31,6 +31,7 @@ from cluster.requests import (
     BundleBinding,
     DecisionAction,
     DecisionRecord,
+    GroupBundles,
     NodeControl,
     RequestState,
     RequestStatus,
@@ -448,7 +449,11 @@ class Scheduler:
             if isinstance(decision, Rejection):
                 self._wait(status, decision.message)
                 return
-        bundles = [_binding_of(bundle, self.nodes[bundle.node].pool) for bundle in decision.bundles]
+        per_node = status.request.group_bundles is GroupBundles.PER_NODE
+        bundles = [
+            _binding_of(bundle, self.nodes[bundle.node].pool, group_bundle)
+            for bundle, group_bundle in zip(decision.bundles, _group_bundles(decision.bundles, per_node), strict=True)
+        ]
         usage = {}
         for bundle in bundles:
             quotas.add_usage(usage, quotas.bundle_usage(bundle.resources, *self._pool_kind(bundle.pool)))
@@ -630,7 +635,7 @@ def _journal_line(kind: str, record: BaseModel) -> str:
     return f'{{"{kind}":{record.model_dump_json()}}}'
 
 
-def _binding_of(bundle: BundlePlacement, pool: str) -> BundleBinding:
+def _binding_of(bundle: BundlePlacement, pool: str, group_bundle_index: int) -> BundleBinding:
     return BundleBinding(
         bundle_index=bundle.bundle_index,
         node=bundle.node,
@@ -638,7 +643,32 @@ def _binding_of(bundle: BundlePlacement, pool: str) -> BundleBinding:
         resources=dict(bundle.resources),
         gpu_devices=list(bundle.gpu_devices),
         gpu_share=bundle.gpu_share,
+        group_bundle_index=group_bundle_index,
     )
+
+
+def _group_bundles(bundles: Sequence[BundlePlacement], per_node: bool) -> list[int]:
+    """The Ray bundle that holds each of `bundles` (a placement's, in bundle order): its own, or with
+    `per_node` one per node, numbered in the order the nodes first appear.
+
+    A fractional GPU keeps a Ray bundle of its own even then: Ray reserves a bundle's GPU share on one
+    device, and two shares the engine put on two devices would add up to a share neither has.
+    """
+    if not per_node:
+        return [bundle.bundle_index for bundle in bundles]
+    indexes = []
+    node_bundle: dict[str, int] = {}
+    made = 0  # Ray bundles so far
+    for bundle in bundles:
+        if 0 < bundle.gpu_share < 1:
+            indexes.append(made)
+            made += 1
+            continue
+        if bundle.node not in node_bundle:
+            node_bundle[bundle.node] = made
+            made += 1
+        indexes.append(node_bundle[bundle.node])
+    return indexes
 
 
 def _placement_of(status: RequestStatus) -> Placement:

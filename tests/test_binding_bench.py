@@ -29,6 +29,7 @@ def test_measure_reports_every_path_and_releases_what_it_made(bench_admin):
     assert result["ratio"]["8"] == pytest.approx(ratio, rel=0.01)
     assert result["headline_mode"] == "batched"
     assert result["batched"]["ray_pgs_per_s"] == result["ray_pgs_per_s"]
+    assert all(rate > 0 for rate in result["batched"]["llmos_per_node_pgs_per_s"].values())
     for mode in binding.MODES:
         # The engine packs every benchmark gang on the one CPU node.
         assert result[mode]["llmos_nodes_used"] == {"1": 1, "8": 1}

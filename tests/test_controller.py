@@ -11,8 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
+import ray
 from controllers import own_controller
 from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from waiting import WAIT_S, wait_for
 
 from cluster import binding, controller
@@ -60,6 +62,31 @@ def test_every_bundle_lands_exactly_where_the_engine_decided(admin: Admin):
         assert group.wait(WAIT_S)
         assert binding.bundle_nodes(group) == [ids[node] for node in status.nodes]
     assert len(set(admin.status(spread.id).nodes)) == 3
+
+
+def test_per_node_group_bundles_are_reserved_on_the_engines_node_and_hold_their_workers(admin: Admin):
+    on_h100 = {"llmos.io/pool": "h100"}
+    bundles = [{"resources": {"CPU": 1, "GPU": 1}, "label_selector": on_h100}] * 3
+    bundles += [{"resources": {"CPU": 1, "GPU": 0.5}, "label_selector": on_h100}] * 2
+    request = {"team": "research", "group_bundles": "per_node", "gang": gang("dense", bundles, "same_node")}
+    status, group = admin.acquire(request)
+    assert status.state is RequestState.PLACED
+    assert [bundle.group_bundle_index for bundle in status.bundles] == [0, 0, 0, 1, 2]
+    assert group.wait(WAIT_S)
+    node = node_ids(admin)[status.bundles[0].node]
+    assert binding.bundle_nodes(group) == [node] * 3
+    table = ray.util.placement_group_table(group)
+    assert table["bundles"] == {0: {"CPU": 3.0, "GPU": 3.0}, 1: {"CPU": 1.0, "GPU": 0.5}, 2: {"CPU": 1.0, "GPU": 0.5}}
+
+    @ray.remote(num_cpus=1, num_gpus=1)
+    def worker_node() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    # The worker of gang bundle 2 runs in the Ray bundle that holds it, and so on the engine's node.
+    strategy = PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=status.bundles[2].group_bundle_index
+    )
+    assert ray.get(worker_node.options(scheduling_strategy=strategy).remote(), timeout=WAIT_S) == node
 
 
 def test_fractional_gpu_gang_that_ray_would_hang_on_is_rejected_at_once(admin: Admin):

@@ -411,3 +411,33 @@ def test_a_diverged_loss_a_workload_reports_survives_the_journal(scheduler: Sche
     restored.restore(journal)
     details = restored.get(request_id).details
     assert details["step"] == 7 and math.isnan(details["loss"]) and details["grad_norm"] == float("inf")
+
+
+def test_per_node_group_bundles_share_a_ray_bundle_per_node_but_not_a_fractional_gpu(scheduler: Scheduler):
+    on_h100 = {"llmos.io/pool": "h100"}
+    mixed = GangRequest(
+        name="dense",
+        constraint="same_node",
+        bundles=[Bundle(resources={"CPU": 1, "GPU": 1}, label_selector=on_h100)] * 3
+        + [Bundle(resources={"CPU": 1, "GPU": 0.5}, label_selector=on_h100)] * 2
+        + [Bundle(resources={"CPU": 2}, label_selector=on_h100)],
+    )
+    spread = GangRequest(name="spread", constraint="spread", bundles=[Bundle(resources={"CPU": 1})] * 3)
+    per_node = [
+        scheduler.submit(SubmitRequest(team="research", gang=g, group_bundles="per_node")) for g in (mixed, spread)
+    ]
+    as_asked = scheduler.submit(SubmitRequest(team="research", gang=mixed))
+    scheduler.schedule()
+    dense, spread_out, default = (scheduler.get(status.id) for status in (*per_node, as_asked))
+    assert len({bundle.node for bundle in dense.bundles}) == 1
+    # The whole GPUs and the CPUs share the node's Ray bundle; each 0.5 GPU has one of its own.
+    assert [bundle.group_bundle_index for bundle in dense.bundles] == [0, 0, 0, 1, 2, 0]
+    assert [bundle.group_bundle_index for bundle in spread_out.bundles] == [0, 1, 2]
+    assert [bundle.group_bundle_index for bundle in default.bundles] == list(range(6))
+    # A journal written before group bundles existed restores each bundle as its own Ray bundle.
+    old_entry = default.model_dump(mode="json")
+    for bundle in old_entry["bundles"]:
+        del bundle["group_bundle_index"]
+    restored = Scheduler(SPEC, POLICY)
+    restored.restore([{"request": old_entry}])
+    assert [bundle.group_bundle_index for bundle in restored.get(default.id).bundles] == list(range(6))
