@@ -270,7 +270,9 @@ class Admin:
         """Submit and obtain the Ray placement group to schedule into: what training and serving call.
 
         Returns at once if the request was placed or rejected; otherwise waits up to `timeout_s` for
-        it to be placed (the group is None if it is still waiting then).
+        it to be placed (the group is None if it is still waiting then). Bundle i's worker goes into
+        the group's bundle `status.bundles[i].group_bundle_index` (i itself unless the request asked
+        for `group_bundles: per_node`).
         """
         return self.acquire_many([request], timeout_s)[0]
 
