@@ -53,6 +53,7 @@ BUNDLE = {"CPU": 0.01}
 TIMEOUT_S = 60.0
 RELEASE_TIMEOUT_S = 30.0
 MODES = ("one_at_a_time", "batched")
+LLMOS_GROUP_BUNDLES = {"llmos": "per_bundle", "llmos_per_node": "per_node"}  # path -> what its requests ask for
 HEADLINE_MODE = "batched"
 
 
@@ -174,7 +175,7 @@ def measure(
     on_progress: Callable[[str], None] = progress,
 ) -> dict:
     """Every path, mode and gang size on the cluster `admin`'s controller runs on, which must be idle."""
-    paths = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", "llmos", "llmos_per_node")
+    paths = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", *LLMOS_GROUP_BUNDLES)
     rates = {(mode, path, size): [] for mode in MODES for path in paths for size in sizes}
     nodes_used: dict[tuple[str, str, int], int] = {}
     nodes = admin.nodes()
@@ -186,10 +187,8 @@ def measure(
 
     def measure_round(mode: str, path: str, size: int, groups: int) -> float:
         batched = mode == "batched"
-        if path in ("llmos", "llmos_per_node"):
-            measured = _llmos_round(
-                admin, size, groups, batched, "per_node" if path == "llmos_per_node" else "per_bundle"
-            )
+        if path in LLMOS_GROUP_BUNDLES:
+            measured = _llmos_round(admin, size, groups, batched, LLMOS_GROUP_BUNDLES[path])
         else:
             measured = _ray_round(size, groups, batched, pin_to=pins[path])
         nodes_used[mode, path, size] = measured.nodes_used
