@@ -22,7 +22,7 @@ import ray
 from cluster import binding
 from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
-from cluster.placement.snapshot import node_from_ray
+from cluster.placement.snapshot import NodeSnapshot, node_from_ray
 from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL
 from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
 from cluster.scheduler import PLACEMENT_GROUP_PREFIX, Bind, Scheduler, Unbind
@@ -66,7 +66,7 @@ class Controller:
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         with self._lock:
-            self._refresh_inventory()
+            self._apply_inventory(*self._read_inventory())
             self._reconcile()
             self.scheduler.schedule()
             self._commit()
@@ -75,8 +75,9 @@ class Controller:
 
     # -- side effects ---------------------------------------------------------------------------------
 
-    def _refresh_inventory(self) -> None:
-        """The nodes Ray reports alive and not draining.
+    @staticmethod
+    def _read_inventory() -> tuple[list[NodeSnapshot], dict[str, str]]:
+        """The nodes Ray reports alive and not draining, and their Ray node ids by llmos name.
 
         A draining node (its raylet got SIGTERM: a Kubernetes pod deleted, a spot VM's notice, an
         autoscaler scale-down) keeps running until its deadline, but it is leaving: taking it out of
@@ -93,6 +94,9 @@ class Controller:
             name = labels.get(NODE_LABEL, entry["NodeID"])
             node_ids[name] = entry["NodeID"]
             nodes.append(node_from_ray(name, entry.get("Resources") or {}, labels))
+        return nodes, node_ids
+
+    def _apply_inventory(self, nodes: list[NodeSnapshot], node_ids: dict[str, str]) -> None:
         self.node_ids = node_ids
         self.scheduler.set_nodes(nodes)
 
@@ -146,8 +150,11 @@ class Controller:
     def _poll(self, interval_s: float) -> None:
         while not self._stopping.wait(interval_s):
             try:
+                # Ray is asked outside the lock: a GCS busy making placement groups answers slowly,
+                # and the calls that made them must not wait behind it.
+                inventory = self._read_inventory()
                 with self._lock:
-                    self._refresh_inventory()
+                    self._apply_inventory(*inventory)
                     self.scheduler.schedule()
                     self._commit()
             except Exception:  # the loop must outlive a failed GCS call; the next tick retries
@@ -223,8 +230,8 @@ class Controller:
         placement group is created; placements are then journaled and bound `BIND_EVERY` at a time,
         and the call returns once all of them are durable.
         """
-        statuses = self.submit_many(credential, requests, idempotency_keys)
-        with self._lock:
+        with self._lock:  # held throughout, so the inventory loop cannot slip in before the groups are handed back
+            statuses = self.submit_many(credential, requests, idempotency_keys)
             return [(status, self._group_of(status)) for status in statuses]
 
     def submit(self, credential: str | None, request: dict, idempotency_key: str | None = None) -> RequestStatus:
