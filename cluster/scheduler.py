@@ -620,13 +620,14 @@ class Scheduler:
         for status in self.holders():
             quotas.add_usage(self.usage[status.team], self._request_usage(status))
 
-    def checkpoint(self) -> list[dict]:
-        """The whole state as journal entries, for compacting the journal."""
-        entries: list[dict] = [{"quota": {"team": team, "quota": quota}} for team, quota in self.quotas.items()]
-        entries += [{"control": control.model_dump(mode="json")} for control in self.controls.values()]
-        entries += [{"request": status.model_dump(mode="json")} for status in self.requests.values()]
-        entries += [{"decision": record.model_dump(mode="json")} for record in self.decisions]
-        return entries
+    def checkpoint(self) -> list[str]:
+        """The whole state as journal lines, for compacting the journal; written by pydantic as the
+        journal's lines are, since it holds every request ever made and is written inside a call."""
+        lines = [json.dumps({"quota": {"team": team, "quota": quota}}) for team, quota in self.quotas.items()]
+        lines += [_journal_line("control", control) for control in self.controls.values()]
+        lines += [_journal_line("request", status) for status in self.requests.values()]
+        lines += [_journal_line("decision", record) for record in self.decisions]
+        return lines
 
 
 def _journal_line(kind: str, record: BaseModel) -> str:

@@ -27,7 +27,9 @@ class Journal:
         self.compact_every = compact_every
         self._pending: list[str] = []
         self._lines_since_compaction = 0
-        self.generation, self._snapshot_entries = self._read_snapshot()
+        self.generation, entries = self._read_snapshot()
+        # The snapshot's entries as read at start; None once a compaction wrote a new one (read from disk then).
+        self._snapshot_entries: list[dict] | None = entries
         self._file = open(self._journal_path(self.generation), "a", encoding="utf-8")  # noqa: SIM115
 
     def _journal_path(self, generation: int) -> Path:
@@ -58,7 +60,7 @@ class Journal:
         return self._lines_since_compaction >= self.compact_every
 
     def load(self) -> list[dict]:
-        entries = list(self._snapshot_entries)
+        entries = list(self._snapshot_entries if self._snapshot_entries is not None else self._read_snapshot()[1])
         journal = self._journal_path(self.generation)
         if journal.exists():
             for line in journal.read_text(encoding="utf-8").splitlines():
@@ -66,19 +68,20 @@ class Journal:
                     entries.append(json.loads(line))
         return entries
 
-    def compact(self, entries: list[dict]) -> None:
-        """Replace snapshot and journal by `entries`, the whole state, as the next generation."""
+    def compact(self, entries: list[str]) -> None:
+        """Replace snapshot and journal by `entries`, the whole state as JSON objects (one string
+        each, as `append` takes them), as the next generation."""
         self.flush()
         generation = self.generation + 1
         tmp = self.directory / (SNAPSHOT + ".tmp")
         with open(tmp, "w", encoding="utf-8") as out:
-            json.dump({"generation": generation, "entries": entries}, out, separators=(",", ":"))
+            out.write(f'{{"generation":{generation},"entries":[{",".join(entries)}]}}')
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.directory / SNAPSHOT)
         self._file.close()
         old = self._journal_path(self.generation)
-        self.generation, self._snapshot_entries = generation, entries
+        self.generation, self._snapshot_entries = generation, None
         self._file = open(self._journal_path(generation), "a", encoding="utf-8")  # noqa: SIM115
         old.unlink(missing_ok=True)
         self._lines_since_compaction = 0
