@@ -236,10 +236,13 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
     started = time.monotonic()
     (node,) = cluster.add_replica("cpu")
     others = [n.name for n in admin.nodes() if n.pool == "cpu" and n.name != node.name]
+    # Long enough to be mid-run when the node goes: 300 steps take ~4 s on a free machine, less than
+    # the raylet may take to stop, and a job that ends first never needs to resume.
     job = _small_job(
         workdir,
         "on-removed-node",
         team,
+        steps=1500,
         workers={"min": 1, "max": 2},
         resources={"cpus": 2, "memory": "256Mi"},
         pool="cpu",
