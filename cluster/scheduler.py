@@ -594,7 +594,7 @@ class Scheduler:
         self.quotas[team] = new
         self._quota_changes[team] += 1
         self._retry_all = True
-        self.journal(json.dumps({"quota": {"team": team, "quota": new}}))
+        self.journal(_quota_line(team, new))
         return self.team_usage(team)
 
     # -- recovery -----------------------------------------------------------------------------------
@@ -623,7 +623,7 @@ class Scheduler:
     def checkpoint(self) -> list[str]:
         """The whole state as journal lines, for compacting the journal; written by pydantic as the
         journal's lines are, since it holds every request ever made and is written inside a call."""
-        lines = [json.dumps({"quota": {"team": team, "quota": quota}}) for team, quota in self.quotas.items()]
+        lines = [_quota_line(team, quota) for team, quota in self.quotas.items()]
         lines += [_journal_line("control", control) for control in self.controls.values()]
         lines += [_journal_line("request", status) for status in self.requests.values()]
         lines += [_journal_line("decision", record) for record in self.decisions]
@@ -634,6 +634,10 @@ def _journal_line(kind: str, record: BaseModel) -> str:
     """`{kind: record}` as one JSON line; pydantic writes the record's JSON several times faster than
     `json.dumps` of its dump, and the journal takes a line per decision and per changed request."""
     return f'{{"{kind}":{record.model_dump_json()}}}'
+
+
+def _quota_line(team: str, quota: dict[str, float]) -> str:
+    return json.dumps({"quota": {"team": team, "quota": quota}})
 
 
 def _binding_of(bundle: BundlePlacement, pool: str, group_bundle_index: int) -> BundleBinding:
