@@ -269,7 +269,7 @@ def _remove_and_regrow(job: TrainingJob, cluster: LocalCluster, cycle: int, cycl
     )
     on_progress(f"node removal {cycle}/{cycles}: resumed with 1 worker after {run['recovery_s']} s; adding a node back")
     added_at = time.time()
-    cluster.add_replica("cpu")
+    cluster.add_replica("cpu", on_progress)
     grown = wait_record(job, lambda row: row["time"] > added_at and row["world_size"] == 2, "2 workers again")
     if grown is not None:
         run.update(regrow_s=round(grown["time"] - added_at, 2), grown_at_step=grown["step"])
@@ -352,7 +352,7 @@ def run(
         kill, kill_job = measure_worker_kill(client, storage, on_progress)
         result.update(kill)
         on_progress(f"worker kill: {json.dumps(kill)}")
-        cluster.add_replica("cpu")
+        cluster.add_replica("cpu", on_progress)
         removal = measure_node_removal(client, cluster, storage, on_progress)
         result.update(removal)
         on_progress(f"node removal: {json.dumps(removal)}")

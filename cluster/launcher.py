@@ -34,6 +34,7 @@ DEFAULT_GCS_PORT = 6380
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_OBJECT_STORE_MB = 128
 NODE_START_TIMEOUT_S = 90.0
+WORKER_START_ATTEMPTS = 3
 NODE_STOP_TIMEOUT_S = 20.0
 _STARTED_MARKER = "Ray runtime started"
 
@@ -288,7 +289,7 @@ class LocalCluster:
             # Ray races when several raylets join one session dir at once, so nodes join one by one.
             for index, declaration in enumerate(workers, start=1):
                 on_progress(f"starting node {index}/{len(workers)}: {declaration.name} (pool {declaration.pool})")
-                cluster._start_node(declaration, head=False)
+                cluster._start_node(declaration, head=False, on_progress=on_progress)
         except BaseException:
             cluster.down()
             raise
@@ -307,7 +308,38 @@ class LocalCluster:
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
         }
 
-    def _start_node(self, declaration: NodeDeclaration, *, head: bool) -> NodeProcess:
+    def _start_node(
+        self,
+        declaration: NodeDeclaration,
+        *,
+        head: bool,
+        on_progress: Callable[[str], None] = lambda message: None,
+    ) -> NodeProcess:
+        """Start one node and wait until Ray says it runs; a failed start leaves no process and no record.
+
+        A worker whose start fails is started again, up to `WORKER_START_ATTEMPTS` times: on a loaded
+        machine a raylet can die or miss Ray's fixed 30 s registration window, and the next try
+        usually joins. A head is tried once: `ray start --head` refuses a port its temp dir says a cluster uses.
+        """
+        attempts = 1 if head else WORKER_START_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            node, process = self._spawn_node(declaration, head=head, attempt=attempt)
+            failure = self._wait_started(node, process)
+            if failure is None:
+                return node
+            _stop_groups([node.pid], NODE_STOP_TIMEOUT_S)
+            self.record.nodes.remove(node)
+            self._save()
+            if attempt < attempts:
+                on_progress(f"{failure}; starting it again (attempt {attempt + 1} of {attempts})")
+        raise UserError(
+            f"{failure} (attempt {attempts} of {attempts}); its log ends:\n{_log_tail(node.log_path)}\n"
+            f"the whole log, every attempt: {node.log_path}"
+        )
+
+    def _spawn_node(
+        self, declaration: NodeDeclaration, *, head: bool, attempt: int
+    ) -> tuple[NodeProcess, subprocess.Popen]:
         ray_cli = str(Path(sys.executable).parent / "ray")
         args = [
             ray_cli,
@@ -358,7 +390,10 @@ class LocalCluster:
             # `--labels` refuses keys under ray.io/; Ray reads them from this variable instead.
             env["RAY_OVERRIDE_LABELS"] = json.dumps(declaration.reserved_labels)
         log_path = Path(self.record.temp_dir) / f"{declaration.name}.log"
-        with open(log_path, "wb") as log:
+        # A node started again under an old name (after `remove_node`) starts a fresh log.
+        with open(log_path, "wb" if attempt == 1 else "ab") as log:
+            log.write(f"--- llmos: attempt {attempt} to start {declaration.name}\n".encode())
+            log.flush()
             process = subprocess.Popen(
                 args,
                 stdout=log,
@@ -376,35 +411,40 @@ class LocalCluster:
         )
         self.record.nodes.append(node)
         self._save()
-        self._wait_started(node, process)
-        return node
+        return node, process
 
-    def _wait_started(self, node: NodeProcess, process: subprocess.Popen) -> None:
+    @staticmethod
+    def _wait_started(node: NodeProcess, process: subprocess.Popen) -> str | None:
+        """None once the node runs, else why it did not."""
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise UserError(
-                    f"node {node.name} exited during start (code {process.returncode}); its log ends:\n"
-                    f"{_log_tail(node.log_path)}"
-                )
+                return f"node {node.name} exited during start (code {process.returncode})"
             if _STARTED_MARKER in Path(node.log_path).read_text(errors="replace"):
-                return
+                return None
             time.sleep(0.2)
-        raise UserError(
-            f"node {node.name} did not start within {NODE_START_TIMEOUT_S:.0f}s; its log ends:\n"
-            f"{_log_tail(node.log_path)}"
-        )
+        return f"node {node.name} did not start within {NODE_START_TIMEOUT_S:.0f}s"
 
     # -- changing and stopping --------------------------------------------------------------------
 
-    def add_replica(self, pool_name: str) -> list[NodeProcess]:
-        """Start one more replica of a pool (a node, or every host of a TPU slice)."""
+    def add_replica(
+        self, pool_name: str, on_progress: Callable[[str], None] = lambda message: None
+    ) -> list[NodeProcess]:
+        """Start one more replica of a pool (a node, or every host of a TPU slice): all of it, or none."""
         pool = self.spec.pool(pool_name)
         taken = {node.name for node in self.record.nodes}
         replica = 0
         while any(d.name in taken for d in replica_nodes(pool, replica)):
             replica += 1
-        return [self._start_node(declaration, head=False) for declaration in replica_nodes(pool, replica)]
+        started: list[NodeProcess] = []
+        try:
+            for declaration in replica_nodes(pool, replica):
+                started.append(self._start_node(declaration, head=False, on_progress=on_progress))
+        except BaseException:
+            for node in started:
+                self.remove_node(node.name)
+            raise
+        return started
 
     def remove_node(self, name: str, timeout_s: float = NODE_STOP_TIMEOUT_S) -> None:
         """Stop one simulated node's processes, as if the machine went away."""

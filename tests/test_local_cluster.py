@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from waiting import WAIT_S, wait_for
 
 from cluster.console import UserError
 from cluster.inventory import read_nodes
-from cluster.launcher import LocalCluster, _group_members, free_port
+from cluster.launcher import WORKER_START_ATTEMPTS, LocalCluster, _group_members, free_port
 from cluster.ray_mapping import NODE_LABEL, POOL_LABEL
 from cluster.spec import ClusterSpec, load_spec
 
@@ -88,6 +91,71 @@ def test_add_and_remove_a_node(local_cluster: LocalCluster):
     assert _group_members(added.pid) == []
     wait_for(lambda: all(not n.alive for n in read_nodes() if n.name == "cpu-1"), what="cpu-1 to be dead")
     assert all(local_cluster.node_alive(node.name) for node in local_cluster.record.nodes)
+
+
+class StartKiller(threading.Thread):
+    """Kills the `ray start` of the first `times` attempts to start `name`, the moment each is spawned.
+
+    A real fault in the window a node is most fragile: its start dies before Ray says it runs.
+    """
+
+    def __init__(self, cluster: LocalCluster, name: str, times: int):
+        super().__init__(daemon=True)
+        self.cluster, self.name, self.times = cluster, name, times
+        self.killed: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while len(self.killed) < self.times and not self.stop.is_set():
+            for node in list(self.cluster.record.nodes):
+                if node.name == self.name and node.pid not in self.killed:
+                    os.kill(node.pid, signal.SIGKILL)
+                    self.killed.append(node.pid)
+            time.sleep(0.02)
+
+
+def test_a_node_whose_start_dies_is_started_again(local_cluster: LocalCluster):
+    killer = StartKiller(local_cluster, "cpu-1", times=1)
+    killer.start()
+    progress: list[str] = []
+    try:
+        (added,) = local_cluster.add_replica("cpu", on_progress=progress.append)
+    finally:
+        killer.stop.set()
+        killer.join(timeout=WAIT_S)
+    try:
+        assert len(killer.killed) == 1 and added.pid != killer.killed[0]
+        assert _group_members(killer.killed[0]) == []
+        assert [node.name for node in local_cluster.record.nodes].count("cpu-1") == 1
+        assert progress == [
+            f"node cpu-1 exited during start (code -9); starting it again (attempt 2 of {WORKER_START_ATTEMPTS})"
+        ]
+        wait_for(lambda: any(n.name == "cpu-1" and n.alive for n in read_nodes()), what="cpu-1 to join")
+        log = Path(added.log_path).read_text()
+        assert "attempt 1 to start cpu-1" in log and "attempt 2 to start cpu-1" in log
+    finally:
+        local_cluster.remove_node("cpu-1")
+    wait_for(lambda: all(not n.alive for n in read_nodes() if n.name == "cpu-1"), what="cpu-1 to be dead")
+
+
+def test_a_node_that_never_starts_is_refused_and_leaves_nothing_behind(local_cluster: LocalCluster):
+    names_before = [node.name for node in local_cluster.record.nodes]
+    killer = StartKiller(local_cluster, "cpu-1", times=WORKER_START_ATTEMPTS)
+    killer.start()
+    try:
+        attempts = WORKER_START_ATTEMPTS
+        with pytest.raises(
+            UserError, match=rf"node cpu-1 exited during start \(code -9\) \(attempt {attempts} of {attempts}\)"
+        ):
+            local_cluster.add_replica("cpu")
+    finally:
+        killer.stop.set()
+        killer.join(timeout=WAIT_S)
+    assert len(killer.killed) == WORKER_START_ATTEMPTS
+    assert all(_group_members(pid) == [] for pid in killer.killed)
+    assert [node.name for node in local_cluster.record.nodes] == names_before
+    assert [node.name for node in LocalCluster.attach(local_cluster.home).record.nodes] == names_before
+    assert not any(n.name == "cpu-1" and n.alive for n in read_nodes())
 
 
 def test_head_node_cannot_be_removed_alone(local_cluster: LocalCluster):
