@@ -54,9 +54,6 @@ class Controller:
         self.scheduler = Scheduler(self.spec, policy, journal=self.journal.append)
         self.scheduler.restore(self.journal.load())
         self.node_ids: dict[str, str] = {}
-        self.idempotency: dict[str, str] = {
-            status.idempotency_key: status.id for status in self.scheduler.requests.values() if status.idempotency_key
-        }
         self.credentials = Credentials(self.state_dir / "credentials", [team.name for team in self.spec.teams])
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
         self.started_at = time.time()
@@ -267,15 +264,11 @@ class Controller:
                         f"requests[{index}]: {error}; nothing was submitted" if batch else str(error)
                     ) from None
             # A key seen before (a retried call) returns the first submission instead of queueing a twin.
-            fresh = [
-                i for i, key in enumerate(keys) if not key or (key not in self.idempotency and key not in keys[:i])
-            ]
+            seen = self.scheduler.idempotency_keys
+            fresh = [i for i, key in enumerate(keys) if not key or (key not in seen and key not in keys[:i])]
             submitted = self.scheduler.submit_many([parsed[i] for i in fresh], [keys[i] for i in fresh])
             by_index = dict(zip(fresh, submitted, strict=True))
-            for status in submitted:
-                if status.idempotency_key:
-                    self.idempotency[status.idempotency_key] = status.id
-            return [by_index.get(i) or self.scheduler.get(self.idempotency[key]) for i, key in enumerate(keys)]
+            return [by_index.get(i) or self.scheduler.get(seen[key]) for i, key in enumerate(keys)]
 
         with self._lock:
             try:

@@ -119,6 +119,7 @@ class RequestStatus(BaseModel):
     submitted_seq: int
     submitted_at: float
     placed_at: float | None = None
+    finished_at: float | None = Field(None, description="When it became final (finished, failed, rejected, cancelled).")
     preemptions: int = 0
     failures: int = 0
     details: dict = Field(default_factory=dict, description="Progress the workload reports (step, workers, ...).")

@@ -11,6 +11,7 @@ The Ray actor in `cluster.controller` is the only place those effects happen.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import deque
@@ -83,6 +84,10 @@ class Scheduler:
         self.requests: dict[str, RequestStatus] = {}
         # The requests not yet final, so scheduling costs what is live, not every request ever made.
         self._live: dict[str, RequestStatus] = {}
+        # The final requests kept, oldest finish first; beyond `spec.controller.finished_requests_kept`
+        # the oldest are forgotten, so a controller that runs for months holds bounded books.
+        self._finished: dict[str, None] = {}
+        self.idempotency_keys: dict[str, str] = {}  # a kept request's idempotency key -> its id
         self.quotas: dict[str, dict[str, float]] = {team.name: dict(team.quota) for team in spec.teams}
         self.usage: dict[str, dict[str, float]] = {team.name: {} for team in spec.teams}
         self.controls: dict[str, NodeControl] = {}
@@ -119,6 +124,8 @@ class Scheduler:
 
     def _save(self, status: RequestStatus) -> None:
         """Record a change of `status`; every change of a request's state goes through here."""
+        if status.state.final and status.finished_at is None:
+            status.finished_at = self.clock()
         self.requests[status.id] = status
         self._changed[status.id] = status
         self._index(status)
@@ -126,8 +133,19 @@ class Scheduler:
     def _index(self, status: RequestStatus) -> None:
         if status.state.final:
             self._live.pop(status.id, None)
+            self._finished[status.id] = None
         else:
             self._live[status.id] = status
+        if status.idempotency_key:
+            self.idempotency_keys[status.idempotency_key] = status.id
+
+    def _forget_oldest_finished(self) -> None:
+        excess = len(self._finished) - self.spec.controller.finished_requests_kept
+        for request_id in list(itertools.islice(self._finished, max(excess, 0))):
+            del self._finished[request_id]
+            forgotten = self.requests.pop(request_id)
+            if forgotten.idempotency_key:
+                self.idempotency_keys.pop(forgotten.idempotency_key, None)
 
     def write_journal(self) -> int:
         """Hand each request changed since the last call to `journal`, once, in its latest state.
@@ -138,6 +156,8 @@ class Scheduler:
         changed, self._changed = self._changed, {}
         for status in changed.values():
             self.journal(_journal_line("request", status))
+        # Only now: a request forgotten before its final state was journaled would come back live.
+        self._forget_oldest_finished()
         return len(changed)
 
     def _decide(self, status: RequestStatus, action: DecisionAction, reason: str = "", nodes=()) -> None:
@@ -172,7 +192,11 @@ class Scheduler:
         try:
             return self.requests[request_id]
         except KeyError:
-            raise UserError(f"no request {request_id!r}; `llmos queue` lists them") from None
+            kept = self.spec.controller.finished_requests_kept
+            raise UserError(
+                f"no request {request_id!r}: it is not waiting or placed, nor among the last {kept} finished "
+                "requests the controller keeps (controller.finished_requests_kept); `llmos queue --all` lists them"
+            ) from None
 
     def _known_team(self, team: str) -> None:
         if team not in self.quotas:
@@ -366,6 +390,7 @@ class Scheduler:
         self._decide(status, action, reason, freed)
         self._quota_blocked.pop(status.id, None)
         self._demands.pop(status.id, None)
+        self._untried.discard(status.id)
 
     def mark_running(self, request_id: str, details: dict | None = None) -> RequestStatus:
         status = self.get(request_id)
@@ -616,6 +641,12 @@ class Scheduler:
             elif "control" in entry:
                 control = NodeControl.model_validate(entry["control"])
                 self.controls[control.node] = control
+        finished = sorted(
+            (self.requests[request_id] for request_id in self._finished),
+            key=lambda status: (status.finished_at or status.submitted_at, status.submitted_seq),
+        )
+        self._finished = {status.id: None for status in finished}
+        self._forget_oldest_finished()
         self.usage = {team: {} for team in self.quotas}
         for status in self.holders():
             quotas.add_usage(self.usage[status.team], self._request_usage(status))

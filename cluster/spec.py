@@ -359,6 +359,16 @@ class GcsFaultTolerance(StrictModel):
     )
 
 
+class ControllerOptions(StrictModel):
+    """How the llmos controller keeps its books."""
+
+    finished_requests_kept: PositiveInt = Field(
+        10_000,
+        description="Finished, failed, cancelled and rejected requests kept for `status`, `queue --all` and "
+        "idempotent retries; older ones are forgotten, so the books and the journal stay bounded.",
+    )
+
+
 class KubernetesOptions(StrictModel):
     """How `llmos manifests render` writes this cluster for KubeRay and Kueue."""
 
@@ -397,6 +407,7 @@ class ClusterSpec(StrictModel):
         default_factory=lambda: list(DEFAULT_PRIORITY_CLASSES),
         description="Named priorities; defaults to low (100), normal (500), high (1000).",
     )
+    controller: ControllerOptions = Field(default_factory=ControllerOptions, description="The controller's books.")
     kubernetes: KubernetesOptions = Field(
         default_factory=KubernetesOptions, description="KubeRay and Kueue rendering (llmos manifests)."
     )

@@ -441,3 +441,45 @@ def test_per_node_group_bundles_share_a_ray_bundle_per_node_but_not_a_fractional
     restored = Scheduler(SPEC, POLICY)
     restored.restore([{"request": old_entry}])
     assert [bundle.group_bundle_index for bundle in restored.get(default.id).bundles] == list(range(6))
+
+
+def test_the_oldest_finished_requests_are_forgotten_and_stay_forgotten_after_a_restore(journal):
+    spec = SPEC.model_copy(update={"controller": SPEC.controller.model_copy(update={"finished_requests_kept": 3})})
+    books = Scheduler(spec, POLICY, journal=lambda line: journal.append(json.loads(line)))
+    books.set_nodes(NODES)
+
+    def job(key: str) -> str:
+        return books.submit(SubmitRequest(team="research", gang=gang("job", 1, 1)), idempotency_key=key).id
+
+    ids = [job(f"key-{i}") for i in range(6)]
+    live = books.submit(SubmitRequest(team="research", gang=gang("live", 1, 1))).id
+    books.schedule()
+    waiting = books.submit(SubmitRequest(team="research", gang=gang("waits", 3, 6))).id  # 7 + 18 GPUs > quota 24
+    books.schedule()
+    assert books.get(waiting).state is RequestState.QUEUED
+    # Finished out of submission order: what is kept is the last to finish, not the last submitted.
+    for request_id in [ids[5], ids[0], ids[3], ids[1], ids[4], ids[2]]:
+        books.complete(request_id)
+    books.write_journal()
+
+    kept = [ids[1], ids[4], ids[2]]
+    finished = [s.id for s in books.requests.values() if s.state.final]
+    assert sorted(finished) == sorted(kept)
+    assert books.get(live).state is RequestState.PLACED
+    assert books.get(waiting).state is RequestState.QUEUED  # submitted before every finish: live, so kept
+    assert all(books.get(request_id).finished_at is not None for request_id in kept)
+    with pytest.raises(UserError, match=r"nor among the last 3 finished requests the controller keeps"):
+        books.get(ids[0])
+    assert set(books.idempotency_keys) == {"key-1", "key-4", "key-2"}
+
+    restored = Scheduler(spec, POLICY)
+    restored.restore(journal)  # the journal still holds every line; the restore forgets the same ones
+    assert restored.requests == books.requests
+    assert restored.idempotency_keys == books.idempotency_keys
+    assert [s.id for s in restored.waiting()] == [s.id for s in books.waiting()]
+    restored.complete(live)
+    restored.write_journal()
+    assert ids[1] not in restored.requests  # the oldest kept gives way to the newest finish
+    assert {json.loads(line)["request"]["id"] for line in restored.checkpoint() if '"request"' in line} == set(
+        restored.requests
+    )
