@@ -61,7 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.set_defaults(func=_submit)
 
     queue = _with_json(subparsers.add_parser("queue", help="Requests and their state."))
-    queue.add_argument("--all", action="store_true", help="Include finished, failed, rejected and cancelled.")
+    queue.add_argument(
+        "--all",
+        action="store_true",
+        help="Include the finished, failed, rejected and cancelled requests the controller keeps (the last 10,000).",
+    )
     queue.set_defaults(func=_queue)
 
     for name, help_text, handler in (

@@ -402,3 +402,18 @@ def test_acquire_many_is_all_or_nothing_per_request_within_quota_and_durable_bef
     restored = {status.id: (status.state, status.nodes, status.placement_group) for status in admin.queue()}
     assert {request_id: restored[request_id] for request_id in expected} == expected
     assert live_llmos_groups() == groups_before
+
+
+def test_a_retried_call_returns_the_first_submission_even_after_a_restart(admin: Admin):
+    # What Admin._call does when the controller dies mid-call: the same call again, with the same keys.
+    request = {"team": "research", "gang": gang("retried", [{"resources": {"CPU": 0.1}}])}
+    first, twin, other = admin._call("submit_many", [request] * 3, ["retry-a", "retry-a", "retry-b"])
+    assert first.id == twin.id != other.id
+    old_pid = admin.ping()["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: admin.ping()["pid"] != old_pid, what="the controller to restart")
+    (again,) = admin._call("submit_many", [request], ["retry-a"])
+    assert again.id == first.id
+    assert [s.id for s in admin.queue() if s.request.gang.name == "retried"] == [first.id, other.id]
+    for status in (first, other):
+        admin.cancel(status.id)
