@@ -332,10 +332,8 @@ class LocalCluster:
             self._save()
             if attempt < attempts:
                 on_progress(f"{failure}; starting it again (attempt {attempt + 1} of {attempts})")
-        raise UserError(
-            f"{failure} (attempt {attempts} of {attempts}); its log ends:\n{_log_tail(node.log_path)}\n"
-            f"the whole log, every attempt: {node.log_path}"
-        )
+        tried = f" (attempt {attempts} of {attempts})" if attempts > 1 else ""
+        raise UserError(f"{failure}{tried}; its log ends:\n{_log_tail(node.log_path)}\nthe whole log: {node.log_path}")
 
     def _spawn_node(
         self, declaration: NodeDeclaration, *, head: bool, attempt: int
