@@ -120,6 +120,7 @@ class RequestStatus(BaseModel):
     submitted_at: float
     placed_at: float | None = None
     finished_at: float | None = Field(None, description="When it became final (finished, failed, rejected, cancelled).")
+    finished_seq: int | None = Field(None, description="Order in which final requests ended; the first are forgotten.")
     preemptions: int = 0
     failures: int = 0
     details: dict = Field(default_factory=dict, description="Progress the workload reports (step, workers, ...).")

@@ -84,8 +84,9 @@ class Scheduler:
         self.requests: dict[str, RequestStatus] = {}
         # The requests not yet final, so scheduling costs what is live, not every request ever made.
         self._live: dict[str, RequestStatus] = {}
-        # The final requests kept, oldest finish first; beyond `spec.controller.finished_requests_kept`
-        # the oldest are forgotten, so a controller that runs for months holds bounded books.
+        # The final requests kept, in the order they ended (`finished_seq`); beyond
+        # `spec.controller.finished_requests_kept` the oldest are forgotten, so a controller that runs
+        # for months holds bounded books.
         self._finished: dict[str, None] = {}
         self.idempotency_keys: dict[str, str] = {}  # a kept request's idempotency key -> its id
         self.quotas: dict[str, dict[str, float]] = {team.name: dict(team.quota) for team in spec.teams}
@@ -98,6 +99,7 @@ class Scheduler:
         self.engine: PlacementEngine | None = None
         self._seq = 0
         self._decision_seq = 0
+        self._finished_seq = 0
         # Waiting requests are retried only when capacity may have been freed; new ones always once.
         self._retry_all = True
         self._untried: set[str] = set()
@@ -124,8 +126,9 @@ class Scheduler:
 
     def _save(self, status: RequestStatus) -> None:
         """Record a change of `status`; every change of a request's state goes through here."""
-        if status.state.final and status.finished_at is None:
-            status.finished_at = self.clock()
+        if status.state.final and status.finished_seq is None:
+            self._finished_seq += 1
+            status.finished_seq, status.finished_at = self._finished_seq, self.clock()
         self.requests[status.id] = status
         self._changed[status.id] = status
         self._index(status)
@@ -641,11 +644,10 @@ class Scheduler:
             elif "control" in entry:
                 control = NodeControl.model_validate(entry["control"])
                 self.controls[control.node] = control
-        finished = sorted(
-            (self.requests[request_id] for request_id in self._finished),
-            key=lambda status: (status.finished_at or status.submitted_at, status.submitted_seq),
-        )
+        # A journal keeps a commit's changes in the order each request first changed, not the order they ended.
+        finished = sorted((self.requests[request_id] for request_id in self._finished), key=_finish_order)
         self._finished = {status.id: None for status in finished}
+        self._finished_seq = max((status.finished_seq or 0 for status in finished), default=0)
         self._forget_oldest_finished()
         self.usage = {team: {} for team in self.quotas}
         for status in self.holders():
@@ -659,6 +661,11 @@ class Scheduler:
         lines += [_journal_line("request", status) for status in self.requests.values()]
         lines += [_journal_line("decision", record) for record in self.decisions]
         return lines
+
+
+def _finish_order(status: RequestStatus) -> tuple[int, int]:
+    """Requests journaled before `finished_seq` existed count as ending first, in submission order."""
+    return status.finished_seq or 0, status.submitted_seq
 
 
 def _journal_line(kind: str, record: BaseModel) -> str:
