@@ -101,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quota_set.set_defaults(func=_quota_set)
 
     audit = _with_json(subparsers.add_parser("audit", help="Who did what through the admin API (admin only)."))
-    audit.add_argument("--limit", type=int, default=50, help="Newest N entries.")
+    audit.add_argument("--limit", type=int, default=50, help="Newest N entries (0: all).")
     audit.set_defaults(func=_audit)
 
     decisions = _with_json(subparsers.add_parser("decisions", help="The placement decision log, with reasons."))

@@ -74,28 +74,64 @@ class Credentials:
         )
 
 
-class AuditLog:
-    """Append-only JSON lines: who did what to which target, and whether it was allowed."""
+AUDIT_ROTATE_BYTES = 16 * 2**20
+AUDIT_FILES_KEPT = 4
 
-    def __init__(self, path: Path):
+
+class AuditLog:
+    """Append-only JSON lines: who did what to which target, and whether it was allowed.
+
+    Rotated by size so a controller that runs for months keeps a bounded log: past `rotate_bytes`
+    the file becomes `audit.jsonl.1`, the older ones shift up, and the oldest beyond `files_kept` goes.
+    """
+
+    def __init__(self, path: Path, rotate_bytes: int = AUDIT_ROTATE_BYTES, files_kept: int = AUDIT_FILES_KEPT):
         self.path = path
-        # Open for the controller's life and line-buffered: a record costs one write, not an open and a close.
-        self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self.rotate_bytes = rotate_bytes
+        self.files_kept = files_kept
+        self._open()
         self._write_lock = threading.Lock()  # the controller records from several threads at once
+
+    def _open(self) -> None:
+        # Open for the controller's life and line-buffered: a record costs one write, not an open and a close.
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self._size = self.path.stat().st_size
+
+    def _older(self, index: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{index}")
+
+    def _rotate(self) -> None:
+        self._file.close()
+        self._older(self.files_kept).unlink(missing_ok=True)
+        for index in range(self.files_kept - 1, 0, -1):
+            if self._older(index).exists():
+                self._older(index).rename(self._older(index + 1))
+        self.path.rename(self._older(1))
+        self._open()
 
     def record(self, principal: str, action: str, target: str, outcome: str, reason: str = "") -> None:
         entry = {"time": time.time(), "principal": principal, "action": action, "target": target, "outcome": outcome}
         if reason:
             entry["reason"] = reason
-        line = json.dumps(entry) + "\n"
+        line = json.dumps(entry) + "\n"  # ASCII (json's default), so its length is its size in bytes
         with self._write_lock:
+            if self._size and self._size + len(line) > self.rotate_bytes:
+                self._rotate()
             self._file.write(line)
+            self._size += len(line)
 
     def close(self) -> None:
         with self._write_lock:
             self._file.close()
 
-    def entries(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    def entries(self, limit: int = 0) -> list[dict]:
+        """The newest `limit` entries (0: every one kept), oldest first; only the lines returned are parsed."""
+        if limit < 0:
+            raise UserError(f"limit: {limit} is negative; ask for 1 or more entries, or 0 for all")
+        lines: list[str] = []
+        for path in [self.path, *(self._older(index) for index in range(1, self.files_kept + 1))]:
+            if limit and len(lines) >= limit:
+                break
+            if path.exists():
+                lines = [line for line in path.read_text().splitlines() if line.strip()] + lines
+        return [json.loads(line) for line in lines[-limit:]]

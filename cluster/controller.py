@@ -25,7 +25,7 @@ from cluster.console import UserError
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
 from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL
 from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
-from cluster.scheduler import PLACEMENT_GROUP_PREFIX, Bind, Scheduler, Unbind
+from cluster.scheduler import PLACEMENT_GROUP_PREFIX, Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
 from cluster.store import Journal
 
@@ -394,13 +394,13 @@ class Controller:
                 for d in self.scheduler.decisions
                 if d.seq > after_seq
                 and (request_id is None or d.request_id == request_id)
-                and (principal == ADMIN or self.scheduler.requests[d.request_id].team == principal)
+                and (principal == ADMIN or team_of(d.request_id) == principal)
             ]
             return records[-limit:] if limit else records
 
     def audit_log(self, credential: str | None, limit: int = 100) -> list[dict]:
         self._allow(credential, Action.SHUTDOWN)
-        return self.audit.entries()[-limit:]
+        return self.audit.entries(limit)
 
     def shutdown(self, credential: str | None) -> None:
         principal = self._allow(credential, Action.SHUTDOWN)

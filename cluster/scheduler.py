@@ -68,6 +68,11 @@ def placement_group_name(request_id: str) -> str:
     return f"{PLACEMENT_GROUP_PREFIX}{request_id}"
 
 
+def team_of(request_id: str) -> str:
+    """The team of a request id (`<team>-<seq>`), also of a request no longer kept whose decisions are."""
+    return request_id.rpartition("-")[0]
+
+
 class Scheduler:
     def __init__(
         self,
@@ -273,7 +278,7 @@ class Scheduler:
         priority_class = request.priority or self.spec.team(request.team).priority
         self._seq += 1
         status = RequestStatus(
-            id=f"{request.team}-{self._seq:05d}",
+            id=f"{request.team}-{self._seq:05d}",  # `team_of` reads the team back
             request=request,
             priority_value=priority_value,
             state=RequestState.QUEUED,

@@ -11,7 +11,7 @@ from cluster.console import UserError
 from cluster.placement.request import Bundle, GangRequest
 from cluster.placement.snapshot import NodeSnapshot
 from cluster.requests import RequestState, SubmitRequest, WorkloadKind
-from cluster.scheduler import Bind, Scheduler, Unbind
+from cluster.scheduler import Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
 
 POLICY = "bestfit"
@@ -471,6 +471,9 @@ def test_the_oldest_finished_requests_are_forgotten_and_stay_forgotten_after_a_r
     with pytest.raises(UserError, match=r"nor among the last 3 finished requests the controller keeps"):
         books.get(ids[0])
     assert set(books.idempotency_keys) == {"key-1", "key-4", "key-2"}
+    # The decision log outlives a forgotten request; its team is read from the id, as `decisions` does.
+    assert {team_of(d.request_id) for d in books.decisions if d.request_id == ids[0]} == {"research"}
+    assert team_of("ml-research-00012") == "ml-research"
 
     restored = Scheduler(spec, POLICY)
     restored.restore(journal)  # the journal still holds every line; the restore forgets the same ones

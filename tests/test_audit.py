@@ -1,0 +1,40 @@
+"""The audit log: rotated by size, so it stays bounded, and read from its newest end."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.auth import AuditLog
+from cluster.console import UserError
+
+
+def test_the_log_rotates_by_size_keeps_its_newest_files_and_reads_across_them(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, rotate_bytes=1000, files_kept=2)
+    for index in range(60):
+        log.record("research", "submit", f"job-{index}", "ok")
+    log.close()
+
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    assert all(p.stat().st_size <= 1000 for p in tmp_path.iterdir())
+    kept = [entry["target"] for entry in AuditLog(path, rotate_bytes=1000, files_kept=2).entries()]
+    assert kept == [f"job-{index}" for index in range(60 - len(kept), 60)]  # the newest, in order
+    assert len(kept) < 60  # the oldest file went
+
+    reopened = AuditLog(path, rotate_bytes=1000, files_kept=2)
+    assert [entry["target"] for entry in reopened.entries(limit=3)] == ["job-57", "job-58", "job-59"]
+    newest = path.read_text().count("\n")
+    spanning = reopened.entries(limit=newest + 2)  # reaches into the rotated file
+    assert [entry["target"] for entry in spanning] == kept[-(newest + 2) :]
+    reopened.record("admin", "cordon", "cpu-0", "refused", "needs the admin credential")
+    (last,) = reopened.entries(limit=1)
+    assert {key: last[key] for key in ("principal", "action", "target", "outcome", "reason")} == {
+        "principal": "admin",
+        "action": "cordon",
+        "target": "cpu-0",
+        "outcome": "refused",
+        "reason": "needs the admin credential",
+    }
+    with pytest.raises(UserError, match="limit: -1 is negative"):
+        reopened.entries(limit=-1)
