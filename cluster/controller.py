@@ -265,7 +265,11 @@ class Controller:
                     ) from None
             # A key seen before (a retried call) returns the first submission instead of queueing a twin.
             seen = self.scheduler.idempotency_keys
-            fresh = [i for i, key in enumerate(keys) if not key or (key not in seen and key not in keys[:i])]
+            fresh, earlier_in_batch = [], set()
+            for i, key in enumerate(keys):
+                if not key or (key not in seen and key not in earlier_in_batch):
+                    fresh.append(i)
+                earlier_in_batch.add(key)
             submitted = self.scheduler.submit_many([parsed[i] for i in fresh], [keys[i] for i in fresh])
             by_index = dict(zip(fresh, submitted, strict=True))
             return [by_index.get(i) or self.scheduler.get(seen[key]) for i, key in enumerate(keys)]

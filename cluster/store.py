@@ -28,7 +28,8 @@ class Journal:
         self._pending: list[str] = []
         self._lines_since_compaction = 0
         self.generation, entries = self._read_snapshot()
-        # The snapshot's entries as read at start; None once a compaction wrote a new one (read from disk then).
+        # The snapshot's entries as read at start, for the first `load`; None after it or after a
+        # compaction (read from disk then), so the controller does not hold a second copy of its books.
         self._snapshot_entries: list[dict] | None = entries
         self._file = open(self._journal_path(self.generation), "a", encoding="utf-8")  # noqa: SIM115
 
@@ -60,7 +61,8 @@ class Journal:
         return self._lines_since_compaction >= self.compact_every
 
     def load(self) -> list[dict]:
-        entries = list(self._snapshot_entries if self._snapshot_entries is not None else self._read_snapshot()[1])
+        entries = self._snapshot_entries if self._snapshot_entries is not None else self._read_snapshot()[1]
+        self._snapshot_entries = None
         journal = self._journal_path(self.generation)
         if journal.exists():
             for line in journal.read_text(encoding="utf-8").splitlines():
