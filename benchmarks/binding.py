@@ -33,6 +33,10 @@ round starts only once Ray has handed every bundle back (no node offers a `*_gro
 them any more, and the CPUs are free again), untimed: a raylet still returning the last round's
 bundles reserves new ones more slowly, which would tax whichever path came next. The order of the
 paths rotates from round to round.
+
+Each ratio comes with a 95% interval (`ratio_ci95`), bootstrapped over the rounds, and with
+`runs` > 1 over the runs too: each run starts a fresh cluster, and the mean of one run can be off by
+more than its rounds' spread says.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
 
 from cluster.console import progress
 from cluster.launcher import temporary_cluster
@@ -54,7 +60,9 @@ TIMEOUT_S = 60.0
 RELEASE_TIMEOUT_S = 30.0
 MODES = ("one_at_a_time", "batched")
 LLMOS_GROUP_BUNDLES = {"llmos": "per_bundle", "llmos_per_node": "per_node"}  # path -> what its requests ask for
+PATHS = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", *LLMOS_GROUP_BUNDLES)
 HEADLINE_MODE = "batched"
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 class Round(NamedTuple):
@@ -151,32 +159,70 @@ def run(
     spec_path: Path = REPO / "examples" / "cluster.yaml",
     *,
     sizes: tuple[int, ...] = (1, 8),
+    modes: tuple[str, ...] = MODES,
     count: int = 50,
     rounds: int = 3,
+    runs: int = 1,
     policy: str = "llmos",
     on_progress: Callable[[str], None] = progress,
 ) -> dict:
-    """Start a local cluster of `spec_path` and measure on it (see `measure`)."""
+    """Start a local cluster of `spec_path` and measure on it (see `measure`), `runs` times over, each on
+    a fresh cluster: a run's rates move together (how the processes of that cluster share the cores),
+    so only several runs show how far the mean of one may be off."""
     from cluster.admin import Admin
     from cluster.inventory import connect
 
-    on_progress("starting a local cluster for the benchmark")
-    with temporary_cluster(load_spec(spec_path), on_progress=on_progress):
-        connect()
-        return measure(Admin(policy=policy), sizes=sizes, count=count, rounds=rounds, on_progress=on_progress)
+    collected = []
+    for run_index in range(runs):
+        on_progress(f"{f'run {run_index + 1}/{runs}: ' if runs > 1 else ''}starting a local cluster for the benchmark")
+        with temporary_cluster(load_spec(spec_path), on_progress=on_progress):
+            connect()
+            admin = Admin(policy=policy)
+            collected.append(
+                collect(admin, sizes=sizes, modes=modes, count=count, rounds=rounds, on_progress=on_progress)
+            )
+            policy_name = admin.ping()["policy"]
+    return summarize(collected, policy_name)
 
 
 def measure(
     admin,
     *,
     sizes: tuple[int, ...] = (1, 8),
+    modes: tuple[str, ...] = MODES,
     count: int = 50,
     rounds: int = 3,
     on_progress: Callable[[str], None] = progress,
 ) -> dict:
-    """Every path, mode and gang size on the cluster `admin`'s controller runs on, which must be idle."""
-    paths = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", *LLMOS_GROUP_BUNDLES)
-    rates = {(mode, path, size): [] for mode in MODES for path in paths for size in sizes}
+    """Every path, and each of `modes` and `sizes`, on the cluster `admin`'s controller runs on, which
+    must be idle, summarized (see `summarize`)."""
+    collected = collect(admin, sizes=sizes, modes=modes, count=count, rounds=rounds, on_progress=on_progress)
+    return summarize([collected], admin.ping()["policy"])
+
+
+class Collected(NamedTuple):
+    """One run's rounds: every path's rate in each round, by (mode, path, size)."""
+
+    modes: tuple[str, ...]
+    sizes: tuple[int, ...]
+    count: int
+    rates: dict[tuple[str, str, int], list[float]]
+    nodes_used: dict[tuple[str, str, int], int]
+
+
+def collect(
+    admin,
+    *,
+    sizes: tuple[int, ...],
+    modes: tuple[str, ...],
+    count: int,
+    rounds: int,
+    on_progress: Callable[[str], None],
+) -> Collected:
+    """`rounds` interleaved rounds of every path on the cluster `admin`'s controller runs on."""
+    rates: dict[tuple[str, str, int], list[float]] = {
+        (mode, path, size): [] for mode in modes for path in PATHS for size in sizes
+    }
     nodes_used: dict[tuple[str, str, int], int] = {}
     nodes = admin.nodes()
     cpu_node = next(node for node in nodes if node.pool == "cpu")
@@ -195,58 +241,109 @@ def measure(
         _wait_released(measured.group_ids, free_cpus)
         return measured.rate
 
-    for mode in MODES:  # warm every path (worker start-up, first GCS calls)
+    for mode in modes:  # warm every path (worker start-up, first GCS calls)
         for size in sizes:
-            for path in paths:
+            for path in PATHS:
                 measure_round(mode, path, size, 5)
     for round_index in range(rounds):
-        order = paths[round_index % len(paths) :] + paths[: round_index % len(paths)]
-        for mode in MODES:
+        order = PATHS[round_index % len(PATHS) :] + PATHS[: round_index % len(PATHS)]
+        for mode in modes:
             for size in sizes:
                 for path in order:
                     rates[mode, path, size].append(measure_round(mode, path, size, count))
                 on_progress(
                     f"round {round_index + 1}/{rounds}, {mode}, {size}-bundle gangs: "
-                    + ", ".join(f"{path} {rates[mode, path, size][-1]:.0f}/s" for path in paths)
+                    + ", ".join(f"{path} {rates[mode, path, size][-1]:.0f}/s" for path in PATHS)
                 )
+    return Collected(modes, sizes, count, rates, nodes_used)
+
+
+def summarize(runs: list[Collected], policy: str) -> dict:
+    """Means over every round of every run; each ratio with its 95% interval (`_ratio_ci95`). The
+    headline keys are the batched mode's, or the first mode's without it."""
+    first = runs[0]
+    modes, sizes = first.modes, first.sizes
+
+    def rounds_of(mode: str, path: str, size: int) -> np.ndarray:  # (runs, rounds)
+        return np.array([collected.rates[mode, path, size] for collected in runs])
+
+    def ratios(mode: str, path: str, baseline: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+        means, intervals = {}, {}
+        for size in sizes:
+            rates, baseline_rates = rounds_of(mode, path, size), rounds_of(mode, baseline, size)
+            means[str(size)] = round(float(rates.mean() / baseline_rates.mean()), 3)
+            intervals[str(size)] = _ratio_ci95(rates, baseline_rates)
+        return means, intervals
 
     result: dict = {}
-    for mode in MODES:
+    for mode in modes:
         mean = {
-            path: {str(size): round(statistics.mean(rates[mode, path, size]), 1) for size in sizes} for path in paths
+            path: {str(size): round(float(rounds_of(mode, path, size).mean()), 1) for size in sizes} for path in PATHS
         }
+        ratio, ratio_ci95 = ratios(mode, "llmos", "ray")
+        to_pinned, to_pinned_ci95 = ratios(mode, "llmos", "ray_pinned_detached")
+        per_node, per_node_ci95 = ratios(mode, "llmos_per_node", "ray")
         result[mode] = {
             "ray_pgs_per_s": mean["ray"],
             "llmos_pgs_per_s": mean["llmos"],
-            "ratio": {size: round(mean["llmos"][size] / mean["ray"][size], 3) for size in mean["ray"]},
+            "ratio": ratio,
+            "ratio_ci95": ratio_ci95,
             # Ray's own rate for groups pinned node by node and detached, as binding must make them.
             "ray_pinned_detached_pgs_per_s": mean["ray_pinned_detached"],
-            "ratio_to_pinned_detached": {
-                size: round(mean["llmos"][size] / mean["ray_pinned_detached"][size], 3) for size in mean["ray"]
-            },
+            "ratio_to_pinned_detached": to_pinned,
+            "ratio_to_pinned_detached_ci95": to_pinned_ci95,
             # Ray's own PACK spreads its groups over this many nodes; the engine packs them.
-            "ray_nodes_used": {str(size): nodes_used[mode, "ray", size] for size in sizes},
-            "llmos_nodes_used": {str(size): nodes_used[mode, "llmos", size] for size in sizes},
+            "ray_nodes_used": {str(size): first.nodes_used[mode, "ray", size] for size in sizes},
+            "llmos_nodes_used": {str(size): first.nodes_used[mode, "llmos", size] for size in sizes},
             "ray_pinned_two_nodes_pgs_per_s": mean["ray_pinned_two_nodes"],
             # Requests that ask for one Ray bundle per node (`group_bundles: per_node`).
             "llmos_per_node_pgs_per_s": mean["llmos_per_node"],
-            "ratio_per_node": {
-                size: round(mean["llmos_per_node"][size] / mean["ray"][size], 3) for size in mean["ray"]
+            "ratio_per_node": per_node,
+            "ratio_per_node_ci95": per_node_ci95,
+            # Each run's ratio, and every round's rate of every run, to show the spread on a shared machine.
+            "ratio_by_run": {
+                str(size): [
+                    round(
+                        statistics.mean(run.rates[mode, "llmos", size]) / statistics.mean(run.rates[mode, "ray", size]),
+                        3,
+                    )
+                    for run in runs
+                ]
+                for size in sizes
             },
-            # Every round's rate, to show the spread on a shared machine.
             "rounds_pgs_per_s": {
-                path: {str(size): [round(rate, 1) for rate in rates[mode, path, size]] for size in sizes}
-                for path in paths
+                path: {
+                    str(size): [[round(rate, 1) for rate in run.rates[mode, path, size]] for run in runs]
+                    for size in sizes
+                }
+                for path in PATHS
             },
         }
     # The issue's headline keys: groups created as fast as each side can, the rate the cluster sustains;
     # one at a time adds a round trip per group on both sides (figures above).
-    headline = {key: result[HEADLINE_MODE][key] for key in ("ray_pgs_per_s", "llmos_pgs_per_s", "ratio")}
+    headline_mode = HEADLINE_MODE if HEADLINE_MODE in modes else modes[0]
+    headline = {key: result[headline_mode][key] for key in ("ray_pgs_per_s", "llmos_pgs_per_s", "ratio", "ratio_ci95")}
     return {
         **headline,
-        "headline_mode": HEADLINE_MODE,
+        "headline_mode": headline_mode,
         **result,
-        "policy": admin.ping()["policy"],
-        "groups_per_round": count,
-        "rounds": rounds,
+        "policy": policy,
+        "groups_per_round": first.count,
+        "rounds": len(first.rates[modes[0], "ray", sizes[0]]),
+        "runs": len(runs),
     }
+
+
+def _ratio_ci95(rates: np.ndarray, baseline_rates: np.ndarray) -> list[float]:
+    """The 95% percentile interval of mean(rates) / mean(baseline_rates), both (runs, rounds) arrays,
+    bootstrapped at both levels: runs drawn with replacement, then rounds within each. A round's two
+    rates are drawn together, since they ran back to back under the same load. With one run the
+    interval shows only the noise from round to round."""
+    paired = np.stack([rates, baseline_rates])  # (2, runs, rounds)
+    _, run_count, round_count = paired.shape
+    generator = np.random.default_rng(0)
+    run_picks = generator.integers(0, run_count, size=(BOOTSTRAP_RESAMPLES, run_count, 1))
+    round_picks = generator.integers(0, round_count, size=(BOOTSTRAP_RESAMPLES, run_count, round_count))
+    resampled = paired[:, run_picks, round_picks].mean(axis=(2, 3))  # (2, resamples)
+    low, high = np.percentile(resampled[0] / resampled[1], [2.5, 97.5])
+    return [round(float(low), 3), round(float(high), 3)]

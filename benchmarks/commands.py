@@ -125,26 +125,60 @@ def _placement(args: argparse.Namespace) -> int:
 
 
 def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
+    from benchmarks.binding import MODES
+
     binding = benchmarks.add_parser(
         "binding",
         help="Placement groups per second: directly with Ray vs through the llmos controller.",
         description="Starts its own local cluster from the ClusterSpec, measures both paths in interleaved rounds "
-        "for 1-bundle and 8-bundle gangs, and stops the cluster.",
+        "(by default for 1-bundle and 8-bundle gangs, one at a time and batched), and stops the cluster.",
     )
     binding.add_argument("--spec", type=Path, default=REPO_ROOT / "examples" / "cluster.yaml", help="ClusterSpec.")
     binding.add_argument("--count", type=int, default=50, help="Placement groups per round and path.")
     binding.add_argument("--rounds", type=int, default=3, help="Interleaved rounds.")
+    binding.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="Runs, each on a fresh cluster (default 1); the intervals then cover the spread between runs too.",
+    )
+    binding.add_argument(
+        "--sizes", default="1,8", help="Bundles per gang, comma-separated (default 1,8): fewer make a run shorter."
+    )
+    binding.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"Modes, comma-separated, of {', '.join(MODES)} (default both); the headline is batched's when measured.",
+    )
     binding.add_argument("--policy", default="llmos", help="Placement policy of the controller.")
     binding.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
     binding.set_defaults(func=_binding)
 
 
 def _binding(args: argparse.Namespace) -> int:
-    from benchmarks.binding import run
+    from benchmarks.binding import MODES, run
 
-    if args.count < 1 or args.rounds < 1:
-        raise UserError("--count and --rounds must be at least 1")
-    result = run(args.spec, count=args.count, rounds=args.rounds, policy=args.policy, on_progress=progress)
+    if args.count < 1 or args.rounds < 1 or args.runs < 1:
+        raise UserError("--count, --rounds and --runs must be at least 1")
+    modes = tuple(dict.fromkeys(mode.strip() for mode in args.modes.split(",")))
+    if not modes or not set(modes) <= set(MODES):
+        raise UserError(f"--modes {args.modes!r}: give one or both of {', '.join(MODES)}, comma-separated")
+    try:
+        sizes = tuple(dict.fromkeys(int(size) for size in args.sizes.split(",")))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--sizes {args.sizes!r}: give bundles per gang as positive integers, e.g. 1,8")
+    result = run(
+        args.spec,
+        sizes=sizes,
+        modes=modes,
+        count=args.count,
+        rounds=args.rounds,
+        runs=args.runs,
+        policy=args.policy,
+        on_progress=progress,
+    )
     return _report(result, args.json)
 
 

@@ -33,10 +33,79 @@ def test_measure_reports_every_path_and_releases_what_it_made(bench_admin):
     for mode in binding.MODES:
         # The engine packs every benchmark gang on the one CPU node.
         assert result[mode]["llmos_nodes_used"] == {"1": 1, "8": 1}
-        assert all(len(rates) == 1 for path in result[mode]["rounds_pgs_per_s"].values() for rates in path.values())
+        rounds = result[mode]["rounds_pgs_per_s"]
+        assert all(len(runs) == 1 and len(runs[0]) == 1 for path in rounds.values() for runs in path.values())
     assert result["policy"] == "llmos"
     assert bench_admin.queue() == []
     assert binding._free_cpus() == pytest.approx(free_before, abs=1e-3)
+
+
+def test_measure_runs_only_the_modes_and_sizes_asked_for(bench_admin):
+    result = binding.measure(
+        bench_admin, sizes=(2,), modes=("one_at_a_time",), count=3, rounds=2, on_progress=lambda _: None
+    )
+
+    assert "batched" not in result
+    assert result["headline_mode"] == "one_at_a_time"
+    assert result["ratio"] == result["one_at_a_time"]["ratio"]
+    assert set(result["ratio"]) == {"2"}
+    assert (result["runs"], result["rounds"]) == (1, 2)
+    [llmos_rates] = result["one_at_a_time"]["rounds_pgs_per_s"]["llmos"]["2"]
+    [ray_rates] = result["one_at_a_time"]["rounds_pgs_per_s"]["ray"]["2"]
+    assert len(llmos_rates) == len(ray_rates) == 2
+    assert result["one_at_a_time"]["ratio_by_run"]["2"] == [result["ratio"]["2"]]
+    low, high = result["ratio_ci95"]["2"]
+    ratios = [llmos / ray_rate for llmos, ray_rate in zip(llmos_rates, ray_rates, strict=True)]
+    assert low <= result["ratio"]["2"] <= high
+    # A resample's ratio of means weighs the rounds' ratios, so it stays within them.
+    assert min(ratios) - 0.01 <= low and high <= max(ratios) + 0.01
+
+
+def _collected(rates_by_run: dict[str, list[list[float]]]) -> binding.Collected:
+    """Runs of batched 8-bundle rounds, with every path not given as fast as Ray."""
+    rates = {("batched", path, 8): [] for path in binding.PATHS}
+    for path in binding.PATHS:
+        rates["batched", path, 8] = rates_by_run.get(path, rates_by_run["ray"])
+    return binding.Collected(("batched",), (8,), 50, rates, {("batched", path, 8): 1 for path in binding.PATHS})
+
+
+def _runs(rates_by_run: dict[str, list[list[float]]]) -> list[binding.Collected]:
+    run_count = len(rates_by_run["ray"])
+    return [_collected({path: runs[index] for path, runs in rates_by_run.items()}) for index in range(run_count)]
+
+
+def test_ratio_interval_resamples_whole_rounds():
+    """Rounds run back to back under the same load: a round slow on both sides keeps its ratio, so a
+    steady ratio gets a narrow interval however much the rates swing, and a noisy one a wide one."""
+    ray_rates = [100.0, 300.0, 150.0, 250.0, 200.0, 120.0]
+    steady = binding.summarize(_runs({"ray": [ray_rates], "llmos": [[0.7 * rate for rate in ray_rates]]}), "llmos")
+    assert steady["ratio"] == {"8": 0.7}
+    assert steady["ratio_ci95"]["8"] == pytest.approx([0.7, 0.7], abs=1e-3)
+
+    noisy_rates = [60.0, 240.0, 90.0, 200.0, 160.0, 100.0]
+    noisy = binding.summarize(_runs({"ray": [ray_rates], "llmos": [noisy_rates]}), "llmos")
+    low, high = noisy["ratio_ci95"]["8"]
+    assert low < sum(noisy_rates) / sum(ray_rates) < high
+    assert high - low > 0.05
+
+
+def test_ratio_interval_over_runs_covers_the_spread_between_runs():
+    """Two runs, each steady within itself but at a different level: the rounds alone would make the
+    interval narrow; drawing the runs too spans both levels."""
+    ray_rates = [300.0, 310.0, 290.0, 305.0]
+    runs = _runs(
+        {
+            "ray": [ray_rates, ray_rates],
+            "llmos": [[0.66 * rate for rate in ray_rates], [0.76 * rate for rate in ray_rates]],
+        }
+    )
+    both = binding.summarize(runs, "llmos")
+    assert both["runs"] == 2 and both["rounds"] == 4
+    assert both["ratio"] == {"8": 0.71}
+    assert both["batched"]["ratio_by_run"] == {"8": [0.66, 0.76]}
+    assert both["ratio_ci95"]["8"] == pytest.approx([0.66, 0.76], abs=1e-3)
+    one = binding.summarize(runs[:1], "llmos")
+    assert one["ratio_ci95"]["8"] == pytest.approx([0.66, 0.66], abs=1e-3)
 
 
 def test_release_wait_watches_the_resources_of_the_groups_bundles(local_cluster):
