@@ -63,6 +63,13 @@ LLMOS_GROUP_BUNDLES = {"llmos": "per_bundle", "llmos_per_node": "per_node"}  # p
 PATHS = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", *LLMOS_GROUP_BUNDLES)
 HEADLINE_MODE = "batched"
 BOOTSTRAP_RESAMPLES = 10_000
+TARGET_RATIO = 0.7  # the issue's target for llmos against Ray's own rate
+PLOTTED_PATHS = {  # path -> its label in the plot, each drawn against Ray's own rate
+    "ray_pinned_detached": "Ray, pinned to the CPU node",
+    "ray_pinned_two_nodes": "Ray, pinned to two nodes",
+    "llmos": "llmos",
+    "llmos_per_node": "llmos, per_node",
+}
 
 
 class Round(NamedTuple):
@@ -347,3 +354,45 @@ def _ratio_ci95(rates: np.ndarray, baseline_rates: np.ndarray) -> list[float]:
     resampled = paired[:, run_picks, round_picks].mean(axis=(2, 3))  # (2, resamples)
     low, high = np.percentile(resampled[0] / resampled[1], [2.5, 97.5])
     return [round(float(low), 3), round(float(high), 3)]
+
+
+def plot(result: dict, path: Path) -> None:
+    """Every path's rate as a share of Ray's own, with its 95% interval, by mode and gang size, against
+    the target: drawn from `result` alone, so a saved JSON can be drawn again."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [mode for mode in MODES if mode in result]
+    figure, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
+    width = 0.8 / len(PLOTTED_PATHS)
+    for axis, mode in zip(axes[0], modes, strict=True):
+        rounds = result[mode]["rounds_pgs_per_s"]
+        sizes = list(rounds["ray"])
+        for offset, (path_name, label) in enumerate(PLOTTED_PATHS.items()):
+            shares, errors = [], [[], []]
+            for size in sizes:
+                rates, ray_rates = np.array(rounds[path_name][size]), np.array(rounds["ray"][size])
+                share = rates.mean() / ray_rates.mean()
+                low, high = _ratio_ci95(rates, ray_rates)
+                shares.append(share)
+                errors[0].append(max(share - low, 0.0))
+                errors[1].append(max(high - share, 0.0))
+            positions = np.arange(len(sizes)) + (offset - (len(PLOTTED_PATHS) - 1) / 2) * width
+            bars = axis.bar(positions, shares, width, yerr=errors, capsize=3, label=label)
+            axis.bar_label(bars, labels=[f"{share:.2f}" for share in shares], fontsize=7, padding=2)
+        axis.axhline(1.0, color="0.4", linewidth=1, label="Ray's own rate (PACK)")
+        axis.axhline(TARGET_RATIO, color="tab:red", linestyle="--", linewidth=1, label=f"target {TARGET_RATIO}x")
+        axis.set_xticks(np.arange(len(sizes)), [f"{size}-bundle gangs" for size in sizes])
+        axis.set_ylabel("placement groups per second / Ray's own")
+        axis.set_title(f"{mode.replace('_', ' ')} ({result['groups_per_round']} groups a round)")
+        axis.grid(True, axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    runs = f"{result['runs']} runs" if result["runs"] > 1 else "1 run"
+    figure.suptitle(f"Binding: {runs} of {result['rounds']} interleaved rounds, 95% intervals", fontsize=10)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -26,7 +26,9 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser("bench", help="Run benchmarks; each writes JSON and a PNG plot.")
+    bench = subparsers.add_parser(
+        "bench", help="Run benchmarks; each prints JSON (--json writes it), most draw a PNG (--plot)."
+    )
     benchmarks = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     _register_placement(benchmarks)
     _register_binding(benchmarks)
@@ -152,11 +154,14 @@ def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
     )
     binding.add_argument("--policy", default="llmos", help="Placement policy of the controller.")
     binding.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
+    binding.add_argument(
+        "--plot", type=Path, help="Write each path's rate against Ray's own, with 95% intervals (PNG), here."
+    )
     binding.set_defaults(func=_binding)
 
 
 def _binding(args: argparse.Namespace) -> int:
-    from benchmarks.binding import MODES, run
+    from benchmarks.binding import MODES, plot, run
 
     if args.count < 1 or args.rounds < 1 or args.runs < 1:
         raise UserError("--count, --rounds and --runs must be at least 1")
@@ -179,6 +184,9 @@ def _binding(args: argparse.Namespace) -> int:
         policy=args.policy,
         on_progress=progress,
     )
+    if args.plot:
+        plot(result, args.plot)
+        progress(f"wrote {args.plot}")
     return _report(result, args.json)
 
 

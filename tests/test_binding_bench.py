@@ -108,6 +108,18 @@ def test_ratio_interval_over_runs_covers_the_spread_between_runs():
     assert one["ratio_ci95"]["8"] == pytest.approx([0.66, 0.66], abs=1e-3)
 
 
+def test_plot_draws_a_saved_result(tmp_path):
+    """The plot needs nothing but the JSON, so a saved result can be drawn again."""
+    import json
+
+    ray_rates = [300.0, 310.0, 290.0]
+    result = binding.summarize(_runs({"ray": [ray_rates], "llmos": [[0.7 * rate for rate in ray_rates]]}), "llmos")
+    saved = json.loads(json.dumps(result))
+    path = tmp_path / "plots" / "binding.png"
+    binding.plot(saved, path)
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
 def test_release_wait_watches_the_resources_of_the_groups_bundles(local_cluster):
     """The wait between rounds looks for resources named after each released group's id: Ray must name
     them so, or the wait would watch nothing but the CPUs."""
