@@ -214,7 +214,7 @@ class Collected(NamedTuple):
     sizes: tuple[int, ...]
     count: int
     rates: dict[tuple[str, str, int], list[float]]
-    nodes_used: dict[tuple[str, str, int], int]
+    nodes_used: dict[tuple[str, str, int], int]  # the most nodes one round's groups went to
 
 
 def collect(
@@ -244,7 +244,7 @@ def collect(
             measured = _llmos_round(admin, size, groups, batched, LLMOS_GROUP_BUNDLES[path])
         else:
             measured = _ray_round(size, groups, batched, pin_to=pins[path])
-        nodes_used[mode, path, size] = measured.nodes_used
+        nodes_used[mode, path, size] = max(nodes_used.get((mode, path, size), 0), measured.nodes_used)
         _wait_released(measured.group_ids, free_cpus)
         return measured.rate
 
@@ -299,9 +299,9 @@ def summarize(runs: list[Collected], policy: str) -> dict:
             "ray_pinned_detached_pgs_per_s": mean["ray_pinned_detached"],
             "ratio_to_pinned_detached": to_pinned,
             "ratio_to_pinned_detached_ci95": to_pinned_ci95,
-            # Ray's own PACK spreads its groups over this many nodes; the engine packs them.
-            "ray_nodes_used": {str(size): first.nodes_used[mode, "ray", size] for size in sizes},
-            "llmos_nodes_used": {str(size): first.nodes_used[mode, "llmos", size] for size in sizes},
+            # Ray's own PACK spreads its groups over this many nodes; the engine packs them (most in a round).
+            "ray_nodes_used": {str(size): max(run.nodes_used[mode, "ray", size] for run in runs) for size in sizes},
+            "llmos_nodes_used": {str(size): max(run.nodes_used[mode, "llmos", size] for run in runs) for size in sizes},
             "ray_pinned_two_nodes_pgs_per_s": mean["ray_pinned_two_nodes"],
             # Requests that ask for one Ray bundle per node (`group_bundles: per_node`).
             "llmos_per_node_pgs_per_s": mean["llmos_per_node"],
