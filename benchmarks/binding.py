@@ -266,7 +266,7 @@ def collect(
 
 
 def summarize(runs: list[Collected], policy: str) -> dict:
-    """Means over every round of every run; each ratio with its 95% interval (`_ratio_ci95`). The
+    """Means over every round of every run; each ratio with its 95% interval (`_ratio`). The
     headline keys are the batched mode's, or the first mode's without it."""
     first = runs[0]
     modes, sizes = first.modes, first.sizes
@@ -277,9 +277,9 @@ def summarize(runs: list[Collected], policy: str) -> dict:
     def ratios(mode: str, path: str, baseline: str) -> tuple[dict[str, float], dict[str, list[float]]]:
         means, intervals = {}, {}
         for size in sizes:
-            rates, baseline_rates = rounds_of(mode, path, size), rounds_of(mode, baseline, size)
-            means[str(size)] = round(float(rates.mean() / baseline_rates.mean()), 3)
-            intervals[str(size)] = _ratio_ci95(rates, baseline_rates)
+            means[str(size)], intervals[str(size)] = _ratio(
+                rounds_of(mode, path, size), rounds_of(mode, baseline, size)
+            )
         return means, intervals
 
     result: dict = {}
@@ -341,11 +341,12 @@ def summarize(runs: list[Collected], policy: str) -> dict:
     }
 
 
-def _ratio_ci95(rates: np.ndarray, baseline_rates: np.ndarray) -> list[float]:
-    """The 95% percentile interval of mean(rates) / mean(baseline_rates), both (runs, rounds) arrays,
+def _ratio(rates: np.ndarray, baseline_rates: np.ndarray) -> tuple[float, list[float]]:
+    """mean(rates) / mean(baseline_rates), both (runs, rounds) arrays, and its 95% percentile interval,
     bootstrapped at both levels: runs drawn with replacement, then rounds within each. A round's two
     rates are drawn together, since they ran back to back under the same load. With one run the
     interval shows only the noise from round to round."""
+    ratio = round(float(rates.mean() / baseline_rates.mean()), 3)
     paired = np.stack([rates, baseline_rates])  # (2, runs, rounds)
     _, run_count, round_count = paired.shape
     generator = np.random.default_rng(0)
@@ -353,7 +354,7 @@ def _ratio_ci95(rates: np.ndarray, baseline_rates: np.ndarray) -> list[float]:
     round_picks = generator.integers(0, round_count, size=(BOOTSTRAP_RESAMPLES, run_count, round_count))
     resampled = paired[:, run_picks, round_picks].mean(axis=(2, 3))  # (2, resamples)
     low, high = np.percentile(resampled[0] / resampled[1], [2.5, 97.5])
-    return [round(float(low), 3), round(float(high), 3)]
+    return ratio, [round(float(low), 3), round(float(high), 3)]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -373,9 +374,7 @@ def plot(result: dict, path: Path) -> None:
         for offset, (path_name, label) in enumerate(PLOTTED_PATHS.items()):
             shares, errors = [], [[], []]
             for size in sizes:
-                rates, ray_rates = np.array(rounds[path_name][size]), np.array(rounds["ray"][size])
-                share = rates.mean() / ray_rates.mean()
-                low, high = _ratio_ci95(rates, ray_rates)
+                share, (low, high) = _ratio(np.array(rounds[path_name][size]), np.array(rounds["ray"][size]))
                 shares.append(share)
                 errors[0].append(max(share - low, 0.0))
                 errors[1].append(max(high - share, 0.0))
