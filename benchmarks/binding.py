@@ -41,7 +41,6 @@ more than its rounds' spread says.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -274,6 +273,9 @@ def summarize(runs: list[Collected], policy: str) -> dict:
     def rounds_of(mode: str, path: str, size: int) -> np.ndarray:  # (runs, rounds)
         return np.array([collected.rates[mode, path, size] for collected in runs])
 
+    def run_means(mode: str, path: str, size: int) -> np.ndarray:  # (runs,)
+        return rounds_of(mode, path, size).mean(axis=1)
+
     def ratios(mode: str, path: str, baseline: str) -> tuple[dict[str, float], dict[str, list[float]]]:
         means, intervals = {}, {}
         for size in sizes:
@@ -310,11 +312,7 @@ def summarize(runs: list[Collected], policy: str) -> dict:
             # Each run's ratio, and every round's rate of every run, to show the spread on a shared machine.
             "ratio_by_run": {
                 str(size): [
-                    round(
-                        statistics.mean(run.rates[mode, "llmos", size]) / statistics.mean(run.rates[mode, "ray", size]),
-                        3,
-                    )
-                    for run in runs
+                    round(float(ratio), 3) for ratio in run_means(mode, "llmos", size) / run_means(mode, "ray", size)
                 ]
                 for size in sizes
             },
