@@ -159,7 +159,6 @@ def show_training(cluster: LocalCluster, admin, home: Path) -> Path:
 def show_serving(admin, checkpoints: Path) -> None:
     """Serve the checkpoint the training wrote and complete a Python snippet over HTTP."""
     import requests
-    from ray import serve
 
     from serving.deploy import delete, deploy
     from serving.spec import load_serve_job
@@ -177,7 +176,6 @@ def show_serving(admin, checkpoints: Path) -> None:
     completion = response.json()["choices"][0]["text"]
     stdout.print(f"  [bold]{prompt}[/]{completion}", markup=True)
     delete(job.name, admin)
-    serve.shutdown()
 
 
 def main() -> int:
