@@ -20,7 +20,7 @@ from cluster import controller
 from cluster.auth import ADMIN
 from cluster.console import UserError
 from cluster.inventory import PoolInfo, connect, read_nodes, summarize_pools
-from cluster.launcher import LocalCluster, llmos_home
+from cluster.launcher import LocalCluster
 from cluster.requests import (
     DecisionRecord,
     NodeControl,
@@ -105,8 +105,11 @@ class Admin:
         policy: str = controller.DEFAULT_POLICY,
         start: bool = True,
         credential: str | None = None,
+        remove_unknown_groups: bool = False,
     ):
         """Connect; start the controller when none runs (with `spec`, else the local cluster's spec).
+        A controller whose state dir has no books of the llmos placement groups Ray holds refuses to
+        start; `remove_unknown_groups` removes those groups (and what runs in them) first.
 
         The credential names the caller: a team's, or the admin's. Without one, `LLMOS_CREDENTIAL` or
         the file named by `LLMOS_CREDENTIAL_FILE` is used, else the admin credential the controller
@@ -117,7 +120,7 @@ class Admin:
         if handle is None:
             if not start:
                 raise UserError("no llmos controller is running; start one with `llmos controller start`")
-            handle = self._start(spec, state_dir, policy)
+            handle = self._start(spec, state_dir, policy, remove_unknown_groups)
         self._controller = handle
         self._credential = credential or self._credential_from_environment()
 
@@ -137,7 +140,9 @@ class Admin:
             return None  # the controller refuses each call with a clear message
 
     @staticmethod
-    def _start(spec: ClusterSpec | str | Path | None, state_dir: str | Path | None, policy: str):
+    def _start(
+        spec: ClusterSpec | str | Path | None, state_dir: str | Path | None, policy: str, remove_unknown_groups: bool
+    ):
         local = LocalCluster.find()
         if spec is None:
             if local is None:
@@ -145,9 +150,10 @@ class Admin:
             spec = local.spec
         elif not isinstance(spec, ClusterSpec):
             spec = load_spec(spec)
-        home = local.home if local else llmos_home()
-        state_dir = Path(state_dir) if state_dir else home / "controller" / spec.name
-        return controller.start(spec, str(state_dir), policy)
+        if state_dir is None and local is not None:
+            state_dir = local.home / "controller" / spec.name
+        # Elsewhere (KubeRay) the controller picks its default under the head node's LLMOS_HOME itself.
+        return controller.start(spec, str(state_dir) if state_dir else None, policy, remove_unknown_groups)
 
     def _call(self, method: str, *args: Any, authenticated: bool = True, timeout_s: float = CALL_TIMEOUT_S) -> Any:
         import ray

@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--spec", help="ClusterSpec (default: the local cluster's).")
     start.add_argument("--policy", default=None, help="Placement policy (default llmos).")
     start.add_argument("--state-dir", help="Where the controller journals its state (on the head node).")
+    start.add_argument(
+        "--remove-unknown-groups",
+        action="store_true",
+        help="If the state dir has no journal while Ray holds llmos placement groups (the books were lost), "
+        "remove those groups and what runs in them, and start with empty books (refused otherwise).",
+    )
     start.set_defaults(func=_controller_start)
     _with_json(ctl_commands.add_parser("stop", help="Stop the controller; placements stay.")).set_defaults(
         func=_controller_stop
@@ -129,7 +135,13 @@ def _controller_start(args: argparse.Namespace) -> int:
     connect(args.address)
     if get_controller() is not None:
         raise UserError("a controller is already running; `llmos controller status` shows it")
-    admin = Admin(args.address, spec=args.spec, state_dir=args.state_dir, policy=args.policy or DEFAULT_POLICY)
+    admin = Admin(
+        args.address,
+        spec=args.spec,
+        state_dir=args.state_dir,
+        policy=args.policy or DEFAULT_POLICY,
+        remove_unknown_groups=args.remove_unknown_groups,
+    )
     info = admin.ping()
     if args.json:
         print_json(info)
@@ -161,6 +173,8 @@ def _controller_status(args: argparse.Namespace) -> int:
             f"running: policy {info['policy']}, {info['requests']} requests, {info['nodes']} nodes, "
             f"up {uptime:.0f}s, state in {info['state_dir']}"
         )
+        if info["state_lost"]:
+            stdout.print(f"refusing every call: {info['state_lost']}", markup=False, style="bold red")
     return 0
 
 

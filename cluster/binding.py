@@ -12,6 +12,7 @@ Ray and lets it reserve the bundles together instead of one by one.
 from __future__ import annotations
 
 import ray
+from ray._raylet import PlacementGroupID
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
 from cluster.requests import BundleBinding
@@ -82,6 +83,15 @@ def bundle_nodes(group: PlacementGroup) -> list[str]:
     table = ray.util.placement_group_table(group)
     placed = table.get("bundles_to_node_id", {})
     return [placed.get(index, "") for index in range(len(table.get("bundles", {})))]
+
+
+def unbind_all() -> list[str]:
+    """Remove every llmos placement group Ray holds, found in Ray's table whatever the caller's namespace;
+    their names."""
+    groups = live_groups()
+    for entry in groups.values():
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(entry["placement_group_id"])))
+    return sorted(groups)
 
 
 def is_ready(group: PlacementGroup) -> bool:

@@ -4,7 +4,10 @@ It wraps the pure `Scheduler` with the side effects: it reads Ray's live node ta
 placements to placement groups (`cluster.binding`), and journals every change to a file store on
 the head node, flushed before a call returns, so an acknowledged change survives a killed
 controller. On (re)start it restores the journal and reconciles with Ray: placement groups that
-exist are kept (nothing is bound twice), missing ones are bound, orphans are removed.
+exist are kept (nothing is bound twice), missing ones are bound, orphans are removed. A controller
+whose state dir holds no journal while Ray holds llmos placement groups has lost its books (a head
+node restarted without a persistent state dir, or another state dir): it changes nothing and refuses
+every call but `shutdown` with the reason (`state_lost`), instead of removing the groups as orphans.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import ray
 from cluster import binding
 from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
+from cluster.launcher import llmos_home
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
 from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL
 from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
 from cluster.scheduler import PLACEMENT_GROUP_PREFIX, Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
 from cluster.store import Journal
+from cluster.waiting import wait_for
 
 CONTROLLER_NAME = "llmos-controller"
 NAMESPACE = binding.NAMESPACE
@@ -67,13 +72,20 @@ class Controller:
     """Ray actor body. Every public method holds the lock, so calls and the inventory loop interleave safely."""
 
     def __init__(
-        self, spec: dict, state_dir: str, policy: str = DEFAULT_POLICY, poll_interval_s: float = POLL_INTERVAL_S
+        self,
+        spec: dict,
+        state_dir: str | None,
+        policy: str = DEFAULT_POLICY,
+        poll_interval_s: float = POLL_INTERVAL_S,
     ):
+        """`state_dir` None: `$LLMOS_HOME/controller/<cluster>` as the head node sees it (on KubeRay, the
+        head pod's persistent volume)."""
         self.spec = ClusterSpec.model_validate(spec)
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(state_dir) if state_dir else llmos_home() / "controller" / self.spec.name
         self.journal = Journal(self.state_dir)
         self.scheduler = Scheduler(self.spec, policy, journal=self.journal.append)
-        self.scheduler.restore(self.journal.load())
+        restored = self.journal.load()
+        self.scheduler.restore(restored)
         self.node_ids: dict[str, str] = {}
         self.credentials = Credentials(self.state_dir / "credentials", [team.name for team in self.spec.teams])
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
@@ -85,11 +97,15 @@ class Controller:
         self._stopping = threading.Event()
         with self._lock:
             self._apply_inventory(*self._read_inventory())
-            self._reconcile()
-            self.scheduler.schedule()
-            self._commit()
-        self._poller = threading.Thread(target=self._poll, args=(poll_interval_s,), daemon=True, name="llmos-inventory")
-        self._poller.start()
+            self.state_lost = None if restored else self._groups_without_books()
+            if self.state_lost is None:
+                self._reconcile()
+                self.scheduler.schedule()
+                self._commit()
+            else:
+                logger.error(self.state_lost)
+        if self.state_lost is None:
+            threading.Thread(target=self._poll, args=(poll_interval_s,), daemon=True, name="llmos-inventory").start()
         freeze_survivors_of_full_collections()
         gc.collect()  # the restored books and the libraries loaded so far are frozen now
 
@@ -119,6 +135,22 @@ class Controller:
     def _apply_inventory(self, nodes: list[NodeSnapshot], node_ids: dict[str, str]) -> None:
         self.node_ids = node_ids
         self.scheduler.set_nodes(nodes)
+
+    def _groups_without_books(self) -> str | None:
+        """Why this controller, starting with an empty journal, must not act: the llmos placement
+        groups Ray holds belong to books it does not have, and reconciling would remove them all."""
+        unknown = sorted(binding.live_groups())
+        if not unknown:
+            return None
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        return (
+            f"the controller's state was lost: Ray holds {len(unknown)} llmos placement group(s) ({shown}), "
+            f"but the state dir {self.state_dir} on the head node holds no journal (a head node restarted "
+            "without a persistent state dir, or a controller started with another --state-dir). Nothing was "
+            "changed. Stop this controller (`llmos controller stop`) and start it with the state dir that holds "
+            "its journal (`llmos controller start --state-dir DIR`), or give up those requests and remove their "
+            "groups and whatever runs in them (`llmos controller start --remove-unknown-groups`)."
+        )
 
     def _reconcile(self) -> None:
         """Make Ray's placement groups match the books after a restart."""
@@ -191,6 +223,8 @@ class Controller:
 
     def _allow(self, credential: str | None, action: Action, target: str = "", team: str | None = None) -> str:
         """The caller's principal, if it may take `action`; a refusal is audited and changes nothing."""
+        if self.state_lost is not None and action is not Action.SHUTDOWN:
+            raise UserError(self.state_lost)
         try:
             principal = self.credentials.principal(credential)
         except UserError as refusal:
@@ -213,6 +247,8 @@ class Controller:
         return result
 
     def _owned(self, credential: str | None, action: Action, request_id: str) -> tuple[str, RequestStatus]:
+        if self.state_lost is not None:  # before the lookup: with no books, every id is unknown
+            raise UserError(self.state_lost)
         with self._lock:
             status = self.scheduler.get(request_id)
         return self._allow(credential, action, request_id, status.team), status
@@ -228,6 +264,7 @@ class Controller:
                 "state_dir": str(self.state_dir),
                 "started_at": self.started_at,
                 "pid": os.getpid(),
+                "state_lost": self.state_lost,
             }
 
     def whoami(self, credential: str | None) -> str:
@@ -442,8 +479,10 @@ class Controller:
 RemoteController = ray.remote(Controller)
 
 
-def start(spec: ClusterSpec, state_dir: str, policy: str = DEFAULT_POLICY):
-    """Start the controller actor; refuses if one is already running."""
+def start(spec: ClusterSpec, state_dir: str | None, policy: str = DEFAULT_POLICY, remove_unknown_groups: bool = False):
+    """Start the controller actor; refuses if one is already running, or if `state_dir` lost the books of
+    the llmos placement groups Ray holds (`Controller.state_lost`), unless `remove_unknown_groups`: then
+    those groups, and whatever runs in them, are removed and a controller with empty books starts."""
     if get() is not None:
         raise UserError(
             f"a controller is already running ({CONTROLLER_NAME} in namespace {NAMESPACE}); "
@@ -462,8 +501,16 @@ def start(spec: ClusterSpec, state_dir: str, policy: str = DEFAULT_POLICY):
         ).remote(spec.model_dump(mode="json"), state_dir, policy)
     except ValueError as error:
         raise UserError(f"a controller is already being started elsewhere: {error}") from None
-    ray.get(handle.ping.remote(), timeout=120)
-    return handle
+    state_lost = ray.get(handle.ping.remote(), timeout=120)["state_lost"]
+    if state_lost is None:
+        return handle
+    ray.kill(handle, no_restart=True)
+    wait_for(lambda: get() is None, 30, "the refused controller to stop")  # so a retry is not "already running"
+    if not remove_unknown_groups:
+        raise UserError(state_lost)
+    removed = binding.unbind_all()
+    logger.warning("removed %d llmos placement groups the state dir had no books of: %s", len(removed), removed)
+    return start(spec, state_dir, policy)
 
 
 def get():

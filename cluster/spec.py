@@ -369,6 +369,16 @@ class ControllerOptions(StrictModel):
     )
 
 
+class ControllerState(StrictModel):
+    """A PersistentVolumeClaim on the shared RayCluster's head pod for the controller's journal, so a
+    replaced head pod (GCS fault tolerance) finds the books of the placement groups Ray kept."""
+
+    size: MemoryBytes = Field(parse_memory("1Gi"), description="Storage to claim: bytes or a quantity like 1Gi.")
+    storage_class: str | None = Field(
+        None, min_length=1, description="StorageClass of the claim; None uses the Kubernetes cluster's default."
+    )
+
+
 class KubernetesOptions(StrictModel):
     """How `llmos manifests render` writes this cluster for KubeRay and Kueue."""
 
@@ -393,6 +403,11 @@ class KubernetesOptions(StrictModel):
     )
     gcs_fault_tolerance: GcsFaultTolerance | None = Field(
         None, description="Keep the GCS in Redis (KubeRay gcsFaultToleranceOptions); None keeps it in memory."
+    )
+    controller_state: ControllerState | None = Field(
+        default_factory=ControllerState,
+        description="Where the controller journals on the head pod: a PersistentVolumeClaim (the default), or "
+        "None for the pod's own disk, lost when the pod is replaced.",
     )
 
 

@@ -19,6 +19,9 @@ from manifests.objects import cluster_labels, memory_quantity, metadata, quantit
 RAY_API_VERSION = "ray.io/v1"
 HEAD_PORTS = (("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))
 DASHBOARD_PORT = 8265
+CONTROLLER_STATE_VOLUME = "llmos-state"
+CONTROLLER_STATE_PATH = "/home/ray/llmos"  # LLMOS_HOME of the head: the controller journals under it
+RAY_IMAGE_GROUP = 100  # the Ray image's user `ray` (uid 1000) is in group `users` (100)
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,34 @@ def _pod_template(
     }
 
 
-def head_group(spec: ClusterSpec, volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The head: no user work unless head.cpus > 0; mounts `volumes` (name, mountPath, configMap)."""
+def controller_state_claim(spec: ClusterSpec) -> dict[str, Any] | None:
+    """The PersistentVolumeClaim the shared cluster's head pod keeps the controller's journal on, if any."""
+    state = spec.kubernetes.controller_state
+    if state is None:
+        return None
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],  # one head pod at a time
+        "resources": {"requests": {"storage": memory_quantity(state.size)}},
+    }
+    if state.storage_class:
+        claim["storageClassName"] = state.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(controller_state_claim_name(spec), spec.kubernetes.namespace, cluster_labels(spec)),
+        "spec": claim,
+    }
+
+
+def controller_state_claim_name(spec: ClusterSpec) -> str:
+    return f"{spec.name}-llmos-state"
+
+
+def head_group(
+    spec: ClusterSpec, volumes: list[dict[str, Any]] | None = None, *, controller_state: bool = False
+) -> dict[str, Any]:
+    """The head: no user work unless head.cpus > 0; mounts `volumes` (name, mountPath, configMap), and with
+    `controller_state` the claim of `controller_state_claim` as `LLMOS_HOME`, where the controller journals."""
     head = head_declaration(spec)
     pod_cpus = spec.kubernetes.head_pod_cpus + spec.head.cpus
     container: dict[str, Any] = {
@@ -60,9 +89,18 @@ def head_group(spec: ClusterSpec, volumes: list[dict[str, Any]] | None = None) -
         "resources": container_resources(pod_cpus, spec.head.memory, {}),
     }
     pod_spec: dict[str, Any] = {}
-    if volumes:
-        container["volumeMounts"] = [{"name": v["name"], "mountPath": v["mountPath"]} for v in volumes]
-        pod_spec["volumes"] = [{"name": v["name"], "configMap": v["configMap"]} for v in volumes]
+    mounts = [{"name": v["name"], "mountPath": v["mountPath"]} for v in volumes or []]
+    pod_volumes = [{"name": v["name"], "configMap": v["configMap"]} for v in volumes or []]
+    if controller_state and spec.kubernetes.controller_state is not None:
+        mounts.append({"name": CONTROLLER_STATE_VOLUME, "mountPath": CONTROLLER_STATE_PATH})
+        pod_volumes.append(
+            {"name": CONTROLLER_STATE_VOLUME, "persistentVolumeClaim": {"claimName": controller_state_claim_name(spec)}}
+        )
+        container["env"] = [{"name": "LLMOS_HOME", "value": CONTROLLER_STATE_PATH}]
+        pod_spec["securityContext"] = {"fsGroup": RAY_IMAGE_GROUP}  # a fresh volume is root's otherwise
+    if mounts:
+        container["volumeMounts"] = mounts
+        pod_spec["volumes"] = pod_volumes
     return {
         "rayStartParams": {},
         "resources": ray_resources(head.resources),
@@ -110,6 +148,7 @@ def ray_cluster_spec(
     *,
     autoscaling: bool,
     head_volumes: list[dict[str, Any]] | None = None,
+    controller_state: bool = False,
 ) -> dict[str, Any]:
     """A RayClusterSpec (the body of a RayCluster, a RayJob's rayClusterSpec or a RayService's)."""
     body: dict[str, Any] = {"rayVersion": spec.kubernetes.ray_version}
@@ -134,7 +173,7 @@ def ray_cluster_spec(
             "upscalingMode": "Default",
             "idleTimeoutSeconds": spec.kubernetes.idle_timeout_seconds,
         }
-    body["headGroupSpec"] = head_group(spec, head_volumes)
+    body["headGroupSpec"] = head_group(spec, head_volumes, controller_state=controller_state)
     body["workerGroupSpecs"] = [worker_group(spec, size) for size in groups]
     return body
 
@@ -145,5 +184,5 @@ def ray_cluster(spec: ClusterSpec) -> dict[str, Any]:
         "apiVersion": RAY_API_VERSION,
         "kind": "RayCluster",
         "metadata": metadata(spec.name, spec.kubernetes.namespace, cluster_labels(spec)),
-        "spec": ray_cluster_spec(spec, cluster_groups(spec), autoscaling=True),
+        "spec": ray_cluster_spec(spec, cluster_groups(spec), autoscaling=True, controller_state=True),
     }

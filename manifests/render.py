@@ -9,7 +9,7 @@ import yaml
 
 from cluster.spec import ClusterSpec
 from manifests.kueue import kueue_objects
-from manifests.raycluster import ray_cluster
+from manifests.raycluster import controller_state_claim, ray_cluster
 from manifests.security import namespace, network_policy, ray_namespaces
 
 Manifests = dict[str, list[dict[str, Any]]]
@@ -19,7 +19,8 @@ def render_cluster(spec: ClusterSpec) -> Manifests:
     """File name -> objects: namespaces, the RayCluster, the NetworkPolicies and the Kueue objects."""
     files: Manifests = {
         "namespaces.yaml": [namespace(spec, name) for name in ray_namespaces(spec)],
-        "raycluster.yaml": [ray_cluster(spec)],
+        # The head pod waits (Pending) for the claim it mounts, which comes right after.
+        "raycluster.yaml": [ray_cluster(spec), *filter(None, [controller_state_claim(spec)])],
     }
     if spec.kubernetes.network_policy:
         files["network-policies.yaml"] = [network_policy(spec, name) for name in ray_namespaces(spec)]

@@ -61,6 +61,7 @@ def test_rendered_example_passes_every_schema(spec):
     assert kinds == {
         "Namespace",
         "RayCluster",
+        "PersistentVolumeClaim",
         "NetworkPolicy",
         "WorkloadPriorityClass",
         "ResourceFlavor",
@@ -145,6 +146,31 @@ def test_gcs_fault_tolerance_renders_kuberays_redis_options(spec):
     assert validate_documents(files["raycluster.yaml"]) == []
     with pytest.raises(SpecError, match=r"gcs_fault_tolerance\.redis_address"):
         spec_with(spec, gcs_fault_tolerance={"redis_adress": "x:1"})
+
+
+def test_the_controller_journals_on_a_claim_the_head_pod_keeps_across_restarts(spec):
+    files = render_cluster(spec)
+    cluster, claim = files["raycluster.yaml"]
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["metadata"]["namespace"] == "llmos"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    pod = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    assert pod["volumes"] == [
+        {"name": "llmos-state", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    ]
+    (container,) = pod["containers"]
+    assert container["volumeMounts"] == [{"name": "llmos-state", "mountPath": "/home/ray/llmos"}]
+    assert {"name": "LLMOS_HOME", "value": "/home/ray/llmos"} in container["env"]
+    assert pod["securityContext"] == {"fsGroup": 100}
+
+    sized = render_cluster(spec_with(spec, controller_state={"size": "5Gi", "storage_class": "premium-rwo"}))
+    assert sized["raycluster.yaml"][1]["spec"]["storageClassName"] == "premium-rwo"
+    assert sized["raycluster.yaml"][1]["spec"]["resources"] == {"requests": {"storage": "5Gi"}}
+    assert validate_documents(sized["raycluster.yaml"]) == []
+    on_pod_disk = render_cluster(spec_with(spec, controller_state=None))["raycluster.yaml"]
+    assert [obj["kind"] for obj in on_pod_disk] == ["RayCluster"]
+    assert "volumes" not in on_pod_disk[0]["spec"]["headGroupSpec"]["template"]["spec"]
+    with pytest.raises(SpecError, match=r"controller_state\.size"):
+        spec_with(spec, controller_state={"size": "lots"})
 
 
 def test_other_clouds_override_node_selectors_and_taints(spec):
@@ -282,6 +308,7 @@ def test_ray_job_runs_jobs_train_in_a_fixed_size_queued_cluster(spec):
     [group] = cluster["workerGroupSpecs"]
     assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == ("h100", 2, 2, 2)
     head = cluster["headGroupSpec"]["template"]["spec"]
+    # Its own config, not the shared cluster's controller state.
     assert head["volumes"] == [{"name": "llmos-job", "configMap": {"name": config_map["metadata"]["name"]}}]
     assert config_map["data"] == {"job.yaml": "name: lm\n"}
     # The queue the label names exists in the job's namespace.

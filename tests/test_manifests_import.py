@@ -203,7 +203,7 @@ def test_cli_render_writes_the_committed_examples_and_they_validate(tmp_path, ca
     for path in EXAMPLES_DIR.glob("*.yaml"):
         assert (tmp_path / path.name).read_text() == path.read_text()
     assert main(["manifests", "validate", str(tmp_path)]) == 0
-    assert "ok: 23 objects in 4 files" in capsys.readouterr().out
+    assert "ok: 24 objects in 4 files" in capsys.readouterr().out
 
 
 def test_cli_validate_reports_file_object_and_path(tmp_path, capsys):

@@ -1,0 +1,120 @@
+"""A controller started without the books of the placement groups Ray holds (a head node restarted
+without a persistent state dir, or another --state-dir) changes nothing: it must not remove them as
+orphans. On the shared local cluster, with controllers of this module's own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from waiting import WAIT_S, wait_for
+
+from cluster import binding, controller
+from cluster.admin import Admin
+from cluster.console import UserError
+from cluster.launcher import LocalCluster
+from cluster.requests import RequestState, RequestStatus
+
+
+def live_llmos_groups() -> dict[str, str]:
+    return {name: entry["placement_group_id"] for name, entry in binding.live_groups().items()}
+
+
+def llmos_cli(local_cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLMOS_HOME": str(local_cluster.home)}
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def place_one_gang(admin: Admin) -> tuple[RequestStatus, dict[str, str]]:
+    """A 1-bundle gang placed and its group ready; the llmos groups Ray then holds (only its own)."""
+    gang = {"name": "kept", "bundles": [{"resources": {"CPU": 1}}]}
+    status, group = admin.acquire({"team": "research", "gang": gang})
+    assert group.wait(WAIT_S)
+    held = live_llmos_groups()
+    assert held == {status.placement_group: group.id.hex()}
+    return status, held
+
+
+def stopped(admin: Admin) -> None:
+    assert admin.stop_controller()
+    wait_for(lambda: controller.get() is None, WAIT_S, "the controller to stop")
+
+
+def stop_any_controller() -> None:
+    handle = controller.get()
+    if handle is not None:
+        ray.kill(handle, no_restart=True)
+        wait_for(lambda: controller.get() is None, WAIT_S, "the controller to stop")
+
+
+def test_a_controller_without_the_books_of_ray_groups_changes_nothing_until_told_to_remove_them(
+    local_cluster: LocalCluster, tmp_path: Path
+):
+    books, elsewhere = tmp_path / "books", tmp_path / "elsewhere"
+    admin = Admin(state_dir=books, policy="bestfit")
+    try:
+        status, held = place_one_gang(admin)
+        stopped(admin)
+
+        with pytest.raises(UserError, match="state was lost") as refusal:
+            Admin(state_dir=elsewhere, policy="bestfit")
+        assert status.placement_group in str(refusal.value) and str(elsewhere) in str(refusal.value)
+        assert live_llmos_groups() == held  # not removed as an orphan
+        assert controller.get() is None  # the refused controller is gone: a retry may start at once
+
+        # The CLI says the same in one line, and how to go on.
+        cli = llmos_cli(local_cluster, "controller", "start", "--state-dir", str(elsewhere))
+        assert cli.returncode == 2 and "Traceback" not in cli.stderr
+        assert "state was lost" in cli.stderr and "--remove-unknown-groups" in cli.stderr
+        assert live_llmos_groups() == held
+
+        # With its own books it picks the request and its group up again: nothing bound twice.
+        admin = Admin(state_dir=books, policy="bestfit")
+        assert admin.status(status.id).state is RequestState.PLACED
+        assert live_llmos_groups() == held
+        stopped(admin)
+
+        # Told to give them up, it removes them and starts with empty books.
+        admin = Admin(state_dir=elsewhere, policy="bestfit", remove_unknown_groups=True)
+        assert admin.ping()["state_lost"] is None
+        assert admin.queue(include_finished=True) == []
+        wait_for(lambda: not live_llmos_groups(), WAIT_S, "the unknown groups to be removed")
+    finally:
+        stop_any_controller()
+        binding.unbind_all()  # a group left behind would make every later controller refuse to start
+
+
+def test_a_controller_restarted_by_ray_without_its_books_refuses_every_call_but_shutdown(
+    local_cluster: LocalCluster, tmp_path: Path
+):
+    """What a head restart on KubeRay without a persistent state dir looks like: Ray restarts the
+    controller actor itself, no `start` is there to refuse it, so its calls say why they cannot go on."""
+    books = tmp_path / "books"
+    admin = Admin(state_dir=books, policy="bestfit")
+    try:
+        status, held = place_one_gang(admin)
+        old_pid = admin.ping()["pid"]
+        for entry in books.iterdir():  # the journal gone, as on a fresh pod's disk (credentials stay)
+            if entry.name.startswith(("journal-", "snapshot")):
+                entry.unlink()
+        os.kill(old_pid, signal.SIGKILL)
+        wait_for(lambda: admin.ping()["pid"] != old_pid, WAIT_S, "Ray to restart the controller")
+        assert "state was lost" in admin.ping()["state_lost"]
+        with pytest.raises(UserError, match="state was lost"):
+            admin.queue()
+        with pytest.raises(UserError, match="state was lost"):
+            admin.status(status.id)
+        assert live_llmos_groups() == held
+        shown = llmos_cli(local_cluster, "controller", "status")
+        assert shown.returncode == 0 and "refusing every call: the controller's state was lost" in shown.stdout
+        stopped(admin)  # shutdown still works, so the operator can start it right
+    finally:
+        stop_any_controller()
+        binding.unbind_all()
