@@ -159,7 +159,9 @@ def ray_job(
     }
     volume = {"name": "llmos-job", "mountPath": JOB_DIRECTORY, "configMap": {"name": config_name}}
     body: dict[str, Any] = {
-        "entrypoint": f"python -m jobs.train {JOB_DIRECTORY}/{JOB_FILE}",
+        # Kueue admits the RayJob whole, in its team's queue at its priority, and the job's Ray cluster is its
+        # own: no llmos controller runs there to admit it again.
+        "entrypoint": f"python -m jobs.train {JOB_DIRECTORY}/{JOB_FILE} --without-controller",
         "submissionMode": "SidecarMode",
         "shutdownAfterJobFinishes": True,
     }

@@ -300,7 +300,7 @@ def test_ray_job_runs_jobs_train_in_a_fixed_size_queued_cluster(spec):
     assert rayjob["metadata"]["labels"][QUEUE_NAME_LABEL] == "llmos-demo-prod"
     assert rayjob["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "llmos-demo-high"  # prod's default
     body = rayjob["spec"]
-    assert body["entrypoint"] == "python -m jobs.train /etc/llmos/job/job.yaml"
+    assert body["entrypoint"] == "python -m jobs.train /etc/llmos/job/job.yaml --without-controller"
     assert body["shutdownAfterJobFinishes"] is True
     assert (body["activeDeadlineSeconds"], body["preRunningDeadlineSeconds"]) == (7200, 600)
     cluster = body["rayClusterSpec"]

@@ -1,0 +1,54 @@
+"""The entrypoint `llmos manifests render --job` writes into a RayJob, run as KubeRay would run it: in a
+Ray cluster with no llmos controller and no local-cluster record (Kueue admitted the job whole; the
+cluster is the job's own). Real Ray Train on the shared local cluster, the driver in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from cluster import controller
+from cluster.launcher import LocalCluster
+from jobs.spec import load_training_job
+from manifests.workloads import JOB_DIRECTORY, JOB_FILE, ray_job
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_rendered_rayjob_entrypoint_trains_where_no_controller_runs(local_cluster: LocalCluster, tmp_path: Path):
+    job_file = tmp_path / JOB_FILE
+    job_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "rayjob-entrypoint",
+                "team": "research",
+                "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
+                "batch_size_per_worker": 4,
+                "steps": 6,
+                "schedule": {"warmup_steps": 2},
+                "workers": {"min": 1, "max": 1},
+                "resources": {"cpus": 1, "memory": "256Mi"},
+                "pool": "cpu",
+                "checkpoint": {"every_steps": 3, "keep_last": 1},
+                "log_every_steps": 3,
+                "storage_path": str(tmp_path / "jobs"),
+            }
+        )
+    )
+    job = load_training_job(job_file)
+    _, rayjob = ray_job(local_cluster.spec, job, job_file.read_text())
+    command = [
+        sys.executable if word == "python" else str(job_file) if word == f"{JOB_DIRECTORY}/{JOB_FILE}" else word
+        for word in shlex.split(rayjob["spec"]["entrypoint"])
+    ]
+    assert controller.get() is None  # as in the job's own cluster
+    env = {**os.environ, **local_cluster.client_env(), "LLMOS_HOME": str(tmp_path / "no-local-cluster")}
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "without admission" in run.stdout and "done: step 6/6" in run.stdout
+    assert job.metrics_file.exists()
