@@ -11,36 +11,21 @@ import sys
 from pathlib import Path
 
 import yaml
+from tiny_jobs import tiny_job
 
 from cluster import controller
 from cluster.launcher import LocalCluster
-from jobs.spec import load_training_job
 from manifests.workloads import JOB_DIRECTORY, JOB_FILE, ray_job
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_rendered_rayjob_entrypoint_trains_where_no_controller_runs(local_cluster: LocalCluster, tmp_path: Path):
-    job_file = tmp_path / JOB_FILE
-    job_file.write_text(
-        yaml.safe_dump(
-            {
-                "name": "rayjob-entrypoint",
-                "team": "research",
-                "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
-                "batch_size_per_worker": 4,
-                "steps": 6,
-                "schedule": {"warmup_steps": 2},
-                "workers": {"min": 1, "max": 1},
-                "resources": {"cpus": 1, "memory": "256Mi"},
-                "pool": "cpu",
-                "checkpoint": {"every_steps": 3, "keep_last": 1},
-                "log_every_steps": 3,
-                "storage_path": str(tmp_path / "jobs"),
-            }
-        )
+    job = tiny_job(
+        tmp_path, "rayjob-entrypoint", steps=6, workers={"min": 1, "max": 1}, pool="cpu", resources={"cpus": 1}
     )
-    job = load_training_job(job_file)
+    job_file = tmp_path / JOB_FILE
+    job_file.write_text(yaml.safe_dump(job.model_dump(mode="json")))
     _, rayjob = ray_job(local_cluster.spec, job, job_file.read_text())
     command = [
         sys.executable if word == "python" else str(job_file) if word == f"{JOB_DIRECTORY}/{JOB_FILE}" else word

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from controllers import own_controller
 from ray.util.state import list_actors
+from tiny_jobs import tiny_job
 from waiting import WAIT_S, wait_for
 
 from cluster.admin import Admin
@@ -31,26 +32,6 @@ TRAIN_WORKER_CLASS = "RayTrainWorker"
 def admin(local_cluster: LocalCluster, tmp_path_factory) -> Admin:
     with own_controller(tmp_path_factory, "training-controller", "bestfit") as admin:
         yield admin
-
-
-def tiny_job(tmp_path: Path, name: str, **overrides) -> TrainingJob:
-    data = {
-        "name": name,
-        "team": "research",
-        "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
-        "batch_size_per_worker": 4,
-        "steps": 20,
-        "schedule": {"warmup_steps": 2},
-        "workers": {"min": 2, "max": 2},
-        "resources": {"cpus": 1, "gpus": 1, "memory": "256Mi"},
-        "pool": "h100",
-        "checkpoint": {"every_steps": 5, "keep_last": 2},
-        "evaluation": {"every_steps": 10, "batches": 1},
-        "log_every_steps": 5,
-        "storage_path": str(tmp_path / "jobs"),
-    }
-    data.update(overrides)
-    return TrainingJob.model_validate(data)
 
 
 def metrics(job: TrainingJob) -> list[dict]:
