@@ -4,7 +4,9 @@ orphans. On the shared local cluster, with controllers of this module's own."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,3 +120,28 @@ def test_a_controller_restarted_by_ray_without_its_books_refuses_every_call_but_
     finally:
         stop_any_controller()
         binding.unbind_all()
+
+
+def test_a_controller_started_away_from_a_local_cluster_keeps_its_state_where_the_head_node_says(
+    local_cluster: LocalCluster, tmp_path: Path
+):
+    """As on KubeRay (`ray job submit ... -- python -m cluster.cli controller start --spec FILE`): the
+    caller has no local-cluster record, and the controller's default state dir is under the head node's
+    LLMOS_HOME (the head pod's claim there), not under the caller's."""
+    caller_home = tmp_path / "caller"
+    spec_file = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
+    try:
+        started = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "controller", "start", "--spec", str(spec_file), "--json"],
+            env={**os.environ, **local_cluster.client_env(), "LLMOS_HOME": str(caller_home)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert started.returncode == 0, started.stderr
+        # The head node was started with the session's LLMOS_HOME (tests/conftest.py).
+        assert Path(json.loads(started.stdout)["state_dir"]) == local_cluster.home / "controller" / "llmos-demo"
+        assert not caller_home.exists()
+    finally:
+        stop_any_controller()
+        shutil.rmtree(local_cluster.home / "controller" / "llmos-demo", ignore_errors=True)
