@@ -7,7 +7,8 @@ controller. On (re)start it restores the journal and reconciles with Ray: placem
 exist are kept (nothing is bound twice), missing ones are bound, orphans are removed. A controller
 whose state dir holds no journal while Ray holds llmos placement groups has lost its books (a head
 node restarted without a persistent state dir, or another state dir): it changes nothing and refuses
-every call but `shutdown` with the reason (`state_lost`), instead of removing the groups as orphans.
+every call but `ping` and `shutdown` with the reason (`state_lost`), instead of removing the groups
+as orphans.
 """
 
 from __future__ import annotations
