@@ -16,7 +16,8 @@ Manifests = dict[str, list[dict[str, Any]]]
 
 
 def render_cluster(spec: ClusterSpec) -> Manifests:
-    """File name -> objects: namespaces, the RayCluster, the NetworkPolicies and the Kueue objects."""
+    """File name -> objects: namespaces, the RayCluster and its controller-state claim, the NetworkPolicies
+    and the Kueue objects."""
     files: Manifests = {
         "namespaces.yaml": [namespace(spec, name) for name in ray_namespaces(spec)],
         # The head pod waits (Pending) for the claim it mounts, which comes right after.
