@@ -1,11 +1,18 @@
-"""A controller of a test module's own (own state directory), started on the shared cluster."""
+"""Controllers on the shared cluster in tests: a module's own controller, its placement groups in Ray,
+and the `llmos` CLI run against the cluster."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
+from cluster import binding
 from cluster.admin import Admin
+from cluster.launcher import LocalCluster
 
 
 @contextlib.contextmanager
@@ -16,3 +23,18 @@ def own_controller(tmp_path_factory, name: str, policy: str) -> Iterator[Admin]:
     for status in admin.queue():
         admin.cancel(status.id)
     admin.stop_controller()
+
+
+def live_llmos_groups() -> dict[str, str]:
+    """Every llmos placement group Ray holds: its name -> its id."""
+    return {name: entry["placement_group_id"] for name, entry in binding.live_groups().items()}
+
+
+def llmos_cli(local_cluster: LocalCluster, *args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+    """`llmos ARGS` in a subprocess, with `LLMOS_HOME` the cluster's (it finds the cluster) or `home`."""
+    env = {**os.environ, "LLMOS_HOME": str(home or local_cluster.home)}
+    if home is not None:  # no local-cluster record there: reach the cluster by its address
+        env.update(local_cluster.client_env())
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )

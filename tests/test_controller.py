@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import ray
-from controllers import own_controller
+from controllers import live_llmos_groups, llmos_cli, own_controller
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from waiting import WAIT_S, wait_for
@@ -141,10 +139,6 @@ def test_controller_killed_with_20_requests_queued_loses_none(admin: Admin):
     # The same group, same id: kept, not bound a second time.
     assert live_llmos_groups() == groups_before
     assert list(groups_before) == [f"llmos-{blocker.id}"]
-
-
-def live_llmos_groups() -> dict[str, str]:
-    return {name: entry["placement_group_id"] for name, entry in binding.live_groups().items()}
 
 
 def test_node_removed_while_gang_runs_is_requeued_elsewhere(admin: Admin, local_cluster: LocalCluster):
@@ -281,17 +275,11 @@ def test_preemption_frees_the_victims_placement_group(admin: Admin):
 
 def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster: LocalCluster, tmp_path: Path):
     held = admin.submit({"team": "research", "gang": gang("cli", [{"resources": {"CPU": 1}}])})
-    env = {**os.environ, "LLMOS_HOME": str(local_cluster.home)}
 
-    def llmos(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True, timeout=120
-        )
-
-    queue = llmos("queue", "--json")
+    queue = llmos_cli(local_cluster, "queue", "--json")
     assert queue.returncode == 0, queue.stderr
     assert held.id in [status["id"] for status in json.loads(queue.stdout)]
-    refused = llmos("drain", "head-0")
+    refused = llmos_cli(local_cluster, "drain", "head-0")
     assert refused.returncode == 2
     assert "head node" in refused.stderr and "Traceback" not in refused.stderr
     # Several request files in one submit: one call, all or none.
@@ -303,10 +291,10 @@ def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster
             f"    - {{resources: {{CPU: 1}}, label_selector: {{llmos.io/pool: {pool}}}}}\n"
         )
     before = admin.queue()
-    refused = llmos("submit", str(files[0]), str(files[2]))
+    refused = llmos_cli(local_cluster, "submit", str(files[0]), str(files[2]))
     assert refused.returncode == 2 and "requests[1]" in refused.stderr and "unknown pool 'v100'" in refused.stderr
     assert admin.queue() == before
-    submitted = llmos("submit", str(files[0]), str(files[1]), "--json")
+    submitted = llmos_cli(local_cluster, "submit", str(files[0]), str(files[1]), "--json")
     assert submitted.returncode == 0, submitted.stderr
     statuses = json.loads(submitted.stdout)
     assert [status["request"]["gang"]["name"] for status in statuses] == ["one", "two"]

@@ -8,12 +8,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import ray
+from controllers import live_llmos_groups, llmos_cli
 from waiting import WAIT_S, wait_for
 
 from cluster import binding, controller
@@ -21,17 +20,6 @@ from cluster.admin import Admin
 from cluster.console import UserError
 from cluster.launcher import LocalCluster
 from cluster.requests import RequestState, RequestStatus
-
-
-def live_llmos_groups() -> dict[str, str]:
-    return {name: entry["placement_group_id"] for name, entry in binding.live_groups().items()}
-
-
-def llmos_cli(local_cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LLMOS_HOME": str(local_cluster.home)}
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True, timeout=120
-    )
 
 
 def place_one_gang(admin: Admin) -> tuple[RequestStatus, dict[str, str]]:
@@ -131,13 +119,7 @@ def test_a_controller_started_away_from_a_local_cluster_keeps_its_state_where_th
     caller_home = tmp_path / "caller"
     spec_file = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
     try:
-        started = subprocess.run(
-            [sys.executable, "-m", "cluster.cli", "controller", "start", "--spec", str(spec_file), "--json"],
-            env={**os.environ, **local_cluster.client_env(), "LLMOS_HOME": str(caller_home)},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        started = llmos_cli(local_cluster, "controller", "start", "--spec", str(spec_file), "--json", home=caller_home)
         assert started.returncode == 0, started.stderr
         # The head node was started with the session's LLMOS_HOME (tests/conftest.py).
         assert Path(json.loads(started.stdout)["state_dir"]) == local_cluster.home / "controller" / "llmos-demo"
