@@ -20,7 +20,7 @@ from cluster import controller
 from cluster.auth import ADMIN
 from cluster.console import UserError
 from cluster.inventory import PoolInfo, connect, read_nodes, summarize_pools
-from cluster.launcher import LocalCluster
+from cluster.launcher import LocalCluster, controller_state_dir
 from cluster.requests import (
     DecisionRecord,
     NodeControl,
@@ -151,7 +151,7 @@ class Admin:
         elif not isinstance(spec, ClusterSpec):
             spec = load_spec(spec)
         if state_dir is None and local is not None:
-            state_dir = local.home / "controller" / spec.name
+            state_dir = controller_state_dir(local.home, spec.name)
         # Elsewhere (KubeRay) the controller picks its default under the head node's LLMOS_HOME itself.
         return controller.start(spec, str(state_dir) if state_dir else None, policy, remove_unknown_groups)
 

@@ -27,7 +27,7 @@ import ray
 from cluster import binding
 from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
-from cluster.launcher import llmos_home
+from cluster.launcher import controller_state_dir, llmos_home
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
 from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL
 from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
@@ -82,7 +82,7 @@ class Controller:
         """`state_dir` None: `$LLMOS_HOME/controller/<cluster>` as the head node sees it (on KubeRay, the
         head pod's persistent volume)."""
         self.spec = ClusterSpec.model_validate(spec)
-        self.state_dir = Path(state_dir) if state_dir else llmos_home() / "controller" / self.spec.name
+        self.state_dir = Path(state_dir) if state_dir else controller_state_dir(llmos_home(), self.spec.name)
         self.journal = Journal(self.state_dir)
         self.scheduler = Scheduler(self.spec, policy, journal=self.journal.append)
         restored = self.journal.load()
@@ -222,10 +222,13 @@ class Controller:
                 self._commit()
             return result
 
-    def _allow(self, credential: str | None, action: Action, target: str = "", team: str | None = None) -> str:
-        """The caller's principal, if it may take `action`; a refusal is audited and changes nothing."""
+    def _refuse_if_state_lost(self, action: Action) -> None:
         if self.state_lost is not None and action is not Action.SHUTDOWN:
             raise UserError(self.state_lost)
+
+    def _allow(self, credential: str | None, action: Action, target: str = "", team: str | None = None) -> str:
+        """The caller's principal, if it may take `action`; a refusal is audited and changes nothing."""
+        self._refuse_if_state_lost(action)
         try:
             principal = self.credentials.principal(credential)
         except UserError as refusal:
@@ -248,8 +251,7 @@ class Controller:
         return result
 
     def _owned(self, credential: str | None, action: Action, request_id: str) -> tuple[str, RequestStatus]:
-        if self.state_lost is not None:  # before the lookup: with no books, every id is unknown
-            raise UserError(self.state_lost)
+        self._refuse_if_state_lost(action)  # before the lookup: with no books, every id is unknown
         with self._lock:
             status = self.scheduler.get(request_id)
         return self._allow(credential, action, request_id, status.team), status

@@ -43,6 +43,11 @@ def llmos_home() -> Path:
     return Path(os.environ.get("LLMOS_HOME", Path.home() / ".llmos"))
 
 
+def controller_state_dir(home: Path, cluster: str) -> Path:
+    """Where a cluster's controller journals unless told otherwise, under an `LLMOS_HOME`."""
+    return home / "controller" / cluster
+
+
 class NodeProcess(BaseModel):
     """One simulated node: the pid of its `ray start --block` process, which leads its process group."""
 
