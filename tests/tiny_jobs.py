@@ -4,24 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.train import bench_job
 from jobs.spec import TrainingJob
+
+# The training benchmark's job (team, pool, 2 workers of 1 CPU and 1 GPU), made small.
+TINY = {
+    "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
+    "batch_size_per_worker": 4,
+    "steps": 20,
+    "schedule": {"warmup_steps": 2},
+    "resources": {"cpus": 1, "gpus": 1, "memory": "256Mi"},
+    "checkpoint": {"every_steps": 5, "keep_last": 2},
+    "evaluation": {"every_steps": 10, "batches": 1},
+    "log_every_steps": 5,
+}
 
 
 def tiny_job(tmp_path: Path, name: str, **overrides) -> TrainingJob:
-    data = {
-        "name": name,
-        "team": "research",
-        "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
-        "batch_size_per_worker": 4,
-        "steps": 20,
-        "schedule": {"warmup_steps": 2},
-        "workers": {"min": 2, "max": 2},
-        "resources": {"cpus": 1, "gpus": 1, "memory": "256Mi"},
-        "pool": "h100",
-        "checkpoint": {"every_steps": 5, "keep_last": 2},
-        "evaluation": {"every_steps": 10, "batches": 1},
-        "log_every_steps": 5,
-        "storage_path": str(tmp_path / "jobs"),
-    }
-    data.update(overrides)
-    return TrainingJob.model_validate(data)
+    return bench_job(tmp_path / "jobs", name, **{**TINY, **overrides})
