@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import posixpath
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -379,6 +380,50 @@ class ControllerState(StrictModel):
     )
 
 
+class SharedStorage(StrictModel):
+    """A ReadWriteMany volume every Ray pod llmos renders mounts at one path: where training writes its
+    checkpoints and metrics (a job's storage_path) and serving reads them. A pod's own disk is neither
+    shared between pods nor kept when the pod goes, and a RayJob's whole cluster goes when the job ends."""
+
+    mount_path: str = Field(
+        "/mnt/llmos",
+        description="Where every pod mounts the volume; jobs' storage_path and serving checkpoints must lie under it.",
+    )
+    claim: str | None = Field(
+        None,
+        min_length=1,
+        description="An existing ReadWriteMany PersistentVolumeClaim, of this name in the cluster's namespace and "
+        "in each team's (e.g. static PersistentVolumes on one NFS export, so every namespace sees the same "
+        "files). None: llmos renders a claim in each of those namespaces.",
+    )
+    size: MemoryBytes | None = Field(
+        None, description="Storage of each claim llmos renders: bytes or a quantity like 1Ti (default 1Ti)."
+    )
+    storage_class: str | None = Field(
+        None,
+        min_length=1,
+        description="StorageClass of the claims llmos renders; it must provision ReadWriteMany volumes (GKE "
+        "Filestore: standard-rwx). None uses the Kubernetes cluster's default.",
+    )
+
+    @field_validator("mount_path")
+    @classmethod
+    def _absolute_directory(cls, value: str) -> str:
+        normal = posixpath.normpath(value)
+        if not value.startswith("/") or normal == "/":
+            raise ValueError(f"{value!r} is not an absolute directory below /; write e.g. /mnt/llmos")
+        return normal
+
+    @model_validator(mode="after")
+    def _claim_or_rendered(self) -> SharedStorage:
+        if self.claim is not None and (self.size is not None or self.storage_class is not None):
+            raise ValueError(
+                "claim names an existing claim, while size and storage_class shape the claims llmos renders; "
+                "set one or the other"
+            )
+        return self
+
+
 class KubernetesOptions(StrictModel):
     """How `llmos manifests render` writes this cluster for KubeRay and Kueue."""
 
@@ -408,6 +453,11 @@ class KubernetesOptions(StrictModel):
         default_factory=ControllerState,
         description="Where the controller journals on the head pod: a PersistentVolumeClaim (the default), or "
         "None for the pod's own disk, lost when the pod is replaced.",
+    )
+    shared_storage: SharedStorage | None = Field(
+        None,
+        description="A ReadWriteMany volume for checkpoints and metrics, mounted by every Ray pod; RayJobs and "
+        "RayServices need it. None: pods have only their own disks.",
     )
 
 

@@ -5,7 +5,8 @@ Each worker group becomes a pool: its shape from the group's Ray `resources`, el
 or TPU generation from the `ray.io/accelerator-type` label, an `accelerator_type:` resource or GKE's
 node selector; TPU slices from `numOfHosts` and the topology selector; bounds from min/maxReplicas.
 Node selectors and tolerations that differ from what llmos would write become
-`kubernetes.pools` overrides, so rendering the imported spec gives back the same groups.
+`kubernetes.pools` overrides, so rendering the imported spec gives back the same groups. The shared
+storage of a cluster llmos rendered comes back as the existing claim it now is.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from manifests.nodes import (
     tolerations,
 )
 from manifests.objects import ManifestError, parse_quantity
+from manifests.storage import SHARED_STORAGE_VOLUME
 
 _RESERVED_LABEL_PREFIXES = ("ray.io/", "llmos.io/")
 # First Ray name wins where GKE uses one name for two (nvidia-tesla-a100: A100 and A100-40G).
@@ -160,6 +162,7 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
         kubernetes["ray_version"] = str(body["rayVersion"])
     if (body.get("authOptions") or {}).get("mode") == "disabled":
         kubernetes["token_auth"] = False
+    kubernetes["shared_storage"] = _shared_storage(head, head_container)
     data: dict[str, Any] = {
         "name": meta.get("name", "llmos"),
         "head": {
@@ -175,6 +178,16 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
         data["kubernetes"]["pools"] = overrides
         spec = parse_model(ClusterSpec, data, source)
     return spec
+
+
+def _shared_storage(head: dict[str, Any], container: dict[str, Any]) -> dict[str, Any] | None:
+    """The shared storage of a RayCluster llmos rendered, as the existing claim it now is."""
+    volumes = ((head.get("template") or {}).get("spec") or {}).get("volumes") or []
+    claims = [v.get("persistentVolumeClaim") for v in volumes if v.get("name") == SHARED_STORAGE_VOLUME]
+    mounts = [m.get("mountPath") for m in container.get("volumeMounts") or [] if m.get("name") == SHARED_STORAGE_VOLUME]
+    if not claims or not claims[0] or not mounts:
+        return None
+    return {"mount_path": mounts[0], "claim": claims[0].get("claimName")}
 
 
 def spec_to_yaml(spec: ClusterSpec) -> str:

@@ -29,6 +29,33 @@ def cluster_labels(spec: ClusterSpec) -> dict[str, str]:
     return {CLUSTER_LABEL: spec.name}
 
 
+def ray_namespaces(spec: ClusterSpec) -> list[str]:
+    """Namespaces that hold Ray pods: the RayCluster's, then each team's (its RayJobs and RayServices)."""
+    names = [spec.kubernetes.namespace]
+    for team in spec.teams:
+        if team.kubernetes_namespace not in names:
+            names.append(team.kubernetes_namespace)
+    return names
+
+
+def persistent_volume_claim(
+    spec: ClusterSpec, name: str, namespace: str, access_mode: str, size: int, storage_class: str | None
+) -> dict[str, Any]:
+    """A PersistentVolumeClaim; `storage_class` None leaves the Kubernetes cluster's default to provision it."""
+    claim: dict[str, Any] = {
+        "accessModes": [access_mode],
+        "resources": {"requests": {"storage": memory_quantity(size)}},
+    }
+    if storage_class:
+        claim["storageClassName"] = storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(name, namespace, cluster_labels(spec)),
+        "spec": claim,
+    }
+
+
 def scoped_name(spec: ClusterSpec, name: str) -> str:
     """A cluster-wide name (ClusterQueue, ResourceFlavor, ...) unique per llmos cluster."""
     return f"{spec.name}-{name}"

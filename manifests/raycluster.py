@@ -9,12 +9,21 @@ on real TPU VMs. The same cluster spec, sized for one workload, goes inside RayJ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from cluster.ray_mapping import head_declaration, pool_labels, pool_resources
 from cluster.spec import ClusterSpec, Pool
 from manifests.nodes import container_resources, devices_per_pool_pod, node_selector, node_taints, tolerations
-from manifests.objects import cluster_labels, memory_quantity, metadata, quantity
+from manifests.objects import (
+    ManifestError,
+    cluster_labels,
+    memory_quantity,
+    metadata,
+    persistent_volume_claim,
+    quantity,
+)
+from manifests.storage import shared_storage_mount
 
 RAY_API_VERSION = "ray.io/v1"
 HEAD_PORTS = (("gcs", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))
@@ -57,18 +66,9 @@ def controller_state_claim(spec: ClusterSpec) -> dict[str, Any] | None:
     state = spec.kubernetes.controller_state
     if state is None:
         return None
-    claim: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],  # one head pod at a time
-        "resources": {"requests": {"storage": memory_quantity(state.size)}},
-    }
-    if state.storage_class:
-        claim["storageClassName"] = state.storage_class
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": metadata(controller_state_claim_name(spec), spec.kubernetes.namespace, cluster_labels(spec)),
-        "spec": claim,
-    }
+    name, namespace = controller_state_claim_name(spec), spec.kubernetes.namespace
+    # ReadWriteOnce: one head pod at a time.
+    return persistent_volume_claim(spec, name, namespace, "ReadWriteOnce", state.size, state.storage_class)
 
 
 def controller_state_claim_name(spec: ClusterSpec) -> str:
@@ -78,8 +78,9 @@ def controller_state_claim_name(spec: ClusterSpec) -> str:
 def head_group(
     spec: ClusterSpec, volumes: list[dict[str, Any]] | None = None, *, controller_state: bool = False
 ) -> dict[str, Any]:
-    """The head: no user work unless head.cpus > 0; mounts `volumes` (name, mountPath, configMap), and with
-    `controller_state` the claim of `controller_state_claim` as `LLMOS_HOME`, where the controller journals."""
+    """The head: no user work unless head.cpus > 0; mounts `volumes` (name, mountPath, configMap), the shared
+    storage, and with `controller_state` the claim of `controller_state_claim` as `LLMOS_HOME`, where the
+    controller journals."""
     head = head_declaration(spec)
     pod_cpus = spec.kubernetes.head_pod_cpus + spec.head.cpus
     container: dict[str, Any] = {
@@ -97,16 +98,41 @@ def head_group(
             {"name": CONTROLLER_STATE_VOLUME, "persistentVolumeClaim": {"claimName": controller_state_claim_name(spec)}}
         )
         container["env"] = [{"name": "LLMOS_HOME", "value": CONTROLLER_STATE_PATH}]
-        pod_spec["securityContext"] = {"fsGroup": RAY_IMAGE_GROUP}  # a fresh volume is root's otherwise
-    if mounts:
-        container["volumeMounts"] = mounts
-        pod_spec["volumes"] = pod_volumes
+    _mount_volumes(spec, container, pod_spec, pod_volumes, mounts)
     return {
         "rayStartParams": {},
         "resources": ray_resources(head.resources),
         "labels": dict(head.labels),
         "template": _pod_template(spec, container, pod_spec),
     }
+
+
+def _mount_volumes(
+    spec: ClusterSpec,
+    container: dict[str, Any],
+    pod_spec: dict[str, Any],
+    pod_volumes: list[dict[str, Any]],
+    mounts: list[dict[str, Any]],
+) -> None:
+    """Mount `pod_volumes` at `mounts` in the pod, and the shared storage wherever the spec has one."""
+    shared = shared_storage_mount(spec)
+    if shared is not None:
+        volume, mount = shared
+        for other in mounts:
+            paths = PurePosixPath(mount["mountPath"]), PurePosixPath(other["mountPath"])
+            if paths[0].is_relative_to(paths[1]) or paths[1].is_relative_to(paths[0]):
+                raise ManifestError(
+                    f"kubernetes.shared_storage.mount_path: {mount['mountPath']} overlaps {other['mountPath']}, "
+                    f"where llmos mounts {other['name']}; choose another path, e.g. /mnt/llmos"
+                )
+        pod_volumes.append(volume)
+        mounts.append(mount)
+    if not mounts:
+        return
+    if any("persistentVolumeClaim" in volume for volume in pod_volumes):
+        pod_spec["securityContext"] = {"fsGroup": RAY_IMAGE_GROUP}  # a fresh volume is root's otherwise
+    container["volumeMounts"] = mounts
+    pod_spec["volumes"] = pod_volumes
 
 
 def worker_group(spec: ClusterSpec, size: GroupSize) -> dict[str, Any]:
@@ -117,6 +143,7 @@ def worker_group(spec: ClusterSpec, size: GroupSize) -> dict[str, Any]:
         "resources": container_resources(pool.node.cpus, pool.node.memory, devices_per_pool_pod(pool)),
     }
     pod_spec: dict[str, Any] = {}
+    _mount_volumes(spec, container, pod_spec, [], [])
     selector = node_selector(spec, pool)
     if selector:
         pod_spec["nodeSelector"] = selector

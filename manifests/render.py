@@ -9,20 +9,25 @@ import yaml
 
 from cluster.spec import ClusterSpec
 from manifests.kueue import kueue_objects
+from manifests.objects import ray_namespaces
 from manifests.raycluster import controller_state_claim, ray_cluster
-from manifests.security import namespace, network_policy, ray_namespaces
+from manifests.security import namespace, network_policy
+from manifests.storage import shared_storage_claims
 
 Manifests = dict[str, list[dict[str, Any]]]
 
 
 def render_cluster(spec: ClusterSpec) -> Manifests:
-    """File name -> objects: namespaces, the RayCluster and its controller-state claim, the NetworkPolicies
-    and the Kueue objects."""
+    """File name -> objects: namespaces, the RayCluster and its controller-state claim, the shared-storage
+    claims, the NetworkPolicies and the Kueue objects."""
     files: Manifests = {
         "namespaces.yaml": [namespace(spec, name) for name in ray_namespaces(spec)],
         # The head pod waits (Pending) for the claim it mounts, which comes right after.
         "raycluster.yaml": [ray_cluster(spec), *filter(None, [controller_state_claim(spec)])],
     }
+    claims = shared_storage_claims(spec)
+    if claims:
+        files["shared-storage.yaml"] = claims
     if spec.kubernetes.network_policy:
         files["network-policies.yaml"] = [network_policy(spec, name) for name in ray_namespaces(spec)]
     files["kueue.yaml"] = kueue_objects(spec)

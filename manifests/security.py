@@ -18,15 +18,6 @@ from manifests.raycluster import DASHBOARD_PORT
 OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
 
 
-def ray_namespaces(spec: ClusterSpec) -> list[str]:
-    """Namespaces that hold Ray pods: the RayCluster's, then each team's (its RayJobs and RayServices)."""
-    names = [spec.kubernetes.namespace]
-    for team in spec.teams:
-        if team.kubernetes_namespace not in names:
-            names.append(team.kubernetes_namespace)
-    return names
-
-
 def namespace(spec: ClusterSpec, name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": metadata(name, labels=cluster_labels(spec))}
 

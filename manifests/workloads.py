@@ -19,6 +19,7 @@ from cluster.spec import ClusterSpec, Pool, Team
 from manifests.kueue import PRIORITY_CLASS_LABEL, QUEUE_NAME_LABEL, priority_class_name, queue_name
 from manifests.objects import TEAM_LABEL, ManifestError, cluster_labels, metadata
 from manifests.raycluster import RAY_API_VERSION, GroupSize, ray_cluster_spec
+from manifests.storage import require_on_shared_storage
 
 JOB_DIRECTORY = "/etc/llmos/job"
 JOB_FILE = "job.yaml"
@@ -57,6 +58,11 @@ class WorkloadLike(Protocol):
     def resources(self) -> ResourcesLike: ...
 
 
+class CheckpointPolicyLike(Protocol):
+    @property
+    def directory(self) -> str | None: ...
+
+
 class TrainingJobLike(WorkloadLike, Protocol):
     """jobs.spec.TrainingJob as the RayJob renderer reads it."""
 
@@ -64,6 +70,12 @@ class TrainingJobLike(WorkloadLike, Protocol):
     def priority(self) -> str | None: ...
     @property
     def workers(self) -> CountLike: ...
+    @property
+    def storage_path(self) -> str: ...
+    @property
+    def checkpoint(self) -> CheckpointPolicyLike: ...
+    @property
+    def metrics_path(self) -> str | None: ...
 
 
 class ServeJobLike(WorkloadLike, Protocol):
@@ -71,6 +83,8 @@ class ServeJobLike(WorkloadLike, Protocol):
 
     @property
     def replicas(self) -> CountLike: ...
+    @property
+    def checkpoint(self) -> str: ...
 
 
 def ray_resources_of(resources: ResourcesLike) -> dict[str, float]:
@@ -147,6 +161,15 @@ def ray_job(
     priority = job.priority or team.priority
     if priority not in [c.name for c in spec.priority_classes]:
         raise ManifestError(f"priority: {priority!r} is not a priority class of cluster {spec.name!r}")
+    job_paths = {
+        "storage_path": job.storage_path,
+        "checkpoint.directory": job.checkpoint.directory,
+        "metrics_path": job.metrics_path,
+    }
+    for field, path in job_paths.items():
+        if path is not None:
+            lost = "not shared between the job's pods and gone when its cluster shuts down"
+            require_on_shared_storage(spec, field, path, lost)
     group = _group(spec, job, job.workers)
     size = GroupSize(group.pool, group.max, group.max)
     namespace = team.kubernetes_namespace
@@ -187,6 +210,7 @@ def ray_job(
 def ray_service(spec: ClusterSpec, serve: ServeJobLike, serve_config: Mapping[str, Any]) -> dict[str, Any]:
     """A RayService running `serve_config` (a Ray Serve config, as `serve deploy` takes it)."""
     team = workload_team(spec, serve)
+    require_on_shared_storage(spec, "checkpoint", serve.checkpoint, "where no training job wrote it")
     group = _group(spec, serve, serve.replicas)
     return {
         "apiVersion": RAY_API_VERSION,

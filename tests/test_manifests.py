@@ -155,10 +155,14 @@ def test_the_controller_journals_on_a_claim_the_head_pod_keeps_across_restarts(s
     assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
     pod = cluster["spec"]["headGroupSpec"]["template"]["spec"]
     assert pod["volumes"] == [
-        {"name": "llmos-state", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+        {"name": "llmos-state", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}},
+        {"name": "llmos-shared", "persistentVolumeClaim": {"claimName": "llmos-demo-shared"}},
     ]
     (container,) = pod["containers"]
-    assert container["volumeMounts"] == [{"name": "llmos-state", "mountPath": "/home/ray/llmos"}]
+    assert container["volumeMounts"] == [
+        {"name": "llmos-state", "mountPath": "/home/ray/llmos"},
+        {"name": "llmos-shared", "mountPath": "/tmp/llmos"},
+    ]
     assert {"name": "LLMOS_HOME", "value": "/home/ray/llmos"} in container["env"]
     assert pod["securityContext"] == {"fsGroup": 100}
 
@@ -166,9 +170,10 @@ def test_the_controller_journals_on_a_claim_the_head_pod_keeps_across_restarts(s
     assert sized["raycluster.yaml"][1]["spec"]["storageClassName"] == "premium-rwo"
     assert sized["raycluster.yaml"][1]["spec"]["resources"] == {"requests": {"storage": "5Gi"}}
     assert validate_documents(sized["raycluster.yaml"]) == []
-    on_pod_disk = render_cluster(spec_with(spec, controller_state=None))["raycluster.yaml"]
+    on_pod_disk = render_cluster(spec_with(spec, controller_state=None, shared_storage=None))["raycluster.yaml"]
     assert [obj["kind"] for obj in on_pod_disk] == ["RayCluster"]
-    assert "volumes" not in on_pod_disk[0]["spec"]["headGroupSpec"]["template"]["spec"]
+    head = on_pod_disk[0]["spec"]["headGroupSpec"]["template"]["spec"]
+    assert "volumes" not in head and "env" not in head["containers"][0]
     with pytest.raises(SpecError, match=r"controller_state\.size"):
         spec_with(spec, controller_state={"size": "lots"})
 
@@ -266,6 +271,10 @@ class Resources(BaseModel):
     memory: int = 2 * 2**30
 
 
+class Checkpoint(BaseModel):
+    directory: str | None = None
+
+
 class Job(BaseModel):
     name: str
     team: str
@@ -274,6 +283,9 @@ class Job(BaseModel):
     accelerator_type: str | None = None
     workers: Count
     resources: Resources = Resources()
+    storage_path: str = "/tmp/llmos/jobs"  # under the example spec's shared storage
+    checkpoint: Checkpoint = Checkpoint()
+    metrics_path: str | None = None
 
 
 class Serve(BaseModel):
@@ -283,6 +295,7 @@ class Serve(BaseModel):
     accelerator_type: str | None = None
     replicas: Count
     resources: Resources = Resources()
+    checkpoint: str = "/tmp/llmos/jobs/lm/checkpoints"
 
 
 SERVE_CONFIG = {
@@ -308,8 +321,11 @@ def test_ray_job_runs_jobs_train_in_a_fixed_size_queued_cluster(spec):
     [group] = cluster["workerGroupSpecs"]
     assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == ("h100", 2, 2, 2)
     head = cluster["headGroupSpec"]["template"]["spec"]
-    # Its own config, not the shared cluster's controller state.
-    assert head["volumes"] == [{"name": "llmos-job", "configMap": {"name": config_map["metadata"]["name"]}}]
+    # Its own config and the shared storage, not the shared cluster's controller state.
+    assert head["volumes"] == [
+        {"name": "llmos-job", "configMap": {"name": config_map["metadata"]["name"]}},
+        {"name": "llmos-shared", "persistentVolumeClaim": {"claimName": "llmos-demo-shared"}},
+    ]
     assert config_map["data"] == {"job.yaml": "name: lm\n"}
     # The queue the label names exists in the job's namespace.
     local_queues = by_kind(render_cluster(spec)["kueue.yaml"], "LocalQueue")
@@ -360,6 +376,119 @@ def test_ray_service_autoscales_between_its_replica_bounds(spec):
     [group] = cluster["workerGroupSpecs"]
     assert (group["minReplicas"], group["maxReplicas"]) == (1, 2)  # 4 one-GPU replicas per a100 node
     assert service["metadata"]["namespace"] == "research"
+
+
+# --- shared storage ----------------------------------------------------------------------------
+
+
+def mounts_of(cluster_spec: dict) -> list[dict[str, str]]:
+    """Every pod template's shared-storage volume and mount, head first."""
+    templates = [cluster_spec["headGroupSpec"]["template"]]
+    templates += [group["template"] for group in cluster_spec["workerGroupSpecs"]]
+    found = []
+    for template in templates:
+        pod = template["spec"]
+        (container,) = pod["containers"]
+        [volume] = [v for v in pod.get("volumes", []) if v["name"] == "llmos-shared"]
+        [mount] = [m for m in container.get("volumeMounts", []) if m["name"] == "llmos-shared"]
+        assert pod["securityContext"] == {"fsGroup": 100}
+        found.append({"claim": volume["persistentVolumeClaim"]["claimName"], "path": mount["mountPath"]})
+    return found
+
+
+def test_every_ray_pod_mounts_the_shared_storage_and_each_namespace_has_a_claim(spec):
+    files = render_cluster(spec)
+    claims = files["shared-storage.yaml"]
+    assert [c["metadata"]["namespace"] for c in claims] == ["llmos", "research", "prod", "interns"]
+    for claim in claims:
+        assert claim["metadata"]["name"] == "llmos-demo-shared"
+        assert claim["spec"] == {
+            "accessModes": ["ReadWriteMany"],
+            "resources": {"requests": {"storage": "1Ti"}},
+            "storageClassName": "standard-rwx",
+        }
+    assert validate_documents(claims) == []
+    shared = {"claim": "llmos-demo-shared", "path": "/tmp/llmos"}
+    assert mounts_of(files["raycluster.yaml"][0]["spec"]) == [shared] * (1 + len(spec.pools))
+    job = Job(name="lm", team="prod", pool="h100", workers=Count(min=2, max=2), resources=Resources(gpus=4))
+    rayjob = ray_job(spec, job, "name: lm\n")[1]
+    assert mounts_of(rayjob["spec"]["rayClusterSpec"]) == [shared] * 2
+    serve = Serve(name="lm", team="prod", pool="a100", replicas=Count(min=1, max=2), resources=Resources(gpus=1))
+    assert mounts_of(ray_service(spec, serve, SERVE_CONFIG)["spec"]["rayClusterConfig"]) == [shared] * 2
+
+    existing = spec_with(spec, shared_storage={"mount_path": "/mnt/team-nfs/", "claim": "nfs-share"})
+    files = render_cluster(existing)
+    assert "shared-storage.yaml" not in files  # the platform made the claims
+    mounts = mounts_of(files["raycluster.yaml"][0]["spec"])
+    assert set(map(tuple, map(dict.values, mounts))) == {("nfs-share", "/mnt/team-nfs")}
+    assert validate_documents(files["raycluster.yaml"]) == []
+
+    own_disks = render_cluster(spec_with(spec, shared_storage=None))
+    assert "shared-storage.yaml" not in own_disks
+    worker_pod = own_disks["raycluster.yaml"][0]["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "volumes" not in worker_pod and "securityContext" not in worker_pod
+
+
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        ({"mount_path": "mnt/llmos"}, r"shared_storage\.mount_path: .*'mnt/llmos' is not an absolute directory"),
+        ({"mount_path": "/"}, r"shared_storage\.mount_path: .*is not an absolute directory below /"),
+        ({"claim": "nfs", "storage_class": "standard-rwx"}, r"shared_storage: .*set one or the other"),
+        ({"size": "lots"}, r"shared_storage\.size"),
+        ({"mount_pth": "/mnt/x"}, r"shared_storage\.mount_pth"),
+    ],
+)
+def test_shared_storage_errors_name_the_field(spec, storage, message):
+    with pytest.raises(SpecError, match=message):
+        spec_with(spec, shared_storage=storage)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"storage_path": "/data/jobs"},
+            r"storage_path: /data/jobs is not under kubernetes\.shared_storage\.mount_path \(/tmp/llmos\), so it "
+            r"would be on the pod's own disk, not shared between the job's pods and gone when its cluster shuts "
+            r"down; put it under /tmp/llmos",
+        ),
+        ({"storage_path": "~/llmos/jobs"}, r"storage_path: ~/llmos/jobs is not under"),
+        ({"storage_path": "/tmp/llmos/../jobs"}, r"storage_path: /tmp/llmos/\.\./jobs is not under"),
+        ({"checkpoint": Checkpoint(directory="/scratch/ckpt")}, r"checkpoint\.directory: /scratch/ckpt is not under"),
+        ({"metrics_path": "metrics.jsonl"}, r"metrics_path: metrics\.jsonl is not under"),
+    ],
+)
+def test_a_ray_job_whose_output_would_be_lost_is_refused(spec, change, message):
+    job = Job(name="lm", team="prod", workers=Count(min=1, max=1)).model_copy(update=change)
+    with pytest.raises(ManifestError, match=message):
+        ray_job(spec, job, "")
+
+
+def test_workloads_need_shared_storage_and_a_mount_path_of_their_own(spec):
+    own_disks = spec_with(spec, shared_storage=None)
+    with pytest.raises(
+        ManifestError,
+        match=r"storage_path: /tmp/llmos/jobs would be on the pod's own disk, .*; set kubernetes\.shared_storage in "
+        r"the ClusterSpec .* and put storage_path under its mount_path",
+    ):
+        ray_job(own_disks, Job(name="lm", team="prod", workers=Count(min=1, max=1)), "")
+    serve = Serve(name="lm", team="prod", replicas=Count(min=1, max=1))
+    with pytest.raises(ManifestError, match=r"checkpoint: .* on the pod's own disk, where no training job wrote it"):
+        ray_service(own_disks, serve, SERVE_CONFIG)
+    elsewhere = serve.model_copy(update={"checkpoint": "/models/lm"})
+    with pytest.raises(ManifestError, match=r"checkpoint: /models/lm is not under .*\(/tmp/llmos\)"):
+        ray_service(spec, elsewhere, SERVE_CONFIG)
+
+    over_the_job_file = spec_with(spec, shared_storage={"mount_path": "/etc/llmos"})
+    job = Job(name="lm", team="prod", workers=Count(min=1, max=1), storage_path="/etc/llmos/jobs")
+    with pytest.raises(
+        ManifestError,
+        match=r"shared_storage\.mount_path: /etc/llmos overlaps /etc/llmos/job, where llmos mounts llmos-job",
+    ):
+        ray_job(over_the_job_file, job, "")
+    with pytest.raises(ManifestError, match=r"mount_path: /home/ray overlaps /home/ray/llmos, where .* llmos-state"):
+        render_cluster(spec_with(spec, shared_storage={"mount_path": "/home/ray"}))
 
 
 def test_replicas_for_workers_counts_nodes_and_whole_tpu_slices(spec):

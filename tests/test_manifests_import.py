@@ -158,6 +158,9 @@ def test_import_of_render_gives_back_the_spec():
     spec = load_spec(EXAMPLE_SPEC)
     again = import_ray_cluster(ray_cluster(spec), "test")
     assert again.pools == spec.pools
+    # The claims exist once the cluster runs: the shared storage comes back as one to mount, not to make.
+    shared = again.kubernetes.shared_storage
+    assert (shared.mount_path, shared.claim) == ("/tmp/llmos", "llmos-demo-shared")
     assert ray_cluster(again) == ray_cluster(spec)
     assert yaml.safe_load(spec_to_yaml(again))["pools"][1]["node"]["memory"] == "200Gi"
 
@@ -203,7 +206,7 @@ def test_cli_render_writes_the_committed_examples_and_they_validate(tmp_path, ca
     for path in EXAMPLES_DIR.glob("*.yaml"):
         assert (tmp_path / path.name).read_text() == path.read_text()
     assert main(["manifests", "validate", str(tmp_path)]) == 0
-    assert "ok: 24 objects in 4 files" in capsys.readouterr().out
+    assert "ok: 28 objects in 5 files" in capsys.readouterr().out
 
 
 def test_cli_validate_reports_file_object_and_path(tmp_path, capsys):
@@ -252,10 +255,19 @@ def test_cli_render_with_the_example_job_and_serve_specs(tmp_path):
     assert main(["manifests", "validate", str(out)]) == 0
 
 
-def test_cli_render_reports_job_errors_without_traceback(tmp_path, capsys):
-    job = yaml.safe_load((EXAMPLE_SPEC.parent / "train.yaml").read_text()) | {"team": "nobody"}
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"team": "nobody"}, "team: no team named 'nobody'"),
+        ({"storage_path": "~/llmos/jobs"}, "storage_path: ~/llmos/jobs is not under kubernetes.shared_storage"),
+    ],
+)
+def test_cli_render_reports_job_errors_without_traceback(tmp_path, capsys, change, message):
+    job = yaml.safe_load((EXAMPLE_SPEC.parent / "train.yaml").read_text()) | change
     job_file = tmp_path / "train.yaml"
     job_file.write_text(yaml.safe_dump(job))
     args = ["manifests", "render", str(EXAMPLE_SPEC), "-o", str(tmp_path / "out"), "--job", str(job_file)]
     assert main(args) == 2
-    assert "team: no team named 'nobody'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -15,6 +15,7 @@ from tiny_jobs import tiny_job
 
 from cluster import controller
 from cluster.launcher import LocalCluster
+from cluster.spec import ClusterSpec
 from manifests.workloads import JOB_DIRECTORY, JOB_FILE, ray_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,10 @@ def test_the_rendered_rayjob_entrypoint_trains_where_no_controller_runs(local_cl
     )
     job_file = tmp_path / JOB_FILE
     job_file.write_text(yaml.safe_dump(job.model_dump(mode="json")))
-    _, rayjob = ray_job(local_cluster.spec, job, job_file.read_text())
+    # One machine: tmp_path is the volume every pod of the job's cluster would mount.
+    spec = local_cluster.spec.model_dump(mode="json")
+    spec["kubernetes"]["shared_storage"] = {"mount_path": str(tmp_path)}
+    _, rayjob = ray_job(ClusterSpec.model_validate(spec), job, job_file.read_text())
     command = [
         sys.executable if word == "python" else str(job_file) if word == f"{JOB_DIRECTORY}/{JOB_FILE}" else word
         for word in shlex.split(rayjob["spec"]["entrypoint"])
@@ -37,3 +41,4 @@ def test_the_rendered_rayjob_entrypoint_trains_where_no_controller_runs(local_cl
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "without admission" in run.stdout and "done: step 6/6" in run.stdout
     assert job.metrics_file.exists()
+    assert sorted(path.name for path in job.checkpoint_directory.iterdir())[-1] == "step-000000006"
