@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint faults clean-venv
+IMAGE ?= llmos:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.PHONY: install demo test lint faults image clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,10 @@ test: $(STAMP)
 faults: $(STAMP)
 	@command -v redis-server >/dev/null || echo "no redis-server: the head-restart fault is skipped (apt-get install redis-server)"
 	$(BIN)/llmos bench faults --json benchmarks/results/faults.json
+
+# The image of every Ray pod on KubeRay (kubernetes.image); needs a Docker engine.
+image:
+	docker build -t $(IMAGE) .
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

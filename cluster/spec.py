@@ -424,11 +424,19 @@ class SharedStorage(StrictModel):
         return self
 
 
+LLMOS_IMAGE = "llmos:0.1.0"  # what `make image` tags: the Dockerfile's Ray image with this version of llmos
+
+
 class KubernetesOptions(StrictModel):
     """How `llmos manifests render` writes this cluster for KubeRay and Kueue."""
 
     namespace: Name = Field("llmos", description="Namespace of the RayCluster.")
-    image: str = Field("rayproject/ray:2.60.0-py311", description="Ray image; must have llmos for jobs.")
+    image: str = Field(
+        LLMOS_IMAGE,
+        min_length=1,
+        description="Image of every Ray pod: Ray with llmos installed, as the repository's Dockerfile builds it "
+        "(`make image`); push it to a registry the cluster pulls from and name it here.",
+    )
     ray_version: str = Field("2.60.0", description="Ray version in the image (KubeRay's rayVersion).")
     head_pod_cpus: PositiveInt = Field(
         4, description="CPUs of the head pod for Ray's own processes (head.cpus are offered to user work)."

@@ -21,6 +21,7 @@ from manifests.objects import TEAM_LABEL, ManifestError, cluster_labels, metadat
 from manifests.raycluster import RAY_API_VERSION, GroupSize, ray_cluster_spec
 from manifests.storage import require_on_shared_storage
 
+RAY_OWN_IMAGES = ("rayproject/ray", "rayproject/ray-ml")
 JOB_DIRECTORY = "/etc/llmos/job"
 JOB_FILE = "job.yaml"
 
@@ -140,6 +141,20 @@ def _group(spec: ClusterSpec, workload: WorkloadLike, count: CountLike) -> Group
     return GroupSize(pool, low, high)
 
 
+def _require_llmos_image(spec: ClusterSpec, what: str) -> None:
+    """Refuse Ray's own images: they have no llmos, so `what` would fail as soon as the cluster is up."""
+    image = spec.kubernetes.image
+    name = image.split("@")[0]
+    if ":" in name.rsplit("/", 1)[-1]:
+        name = name.rsplit(":", 1)[0]
+    if name.removeprefix("docker.io/") in RAY_OWN_IMAGES:
+        raise ManifestError(
+            f"kubernetes.image: {image} is Ray's own image, without llmos, so {what} would fail at start; build "
+            "llmos's image from the repository's Dockerfile (`make image`), push it to your registry and set "
+            "kubernetes.image to it"
+        )
+
+
 def _labels(spec: ClusterSpec, team: Team) -> dict[str, str]:
     return {**cluster_labels(spec), TEAM_LABEL: team.name}
 
@@ -158,6 +173,7 @@ def ray_job(
     (activeDeadlineSeconds), `start_deadline_seconds` the wait until it runs (preRunningDeadlineSeconds).
     """
     team = workload_team(spec, job)
+    _require_llmos_image(spec, "the RayJob's `python -m jobs.train`")
     priority = job.priority or team.priority
     if priority not in [c.name for c in spec.priority_classes]:
         raise ManifestError(f"priority: {priority!r} is not a priority class of cluster {spec.name!r}")
@@ -210,6 +226,7 @@ def ray_job(
 def ray_service(spec: ClusterSpec, serve: ServeJobLike, serve_config: Mapping[str, Any]) -> dict[str, Any]:
     """A RayService running `serve_config` (a Ray Serve config, as `serve deploy` takes it)."""
     team = workload_team(spec, serve)
+    _require_llmos_image(spec, "the RayService's Serve application (serving.app)")
     require_on_shared_storage(spec, "checkpoint", serve.checkpoint, "where no training job wrote it")
     group = _group(spec, serve, serve.replicas)
     return {

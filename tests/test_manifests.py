@@ -491,6 +491,26 @@ def test_workloads_need_shared_storage_and_a_mount_path_of_their_own(spec):
         render_cluster(spec_with(spec, shared_storage={"mount_path": "/home/ray"}))
 
 
+@pytest.mark.parametrize(
+    "image", ["rayproject/ray:2.60.0-py311", "docker.io/rayproject/ray-ml:2.60.0", "rayproject/ray@sha256:0123abcd"]
+)
+def test_workloads_refuse_rays_own_image_which_has_no_llmos(spec, image):
+    stock = spec_with(spec, image=image)
+    job = Job(name="lm", team="prod", workers=Count(min=1, max=1))
+    with pytest.raises(
+        ManifestError,
+        match=r"kubernetes\.image: .* is Ray's own image, without llmos, so the "
+        r"RayJob's `python -m jobs\.train` would fail at start; build llmos's image .*\(`make image`\)",
+    ):
+        ray_job(stock, job, "")
+    with pytest.raises(ManifestError, match=r"so the RayService's Serve application \(serving\.app\) would fail"):
+        ray_service(stock, Serve(name="lm", team="prod", replicas=Count(min=1, max=1)), SERVE_CONFIG)
+    own = spec_with(spec, image="registry.example.com:5000/rayproject/ray-llmos:2.60.0")
+    [head] = ray_job(own, job, "")[1]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert head["image"] == "registry.example.com:5000/rayproject/ray-llmos:2.60.0"
+    assert spec.kubernetes.image == "llmos:0.1.0"  # what `make image` builds
+
+
 def test_replicas_for_workers_counts_nodes_and_whole_tpu_slices(spec):
     h100, tpu = spec.pool("h100"), spec.pool("tpu-v5p")
     assert replicas_for_workers(h100, 3, {"GPU": 4, "CPU": 1}) == 2
