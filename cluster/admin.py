@@ -106,10 +106,12 @@ class Admin:
         start: bool = True,
         credential: str | None = None,
         remove_unknown_groups: bool = False,
+        scale_up: bool = False,
     ):
         """Connect; start the controller when none runs (with `spec`, else the local cluster's spec).
         A controller whose state dir has no books of the llmos placement groups Ray holds refuses to
-        start; `remove_unknown_groups` removes those groups (and what runs in them) first.
+        start; `remove_unknown_groups` removes those groups (and what runs in them) first. `scale_up`: an
+        autoscaler grows the pools up to their max, and the controller it starts asks it for nodes.
 
         The credential names the caller: a team's, or the admin's. Without one, `LLMOS_CREDENTIAL` or
         the file named by `LLMOS_CREDENTIAL_FILE` is used, else the admin credential the controller
@@ -120,7 +122,7 @@ class Admin:
         if handle is None:
             if not start:
                 raise UserError("no llmos controller is running; start one with `llmos controller start`")
-            handle = self._start(spec, state_dir, policy, remove_unknown_groups)
+            handle = self._start(spec, state_dir, policy, remove_unknown_groups, scale_up)
         self._controller = handle
         self._credential = credential or self._credential_from_environment()
 
@@ -141,7 +143,11 @@ class Admin:
 
     @staticmethod
     def _start(
-        spec: ClusterSpec | str | Path | None, state_dir: str | Path | None, policy: str, remove_unknown_groups: bool
+        spec: ClusterSpec | str | Path | None,
+        state_dir: str | Path | None,
+        policy: str,
+        remove_unknown_groups: bool,
+        scale_up: bool,
     ):
         local = LocalCluster.find()
         if spec is None:
@@ -153,7 +159,7 @@ class Admin:
         if state_dir is None and local is not None:
             state_dir = controller_state_dir(local.home, spec.name)
         # Elsewhere (KubeRay) the controller picks its default under the head node's LLMOS_HOME itself.
-        return controller.start(spec, str(state_dir) if state_dir else None, policy, remove_unknown_groups)
+        return controller.start(spec, str(state_dir) if state_dir else None, policy, remove_unknown_groups, scale_up)
 
     def _call(self, method: str, *args: Any, authenticated: bool = True, timeout_s: float = CALL_TIMEOUT_S) -> Any:
         import ray

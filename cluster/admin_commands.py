@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="If the state dir has no journal while Ray holds llmos placement groups (the books were lost), "
         "remove those groups and what runs in them, and start with empty books (refused otherwise).",
     )
+    start.add_argument(
+        "--scale-up",
+        action="store_true",
+        help="Ray's autoscaler grows the pools up to their max (KubeRay): a gang that fits only on nodes yet to "
+        "come waits for them, and the controller asks the autoscaler for them.",
+    )
     start.set_defaults(func=_controller_start)
     _with_json(ctl_commands.add_parser("stop", help="Stop the controller; placements stay.")).set_defaults(
         func=_controller_stop
@@ -141,12 +147,14 @@ def _controller_start(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         policy=args.policy or DEFAULT_POLICY,
         remove_unknown_groups=args.remove_unknown_groups,
+        scale_up=args.scale_up,
     )
     info = admin.ping()
     if args.json:
         print_json(info)
     else:
-        stdout.print(f"controller started: policy {info['policy']}, state in {info['state_dir']}")
+        scaling = ", scaling pools up on demand" if info["scale_up"] else ""
+        stdout.print(f"controller started: policy {info['policy']}{scaling}, state in {info['state_dir']}")
     return 0
 
 
@@ -173,6 +181,9 @@ def _controller_status(args: argparse.Namespace) -> int:
             f"running: policy {info['policy']}, {info['requests']} requests, {info['nodes']} nodes, "
             f"up {uptime:.0f}s, state in {info['state_dir']}"
         )
+        if info["scale_up"]:
+            asked = ", ".join(f"{pool} x{nodes}" for pool, nodes in info["scale_up_requested"].items())
+            stdout.print(f"scaling pools up on demand; nodes asked of Ray's autoscaler: {asked or 'none'}")
         if info["state_lost"]:
             stdout.print(f"refusing every call: {info['state_lost']}", markup=False, style="bold red")
     return 0

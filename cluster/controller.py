@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.autoscaler.sdk import request_resources
 
 from cluster import binding
 from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
 from cluster.launcher import controller_state_dir, llmos_home
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
-from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL
+from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL, pool_resources
 from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
 from cluster.scheduler import PLACEMENT_GROUP_PREFIX, Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
@@ -78,13 +79,16 @@ class Controller:
         state_dir: str | None,
         policy: str = DEFAULT_POLICY,
         poll_interval_s: float = POLL_INTERVAL_S,
+        scale_up: bool = False,
     ):
         """`state_dir` None: `$LLMOS_HOME/controller/<cluster>` as the head node sees it (on KubeRay, the
-        head pod's persistent volume)."""
+        head pod's persistent volume). `scale_up`: Ray's autoscaler grows the pools up to their max
+        (KubeRay), and the controller asks it for the nodes waiting gangs need."""
         self.spec = ClusterSpec.model_validate(spec)
         self.state_dir = Path(state_dir) if state_dir else controller_state_dir(llmos_home(), self.spec.name)
         self.journal = Journal(self.state_dir)
-        self.scheduler = Scheduler(self.spec, policy, journal=self.journal.append)
+        self.scheduler = Scheduler(self.spec, policy, journal=self.journal.append, scale_up=scale_up)
+        self.scale_up_requested: dict[str, int] | None = None  # nodes per pool Ray's autoscaler was asked for
         restored = self.journal.load()
         self.scheduler.restore(restored)
         self.node_ids: dict[str, str] = {}
@@ -187,6 +191,23 @@ class Controller:
             self._finish_binds()
         if self.journal.needs_compaction:
             self.journal.compact(self.scheduler.checkpoint())
+        if self.scheduler.scale_up:
+            self._request_nodes()
+
+    def _request_nodes(self) -> None:
+        """Ask Ray's autoscaler for the nodes the gangs waiting on new nodes need: whole nodes of each pool,
+        live ones included, since it fits a request against nodes' totals, not what is free. The request
+        stands until replaced; an empty one lets idle nodes go again."""
+        demand = self.scheduler.scale_up_demand()
+        if demand == self.scale_up_requested:
+            return
+        bundles, selectors = [], []
+        for pool_name, nodes in sorted(demand.items()):
+            bundles += [pool_resources(self.spec.pool(pool_name))] * nodes
+            selectors += [{POOL_LABEL: pool_name}] * nodes
+        request_resources(bundles=bundles, bundle_label_selectors=selectors)
+        self.scale_up_requested = demand
+        logger.info("asked Ray's autoscaler for %s", demand or "nothing")
 
     def _finish_binds(self) -> None:
         """Wait for the groups in flight; every one that was made is kept, then the first error is raised."""
@@ -268,6 +289,8 @@ class Controller:
                 "started_at": self.started_at,
                 "pid": os.getpid(),
                 "state_lost": self.state_lost,
+                "scale_up": self.scheduler.scale_up,
+                "scale_up_requested": self.scale_up_requested or {},
             }
 
     def whoami(self, credential: str | None) -> str:
@@ -482,10 +505,17 @@ class Controller:
 RemoteController = ray.remote(Controller)
 
 
-def start(spec: ClusterSpec, state_dir: str | None, policy: str = DEFAULT_POLICY, remove_unknown_groups: bool = False):
+def start(
+    spec: ClusterSpec,
+    state_dir: str | None,
+    policy: str = DEFAULT_POLICY,
+    remove_unknown_groups: bool = False,
+    scale_up: bool = False,
+):
     """Start the controller actor; refuses if one is already running, or if `state_dir` lost the books of
     the llmos placement groups Ray holds (`Controller.state_lost`), unless `remove_unknown_groups`: then
-    those groups, and whatever runs in them, are removed and a controller with empty books starts."""
+    those groups, and whatever runs in them, are removed and a controller with empty books starts.
+    `scale_up`: an autoscaler grows the pools (see `Controller`)."""
     if get() is not None:
         raise UserError(
             f"a controller is already running ({CONTROLLER_NAME} in namespace {NAMESPACE}); "
@@ -501,7 +531,7 @@ def start(spec: ClusterSpec, state_dir: str | None, policy: str = DEFAULT_POLICY
             max_concurrency=64,
             # On the head node: it survives the loss of any worker node, and so does its state dir.
             label_selector={POOL_LABEL: HEAD_POOL},
-        ).remote(spec.model_dump(mode="json"), state_dir, policy)
+        ).remote(spec.model_dump(mode="json"), state_dir, policy, scale_up=scale_up)
     except ValueError as error:
         raise UserError(f"a controller is already being started elsewhere: {error}") from None
     state_lost = ray.get(handle.ping.remote(), timeout=120)["state_lost"]
@@ -513,7 +543,7 @@ def start(spec: ClusterSpec, state_dir: str | None, policy: str = DEFAULT_POLICY
         raise UserError(state_lost)
     removed = binding.unbind_all()
     logger.warning("removed %d llmos placement groups the state dir had no books of: %s", len(removed), removed)
-    return start(spec, state_dir, policy)
+    return start(spec, state_dir, policy, scale_up=scale_up)
 
 
 def get():

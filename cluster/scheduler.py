@@ -25,9 +25,9 @@ from cluster.console import UserError
 from cluster.placement.decision import BundlePlacement, Placement, Rejection, RejectionReason
 from cluster.placement.engine import PlacementEngine
 from cluster.placement.request import GangRequest
-from cluster.placement.snapshot import ClusterSnapshot, NodeSnapshot
+from cluster.placement.snapshot import ClusterSnapshot, NodeSnapshot, node_from_ray
 from cluster.preemption import choose_victims
-from cluster.ray_mapping import HEAD_POOL
+from cluster.ray_mapping import HEAD_POOL, replica_nodes
 from cluster.requests import (
     BundleBinding,
     DecisionAction,
@@ -42,6 +42,7 @@ from cluster.requests import (
 from cluster.spec import ClusterSpec
 
 CORDON_LABEL = "llmos.io/cordoned"
+UNBORN_PREFIX = "+"  # names the nodes a pool may still gain, in what-if placements only
 DECISION_LOG_SIZE = 10_000
 
 
@@ -81,8 +82,13 @@ class Scheduler:
         *,
         journal: Callable[[str], None] = lambda line: None,
         clock: Callable[[], float] = time.time,
+        scale_up: bool = False,
     ):
+        """`scale_up`: an autoscaler grows each pool up to its `max` on demand (KubeRay), so a gang that fits
+        only on nodes yet to come waits for them (`scale_up_demand`), and a gang is refused as never
+        fitting only if it fits no node set of the cluster at its largest."""
         self.spec = spec
+        self.scale_up = scale_up
         self.policy = policy
         self.journal = journal
         self.clock = clock
@@ -113,6 +119,7 @@ class Scheduler:
         self._quota_changes: dict[str, int] = {team.name: 0 for team in spec.teams}
         self._quota_blocked: dict[str, int] = {}
         self._demands: dict[str, dict[str, float]] = {}  # request id -> its quota demand (requests are frozen)
+        self._awaiting_nodes: dict[str, GangRequest] = {}  # request id -> its gang, that fits once pools grow
 
     # -- books ------------------------------------------------------------------------------------
 
@@ -352,10 +359,54 @@ class Scheduler:
             }
         )
         gang = status.request.gang.model_copy(update={"name": status.id})
-        decision = self._trial_engine(uncordoned).place(gang)
+        decision = self._trial_engine(self._with_unborn_nodes(uncordoned)).place(gang)
         if isinstance(decision, Rejection) and decision.reason is RejectionReason.NEVER_FITS:
-            return f"can never fit this cluster: {decision.message}"
+            largest = " at its largest (every pool at its max)" if self.scale_up else ""
+            return f"can never fit this cluster{largest}: {decision.message}"
         return None
+
+    def _unborn_nodes(self) -> list[NodeSnapshot]:
+        """Empty nodes the pools may still gain up to their max, when an autoscaler grows them; else none."""
+        if not self.scale_up:
+            return []
+        unborn = []
+        for pool in self.spec.pools:
+            live = [node for node in self.nodes.values() if node.pool == pool.name]
+            replicas = len({node.tpu_slice for node in live}) if pool.tpu else len(live)
+            for replica in range(replicas, pool.replicas.max):
+                for declared in replica_nodes(pool, replica):
+                    # Names and slices of their own, so that none is taken for a live node or slice.
+                    names = {declared.name, *([f"{pool.name}-s{replica}"] if pool.tpu else [])}
+                    labels = {k: UNBORN_PREFIX + v if v in names else v for k, v in declared.labels.items()}
+                    unborn.append(node_from_ray(UNBORN_PREFIX + declared.name, declared.resources, labels))
+        return unborn
+
+    def _with_unborn_nodes(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
+        """`snapshot` and the nodes the pools may still gain."""
+        return ClusterSnapshot(nodes=snapshot.nodes + tuple(self._unborn_nodes()))
+
+    def scale_up_demand(self) -> dict[str, int]:
+        """Nodes each pool must have for the gangs waiting on new nodes to fit, live ones included, for
+        the pools that must grow; {} when none waits. (What Ray's autoscaler is asked to hold.)"""
+        waiting = [status for status in self.waiting() if status.id in self._awaiting_nodes]
+        self._awaiting_nodes = {status.id: self._awaiting_nodes[status.id] for status in waiting}
+        if not waiting or self.engine is None:
+            return {}
+        trial = self._trial_engine(self._with_unborn_nodes(self.engine.snapshot()))
+        unborn = {node.name: node for node in trial.snapshot().nodes if node.name.startswith(UNBORN_PREFIX)}
+        used = set()
+        for status in waiting:
+            decision = trial.place(self._awaiting_nodes[status.id])
+            if not isinstance(decision, Rejection):
+                used |= {bundle.node for bundle in decision.bundles if bundle.node in unborn}
+        demand = {}
+        for pool in self.spec.pools:
+            new = [unborn[name] for name in used if unborn[name].pool == pool.name]
+            if pool.tpu:  # a slice comes whole
+                new = [node for node in unborn.values() if node.tpu_slice in {n.tpu_slice for n in new}]
+            if new:
+                demand[pool.name] = sum(node.pool == pool.name for node in self.nodes.values()) + len(new)
+        return demand
 
     def _gpu_types(self, gang: GangRequest) -> list[str]:
         in_cluster = sorted({p.accelerator_type for p in self.spec.pools if p.accelerator.value == "gpu"})
@@ -398,6 +449,7 @@ class Scheduler:
         self._decide(status, action, reason, freed)
         self._quota_blocked.pop(status.id, None)
         self._demands.pop(status.id, None)
+        self._awaiting_nodes.pop(status.id, None)
         self._untried.discard(status.id)
 
     def mark_running(self, request_id: str, details: dict | None = None) -> RequestStatus:
@@ -475,6 +527,13 @@ class Scheduler:
             self._decide(status, DecisionAction.REJECTED, never)
             return
         if isinstance(decision, Rejection):
+            growing = self._pools_to_grow(gang)
+            if growing:
+                # Nodes on the way cost no one anything; preempting for a gang they would hold costs work.
+                self._awaiting_nodes[status.id] = gang
+                self._wait(status, f"waiting for pool {', '.join(growing)} to scale up: {decision.message}")
+                return
+            self._awaiting_nodes.pop(status.id, None)
             if not self._preempt_for(status, gang):
                 self._wait(status, decision.message)
                 return
@@ -499,6 +558,7 @@ class Scheduler:
             self._wait(status, f"over quota: {', '.join(typed_over)}")
             return
         self._quota_blocked.pop(status.id, None)
+        self._awaiting_nodes.pop(status.id, None)
         quotas.add_usage(used, usage)
         status.bundles = bundles
         status.state, status.reason = RequestState.PLACED, ""
@@ -509,6 +569,17 @@ class Scheduler:
         self._decide(status, DecisionAction.PLACED, f"{decision.policy}: {_describe_nodes(bundles)}", status.nodes)
         if bound:
             self.effects.append(Bind(status.id, status.placement_group, tuple(bundles)))
+
+    def _pools_to_grow(self, gang: GangRequest) -> list[str]:
+        """The pools whose nodes yet to come would let `gang` fit the cluster as it is now; [] if none would."""
+        unborn = self._unborn_nodes()
+        if not unborn:
+            return []
+        decision = self._trial_engine(self._with_unborn_nodes(self.engine.snapshot())).place(gang)
+        if isinstance(decision, Rejection):
+            return []
+        pools = {node.name: node.pool for node in unborn}
+        return sorted({pools[bundle.node] for bundle in decision.bundles if bundle.node in pools})
 
     def _over_quota(self, status: RequestStatus, reason: str) -> None:
         self._quota_blocked[status.id] = self._quota_changes[status.team]

@@ -10,7 +10,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from cluster import binding
+import ray
+from waiting import WAIT_S, wait_for
+
+from cluster import binding, controller
 from cluster.admin import Admin
 from cluster.launcher import LocalCluster
 
@@ -38,3 +41,11 @@ def llmos_cli(local_cluster: LocalCluster, *args: str, home: Path | None = None)
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args], env=env, capture_output=True, text=True, timeout=120
     )
+
+
+def stop_any_controller() -> None:
+    """Kill whatever controller runs (a test's own, stopped or not), and wait until its name is free."""
+    handle = controller.get()
+    if handle is not None:
+        ray.kill(handle, no_restart=True)
+        wait_for(lambda: controller.get() is None, WAIT_S, "the controller to stop")

@@ -11,8 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-import ray
-from controllers import live_llmos_groups, llmos_cli
+from controllers import live_llmos_groups, llmos_cli, stop_any_controller
 from waiting import WAIT_S, wait_for
 
 from cluster import binding, controller
@@ -35,13 +34,6 @@ def place_one_gang(admin: Admin) -> tuple[RequestStatus, dict[str, str]]:
 def stopped(admin: Admin) -> None:
     assert admin.stop_controller()
     wait_for(lambda: controller.get() is None, WAIT_S, "the controller to stop")
-
-
-def stop_any_controller() -> None:
-    handle = controller.get()
-    if handle is not None:
-        ray.kill(handle, no_restart=True)
-        wait_for(lambda: controller.get() is None, WAIT_S, "the controller to stop")
 
 
 def test_a_controller_without_the_books_of_ray_groups_changes_nothing_until_told_to_remove_them(

@@ -9,7 +9,8 @@ import pytest
 
 from cluster.console import UserError
 from cluster.placement.request import Bundle, GangRequest
-from cluster.placement.snapshot import NodeSnapshot
+from cluster.placement.snapshot import NodeSnapshot, node_from_ray
+from cluster.ray_mapping import replica_nodes
 from cluster.requests import RequestState, SubmitRequest, WorkloadKind
 from cluster.scheduler import Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
@@ -486,3 +487,94 @@ def test_the_oldest_finished_requests_are_forgotten_and_stay_forgotten_after_a_r
     assert {json.loads(line)["request"]["id"] for line in restored.checkpoint() if '"request"' in line} == set(
         restored.requests
     )
+
+
+# -- pools an autoscaler grows (KubeRay) ---------------------------------------------------------------
+
+
+def growing(live: list[NodeSnapshot], spec: ClusterSpec = SPEC) -> Scheduler:
+    books = Scheduler(spec, POLICY, scale_up=True)
+    books.set_nodes(live)
+    return books
+
+
+def test_a_gang_that_fits_only_on_nodes_to_come_waits_for_them_and_lands_when_they_join():
+    live = [n for n in NODES if n.name != "h100-1"]  # h100 may grow to 2 nodes
+    fixed = Scheduler(SPEC, POLICY)
+    fixed.set_nodes(live)
+    assert fixed.get(submit(fixed, "research", workers=2, gpus=8)).state is RequestState.REJECTED  # no autoscaler
+
+    books = growing(live)
+    request_id = submit(books, "research", workers=2, gpus=8)
+    status = books.get(request_id)
+    assert status.state is RequestState.QUEUED
+    assert status.reason.startswith("waiting for pool h100 to scale up: ")
+    assert books.scale_up_demand() == {"h100": 2}  # whole nodes, the live one included
+    assert books.effects == []
+
+    books.set_nodes(NODES)  # the autoscaler's node joins
+    books.schedule()
+    assert books.get(request_id).state is RequestState.PLACED
+    assert sorted(books.get(request_id).nodes) == ["h100-0", "h100-1"]
+    assert books.scale_up_demand() == {}
+
+
+def test_gangs_waiting_for_nodes_are_summed_and_a_cancelled_one_no_longer_counts():
+    books = growing([NODES[0], NODES[3]])  # no H100 node up yet: the pool may grow to 2
+    first = submit(books, "research", workers=1, gpus=8)
+    second = submit(books, "research", workers=1, gpus=8)
+    assert books.scale_up_demand() == {"h100": 2}
+    books.cancel(second)
+    assert books.scale_up_demand() == {"h100": 1}
+    books.cancel(first)
+    assert books.scale_up_demand() == {}
+
+
+def test_at_its_largest_the_cluster_still_refuses_what_never_fits():
+    books = growing([n for n in NODES if n.name != "h100-1"])
+    status = books.get(submit(books, "research", workers=3, gpus=8))
+    assert status.state is RequestState.REJECTED
+    assert status.reason.startswith("can never fit this cluster at its largest (every pool at its max): ")
+    assert books.scale_up_demand() == {}
+
+
+def test_nodes_to_come_are_waited_for_before_lower_priorities_are_preempted():
+    books = growing([n for n in NODES if n.name != "h100-1"])
+    research = submit(books, "research", workers=1, gpus=8)  # fills the one H100 node up
+    urgent = submit(books, "prod", workers=1, gpus=8)
+    assert books.get(research).state is RequestState.PLACED and books.get(research).preemptions == 0
+    assert books.get(urgent).reason.startswith("waiting for pool h100 to scale up")
+    assert books.scale_up_demand() == {"h100": 2}
+
+
+def test_a_tpu_pool_grows_by_whole_slices():
+    spec = ClusterSpec.model_validate(
+        {
+            "pools": [
+                {
+                    "name": "tpu",
+                    "accelerator": "tpu",
+                    "accelerator_type": "v5p",
+                    "node": {"cpus": 208, "memory": "448Gi"},
+                    "tpu": {"topology": "2x2x2", "chips_per_host": 4, "hosts_per_slice": 2},
+                    "slices": {"max": 3},
+                }
+            ],
+            "teams": [{"name": "research", "quota": {"tpu": 64}}],
+        }
+    )
+    pool = spec.pool("tpu")
+    live = [node_from_ray(host.name, host.resources, host.labels) for host in replica_nodes(pool, 0)]
+    books = growing(live, spec)
+    slice_gang = GangRequest(
+        name="slice", constraint="same_tpu_slice", bundles=[Bundle(resources={"CPU": 1, "TPU": 4})] * 2
+    )
+    ids = [books.submit(SubmitRequest(team="research", gang=slice_gang)).id for _ in range(2)]
+    books.schedule()
+    placed, waiting = (books.get(request_id) for request_id in ids)
+    assert placed.state is RequestState.PLACED and waiting.state is RequestState.QUEUED
+    assert books.scale_up_demand() == {"tpu": 4}  # the live slice's two hosts and a new slice's two
+    one_host = GangRequest(name="host", bundles=[Bundle(resources={"CPU": 1, "TPU": 4})])
+    books.submit(SubmitRequest(team="research", gang=one_host))
+    books.schedule()
+    assert books.scale_up_demand() == {"tpu": 6}  # half a slice is not to be had: another whole one
