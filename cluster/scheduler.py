@@ -359,21 +359,22 @@ class Scheduler:
             }
         )
         gang = status.request.gang.model_copy(update={"name": status.id})
-        decision = self._trial_engine(self._with_unborn_nodes(uncordoned)).place(gang)
+        decision = self._trial_engine(self._with_unborn_nodes(uncordoned, len(gang.bundles))).place(gang)
         if isinstance(decision, Rejection) and decision.reason is RejectionReason.NEVER_FITS:
             largest = " at its largest (every pool at its max)" if self.scale_up else ""
             return f"can never fit this cluster{largest}: {decision.message}"
         return None
 
-    def _unborn_nodes(self) -> list[NodeSnapshot]:
-        """Empty nodes the pools may still gain up to their max, when an autoscaler grows them; else none."""
+    def _unborn_nodes(self, bundles: int) -> list[NodeSnapshot]:
+        """Empty nodes the pools may still gain up to their max, when an autoscaler grows them; else none.
+        At most `bundles` replicas of each pool: no more can hold a bundle each."""
         if not self.scale_up:
             return []
         unborn = []
         for pool in self.spec.pools:
             live = [node for node in self.nodes.values() if node.pool == pool.name]
             replicas = len({node.tpu_slice for node in live}) if pool.tpu else len(live)
-            for replica in range(replicas, pool.replicas.max):
+            for replica in range(replicas, min(pool.replicas.max, replicas + bundles)):
                 for declared in replica_nodes(pool, replica):
                     # Names and slices of their own, so that none is taken for a live node or slice.
                     names = {declared.name, *([f"{pool.name}-s{replica}"] if pool.tpu else [])}
@@ -381,9 +382,9 @@ class Scheduler:
                     unborn.append(node_from_ray(UNBORN_PREFIX + declared.name, declared.resources, labels))
         return unborn
 
-    def _with_unborn_nodes(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
-        """`snapshot` and the nodes the pools may still gain."""
-        return ClusterSnapshot(nodes=snapshot.nodes + tuple(self._unborn_nodes()))
+    def _with_unborn_nodes(self, snapshot: ClusterSnapshot, bundles: int) -> ClusterSnapshot:
+        """`snapshot` and the nodes the pools may still gain (enough for `bundles` bundles)."""
+        return ClusterSnapshot(nodes=snapshot.nodes + tuple(self._unborn_nodes(bundles)))
 
     def scale_up_demand(self) -> dict[str, int]:
         """Nodes each pool must have for the gangs waiting on new nodes to fit, live ones included, for
@@ -392,7 +393,8 @@ class Scheduler:
         self._awaiting_nodes = {status.id: self._awaiting_nodes[status.id] for status in waiting}
         if not waiting or self.engine is None:
             return {}
-        trial = self._trial_engine(self._with_unborn_nodes(self.engine.snapshot()))
+        bundles = sum(len(self._awaiting_nodes[status.id].bundles) for status in waiting)
+        trial = self._trial_engine(self._with_unborn_nodes(self.engine.snapshot(), bundles))
         unborn = {node.name: node for node in trial.snapshot().nodes if node.name.startswith(UNBORN_PREFIX)}
         used = set()
         for status in waiting:
@@ -572,10 +574,10 @@ class Scheduler:
 
     def _pools_to_grow(self, gang: GangRequest) -> list[str]:
         """The pools whose nodes yet to come would let `gang` fit the cluster as it is now; [] if none would."""
-        unborn = self._unborn_nodes()
+        unborn = self._unborn_nodes(len(gang.bundles))
         if not unborn:
             return []
-        decision = self._trial_engine(self._with_unborn_nodes(self.engine.snapshot())).place(gang)
+        decision = self._trial_engine(ClusterSnapshot(nodes=self.engine.snapshot().nodes + tuple(unborn))).place(gang)
         if isinstance(decision, Rejection):
             return []
         pools = {node.name: node.pool for node in unborn}
