@@ -205,7 +205,11 @@ class Controller:
         for pool_name, nodes in sorted(demand.items()):
             bundles += [pool_resources(self.spec.pool(pool_name))] * nodes
             selectors += [{POOL_LABEL: pool_name}] * nodes
-        request_resources(bundles=bundles, bundle_label_selectors=selectors)
+        try:
+            request_resources(bundles=bundles, bundle_label_selectors=selectors)
+        except Exception:  # the call's own changes are durable and bound: the next commit asks again
+            logger.exception("asking Ray's autoscaler for %s failed", demand)
+            return
         self.scale_up_requested = demand
         logger.info("asked Ray's autoscaler for %s", demand or "nothing")
 
