@@ -256,9 +256,12 @@ class Scheduler:
 
     def _trial_engine(self, snapshot: ClusterSnapshot) -> PlacementEngine:
         """A what-if engine that decides as the live one does (same policy, same learned workload)."""
-        return PlacementEngine(
-            snapshot, self.policy, workload=self.engine.policy.workload, node_order=sorted(self.nodes)
-        )
+        workload = self.engine.policy.workload if self.engine else None
+        return PlacementEngine(snapshot, self.policy, workload=workload, node_order=sorted(self.nodes))
+
+    def _live_nodes(self) -> tuple[NodeSnapshot, ...]:
+        """The live nodes as the engine holds them (what is free, cordons); none while no worker node is up."""
+        return self.engine.snapshot().nodes if self.engine else ()
 
     def _labels_of(self, node: NodeSnapshot) -> dict[str, str]:
         control = self.controls.get(node.name)
@@ -349,14 +352,9 @@ class Scheduler:
 
     def _never_fits(self, status: RequestStatus) -> str | None:
         """Why the gang, as asked, fits no node set of the cluster even empty and uncordoned, or None."""
-        snapshot = self.engine.snapshot()
-        uncordoned = snapshot.model_copy(
-            update={
-                "nodes": tuple(
-                    node.model_copy(update={"labels": {k: v for k, v in node.labels.items() if k != CORDON_LABEL}})
-                    for node in snapshot.nodes
-                )
-            }
+        uncordoned = tuple(
+            node.model_copy(update={"labels": {k: v for k, v in node.labels.items() if k != CORDON_LABEL}})
+            for node in self._live_nodes()
         )
         gang = status.request.gang.model_copy(update={"name": status.id})
         decision = self._trial_engine(self._with_unborn_nodes(uncordoned, len(gang.bundles))).place(gang)
@@ -382,19 +380,19 @@ class Scheduler:
                     unborn.append(node_from_ray(UNBORN_PREFIX + declared.name, declared.resources, labels))
         return unborn
 
-    def _with_unborn_nodes(self, snapshot: ClusterSnapshot, bundles: int) -> ClusterSnapshot:
-        """`snapshot` and the nodes the pools may still gain (enough for `bundles` bundles)."""
-        return ClusterSnapshot(nodes=snapshot.nodes + tuple(self._unborn_nodes(bundles)))
+    def _with_unborn_nodes(self, nodes: tuple[NodeSnapshot, ...], bundles: int) -> ClusterSnapshot:
+        """`nodes` and the nodes the pools may still gain (enough for `bundles` bundles)."""
+        return ClusterSnapshot(nodes=nodes + tuple(self._unborn_nodes(bundles)))
 
     def scale_up_demand(self) -> dict[str, int]:
         """Nodes each pool must have for the gangs waiting on new nodes to fit, live ones included, for
         the pools that must grow; {} when none waits. (What Ray's autoscaler is asked to hold.)"""
         waiting = [status for status in self.waiting() if status.id in self._awaiting_nodes]
         self._awaiting_nodes = {status.id: self._awaiting_nodes[status.id] for status in waiting}
-        if not waiting or self.engine is None:
+        if not waiting:
             return {}
         bundles = sum(len(self._awaiting_nodes[status.id].bundles) for status in waiting)
-        trial = self._trial_engine(self._with_unborn_nodes(self.engine.snapshot(), bundles))
+        trial = self._trial_engine(self._with_unborn_nodes(self._live_nodes(), bundles))
         unborn = {node.name: node for node in trial.snapshot().nodes if node.name.startswith(UNBORN_PREFIX)}
         used = set()
         for status in waiting:
@@ -478,8 +476,8 @@ class Scheduler:
         and bind them before going on; the next call continues in the same order. Returns True if it
         stopped with requests left to try.
         """
-        if self.engine is None:
-            return False
+        if self.engine is None and not self.scale_up:
+            return False  # nothing to place on, and no node will come unless one is started
         retry_all = self._retry_all
         if retry_all:
             self._retry_all = False
@@ -516,7 +514,10 @@ class Scheduler:
                 self._over_quota(status, f"over quota: no GPU type among {', '.join(candidates)} has typed quota left")
                 return
         gang = self._gang_for_engine(status, gpu_types)
-        decision = self.engine.place(gang)
+        if self.engine is None:  # no worker node is up yet: only nodes to come can hold it
+            decision = Rejection(gang.name, self.policy, RejectionReason.NEVER_FITS, "no worker node is up")
+        else:
+            decision = self.engine.place(gang)
         if (
             isinstance(decision, Rejection)
             and decision.reason is RejectionReason.NEVER_FITS
@@ -577,7 +578,7 @@ class Scheduler:
         unborn = self._unborn_nodes(len(gang.bundles))
         if not unborn:
             return []
-        decision = self._trial_engine(ClusterSnapshot(nodes=self.engine.snapshot().nodes + tuple(unborn))).place(gang)
+        decision = self._trial_engine(ClusterSnapshot(nodes=self._live_nodes() + tuple(unborn))).place(gang)
         if isinstance(decision, Rejection):
             return []
         pools = {node.name: node.pool for node in unborn}

@@ -578,3 +578,19 @@ def test_a_tpu_pool_grows_by_whole_slices():
     books.submit(SubmitRequest(team="research", gang=one_host))
     books.schedule()
     assert books.scale_up_demand() == {"tpu": 6}  # half a slice is not to be had: another whole one
+
+
+def test_with_no_worker_node_up_yet_gangs_wait_for_the_first_ones():
+    books = growing([])  # every pool scaled to zero
+    request_id = submit(books, "research", workers=1, gpus=8)
+    assert books.get(request_id).reason.startswith("waiting for pool h100 to scale up: no worker node is up")
+    never = submit(books, "research", workers=1, gpus=12)
+    assert books.get(never).state is RequestState.REJECTED
+    assert books.scale_up_demand() == {"h100": 1}
+    books.set_nodes([NODES[1]])
+    books.schedule()
+    assert books.get(request_id).nodes == ["h100-0"] and books.scale_up_demand() == {}
+
+    fixed = Scheduler(SPEC, POLICY)  # no autoscaler: nothing is tried until a node is started
+    fixed.set_nodes([])
+    assert fixed.get(submit(fixed, "research", workers=1, gpus=8)).state is RequestState.QUEUED
