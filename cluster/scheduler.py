@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -371,7 +372,7 @@ class Scheduler:
         unborn = []
         for pool in self.spec.pools:
             live = [node for node in self.nodes.values() if node.pool == pool.name]
-            replicas = len({node.tpu_slice for node in live}) if pool.tpu else len(live)
+            replicas = math.ceil(len(live) / pool.tpu.hosts_per_slice) if pool.tpu else len(live)
             for replica in range(replicas, min(pool.replicas.max, replicas + bundles)):
                 for declared in replica_nodes(pool, replica):
                     # Names and slices of their own, so that none is taken for a live node or slice.
@@ -575,14 +576,14 @@ class Scheduler:
 
     def _pools_to_grow(self, gang: GangRequest) -> list[str]:
         """The pools whose nodes yet to come would let `gang` fit the cluster as it is now; [] if none would."""
-        unborn = self._unborn_nodes(len(gang.bundles))
-        if not unborn:
+        snapshot = self._with_unborn_nodes(self._live_nodes(), len(gang.bundles))
+        unborn_pools = {node.name: node.pool for node in snapshot.nodes if node.name.startswith(UNBORN_PREFIX)}
+        if not unborn_pools:
             return []
-        decision = self._trial_engine(ClusterSnapshot(nodes=self._live_nodes() + tuple(unborn))).place(gang)
+        decision = self._trial_engine(snapshot).place(gang)
         if isinstance(decision, Rejection):
             return []
-        pools = {node.name: node.pool for node in unborn}
-        return sorted({pools[bundle.node] for bundle in decision.bundles if bundle.node in pools})
+        return sorted({unborn_pools[bundle.node] for bundle in decision.bundles if bundle.node in unborn_pools})
 
     def _over_quota(self, status: RequestStatus, reason: str) -> None:
         self._quota_blocked[status.id] = self._quota_changes[status.team]
