@@ -30,7 +30,7 @@ from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
 from cluster.launcher import controller_state_dir, llmos_home
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
-from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL, pool_resources
+from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL, whole_node_requests
 from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
 from cluster.scheduler import PLACEMENT_GROUP_PREFIX, Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
@@ -201,12 +201,12 @@ class Controller:
         demand = self.scheduler.scale_up_demand()
         if demand == self.scale_up_requested:
             return
-        bundles, selectors = [], []
-        for pool_name, nodes in sorted(demand.items()):
-            bundles += [pool_resources(self.spec.pool(pool_name))] * nodes
-            selectors += [{POOL_LABEL: pool_name}] * nodes
+        requests = whole_node_requests(self.spec, demand)
         try:
-            request_resources(bundles=bundles, bundle_label_selectors=selectors)
+            request_resources(
+                bundles=[request["resources"] for request in requests],
+                bundle_label_selectors=[request["label_selector"] for request in requests],
+            )
         except Exception:  # the call's own changes are durable and bound: the next commit asks again
             logger.exception("asking Ray's autoscaler for %s failed", demand)
             return

@@ -93,6 +93,16 @@ def pool_labels(pool: Pool) -> dict[str, str]:
     return labels
 
 
+def whole_node_requests(spec: ClusterSpec, nodes_by_pool: Mapping[str, int]) -> list[dict]:
+    """Whole nodes of each pool, as Ray's autoscaler is asked for them (`request_resources`): one bundle of
+    the node's resources per node, selecting its pool by label."""
+    return [
+        {"resources": pool_resources(spec.pool(name)), "label_selector": {POOL_LABEL: name}}
+        for name, nodes in sorted(nodes_by_pool.items())
+        for _ in range(nodes)
+    ]
+
+
 def replicas_for_workers(pool: Pool, workers: int, per_worker: Mapping[str, float]) -> int:
     """Replicas (nodes, or TPU slices) of `pool` that hold `workers` workers of `per_worker` resources.
 

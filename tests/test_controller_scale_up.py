@@ -1,7 +1,9 @@
 """A controller started with `--scale-up` (pools an autoscaler grows, as on KubeRay) on the shared local
 cluster: a gang that fits only on nodes yet to come waits, the controller asks Ray's autoscaler for
 them with Ray's own `request_resources`, and the gang lands once they join. No autoscaler runs here:
-the test reads the request Ray stores for one and plays its part, adding the node it asked for."""
+the first test reads the request Ray stores for one and plays its part, adding the node it asked for;
+the second hands the same request through the GCS to the decision code of Ray's autoscaler v2 (what
+KubeRay runs), given the node types a rendered RayCluster declares, and checks what it would launch."""
 
 from __future__ import annotations
 
@@ -11,13 +13,21 @@ from pathlib import Path
 import ray
 from controllers import llmos_cli, stop_any_controller
 from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+from ray._raylet import GcsClient
+from ray.autoscaler.v2.instance_manager.config import NodeTypeConfig
+from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
+from ray.autoscaler.v2.schema import AutoscalerInstance
+from ray.autoscaler.v2.sdk import get_cluster_resource_state, request_cluster_resources
+from ray.core.generated.autoscaler_pb2 import NodeState
+from ray.core.generated.instance_manager_pb2 import Instance, NodeKind
 from ray.experimental.internal_kv import _internal_kv_get
 from waiting import WAIT_S, wait_for
 
 from cluster.admin import Admin
 from cluster.launcher import LocalCluster
-from cluster.ray_mapping import pool_resources
+from cluster.ray_mapping import pool_labels, pool_resources, whole_node_requests
 from cluster.requests import RequestState
+from cluster.spec import ClusterSpec
 
 
 def asked_of_the_autoscaler() -> list[dict]:
@@ -58,3 +68,61 @@ def test_a_gang_waits_for_the_nodes_it_asked_the_autoscaler_for_and_lands_on_the
         stop_any_controller()
         for node in added:
             local_cluster.remove_node(node.name)
+
+
+def busy_node(spec: ClusterSpec, pool_name: str, index: int) -> AutoscalerInstance:
+    """A running node of the pool with nothing free, as the autoscaler sees it."""
+    pool, name = spec.pool(pool_name), f"{pool_name}-{index}"
+    return AutoscalerInstance(
+        cloud_instance_id=name,
+        im_instance=Instance(
+            instance_id=name, instance_type=pool_name, status=Instance.RAY_RUNNING, node_kind=NodeKind.WORKER
+        ),
+        ray_node=NodeState(
+            node_id=name.encode(),
+            total_resources=pool_resources(pool),
+            available_resources={},
+            labels=pool_labels(pool),
+        ),
+    )
+
+
+def test_rays_autoscaler_v2_launches_exactly_the_nodes_the_controller_asks_for(local_cluster: LocalCluster):
+    spec = local_cluster.spec
+    # KubeRay's node types: one per worker group, with the group's Ray resources and labels.
+    node_types = {
+        pool.name: NodeTypeConfig(
+            name=pool.name,
+            min_worker_nodes=0,
+            max_worker_nodes=pool.replicas.max,
+            resources=pool_resources(pool),
+            labels=pool_labels(pool),
+        )
+        for pool in spec.pools
+        if pool.tpu is None
+    }
+    live = [busy_node(spec, "h100", 0), busy_node(spec, "cpu", 0)]
+
+    def launched(nodes_by_pool: dict[str, int]) -> dict[str, int]:
+        request_cluster_resources(local_cluster.gcs_address, whole_node_requests(spec, nodes_by_pool))
+        stored = get_cluster_resource_state(GcsClient(address=local_cluster.gcs_address))
+        reply = ResourceDemandScheduler().schedule(
+            SchedulingRequest(
+                disable_launch_config_check=True,
+                node_type_configs=node_types,
+                cluster_resource_constraints=list(stored.cluster_resource_constraints),
+                current_instances=live,
+            )
+        )
+        assert not reply.infeasible_cluster_resource_constraints
+        return {launch.instance_type: launch.count for launch in reply.to_launch}
+
+    try:
+        assert launched({"h100": 2}) == {"h100": 1}  # the live, busy node and one more
+        assert launched({"h100": 2, "a100": 3}) == {"h100": 1, "a100": 3}  # each pool by its label
+        # Why the live nodes are in the request: the autoscaler fits it against nodes' totals, so the busy
+        # node alone seems to hold one more node's worth.
+        assert launched({"h100": 1}) == {}
+        assert launched({}) == {}
+    finally:
+        request_cluster_resources(local_cluster.gcs_address, [])
