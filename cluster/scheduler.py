@@ -531,11 +531,11 @@ class Scheduler:
             self._decide(status, DecisionAction.REJECTED, never)
             return
         if isinstance(decision, Rejection):
-            growing = self._pools_to_grow(gang)
-            if growing:
+            growth = self._growth_for(gang)
+            if growth:
                 # Nodes on the way cost no one anything; preempting for a gang they would hold costs work.
                 self._awaiting_nodes[status.id] = gang
-                self._wait(status, f"waiting for pool {', '.join(growing)} to scale up: {decision.message}")
+                self._wait(status, f"waiting for the cluster to scale up: {growth}")
                 return
             self._awaiting_nodes.pop(status.id, None)
             if not self._preempt_for(status, gang):
@@ -574,16 +574,24 @@ class Scheduler:
         if bound:
             self.effects.append(Bind(status.id, status.placement_group, tuple(bundles)))
 
-    def _pools_to_grow(self, gang: GangRequest) -> list[str]:
-        """The pools whose nodes yet to come would let `gang` fit the cluster as it is now; [] if none would."""
+    def _growth_for(self, gang: GangRequest) -> str:
+        """The nodes yet to come that would let `gang` fit the cluster as it is now, in words; "" if none would."""
         snapshot = self._with_unborn_nodes(self._live_nodes(), len(gang.bundles))
-        unborn_pools = {node.name: node.pool for node in snapshot.nodes if node.name.startswith(UNBORN_PREFIX)}
-        if not unborn_pools:
-            return []
+        unborn = {node.name: node for node in snapshot.nodes if node.name.startswith(UNBORN_PREFIX)}
+        if not unborn:
+            return ""
         decision = self._trial_engine(snapshot).place(gang)
         if isinstance(decision, Rejection):
-            return []
-        return sorted({unborn_pools[bundle.node] for bundle in decision.bundles if bundle.node in unborn_pools})
+            return ""
+        used = [unborn[bundle.node] for bundle in decision.bundles if bundle.node in unborn]
+        growth = []
+        for pool in self.spec.pools:
+            # A TPU pool grows by whole slices, other pools by nodes.
+            units = {node.tpu_slice if pool.tpu else node.name for node in used if node.pool == pool.name}
+            if units:
+                unit = "slice" if pool.tpu else "node"
+                growth.append(f"{len(units)} more {unit}{'s' if len(units) > 1 else ''} of pool {pool.name}")
+        return ", ".join(growth)
 
     def _over_quota(self, status: RequestStatus, reason: str) -> None:
         self._quota_blocked[status.id] = self._quota_changes[status.team]

@@ -47,7 +47,7 @@ def test_a_gang_waits_for_the_nodes_it_asked_the_autoscaler_for_and_lands_on_the
         bundle = {"resources": {"CPU": 6}, "label_selector": {"llmos.io/pool": "cpu"}}
         status = admin.submit({"team": "research", "gang": {"name": "wide", "bundles": [bundle, bundle]}})
         assert status.state is RequestState.QUEUED
-        assert status.reason.startswith("waiting for pool cpu to scale up: ")
+        assert status.reason == "waiting for the cluster to scale up: 1 more node of pool cpu"
         assert admin.ping()["scale_up_requested"] == {"cpu": 2}
         cpu_node = pool_resources(local_cluster.spec.pool("cpu"))
         assert asked_of_the_autoscaler() == [cpu_node, cpu_node]  # whole nodes, the live one included

@@ -508,7 +508,7 @@ def test_a_gang_that_fits_only_on_nodes_to_come_waits_for_them_and_lands_when_th
     request_id = submit(books, "research", workers=2, gpus=8)
     status = books.get(request_id)
     assert status.state is RequestState.QUEUED
-    assert status.reason.startswith("waiting for pool h100 to scale up: ")
+    assert status.reason == "waiting for the cluster to scale up: 1 more node of pool h100"
     assert books.scale_up_demand() == {"h100": 2}  # whole nodes, the live one included
     assert books.effects == []
 
@@ -543,7 +543,7 @@ def test_nodes_to_come_are_waited_for_before_lower_priorities_are_preempted():
     research = submit(books, "research", workers=1, gpus=8)  # fills the one H100 node up
     urgent = submit(books, "prod", workers=1, gpus=8)
     assert books.get(research).state is RequestState.PLACED and books.get(research).preemptions == 0
-    assert books.get(urgent).reason.startswith("waiting for pool h100 to scale up")
+    assert books.get(urgent).reason == "waiting for the cluster to scale up: 1 more node of pool h100"
     assert books.scale_up_demand() == {"h100": 2}
 
 
@@ -572,7 +572,8 @@ def test_a_tpu_pool_grows_by_whole_slices():
     ids = [books.submit(SubmitRequest(team="research", gang=slice_gang)).id for _ in range(2)]
     books.schedule()
     placed, waiting = (books.get(request_id) for request_id in ids)
-    assert placed.state is RequestState.PLACED and waiting.state is RequestState.QUEUED
+    assert placed.state is RequestState.PLACED
+    assert waiting.reason == "waiting for the cluster to scale up: 1 more slice of pool tpu"
     assert books.scale_up_demand() == {"tpu": 4}  # the live slice's two hosts and a new slice's two
     one_host = GangRequest(name="host", bundles=[Bundle(resources={"CPU": 1, "TPU": 4})])
     books.submit(SubmitRequest(team="research", gang=one_host))
@@ -583,7 +584,7 @@ def test_a_tpu_pool_grows_by_whole_slices():
 def test_with_no_worker_node_up_yet_gangs_wait_for_the_first_ones():
     books = growing([])  # every pool scaled to zero
     request_id = submit(books, "research", workers=1, gpus=8)
-    assert books.get(request_id).reason.startswith("waiting for pool h100 to scale up: no worker node is up")
+    assert books.get(request_id).reason == "waiting for the cluster to scale up: 1 more node of pool h100"
     never = submit(books, "research", workers=1, gpus=12)
     assert books.get(never).state is RequestState.REJECTED
     assert books.scale_up_demand() == {"h100": 1}
