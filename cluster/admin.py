@@ -198,8 +198,10 @@ class Admin:
         return controller.stop(self._credential)
 
     def pools(self) -> list[PoolInfo]:
-        """Pools with capacity and Ray's free resources, from the live node table."""
-        return summarize_pools(read_nodes())
+        """Every pool of the controller's spec, with capacity and Ray's free resources from the live node table,
+        and how many nodes it may grow to."""
+        declared = [PoolInfo.model_validate(pool) for pool in self._call("ping", authenticated=False)["pools"]]
+        return summarize_pools(read_nodes(), declared)
 
     def nodes(self) -> list[NodeBooks]:
         return [NodeBooks.model_validate(row) for row in self._call("nodes")]

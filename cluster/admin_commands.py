@@ -297,7 +297,7 @@ def _pools_list(args: argparse.Namespace) -> int:
             [
                 p.name,
                 f"{p.accelerator} {p.accelerator_type or ''}".strip(),
-                p.nodes_alive,
+                f"{p.nodes_alive} of {p.nodes_max}" if p.nodes_max else p.nodes_alive,
                 *(
                     f"{p.free.get(key, 0):g}/{p.total[key]:g}" if p.total.get(key) else "-"
                     for key in ("GPU", "TPU", "CPU")

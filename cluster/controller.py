@@ -28,6 +28,7 @@ from ray.autoscaler.sdk import request_resources
 from cluster import binding
 from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
+from cluster.inventory import declared_pools
 from cluster.launcher import controller_state_dir, llmos_home
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
 from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL, whole_node_requests
@@ -295,6 +296,7 @@ class Controller:
                 "state_lost": self.state_lost,
                 "scale_up": self.scheduler.scale_up,
                 "scale_up_requested": self.scale_up_requested or {},
+                "pools": [pool.model_dump() for pool in declared_pools(self.spec)],
             }
 
     def whoami(self, credential: str | None) -> str:

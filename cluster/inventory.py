@@ -9,12 +9,20 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.console import UserError
 from cluster.launcher import LocalCluster
-from cluster.ray_mapping import ACCELERATOR_KIND_LABEL, NODE_LABEL, POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL
+from cluster.ray_mapping import (
+    ACCELERATOR_KIND_LABEL,
+    NODE_LABEL,
+    POOL_LABEL,
+    RAY_ACCELERATOR_TYPE_LABEL,
+    ray_accelerator_type,
+)
+from cluster.spec import ClusterSpec
 
 # Resources people read in tables; the rest (accelerator_type:*, slice names) stay in --json.
 SUMMARY_RESOURCES = ("CPU", "GPU", "TPU", "memory")
@@ -48,6 +56,27 @@ class PoolInfo(BaseModel):
     nodes_dead: int
     total: dict[str, float]
     free: dict[str, float]
+    nodes_max: int | None = Field(
+        None, description="Most nodes the pool may grow to (TPU: hosts of its slices), where the spec is known."
+    )
+
+
+def declared_pools(spec: ClusterSpec) -> list[PoolInfo]:
+    """Every pool of the spec with no node counted yet: what `summarize_pools` shows for a pool none of
+    whose nodes is up (an autoscaled pool at zero), and how far each may grow."""
+    return [
+        PoolInfo(
+            name=pool.name,
+            accelerator=pool.accelerator.value,
+            accelerator_type=ray_accelerator_type(pool),
+            nodes_alive=0,
+            nodes_dead=0,
+            total={},
+            free={},
+            nodes_max=pool.replicas.max * (pool.tpu.hosts_per_slice if pool.tpu else 1),
+        )
+        for pool in spec.pools
+    ]
 
 
 def connect(address: str | None = None) -> str:
@@ -116,7 +145,9 @@ def read_nodes() -> list[NodeInfo]:
     return sorted(nodes, key=lambda node: (not node.is_head, node.pool, node.name, not node.alive))
 
 
-def summarize_pools(nodes: list[NodeInfo]) -> list[PoolInfo]:
+def summarize_pools(nodes: list[NodeInfo], declared: Sequence[PoolInfo] = ()) -> list[PoolInfo]:
+    """The pools of the live nodes, summed; with `declared` (`declared_pools`), every declared pool too,
+    each with its `nodes_max`."""
     by_pool: dict[str, list[NodeInfo]] = defaultdict(list)
     for node in nodes:
         by_pool[node.pool].append(node)
@@ -139,6 +170,7 @@ def summarize_pools(nodes: list[NodeInfo]) -> list[PoolInfo]:
                 nodes_dead=len(members) - len(alive),
                 total=dict(total),
                 free=dict(free),
+                nodes_max=next((pool.nodes_max for pool in declared if pool.name == name), None),
             )
         )
-    return pools
+    return pools + [pool for pool in declared if pool.name not in by_pool]

@@ -24,6 +24,7 @@ from ray.experimental.internal_kv import _internal_kv_get
 from waiting import WAIT_S, wait_for
 
 from cluster.admin import Admin
+from cluster.inventory import declared_pools, summarize_pools
 from cluster.launcher import LocalCluster
 from cluster.ray_mapping import pool_labels, pool_resources, whole_node_requests
 from cluster.requests import RequestState
@@ -49,6 +50,9 @@ def test_a_gang_waits_for_the_nodes_it_asked_the_autoscaler_for_and_lands_on_the
         assert status.state is RequestState.QUEUED
         assert status.reason == "waiting for the cluster to scale up: 1 more node of pool cpu"
         assert admin.ping()["scale_up_requested"] == {"cpu": 2}
+        pools = {pool.name: pool for pool in admin.pools()}
+        assert (pools["cpu"].nodes_alive, pools["cpu"].nodes_max) == (1, 8)
+        assert (pools["tpu-v5p"].nodes_alive, pools["tpu-v5p"].nodes_max) == (2, 4)  # 2 slices of 2 hosts
         cpu_node = pool_resources(local_cluster.spec.pool("cpu"))
         assert asked_of_the_autoscaler() == [cpu_node, cpu_node]  # whole nodes, the live one included
         shown = llmos_cli(local_cluster, "controller", "status")
@@ -61,6 +65,7 @@ def test_a_gang_waits_for_the_nodes_it_asked_the_autoscaler_for_and_lands_on_the
         group = ray.util.get_placement_group(placed.placement_group)
         assert group.wait(WAIT_S)
         assert admin.ping()["scale_up_requested"] == {}
+        assert {pool.name: pool for pool in admin.pools()}["cpu"].nodes_alive == 2
         assert asked_of_the_autoscaler() == []  # nothing held up any more: idle nodes may go again
     finally:
         for status in admin.queue():
@@ -126,3 +131,23 @@ def test_rays_autoscaler_v2_launches_exactly_the_nodes_the_controller_asks_for(l
         assert launched({}) == {}
     finally:
         request_cluster_resources(local_cluster.gcs_address, [])
+
+
+def test_pools_none_of_whose_nodes_is_up_are_listed_with_how_far_they_may_grow(
+    local_cluster: LocalCluster, tmp_path: Path
+):
+    pools = summarize_pools([], declared_pools(local_cluster.spec))
+    assert [(pool.name, pool.nodes_alive, pool.nodes_max) for pool in pools] == [
+        ("cpu", 0, 8),
+        ("h100", 0, 4),
+        ("a100", 0, 8),
+        ("tpu-v5p", 0, 4),
+    ]
+    stop_any_controller()
+    Admin(state_dir=tmp_path / "books", policy="bestfit")  # the CLI below would start one of its own
+    try:
+        shown = llmos_cli(local_cluster, "pools", "list")
+        assert shown.returncode == 0, shown.stderr
+        assert "1 of 8" in shown.stdout and "2 of 4" in shown.stdout  # cpu, tpu-v5p: live of most
+    finally:
+        stop_any_controller()
