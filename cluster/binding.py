@@ -15,10 +15,10 @@ import ray
 from ray._raylet import PlacementGroupID
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from cluster.ray_mapping import RAY_NODE_ID_LABEL
 from cluster.requests import BundleBinding
 from cluster.scheduler import PLACEMENT_GROUP_PREFIX
 
-NODE_ID_LABEL = "ray.io/node-id"
 NAMESPACE = "llmos"
 
 
@@ -49,7 +49,7 @@ def bind(name: str, bundles: list[BundleBinding], node_ids: dict[str, str]) -> P
         strategy="STRICT_PACK" if len(set(nodes)) == 1 else "PACK",
         name=name,
         lifetime="detached",
-        bundle_label_selector=[{NODE_ID_LABEL: node_ids[node]} for node in nodes],
+        bundle_label_selector=[{RAY_NODE_ID_LABEL: node_ids[node]} for node in nodes],
     )
 
 

@@ -16,6 +16,7 @@ from cluster.spec import AcceleratorKind, ClusterSpec, Pool
 
 POOL_LABEL = "llmos.io/pool"
 NODE_LABEL = "llmos.io/node"
+RAY_NODE_ID_LABEL = "ray.io/node-id"  # Ray gives every node this label, on KubeRay as locally
 ACCELERATOR_KIND_LABEL = "llmos.io/accelerator"
 TPU_SLICE_LABEL = "llmos.io/tpu-slice"
 HEAD_POOL = "head"

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
 from cluster.placement.request import GangRequest
+from cluster.ray_mapping import NODE_LABEL, RAY_NODE_ID_LABEL
 
 
 class WorkloadKind(StrEnum):
@@ -69,7 +70,7 @@ class SubmitRequest(BaseModel):
         True,
         description="True: the controller reserves the placement in Ray as a pinned placement group. False: the "
         "controller only books it, and the workload reserves the same nodes itself (Ray Train creates its own "
-        "placement group; pin its workers with the `llmos.io/node` label of each bundle's node).",
+        "placement group; pin each worker with its bundle's `pin`, a selector on Ray's `ray.io/node-id`).",
     )
     group_bundles: GroupBundles = Field(
         GroupBundles.PER_BUNDLE,
@@ -93,6 +94,13 @@ class BundleBinding(BaseModel):
     gpu_devices: list[int] = Field(default_factory=list)
     gpu_share: float = 0.0
     group_bundle_index: int = Field(..., description="The bundle of the Ray placement group that holds this one.")
+    node_id: str = Field("", description="Ray's id of the node (its `ray.io/node-id` label).")
+
+    @property
+    def pin(self) -> dict[str, str]:
+        """The label selector that puts a worker on this bundle's node: Ray's node id, which every node has
+        (KubeRay's pods carry no llmos.io/node label); llmos's node name for books without the id."""
+        return {RAY_NODE_ID_LABEL: self.node_id} if self.node_id else {NODE_LABEL: self.node}
 
     @model_validator(mode="before")
     @classmethod
@@ -101,6 +109,16 @@ class BundleBinding(BaseModel):
         if isinstance(data, dict) and "group_bundle_index" not in data and "bundle_index" in data:
             return {**data, "group_bundle_index": data["bundle_index"]}
         return data
+
+
+def pin_any(bundles: list[BundleBinding]) -> dict[str, str]:
+    """One label selector for the nodes of all these bundles (replicas that may each run on any of them),
+    by Ray's node id as `BundleBinding.pin`, or by llmos's node name if some bundle's books lack the id."""
+    if all(bundle.node_id for bundle in bundles):
+        key, values = RAY_NODE_ID_LABEL, {bundle.node_id for bundle in bundles}
+    else:
+        key, values = NODE_LABEL, {bundle.node for bundle in bundles}
+    return {key: f"in({','.join(sorted(values))})"}
 
 
 class RequestStatus(BaseModel):

@@ -28,7 +28,7 @@ from cluster.placement.engine import PlacementEngine
 from cluster.placement.request import GangRequest
 from cluster.placement.snapshot import ClusterSnapshot, NodeSnapshot, node_from_ray
 from cluster.preemption import choose_victims
-from cluster.ray_mapping import HEAD_POOL, replica_nodes
+from cluster.ray_mapping import HEAD_POOL, RAY_NODE_ID_LABEL, replica_nodes
 from cluster.requests import (
     BundleBinding,
     DecisionAction,
@@ -547,7 +547,7 @@ class Scheduler:
                 return
         per_node = status.request.group_bundles is GroupBundles.PER_NODE
         bundles = [
-            _binding_of(bundle, self.nodes[bundle.node].pool, group_bundle)
+            _binding_of(bundle, self.nodes[bundle.node], group_bundle)
             for bundle, group_bundle in zip(decision.bundles, _group_bundles(decision.bundles, per_node), strict=True)
         ]
         usage = {}
@@ -766,11 +766,12 @@ def _quota_line(team: str, quota: dict[str, float]) -> str:
     return json.dumps({"quota": {"team": team, "quota": quota}})
 
 
-def _binding_of(bundle: BundlePlacement, pool: str, group_bundle_index: int) -> BundleBinding:
+def _binding_of(bundle: BundlePlacement, node: NodeSnapshot, group_bundle_index: int) -> BundleBinding:
     return BundleBinding(
+        node_id=node.labels.get(RAY_NODE_ID_LABEL, ""),
         bundle_index=bundle.bundle_index,
         node=bundle.node,
-        pool=pool,
+        pool=node.pool,
         resources=dict(bundle.resources),
         gpu_devices=list(bundle.gpu_devices),
         gpu_share=bundle.gpu_share,

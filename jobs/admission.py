@@ -3,8 +3,8 @@
 Ray Train V2 always creates its own placement group, so training asks the controller to book the
 gang without binding one (`bind_placement_group=False`): the controller checks quota and priority
 and books nodes (and GPU devices) as for any gang, and the job pins worker i to the node of bundle i
-with a `llmos.io/node` label selector, so Ray Train's own placement group reserves exactly the
-booked nodes. The request is released with `Admin.complete` when the run ends.
+with a label selector on Ray's node id (`BundleBinding.pin`), so Ray Train's own placement group
+reserves exactly the booked nodes. The request is released with `Admin.complete` when the run ends.
 
 `gang_request` and `placement_for` are pure; `admit` is the one function that talks to the controller.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from cluster.admin import Admin
 from cluster.console import UserError
 from cluster.placement.request import Bundle, Constraint, GangRequest
-from cluster.ray_mapping import NODE_LABEL, POOL_LABEL
+from cluster.ray_mapping import POOL_LABEL
 from cluster.requests import RequestState, RequestStatus, SubmitRequest, WorkloadKind
 from cluster.spec import format_memory
 from jobs.spec import TrainingJob
@@ -79,7 +79,7 @@ def gang_request(job: TrainingJob, workers: int, name: str | None = None) -> Sub
 
 def placement_for(bookings: list[RequestStatus]) -> WorkerPlacement:
     """Exactly one worker per booked bundle (across the bookings), worker i pinned to the node of bundle i."""
-    selectors = [{NODE_LABEL: node} for status in bookings for node in status.nodes]
+    selectors = [bundle.pin for status in bookings for bundle in status.bundles]
     return WorkerPlacement(len(selectors), len(selectors), selectors)
 
 

@@ -3,20 +3,21 @@
 
 from __future__ import annotations
 
-from cluster.ray_mapping import NODE_LABEL, POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL
+from cluster.ray_mapping import POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL
+from cluster.requests import BundleBinding, pin_any
 from serving.spec import ServeJob
 
 DEPLOYMENT = "CompletionServer"
 IMPORT_PATH = "serving.app:build_app"
 
 
-def replica_actor_options(job: ServeJob, nodes: list[str] | None = None) -> dict:
-    """Ray actor options of one replica; `nodes` pins replicas to the nodes the controller booked."""
+def replica_actor_options(job: ServeJob, booked: list[BundleBinding] | None = None) -> dict:
+    """Ray actor options of one replica; `booked` pins replicas to the nodes the controller booked."""
     options: dict = {"num_cpus": job.resources.cpus, "memory": float(job.resources.memory)}
     if job.resources.gpus:
         options["num_gpus"] = job.resources.gpus
-    if nodes:
-        options["label_selector"] = {NODE_LABEL: f"in({','.join(sorted(set(nodes)))})"}
+    if booked:
+        options["label_selector"] = pin_any(booked)
     elif job.pool:
         options["label_selector"] = {POOL_LABEL: job.pool}
     elif job.accelerator_type:

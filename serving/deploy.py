@@ -2,7 +2,7 @@
 
 Each replica is one serving request of the team (group = the deployment, `group_min` = its minimum
 replicas, so preemption never takes it below that). The controller books the replicas; Serve then
-starts them pinned to the booked nodes through the `llmos.io/node` label, and a reconciler
+starts them pinned to the booked nodes through Ray's `ray.io/node-id` label, and a reconciler
 (`serving.reconcile`) keeps the replica count in step with the books afterwards: down when the
 controller preempts a replica, up when a queued or requeued one is placed. A deployment the cluster
 can never hold is rejected at once with the controller's reason, instead of Serve waiting in
@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from cluster.console import UserError
 from cluster.ray_mapping import POOL_LABEL
 from cluster.requests import RequestState, RequestStatus, SubmitRequest, WorkloadKind
-from serving.reconcile import run_replicas, serving_nodes, start_reconciler, stop_reconciler
+from serving.reconcile import run_replicas, serving_bundles, start_reconciler, stop_reconciler
 from serving.spec import ServeJob
 
 
@@ -94,11 +94,12 @@ def deploy(
         on_progress(f"waiting for replicas: {len(placed)}/{job.replicas.min} placed")
         time.sleep(0.5)
     # Replicas the cluster has no room for now stay queued: the reconciler starts them once placed.
-    nodes = serving_nodes(placed)
+    booked = serving_bundles(placed)
+    nodes = [bundle.node for bundle in booked]
     on_progress(f"starting {len(placed)} replica(s) of {job.name} on {', '.join(sorted(set(nodes)))}")
     serve.start(http_options={"host": host, "port": port})
     try:
-        run_replicas(job, nodes)
+        run_replicas(job, booked)
     except Exception as error:
         _cancel_all(admin, request_ids)
         raise UserError(f"Serve could not start {job.name}: {error}") from None

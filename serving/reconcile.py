@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from cluster.admin import ProgressReporter
-from cluster.requests import RequestState, RequestStatus
+from cluster.requests import BundleBinding, RequestState, RequestStatus
 from serving.config import replica_actor_options
 from serving.spec import ServeJob
 
@@ -31,19 +31,20 @@ def reconciler_name(deployment: str) -> str:
     return f"llmos-serve-{deployment}"
 
 
-def serving_nodes(statuses: list[RequestStatus]) -> list[str]:
-    """The node of every replica request that holds one, sorted: what Serve should run on."""
-    return sorted(node for status in statuses if status.state.holding for node in status.nodes)
+def serving_bundles(statuses: list[RequestStatus]) -> list[BundleBinding]:
+    """The bundle of every replica request that holds one, by node: what Serve should run on."""
+    held = [bundle for status in statuses if status.state.holding for bundle in status.bundles]
+    return sorted(held, key=lambda bundle: bundle.node)
 
 
-def run_replicas(job: ServeJob, nodes: list[str]) -> None:
-    """Deploy (or update) the application with one replica per booked node entry, pinned to those nodes."""
+def run_replicas(job: ServeJob, booked: list[BundleBinding]) -> None:
+    """Deploy (or update) the application with one replica per booked bundle, pinned to those nodes."""
     from ray import serve
 
     from serving.app import CompletionServer
 
     application = CompletionServer.options(
-        num_replicas=len(nodes), ray_actor_options=replica_actor_options(job, nodes)
+        num_replicas=len(booked), ray_actor_options=replica_actor_options(job, booked)
     ).bind(job.model_dump(mode="json"))
     serve.run(application, name=job.name, route_prefix=job.route_prefix, blocking=False)
 
@@ -72,10 +73,11 @@ class ReplicaReconciler:
 
     def reconcile(self) -> None:
         statuses = [reporter.status() for reporter in self.reporters]
-        nodes = serving_nodes(statuses)
+        booked = serving_bundles(statuses)
+        nodes = [bundle.node for bundle in booked]
         # With no replica booked (every node lost), Serve keeps what it has until one is placed again.
         if nodes and nodes != self.nodes:
-            run_replicas(self.job, nodes)
+            run_replicas(self.job, booked)
             self.changes.append({"time": time.time(), "replicas": len(nodes), "nodes": nodes, "was": self.nodes})
             self.nodes = nodes
         for reporter, status in zip(self.reporters, statuses, strict=True):

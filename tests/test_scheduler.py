@@ -595,3 +595,12 @@ def test_with_no_worker_node_up_yet_gangs_wait_for_the_first_ones():
     fixed = Scheduler(SPEC, POLICY)  # no autoscaler: nothing is tried until a node is started
     fixed.set_nodes([])
     assert fixed.get(submit(fixed, "research", workers=1, gpus=8)).state is RequestState.QUEUED
+
+
+def test_each_bundle_records_rays_id_of_its_node_for_workloads_to_pin_to():
+    with_ids = [n.model_copy(update={"labels": {**n.labels, "ray.io/node-id": f"id-{n.name}"}}) for n in NODES]
+    books = Scheduler(SPEC, POLICY)
+    books.set_nodes(with_ids)
+    status = books.get(submit(books, "research", workers=2, gpus=8))
+    assert [bundle.node_id for bundle in status.bundles] == [f"id-{node}" for node in status.nodes]
+    assert status.bundles[0].pin == {"ray.io/node-id": f"id-{status.nodes[0]}"}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from ray.serve.schema import ServeDeploySchema
 
+from cluster.requests import BundleBinding
 from cluster.spec import SpecError
 from jobs.data import VOCAB_SIZE, encode
 from jobs.model import TransformerLM
@@ -126,8 +127,14 @@ def test_serve_config_is_valid_for_rays_own_serve_deploy():
     (application,) = config["applications"]
     assert application["import_path"] == "serving.app:build_app"
     assert application["deployments"][0]["ray_actor_options"]["label_selector"] == {"llmos.io/pool": "a100"}
-    pinned = replica_actor_options(job, ["a100-1", "a100-0", "a100-0"])
-    assert pinned["label_selector"] == {"llmos.io/node": "in(a100-0,a100-1)"}
+    booked = [
+        BundleBinding(bundle_index=0, node=node, node_id=node_id, pool="a100", resources={}, group_bundle_index=0)
+        for node, node_id in [("a100-1", "id1"), ("a100-0", "id0"), ("a100-0", "id0")]
+    ]
+    pinned = replica_actor_options(job, booked)
+    assert pinned["label_selector"] == {"ray.io/node-id": "in(id0,id1)"}  # every Ray node has this label
+    restored = [bundle.model_copy(update={"node_id": ""}) for bundle in booked[:2]]  # books from before ids
+    assert replica_actor_options(job, restored)["label_selector"] == {"llmos.io/node": "in(a100-0,a100-1)"}
 
 
 def test_serve_job_errors_name_the_field(tmp_path):

@@ -56,17 +56,22 @@ def test_each_worker_is_pinned_to_the_node_of_its_bundle():
         priority_value=1000,
         state=RequestState.PLACED,
         bundles=[
-            BundleBinding(bundle_index=0, node="h100-1", pool="h100", resources={"GPU": 1}),
-            BundleBinding(bundle_index=1, node="h100-0", pool="h100", resources={"GPU": 1}),
+            BundleBinding(bundle_index=0, node="h100-1", node_id="id1", pool="h100", resources={"GPU": 1}),
+            BundleBinding(bundle_index=1, node="h100-0", node_id="id0", pool="h100", resources={"GPU": 1}),
         ],
         submitted_seq=1,
         submitted_at=0.0,
     )
+    # By Ray's node id, which every node has: a KubeRay pod carries no llmos.io/node label.
     placement = placement_for([status])
-    assert placement == WorkerPlacement(2, 2, [{"llmos.io/node": "h100-1"}, {"llmos.io/node": "h100-0"}])
+    assert placement == WorkerPlacement(2, 2, [{"ray.io/node-id": "id1"}, {"ray.io/node-id": "id0"}])
     config = scaling_config(job(), placement)
     assert config.num_workers == 2
-    assert config.label_selector == [{"llmos.io/node": "h100-1"}, {"llmos.io/node": "h100-0"}]
+    assert config.label_selector == [{"ray.io/node-id": "id1"}, {"ray.io/node-id": "id0"}]
+    # Books journaled before bundles kept the id pin by llmos's node name.
+    for bundle in status.bundles:
+        bundle.node_id = ""
+    assert placement_for([status]).label_selector == [{"llmos.io/node": "h100-1"}, {"llmos.io/node": "h100-0"}]
 
 
 def test_rejection_names_the_fields_and_the_fix():
