@@ -31,7 +31,7 @@ from cluster.console import UserError
 from cluster.inventory import declared_pools
 from cluster.launcher import controller_state_dir, llmos_home
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
-from cluster.ray_mapping import HEAD_POOL, NODE_LABEL, POOL_LABEL, whole_node_requests
+from cluster.ray_mapping import HEAD_POOL, POOL_LABEL, node_name, whole_node_requests
 from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
 from cluster.scheduler import PLACEMENT_GROUP_PREFIX, Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
@@ -133,7 +133,7 @@ class Controller:
             leaving = not entry.get("Alive") or entry["NodeID"] in draining
             if leaving or labels.get(POOL_LABEL, HEAD_POOL) == HEAD_POOL:
                 continue
-            name = labels.get(NODE_LABEL, entry["NodeID"])
+            name = node_name(labels, entry["NodeID"])
             node_ids[name] = entry["NodeID"]
             nodes.append(node_from_ray(name, entry.get("Resources") or {}, labels))
         return nodes, node_ids

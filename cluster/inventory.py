@@ -17,9 +17,9 @@ from cluster.console import UserError
 from cluster.launcher import LocalCluster
 from cluster.ray_mapping import (
     ACCELERATOR_KIND_LABEL,
-    NODE_LABEL,
     POOL_LABEL,
     RAY_ACCELERATOR_TYPE_LABEL,
+    node_name,
     ray_accelerator_type,
 )
 from cluster.spec import ClusterSpec
@@ -131,7 +131,7 @@ def read_nodes() -> list[NodeInfo]:
         alive = bool(entry["Alive"])
         nodes.append(
             NodeInfo(
-                name=labels.get(NODE_LABEL, node_id[:12]),
+                name=node_name(labels, node_id),
                 pool=labels.get(POOL_LABEL, "head" if entry.get("IsHeadNode") else "unknown"),
                 node_id=node_id,
                 address=entry.get("NodeManagerAddress", ""),

@@ -94,6 +94,12 @@ def pool_labels(pool: Pool) -> dict[str, str]:
     return labels
 
 
+def node_name(labels: Mapping[str, str], node_id: str) -> str:
+    """A node's llmos name: its llmos.io/node label (nodes `llmos up` starts), else the first 12 characters
+    of its Ray id (a KubeRay pod), short enough to type in `llmos drain`."""
+    return labels.get(NODE_LABEL, node_id[:12])
+
+
 def whole_node_requests(spec: ClusterSpec, nodes_by_pool: Mapping[str, int]) -> list[dict]:
     """Whole nodes of each pool, as Ray's autoscaler is asked for them (`request_resources`): one bundle of
     the node's resources per node, selecting its pool by label."""

@@ -39,7 +39,7 @@ from tests.waiting import wait_for
 
 CPU_NODES = ("cpu-0", "cpu-1", "cpu-2", "cpu-3")
 CPUS_PER_NODE = 8.0
-RESOURCE_VIEW_SYNC_S = 2.0
+RESOURCE_VIEW_SYNC_S = 5.0  # under load Ray's syncer once lagged past 2 s (a full `make test`)
 IN_CPU_POOL = {POOL_LABEL: "cpu"}
 
 
