@@ -105,7 +105,7 @@ def deploy(
         raise UserError(f"Serve could not start {job.name}: {error}") from None
     for status in placed:
         admin.mark_running(status.id, {"deployment": job.name})
-    start_reconciler(job, [admin.reporter(request_id) for request_id in request_ids], nodes)
+    start_reconciler(job, [admin.reporter(request_id) for request_id in request_ids], booked)
     queued = len(request_ids) - len(placed)
     if queued:
         on_progress(f"{queued} more replica(s) queued; they start when the controller places them")

@@ -53,10 +53,12 @@ def run_replicas(job: ServeJob, booked: list[BundleBinding]) -> None:
 class ReplicaReconciler:
     """Follows the replica requests of one deployment and scales Serve to match (see the module doc)."""
 
-    def __init__(self, job: dict, reporters: list[ProgressReporter], nodes: list[str], interval_s: float):
+    def __init__(self, job: dict, reporters: list[ProgressReporter], booked: list[BundleBinding], interval_s: float):
         self.job = ServeJob.model_validate(job)
         self.reporters = reporters
-        self.nodes = list(nodes)
+        self.nodes = [bundle.node for bundle in booked]
+        # What the replicas are pinned by: a node that comes back under its old name has a new Ray id.
+        self.pins = [bundle.pin for bundle in booked]
         self.changes: list[dict[str, Any]] = []
         self.last_error = ""
         self._stopping = threading.Event()
@@ -74,12 +76,12 @@ class ReplicaReconciler:
     def reconcile(self) -> None:
         statuses = [reporter.status() for reporter in self.reporters]
         booked = serving_bundles(statuses)
-        nodes = [bundle.node for bundle in booked]
+        nodes, pins = [bundle.node for bundle in booked], [bundle.pin for bundle in booked]
         # With no replica booked (every node lost), Serve keeps what it has until one is placed again.
-        if nodes and nodes != self.nodes:
+        if booked and pins != self.pins:
             run_replicas(self.job, booked)
             self.changes.append({"time": time.time(), "replicas": len(nodes), "nodes": nodes, "was": self.nodes})
-            self.nodes = nodes
+            self.nodes, self.pins = nodes, pins
         for reporter, status in zip(self.reporters, statuses, strict=True):
             if status.state is RequestState.PLACED:
                 reporter.mark_running({"deployment": self.job.name})
@@ -97,11 +99,11 @@ class ReplicaReconciler:
         self._thread.join(timeout=RECONCILE_INTERVAL_S * 5)
 
 
-def start_reconciler(job: ServeJob, reporters: list[ProgressReporter], nodes: list[str]):
+def start_reconciler(job: ServeJob, reporters: list[ProgressReporter], booked: list[BundleBinding]):
     """Start (or replace) the deployment's reconciler; it lives on until `stop_reconciler`."""
     stop_reconciler(job.name)
     return ReplicaReconciler.options(name=reconciler_name(job.name), namespace=NAMESPACE, lifetime="detached").remote(
-        job.model_dump(mode="json"), reporters, nodes, RECONCILE_INTERVAL_S
+        job.model_dump(mode="json"), reporters, booked, RECONCILE_INTERVAL_S
     )
 
 
