@@ -37,6 +37,16 @@ def serving_bundles(statuses: list[RequestStatus]) -> list[BundleBinding]:
     return sorted(held, key=lambda bundle: bundle.node)
 
 
+def changed_bookings(statuses: list[RequestStatus], pins: list[dict[str, str]]) -> list[BundleBinding] | None:
+    """The bundles Serve should now run on, if they differ from those its replicas are pinned by (`pins`);
+    None to leave Serve as it is. Pins, not node names: a node that comes back under its old name has a
+    new Ray id. With no replica booked (every node lost), Serve keeps what it has until one is placed."""
+    booked = serving_bundles(statuses)
+    if not booked or [bundle.pin for bundle in booked] == pins:
+        return None
+    return booked
+
+
 def run_replicas(job: ServeJob, booked: list[BundleBinding]) -> None:
     """Deploy (or update) the application with one replica per booked bundle, pinned to those nodes."""
     from ray import serve
@@ -57,7 +67,6 @@ class ReplicaReconciler:
         self.job = ServeJob.model_validate(job)
         self.reporters = reporters
         self.nodes = [bundle.node for bundle in booked]
-        # What the replicas are pinned by: a node that comes back under its old name has a new Ray id.
         self.pins = [bundle.pin for bundle in booked]
         self.changes: list[dict[str, Any]] = []
         self.last_error = ""
@@ -75,13 +84,12 @@ class ReplicaReconciler:
 
     def reconcile(self) -> None:
         statuses = [reporter.status() for reporter in self.reporters]
-        booked = serving_bundles(statuses)
-        nodes, pins = [bundle.node for bundle in booked], [bundle.pin for bundle in booked]
-        # With no replica booked (every node lost), Serve keeps what it has until one is placed again.
-        if booked and pins != self.pins:
+        booked = changed_bookings(statuses, self.pins)
+        if booked is not None:
             run_replicas(self.job, booked)
+            nodes = [bundle.node for bundle in booked]
             self.changes.append({"time": time.time(), "replicas": len(nodes), "nodes": nodes, "was": self.nodes})
-            self.nodes, self.pins = nodes, pins
+            self.nodes, self.pins = nodes, [bundle.pin for bundle in booked]
         for reporter, status in zip(self.reporters, statuses, strict=True):
             if status.state is RequestState.PLACED:
                 reporter.mark_running({"deployment": self.job.name})

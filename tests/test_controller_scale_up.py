@@ -3,7 +3,8 @@ cluster: a gang that fits only on nodes yet to come waits, the controller asks R
 them with Ray's own `request_resources`, and the gang lands once they join. No autoscaler runs here:
 the first test reads the request Ray stores for one and plays its part, adding the node it asked for;
 the second hands the same request through the GCS to the decision code of Ray's autoscaler v2 (what
-KubeRay runs), given the node types a rendered RayCluster declares, and checks what it would launch."""
+KubeRay runs), given the node types a rendered RayCluster declares, and checks what it would launch;
+the third lists pools none of whose nodes is up."""
 
 from __future__ import annotations
 

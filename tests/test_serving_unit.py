@@ -14,11 +14,10 @@ from cluster.spec import SpecError
 from jobs.data import VOCAB_SIZE, encode
 from jobs.model import TransformerLM
 from jobs.spec import ModelSize
-from serving import reconcile
 from serving.api import ApiError, parse_completion
 from serving.config import build_serve_config, replica_actor_options
 from serving.decoding import BatchDecoder, Generation
-from serving.reconcile import ReplicaReconciler
+from serving.reconcile import changed_bookings
 from serving.spec import Limits, ServeJob, load_serve_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "serve.yaml"
@@ -151,44 +150,25 @@ def test_serve_job_errors_name_the_field(tmp_path):
         ServeJob(name="x", team="t", checkpoint="/c", pool="a100", accelerator_type="A100-80G", resources={"gpus": 1})
 
 
-class BookedReplica:
-    """A replica request as the reconciler reads it through its ProgressReporter."""
-
-    def __init__(self, request_id: str, node: str, node_id: str):
-        bundle = BundleBinding(
-            bundle_index=0, node=node, node_id=node_id, pool="cpu", resources={}, group_bundle_index=0
-        )
-        gang = {"name": request_id, "bundles": [{"resources": {"CPU": 1}}]}
-        self.current = RequestStatus(
-            id=request_id,
-            request=SubmitRequest(team="research", gang=gang),
-            priority_value=500,
-            state=RequestState.RUNNING,
-            bundles=[bundle],
-            submitted_seq=1,
-            submitted_at=0.0,
-        )
-
-    def status(self) -> RequestStatus:
-        return self.current
-
-    def mark_running(self, details: dict) -> None:
-        pass
+def booked_replica(node: str, node_id: str, state: RequestState = RequestState.RUNNING) -> RequestStatus:
+    bundle = BundleBinding(bundle_index=0, node=node, node_id=node_id, pool="cpu", resources={}, group_bundle_index=0)
+    return RequestStatus(
+        id="research-00001",
+        request=SubmitRequest(team="research", gang={"name": "replica", "bundles": [{"resources": {"CPU": 1}}]}),
+        priority_value=500,
+        state=state,
+        bundles=[bundle],
+        submitted_seq=1,
+        submitted_at=0.0,
+    )
 
 
-def test_replicas_follow_a_node_that_came_back_under_its_old_name_with_a_new_ray_id(monkeypatch):
-    job = load_serve_job(EXAMPLE)
-    deployed: list[list[dict]] = []
-    monkeypatch.setattr(reconcile, "run_replicas", lambda job, booked: deployed.append([b.pin for b in booked]))
-    replica = BookedReplica("research-00001", "cpu-0", "id-before")
-    reconciler_class = ReplicaReconciler.__ray_metadata__.modified_class.__mro__[1]  # the class under the actor
-    reconciler = reconciler_class(job.model_dump(mode="json"), [replica], replica.current.bundles, interval_s=3600)
-    try:
-        reconciler.reconcile()
-        assert deployed == []  # as deployed
-        replica.current.bundles[0].node_id = "id-after"  # cpu-0 restarted: requeued and placed there again
-        reconciler.reconcile()
-        assert deployed == [[{"ray.io/node-id": "id-after"}]]
-        assert reconciler.state()["nodes"] == ["cpu-0"]
-    finally:
-        reconciler.stop()
+def test_replicas_follow_a_node_that_came_back_under_its_old_name_with_a_new_ray_id():
+    before = booked_replica("cpu-0", "id-before")
+    pins = [bundle.pin for bundle in before.bundles]
+    assert changed_bookings([before], pins) is None  # as deployed
+    # cpu-0 restarted: the replica was requeued and placed there again, on a node Ray knows by a new id.
+    after = booked_replica("cpu-0", "id-after")
+    assert [bundle.pin for bundle in changed_bookings([after], pins)] == [{"ray.io/node-id": "id-after"}]
+    # Every replica off its node: Serve keeps what it has until one is placed again.
+    assert changed_bookings([booked_replica("cpu-0", "id-after", RequestState.PREEMPTED)], pins) is None
