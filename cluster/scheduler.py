@@ -389,7 +389,6 @@ class Scheduler:
         """Nodes each pool must have for the gangs waiting on new nodes to fit, live ones included, for
         the pools that must grow; {} when none waits. (What Ray's autoscaler is asked to hold.)"""
         waiting = [status for status in self.waiting() if status.id in self._awaiting_nodes]
-        self._awaiting_nodes = {status.id: self._awaiting_nodes[status.id] for status in waiting}
         if not waiting:
             return {}
         bundles = sum(len(self._awaiting_nodes[status.id].bundles) for status in waiting)
@@ -400,14 +399,22 @@ class Scheduler:
             decision = trial.place(self._awaiting_nodes[status.id])
             if not isinstance(decision, Rejection):
                 used |= {bundle.node for bundle in decision.bundles if bundle.node in unborn}
-        demand = {}
+        return {
+            pool: sum(node.pool == pool for node in self.nodes.values()) + len(new)
+            for pool, new in self._new_nodes_by_pool(used, unborn).items()
+        }
+
+    def _new_nodes_by_pool(self, used: set[str], unborn: dict[str, NodeSnapshot]) -> dict[str, list[NodeSnapshot]]:
+        """The nodes to come that placements `used`, by pool; a TPU pool's whole slices, since a slice comes whole."""
+        grown = {}
         for pool in self.spec.pools:
             new = [unborn[name] for name in used if unborn[name].pool == pool.name]
-            if pool.tpu:  # a slice comes whole
-                new = [node for node in unborn.values() if node.tpu_slice in {n.tpu_slice for n in new}]
+            if pool.tpu:
+                slices = {node.tpu_slice for node in new}
+                new = [node for node in unborn.values() if node.tpu_slice in slices]
             if new:
-                demand[pool.name] = sum(node.pool == pool.name for node in self.nodes.values()) + len(new)
-        return demand
+                grown[pool.name] = new
+        return grown
 
     def _gpu_types(self, gang: GangRequest) -> list[str]:
         in_cluster = sorted({p.accelerator_type for p in self.spec.pools if p.accelerator.value == "gpu"})
@@ -499,6 +506,7 @@ class Scheduler:
         return False
 
     def _try_place(self, status: RequestStatus) -> None:
+        self._awaiting_nodes.pop(status.id, None)  # each try decides afresh whether it waits for nodes
         quota, used = self.quotas[status.team], self.usage[status.team]
         demand = self._demands.get(status.id)
         if demand is None:
@@ -537,7 +545,6 @@ class Scheduler:
                 self._awaiting_nodes[status.id] = gang
                 self._wait(status, f"waiting for the cluster to scale up: {growth}")
                 return
-            self._awaiting_nodes.pop(status.id, None)
             if not self._preempt_for(status, gang):
                 self._wait(status, decision.message)
                 return
@@ -562,7 +569,6 @@ class Scheduler:
             self._wait(status, f"over quota: {', '.join(typed_over)}")
             return
         self._quota_blocked.pop(status.id, None)
-        self._awaiting_nodes.pop(status.id, None)
         quotas.add_usage(used, usage)
         status.bundles = bundles
         status.state, status.reason = RequestState.PLACED, ""
@@ -583,14 +589,13 @@ class Scheduler:
         decision = self._trial_engine(snapshot).place(gang)
         if isinstance(decision, Rejection):
             return ""
-        used = [unborn[bundle.node] for bundle in decision.bundles if bundle.node in unborn]
+        used = {bundle.node for bundle in decision.bundles if bundle.node in unborn}
         growth = []
-        for pool in self.spec.pools:
+        for pool, new in self._new_nodes_by_pool(used, unborn).items():
             # A TPU pool grows by whole slices, other pools by nodes.
-            units = {node.tpu_slice if pool.tpu else node.name for node in used if node.pool == pool.name}
-            if units:
-                unit = "slice" if pool.tpu else "node"
-                growth.append(f"{len(units)} more {unit}{'s' if len(units) > 1 else ''} of pool {pool.name}")
+            tpu = self.spec.pool(pool).tpu is not None
+            count, unit = (len({node.tpu_slice for node in new}), "slice") if tpu else (len(new), "node")
+            growth.append(f"{count} more {unit}{'s' if count > 1 else ''} of pool {pool}")
         return ", ".join(growth)
 
     def _over_quota(self, status: RequestStatus, reason: str) -> None:

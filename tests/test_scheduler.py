@@ -604,3 +604,16 @@ def test_each_bundle_records_rays_id_of_its_node_for_workloads_to_pin_to():
     status = books.get(submit(books, "research", workers=2, gpus=8))
     assert [bundle.node_id for bundle in status.bundles] == [f"id-{node}" for node in status.nodes]
     assert status.bundles[0].pin == {"ray.io/node-id": f"id-{status.nodes[0]}"}
+
+
+def test_a_gang_that_no_longer_waits_for_nodes_stops_asking_for_them():
+    books = growing([n for n in NODES if n.name != "h100-1"])
+    submit(books, "research", workers=1, gpus=8)  # fills the one H100 node
+    waiting = submit(books, "research", workers=1, gpus=8)
+    other = submit(books, "prod", workers=1, gpus=4)
+    assert books.scale_up_demand() == {"h100": 2}
+    books.set_quota("research", {"gpu": 8})  # now over its team's quota: no node would let it run
+    books.complete(other)  # frees capacity, so what waits is tried again
+    books.schedule()
+    assert books.get(waiting).reason.startswith("over quota")
+    assert books.scale_up_demand() == {}
