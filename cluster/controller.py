@@ -28,10 +28,10 @@ from ray.autoscaler.sdk import request_resources
 from cluster import binding
 from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
-from cluster.inventory import declared_pools
+from cluster.inventory import declared_pools, ray_node_table
 from cluster.launcher import controller_state_dir, llmos_home
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
-from cluster.ray_mapping import HEAD_POOL, POOL_LABEL, node_name, whole_node_requests
+from cluster.ray_mapping import HEAD_POOL, POOL_LABEL, whole_node_requests
 from cluster.requests import DecisionRecord, NodeControl, RequestStatus, SubmitRequest, TeamUsage
 from cluster.scheduler import PLACEMENT_GROUP_PREFIX, Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
@@ -128,14 +128,11 @@ class Controller:
         nodes = []
         node_ids = {}
         draining = ray._private.state.state.get_draining_nodes()
-        for entry in ray.nodes():
-            labels = entry.get("Labels") or {}
-            leaving = not entry.get("Alive") or entry["NodeID"] in draining
-            if leaving or labels.get(POOL_LABEL, HEAD_POOL) == HEAD_POOL:
+        for node in ray_node_table(alive_only=True):
+            if node.node_id in draining or node.labels.get(POOL_LABEL, HEAD_POOL) == HEAD_POOL:
                 continue
-            name = node_name(labels, entry["NodeID"])
-            node_ids[name] = entry["NodeID"]
-            nodes.append(node_from_ray(name, entry.get("Resources") or {}, labels))
+            node_ids[node.name] = node.node_id
+            nodes.append(node_from_ray(node.name, node.resources_total, node.labels))
         return nodes, node_ids
 
     def _apply_inventory(self, nodes: list[NodeSnapshot], node_ids: dict[str, str]) -> None:

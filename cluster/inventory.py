@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +27,7 @@ from cluster.spec import ClusterSpec
 
 # Resources people read in tables; the rest (accelerator_type:*, slice names) stay in --json.
 SUMMARY_RESOURCES = ("CPU", "GPU", "TPU", "memory")
+GCS_TIMEOUT_S = 30.0
 
 
 class NodeInfo(BaseModel):
@@ -118,30 +120,70 @@ def disconnect() -> None:
         ray.shutdown()
 
 
+class RayNode(NamedTuple):
+    """One node of Ray's node table, named the llmos way."""
+
+    name: str
+    node_id: str
+    alive: bool
+    is_head: bool
+    address: str
+    labels: dict[str, str]
+    resources_total: dict[str, float]
+
+
+def ray_node_table(alive_only: bool = False) -> list[RayNode]:
+    """Ray's node table, read from the GCS (needs `connect()`, or to run in a Ray worker). Not
+    `ray.nodes()`: it leaves out each node's instance id, which names a KubeRay pod (`node_name`)."""
+    import ray
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    infos = ray._private.worker.global_worker.gcs_client.get_all_node_info(  # no public call reads the instance id
+        timeout=GCS_TIMEOUT_S, state_filter=GcsNodeInfo.GcsNodeState.ALIVE if alive_only else None
+    )
+    return ray_nodes(list(infos.values()))
+
+
+def ray_nodes(infos: Sequence[Any]) -> list[RayNode]:
+    """Ray's `GcsNodeInfo` messages as llmos nodes. An instance id that several live nodes share
+    (raylets started by hand with one environment) names none of them: a name picks out one node."""
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    alive = GcsNodeInfo.GcsNodeState.ALIVE
+    live_ids = Counter(info.instance_id for info in infos if info.state == alive)
+    return [
+        RayNode(
+            name=node_name(info.labels, info.node_id.hex(), info.instance_id if live_ids[info.instance_id] < 2 else ""),
+            node_id=info.node_id.hex(),
+            alive=info.state == alive,
+            is_head=info.is_head_node,
+            address=info.node_manager_address,
+            labels=dict(info.labels),
+            resources_total=dict(info.resources_total),
+        )
+        for info in infos
+    ]
+
+
 def read_nodes() -> list[NodeInfo]:
     """Every node Ray knows, alive or dead, with its free resources (needs `connect()` first)."""
-    import ray
     from ray._private.state import available_resources_per_node  # no public per-node view in 2.60
 
     free_by_node = available_resources_per_node()
-    nodes = []
-    for entry in ray.nodes():
-        labels = dict(entry.get("Labels") or {})
-        node_id = entry["NodeID"]
-        alive = bool(entry["Alive"])
-        nodes.append(
-            NodeInfo(
-                name=node_name(labels, node_id),
-                pool=labels.get(POOL_LABEL, "head" if entry.get("IsHeadNode") else "unknown"),
-                node_id=node_id,
-                address=entry.get("NodeManagerAddress", ""),
-                alive=alive,
-                is_head=bool(entry.get("IsHeadNode")),
-                resources_total=dict(entry.get("Resources") or {}),
-                resources_free=dict(free_by_node.get(node_id, {})) if alive else {},
-                labels=labels,
-            )
+    nodes = [
+        NodeInfo(
+            name=node.name,
+            pool=node.labels.get(POOL_LABEL, "head" if node.is_head else "unknown"),
+            node_id=node.node_id,
+            address=node.address,
+            alive=node.alive,
+            is_head=node.is_head,
+            resources_total=node.resources_total,
+            resources_free=dict(free_by_node.get(node.node_id, {})) if node.alive else {},
+            labels=node.labels,
         )
+        for node in ray_node_table()
+    ]
     return sorted(nodes, key=lambda node: (not node.is_head, node.pool, node.name, not node.alive))
 
 

@@ -94,10 +94,12 @@ def pool_labels(pool: Pool) -> dict[str, str]:
     return labels
 
 
-def node_name(labels: Mapping[str, str], node_id: str) -> str:
-    """A node's llmos name: its llmos.io/node label (nodes `llmos up` starts), else the first 12 characters
-    of its Ray id (a KubeRay pod), short enough to type in `llmos drain`."""
-    return labels.get(NODE_LABEL, node_id[:12])
+def node_name(labels: Mapping[str, str], node_id: str, instance_id: str = "") -> str:
+    """A node's llmos name: its llmos.io/node label (nodes `llmos up` starts), else the instance id its
+    raylet was started with (`RAY_CLOUD_INSTANCE_ID`, which KubeRay sets to the pod's name, so a pod is
+    named as `kubectl get pods` names it), else the first 12 characters of its Ray id, short enough to
+    type in `llmos drain`."""
+    return labels.get(NODE_LABEL) or instance_id or node_id[:12]
 
 
 def whole_node_requests(spec: ClusterSpec, nodes_by_pool: Mapping[str, int]) -> list[dict]:

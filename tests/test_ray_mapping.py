@@ -92,7 +92,10 @@ def test_local_cluster_caps_nodes_per_pool_at_pool_max():
     assert per_pool == {"cpu": 5, "h100": 4, "a100": 5, "tpu-v5p": 4}  # TPU: 2 slices x 2 hosts
 
 
-def test_a_node_is_named_by_its_llmos_label_or_else_by_the_start_of_its_ray_id():
+def test_a_node_is_named_by_its_llmos_label_else_its_instance_id_else_the_start_of_its_ray_id():
     ray_id = "5f93246dd41830d2eaac4c5ed473e4b5cc40802be176f8a570cd700a"
-    assert ray_mapping.node_name({"llmos.io/node": "cpu-0", "ray.io/node-id": ray_id}, ray_id) == "cpu-0"
-    assert ray_mapping.node_name({"ray.io/node-id": ray_id}, ray_id) == "5f93246dd418"  # a KubeRay pod: no llmos label
+    labelled = {"llmos.io/node": "cpu-0", "ray.io/node-id": ray_id}
+    assert ray_mapping.node_name(labelled, ray_id, "llmos-demo-cpu-worker-x7k2p") == "cpu-0"
+    pod = {"ray.io/node-id": ray_id}  # a KubeRay pod: no llmos label, its name in RAY_CLOUD_INSTANCE_ID
+    assert ray_mapping.node_name(pod, ray_id, "llmos-demo-cpu-worker-x7k2p") == "llmos-demo-cpu-worker-x7k2p"
+    assert ray_mapping.node_name(pod, ray_id) == "5f93246dd418"  # a plain `ray start`
