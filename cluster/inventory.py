@@ -10,7 +10,7 @@ import logging
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,7 +35,10 @@ class NodeInfo(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="llmos node name (llmos.io/node label), or the Ray node id.")
+    name: str = Field(
+        description="llmos node name: its llmos.io/node label, else its instance id (a KubeRay pod's name), "
+        "else the first 12 characters of its Ray node id."
+    )
     pool: str
     node_id: str
     address: str
@@ -120,21 +123,9 @@ def disconnect() -> None:
         ray.shutdown()
 
 
-class RayNode(NamedTuple):
-    """One node of Ray's node table, named the llmos way."""
-
-    name: str
-    node_id: str
-    alive: bool
-    is_head: bool
-    address: str
-    labels: dict[str, str]
-    resources_total: dict[str, float]
-
-
-def ray_node_table(alive_only: bool = False) -> list[RayNode]:
-    """Ray's node table, read from the GCS (needs `connect()`, or to run in a Ray worker). Not
-    `ray.nodes()`: it leaves out each node's instance id, which names a KubeRay pod (`node_name`)."""
+def ray_node_table(alive_only: bool = False) -> list[NodeInfo]:
+    """Ray's node table, read from the GCS (needs `connect()`, or to run in a Ray worker), free resources
+    left empty. Not `ray.nodes()`: it leaves out each node's instance id, which names a KubeRay pod."""
     import ray
     from ray.core.generated.gcs_pb2 import GcsNodeInfo
 
@@ -144,22 +135,25 @@ def ray_node_table(alive_only: bool = False) -> list[RayNode]:
     return ray_nodes(list(infos.values()))
 
 
-def ray_nodes(infos: Sequence[Any]) -> list[RayNode]:
-    """Ray's `GcsNodeInfo` messages as llmos nodes. An instance id that several live nodes share
-    (raylets started by hand with one environment) names none of them: a name picks out one node."""
+def ray_nodes(infos: Sequence[Any]) -> list[NodeInfo]:
+    """Ray's `GcsNodeInfo` messages as llmos nodes, named by `node_name`. An instance id that several
+    live nodes share (raylets started by hand with one environment) names none of them: a name picks
+    out one node."""
     from ray.core.generated.gcs_pb2 import GcsNodeInfo
 
     alive = GcsNodeInfo.GcsNodeState.ALIVE
     live_ids = Counter(info.instance_id for info in infos if info.state == alive)
     return [
-        RayNode(
+        NodeInfo(
             name=node_name(info.labels, info.node_id.hex(), info.instance_id if live_ids[info.instance_id] < 2 else ""),
+            pool=info.labels.get(POOL_LABEL, "head" if info.is_head_node else "unknown"),
             node_id=info.node_id.hex(),
+            address=info.node_manager_address,
             alive=info.state == alive,
             is_head=info.is_head_node,
-            address=info.node_manager_address,
-            labels=dict(info.labels),
             resources_total=dict(info.resources_total),
+            resources_free={},
+            labels=dict(info.labels),
         )
         for info in infos
     ]
@@ -170,20 +164,10 @@ def read_nodes() -> list[NodeInfo]:
     from ray._private.state import available_resources_per_node  # no public per-node view in 2.60
 
     free_by_node = available_resources_per_node()
-    nodes = [
-        NodeInfo(
-            name=node.name,
-            pool=node.labels.get(POOL_LABEL, "head" if node.is_head else "unknown"),
-            node_id=node.node_id,
-            address=node.address,
-            alive=node.alive,
-            is_head=node.is_head,
-            resources_total=node.resources_total,
-            resources_free=dict(free_by_node.get(node.node_id, {})) if node.alive else {},
-            labels=node.labels,
-        )
-        for node in ray_node_table()
-    ]
+    nodes = ray_node_table()
+    for node in nodes:
+        if node.alive:
+            node.resources_free = dict(free_by_node.get(node.node_id, {}))
     return sorted(nodes, key=lambda node: (not node.is_head, node.pool, node.name, not node.alive))
 
 
