@@ -568,7 +568,11 @@ class SpecError(ValueError):
 def describe_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
     """One line per pydantic error: the field path, what is wrong, and the fix where we know it."""
     problems = []
-    for item in error.errors():
+    errors = error.errors()
+    failed_within = {item["loc"][:depth] for item in errors for depth in range(len(item["loc"]))}
+    for item in errors:
+        if item["type"] == "too_short" and item["loc"] in failed_within:
+            continue  # pydantic counts only the items that validated: the items' own errors say it all
         location = _format_location(item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
@@ -577,6 +581,9 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
             message = f"unknown field{_did_you_mean(field, known)}; known fields here: {', '.join(known)}"
         elif item["type"] == "missing":
             message = "required field is missing"
+        elif item["type"] == "too_short":
+            wanted = item["ctx"]["min_length"]
+            message = f"needs at least {wanted} item{'s' if wanted > 1 else ''}, got {item['ctx']['actual_length']}"
         problems.append(f"{location}: {message}" if location else message)
     return problems
 

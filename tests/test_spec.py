@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
+from cluster.requests import SubmitRequest
 from cluster.spec import ClusterSpec, SpecError, format_memory, load_spec, parse_memory, parse_model
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
@@ -19,9 +20,9 @@ def example() -> dict:
     return yaml.safe_load(EXAMPLE.read_text())
 
 
-def problems_of(data: dict) -> list[str]:
+def problems_of(data: dict, model: type = ClusterSpec) -> list[str]:
     with pytest.raises(SpecError) as caught:
-        parse_model(ClusterSpec, data, "spec.yaml")
+        parse_model(model, data, "spec.yaml")
     return caught.value.problems
 
 
@@ -42,6 +43,14 @@ def test_unknown_field_names_the_field_and_suggests_the_fix(example):
     (problem,) = problems_of(example)
     assert problem.startswith("pools[1].node.gpu: unknown field")
     assert "did you mean 'gpus'" in problem
+
+
+def test_a_list_whose_only_item_is_bad_is_reported_once_not_also_as_too_short():
+    bad_bundle = {"team": "research", "gang": {"name": "t", "bundles": [{"resources": {"GPUs": 4}}]}}
+    (problem,) = problems_of(bad_bundle, SubmitRequest)
+    assert problem.startswith("gang.bundles[0].resources: resource 'GPUs' is not one llmos places")
+    no_bundles = {"team": "research", "gang": {"name": "t", "bundles": []}}
+    assert problems_of(no_bundles, SubmitRequest) == ["gang.bundles: needs at least 1 item, got 0"]
 
 
 def test_unknown_top_level_field(example):
