@@ -40,7 +40,7 @@ from cluster.requests import (
     SubmitRequest,
     TeamUsage,
 )
-from cluster.spec import ClusterSpec
+from cluster.spec import ClusterSpec, did_you_mean
 
 CORDON_LABEL = "llmos.io/cordoned"
 UNBORN_PREFIX = "+"  # names the nodes a pool may still gain, in what-if placements only
@@ -217,7 +217,7 @@ class Scheduler:
     def _known_team(self, team: str) -> None:
         if team not in self.quotas:
             teams = ", ".join(sorted(self.quotas)) or "none (add teams to the ClusterSpec)"
-            raise UserError(f"unknown team {team!r}; teams: {teams}")
+            raise UserError(f"unknown team {team!r}{did_you_mean(team, self.quotas)}; teams: {teams}")
 
     # -- inventory --------------------------------------------------------------------------------
 
@@ -280,7 +280,10 @@ class Scheduler:
             priority_value = self.spec.priority_value(priority_class)
         except KeyError:
             classes = ", ".join(c.name for c in self.spec.priority_classes)
-            raise UserError(f"priority: unknown priority class {priority_class!r}; use one of {classes}") from None
+            raise UserError(
+                f"priority: unknown priority class {priority_class!r}"
+                f"{did_you_mean(priority_class, [c.name for c in self.spec.priority_classes])}; use one of {classes}"
+            ) from None
         self._check_pools_named(request.gang)
         return priority_value
 
@@ -337,8 +340,8 @@ class Scheduler:
             unknown = [name.strip() for name in names if name.strip() not in pools]
             if unknown:
                 raise UserError(
-                    f"gang.bundles[{index}].label_selector: unknown pool {unknown[0]!r}; "
-                    f"pools: {', '.join(sorted(pools))}"
+                    f"gang.bundles[{index}].label_selector: unknown pool {unknown[0]!r}"
+                    f"{did_you_mean(unknown[0], pools)}; pools: {', '.join(sorted(pools))}"
                 )
 
     def _never_admissible(self, status: RequestStatus) -> str | None:
@@ -667,7 +670,8 @@ class Scheduler:
         try:
             return self.nodes[node]
         except KeyError:
-            raise UserError(f"unknown node {node!r}; nodes: {', '.join(sorted(self.nodes)) or 'none'}") from None
+            nodes = ", ".join(sorted(self.nodes)) or "none"
+            raise UserError(f"unknown node {node!r}{did_you_mean(node, self.nodes)}; nodes: {nodes}") from None
 
     def cordon(self, node: str, cordoned: bool = True) -> NodeControl:
         self._known_node(node)

@@ -12,6 +12,7 @@ import json
 import math
 import posixpath
 import re
+from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -491,7 +492,7 @@ class ClusterSpec(StrictModel):
         for name in self.kubernetes.pools:
             if name not in names:
                 raise ValueError(
-                    f"kubernetes.pools: {name!r} is not a pool{_did_you_mean(name, names)}; pools: {', '.join(names)}"
+                    f"kubernetes.pools: {name!r} is not a pool{did_you_mean(name, names)}; pools: {', '.join(names)}"
                 )
         return self
 
@@ -512,7 +513,7 @@ class ClusterSpec(StrictModel):
                 if key not in valid_keys:
                     raise ValueError(
                         f"teams[{index}].quota: {key!r} is not a resource of this cluster"
-                        f"{_did_you_mean(key, valid_keys)}; valid keys: {', '.join(valid_keys)}"
+                        f"{did_you_mean(key, valid_keys)}; valid keys: {', '.join(valid_keys)}"
                     )
         return self
 
@@ -547,8 +548,9 @@ def _reject_duplicates(field: str, names: list[str]) -> None:
         seen.add(name)
 
 
-def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the choice closest to a misspelt `word`, or nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -578,7 +580,7 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
         if item["type"] == "extra_forbidden":
             known = _fields_at(model, item["loc"][:-1])
             field = str(item["loc"][-1])
-            message = f"unknown field{_did_you_mean(field, known)}; known fields here: {', '.join(known)}"
+            message = f"unknown field{did_you_mean(field, known)}; known fields here: {', '.join(known)}"
         elif item["type"] == "missing":
             message = "required field is missing"
         elif item["type"] == "too_short":

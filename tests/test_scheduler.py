@@ -212,6 +212,8 @@ def test_cordon_and_drain(scheduler: Scheduler):
         scheduler.drain("head-0")
     with pytest.raises(UserError, match="unknown node 'h100-9'"):
         scheduler.cordon("h100-9")
+    with pytest.raises(UserError, match="unknown node 'h100_0' \\(did you mean 'h100-0'\\?\\)"):
+        scheduler.drain("h100_0")
 
 
 def test_quota_cannot_drop_below_current_use_and_bad_input_changes_nothing(scheduler: Scheduler):
@@ -223,8 +225,10 @@ def test_quota_cannot_drop_below_current_use_and_bad_input_changes_nothing(sched
         scheduler.set_quota("research", {"gpus": 20})
     with pytest.raises(UserError, match="unknown team 'nobody'"):
         scheduler.set_quota("nobody", {"gpu": 1})
-    with pytest.raises(UserError, match="unknown team 'nobody'"):
+    with pytest.raises(UserError, match="unknown team 'nobody'; teams: "):
         scheduler.submit(SubmitRequest(team="nobody", gang=gang("x", 1, 1)))
+    with pytest.raises(UserError, match="unknown team 'reserch' \\(did you mean 'research'\\?\\)"):
+        scheduler.submit(SubmitRequest(team="reserch", gang=gang("x", 1, 1)))
     with pytest.raises(UserError, match="unknown pool 'tpu'"):
         scheduler.submit(SubmitRequest(team="research", gang=gang("x", 1, 0, label_selector={"llmos.io/pool": "tpu"})))
     with pytest.raises(UserError, match="no request 'research-99999'"):
