@@ -104,8 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         command.add_argument("node", help="Node name (see `llmos nodes`).")
         command.set_defaults(func=handler)
 
-    quota = subparsers.add_parser("quota", help="Show or change team quotas.")
-    quota_commands = quota.add_subparsers(dest="quota_command", metavar="COMMAND", required=True)
+    quota = _with_json(subparsers.add_parser("quota", help="Show or change team quotas (alone: show)."))
+    quota.set_defaults(func=_quota_show)
+    quota_commands = quota.add_subparsers(dest="quota_command", metavar="COMMAND", required=False)
     _with_json(quota_commands.add_parser("show", help="Quota and use per team.")).set_defaults(func=_quota_show)
     quota_set = _with_json(quota_commands.add_parser("set", help="Set quota keys: llmos quota set TEAM gpu=8 cpu=-"))
     quota_set.add_argument("team")
@@ -368,8 +369,8 @@ def _quota_show(args: argparse.Namespace) -> int:
         [
             [
                 u.team,
-                ", ".join(f"{k}={v:g}" for k, v in u.quota.items()) or "unlimited",
-                ", ".join(f"{k}={v:g}" for k, v in u.used.items()) or "-",
+                _amounts(u.quota) or "unlimited",
+                _amounts(u.used) or "-",
             ]
             for u in usage
         ],
@@ -388,7 +389,11 @@ def _quota_set(args: argparse.Namespace) -> int:
         except ValueError:
             raise UserError(f"{item!r}: {value!r} is not a number") from None
     usage = _admin(args).set_quota(args.team, **changes)
-    return _control_output(args, usage, f"{usage.team}: quota {usage.quota}")
+    return _control_output(args, usage, f"{usage.team}: quota {_amounts(usage.quota) or 'unlimited'}")
+
+
+def _amounts(amounts: dict[str, float]) -> str:
+    return ", ".join(f"{key}={amount:g}" for key, amount in amounts.items())
 
 
 def _decisions(args: argparse.Namespace) -> int:

@@ -282,6 +282,9 @@ def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster
     refused = llmos_cli(local_cluster, "drain", "head-0")
     assert refused.returncode == 2
     assert "head node" in refused.stderr and "Traceback" not in refused.stderr
+    quotas = llmos_cli(local_cluster, "quota", "--json")  # `quota` alone shows them
+    assert quotas.returncode == 0, quotas.stderr
+    assert {usage["team"] for usage in json.loads(quotas.stdout)} == {"research", "prod", "interns"}
     # Several request files in one submit: one call, all or none.
     files = []
     for name, pool in (("one", "cpu"), ("two", "cpu"), ("bad", "v100")):
