@@ -155,7 +155,7 @@ def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
     binding.add_argument("--policy", default="llmos", help="Placement policy of the controller.")
     binding.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
     binding.add_argument(
-        "--plot", type=Path, help="Write each path's rate against Ray's own, with 95% intervals (PNG), here."
+        "--plot", type=Path, help="Write each path's rate against Ray's own, with 95%% intervals (PNG), here."
     )
     binding.set_defaults(func=_binding)
 

@@ -1,0 +1,38 @@
+"""`--help` of every command: argparse expands `%` in help texts when it prints them, so a stray
+percent sign ("95% intervals") turns `--help` into a traceback that no other test reaches."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from benchmarks import serve_load
+from cluster.cli import build_parser
+from jobs import train, training_loop
+
+
+def every_command(
+    parser: argparse.ArgumentParser, path: str = "llmos"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                yield from every_command(subparser, f"{path} {name}")
+
+
+def test_every_llmos_command_prints_its_help():
+    commands = dict(every_command(build_parser()))
+    assert {"llmos quota set", "llmos bench binding", "llmos pools import"} <= commands.keys()
+    for path, parser in commands.items():
+        assert parser.format_help().startswith(f"usage: {path}"), path
+
+
+@pytest.mark.parametrize("main", [train.main, training_loop.main, serve_load.main])
+def test_every_other_entry_point_prints_its_help(main: Callable[[list[str]], int], capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: ")
