@@ -5,19 +5,36 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from cluster.console import UserError, human_bytes, print_json, print_table, progress, stdout
 from cluster.launcher import DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, DEFAULT_OBJECT_STORE_MB, LocalCluster
-from cluster.spec import SpecError, load_spec
+from cluster.spec import ClusterSpec, SpecError, load_spec, load_yaml, parse_model
 
 DEFAULT_SPEC = Path("examples/cluster.yaml")
+SPEC_KINDS = ("cluster", "training", "serving", "request")  # what `llmos spec validate` tries, in order
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     spec = subparsers.add_parser("spec", help="Work with ClusterSpec files.")
     spec_commands = spec.add_subparsers(dest="spec_command", metavar="COMMAND", required=True)
-    validate = spec_commands.add_parser("validate", help="Check a ClusterSpec; print its problems or 'ok'.")
-    validate.add_argument("spec", help="Path to a ClusterSpec YAML file.")
-    validate.add_argument("--json", action="store_true", help="Print {ok, problems} as JSON.")
+    validate = spec_commands.add_parser(
+        "validate",
+        help="Check an llmos YAML file (a ClusterSpec, TrainingJob, ServeJob or request); print its problems or 'ok'.",
+    )
+    validate.add_argument("spec", help="Path to the YAML file.")
+    validate.add_argument(
+        "--kind",
+        choices=[*SPEC_KINDS, "auto"],
+        default="auto",
+        help="What the file is; auto (the default): the kind it is valid as, else the kind it comes closest to.",
+    )
+    validate.add_argument(
+        "--cluster",
+        help="A ClusterSpec to check a TrainingJob or ServeJob against: its team, priority class and pool "
+        "exist, and one worker or replica fits on a node.",
+    )
+    validate.add_argument("--json", action="store_true", help="Print {ok, kind, problems} as JSON.")
     validate.set_defaults(func=_spec_validate)
 
     up = subparsers.add_parser("up", help="Start a local multi-node Ray cluster on loopback from a ClusterSpec.")
@@ -50,20 +67,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     env.set_defaults(func=_env)
 
 
+def _spec_models() -> dict[str, type[BaseModel]]:
+    from cluster.requests import SubmitRequest
+    from jobs.spec import TrainingJob
+    from serving.spec import ServeJob
+
+    return {"cluster": ClusterSpec, "training": TrainingJob, "serving": ServeJob, "request": SubmitRequest}
+
+
 def _spec_validate(args: argparse.Namespace) -> int:
-    try:
-        load_spec(args.spec)
-    except SpecError as error:
+    data = load_yaml(args.spec)
+    models = _spec_models()
+    kinds = list(SPEC_KINDS) if args.kind == "auto" else [args.kind]
+    failures: dict[str, SpecError] = {}
+    for kind in kinds:
+        try:
+            parsed = parse_model(models[kind], data, args.spec)
+        except SpecError as error:
+            failures[kind] = error
+            continue
+        problems = _problems_against(parsed, kind, args.cluster)
+        if problems:
+            failures = {kind: SpecError(args.spec, problems, f"{models[kind].__name__} for {args.cluster}")}
+            break
         if args.json:
-            print_json({"ok": False, "problems": error.problems})
+            print_json({"ok": True, "kind": kind, "problems": []})
         else:
-            stdout.print(str(error))
-        return 1
+            stdout.print(f"ok: a {models[kind].__name__}" + (f", fit for {args.cluster}" if args.cluster else ""))
+        return 0
+    kind, error = min(failures.items(), key=lambda item: len(item[1].problems))  # the closest kind
     if args.json:
-        print_json({"ok": True, "problems": []})
+        print_json({"ok": False, "kind": kind, "problems": error.problems})
     else:
-        stdout.print("ok")
-    return 0
+        stdout.print(str(error))
+    return 1
+
+
+def _problems_against(parsed: BaseModel, kind: str, cluster_path: str | None) -> list[str]:
+    """What keeps a valid job from ever running on the cluster of `cluster_path` (none without one)."""
+    if cluster_path is None:
+        return []
+    if kind not in ("training", "serving"):
+        raise UserError(f"--cluster checks a TrainingJob or ServeJob; {parsed.__class__.__name__} is neither")
+    from jobs.spec import problems_against_cluster
+
+    unit = "worker" if kind == "training" else "replica"
+    return problems_against_cluster(parsed, load_spec(cluster_path), unit)  # type: ignore[arg-type]
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -557,14 +557,15 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 class SpecError(ValueError):
     """A spec that does not validate; `problems` holds one line per problem, each naming its field."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], kind: str = "spec"):
         self.source = source
         self.problems = problems
+        self.kind = kind  # what the file should have been: ClusterSpec, TrainingJob, ...
         super().__init__(f"{source}: " + "; ".join(problems))
 
     def __str__(self) -> str:
         lines = "\n".join(f"  - {problem}" for problem in self.problems)
-        return f"{self.source} is not a valid spec:\n{lines}"
+        return f"{self.source} is not a valid {self.kind}:\n{lines}"
 
 
 def describe_validation_error(error: ValidationError, model: type[BaseModel]) -> list[str]:
@@ -640,11 +641,12 @@ M = TypeVar("M", bound=BaseModel)
 def parse_model(model: type[M], data: Any, source: str) -> M:
     """Validate plain data as `model`, raising SpecError with one readable line per problem."""
     if not isinstance(data, dict):
-        raise SpecError(source, [f"expected a mapping of fields at the top level, got {type(data).__name__}"])
+        problem = f"expected a mapping of fields at the top level, got {type(data).__name__}"
+        raise SpecError(source, [problem], model.__name__)
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise SpecError(source, describe_validation_error(error, model)) from None
+        raise SpecError(source, describe_validation_error(error, model), model.__name__) from None
 
 
 def load_yaml(path: str | Path) -> Any:

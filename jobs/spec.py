@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import (
     Field,
@@ -29,6 +29,7 @@ from cluster.spec import (
     MinMaxBounds,
     Name,
     StrictModel,
+    did_you_mean,
     format_memory,
     load_yaml,
     parse_memory,
@@ -220,19 +221,42 @@ def load_training_job(path: str | Path) -> TrainingJob:
     return parse_model(TrainingJob, load_yaml(path), str(path))
 
 
-def problems_against_cluster(job: TrainingJob, cluster: ClusterSpec) -> list[str]:
-    """What keeps `job` from ever running on `cluster`, one line per problem naming the field."""
+class UnitResources(Protocol):
+    cpus: float
+    gpus: float
+    memory: int
+
+
+class Workload(Protocol):
+    """What a training job and a served model (`serving.spec.ServeJob`) ask of the cluster."""
+
+    team: str
+    priority: str | None
+    pool: str | None
+    accelerator_type: str | None
+    resources: UnitResources
+
+
+def problems_against_cluster(job: Workload, cluster: ClusterSpec, unit: str = "worker") -> list[str]:
+    """What keeps `job` from ever running on `cluster`, one line per problem naming the field; `unit`
+    names what one set of `resources` runs (a worker, a replica)."""
     problems = []
     team_names = [team.name for team in cluster.teams]
     if job.team not in team_names:
-        problems.append(f"team: {job.team!r} is not a team of this cluster; teams: {', '.join(team_names) or 'none'}")
+        problems.append(
+            f"team: {job.team!r} is not a team of this cluster{did_you_mean(job.team, team_names)}; "
+            f"teams: {', '.join(team_names) or 'none'}"
+        )
     class_names = [c.name for c in cluster.priority_classes]
     if job.priority is not None and job.priority not in class_names:
         problems.append(f"priority: {job.priority!r} is not a priority class; use one of {', '.join(class_names)}")
     if job.pool is not None:
         pool_names = [pool.name for pool in cluster.pools]
         if job.pool not in pool_names:
-            problems.append(f"pool: {job.pool!r} is not a pool of this cluster; pools: {', '.join(pool_names)}")
+            problems.append(
+                f"pool: {job.pool!r} is not a pool of this cluster{did_you_mean(job.pool, pool_names)}; "
+                f"pools: {', '.join(pool_names)}"
+            )
             return problems
         candidates = [cluster.pool(job.pool)]
     elif job.accelerator_type is not None:
@@ -257,7 +281,7 @@ def problems_against_cluster(job: TrainingJob, cluster: ClusterSpec) -> list[str
     if not fits:
         where = ", ".join(pool.name for pool in candidates)
         problems.append(
-            f"resources: a worker ({wanted.cpus:g} cpus, {wanted.gpus:g} gpus, "
+            f"resources: a {unit} ({wanted.cpus:g} cpus, {wanted.gpus:g} gpus, "
             f"{format_memory(wanted.memory)}) fits on no node of {where}; ask for less or pick another pool"
         )
     return problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -166,10 +167,47 @@ def test_memory_quantities_round_trip():
 
 def test_cli_spec_validate_prints_ok_or_problems(tmp_path, capsys, example):
     assert main(["spec", "validate", str(EXAMPLE)]) == 0
-    assert capsys.readouterr().out.strip() == "ok"
+    assert capsys.readouterr().out.strip() == "ok: a ClusterSpec"
     example["pools"][0]["nodez"] = example["pools"][0].pop("nodes")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(example))
     assert main(["spec", "validate", str(bad), "--json"]) == 1
-    out = capsys.readouterr().out
-    assert '"ok": false' in out and "pools[0].nodez: unknown field" in out
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["kind"] == "cluster"
+    assert [problem.split(":")[0] for problem in out["problems"]] == ["pools[0].nodez"]  # nodes has a default
+
+
+def test_cli_spec_validate_knows_each_kind_of_llmos_file_and_reports_the_closest(tmp_path, capsys):
+    examples = EXAMPLE.parent
+    for name, kind in (("train.yaml", "training"), ("serve.yaml", "serving")):
+        assert main(["spec", "validate", str(examples / name), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"ok": True, "kind": kind, "problems": []}
+    job = yaml.safe_load((examples / "train.yaml").read_text())
+    job["step"] = job.pop("steps")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(job))
+    assert main(["spec", "validate", str(typo)]) == 1
+    out = capsys.readouterr().out  # a TrainingJob with a typo, not a ClusterSpec with 19 unknown fields
+    assert out.startswith(f"{typo} is not a valid TrainingJob:") and "did you mean 'steps'" in out
+    assert main(["spec", "validate", str(examples / "train.yaml"), "--kind", "serving", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["kind"] == "serving"
+
+
+def test_cli_spec_validate_checks_a_job_against_a_cluster(tmp_path, capsys):
+    job = yaml.safe_load((EXAMPLE.parent / "train.yaml").read_text())
+    good = tmp_path / "train.yaml"
+    good.write_text(yaml.safe_dump(job))
+    assert main(["spec", "validate", str(good), "--cluster", str(EXAMPLE)]) == 0
+    assert capsys.readouterr().out.strip() == f"ok: a TrainingJob, fit for {EXAMPLE}"
+    job |= {"team": "reserch", "pool": None, "accelerator_type": None, "resources": {"cpus": 300}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(job))
+    assert main(["spec", "validate", str(bad), "--cluster", str(EXAMPLE), "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert problems[0].startswith("team: 'reserch' is not a team of this cluster (did you mean 'research'?)")
+    assert problems[1].startswith("resources: a worker (300 cpus") and len(problems) == 2
+    replicas = yaml.safe_load((EXAMPLE.parent / "serve.yaml").read_text()) | {"pool": "h200"}
+    serve = tmp_path / "serve.yaml"
+    serve.write_text(yaml.safe_dump(replicas))
+    assert main(["spec", "validate", str(serve), "--cluster", str(EXAMPLE)]) == 1
+    assert "pool: 'h200' is not a pool of this cluster (did you mean 'h100'?)" in capsys.readouterr().out
