@@ -36,8 +36,11 @@ def _with_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    ctl = subparsers.add_parser("controller", help="Start, stop or inspect the llmos controller actor.")
-    ctl_commands = ctl.add_subparsers(dest="controller_command", metavar="COMMAND", required=True)
+    ctl = _with_json(
+        subparsers.add_parser("controller", help="Start, stop or inspect the llmos controller actor (alone: status).")
+    )
+    ctl.set_defaults(func=_controller_status)
+    ctl_commands = ctl.add_subparsers(dest="controller_command", metavar="COMMAND", required=False)
     start = _with_json(ctl_commands.add_parser("start", help="Start the controller (refused if one runs)."))
     start.add_argument("--spec", help="ClusterSpec (default: the local cluster's).")
     start.add_argument("--policy", default=None, help="Placement policy (default llmos).")

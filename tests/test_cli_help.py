@@ -36,3 +36,10 @@ def test_every_other_entry_point_prints_its_help(main: Callable[[list[str]], int
         main(["--help"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith("usage: ")
+
+
+def test_a_group_alone_shows_its_state():
+    parser = build_parser()
+    for group, shown_by in (("quota", ["quota", "show"]), ("controller", ["controller", "status"])):
+        alone, explicit = parser.parse_args([group, "--json"]), parser.parse_args([*shown_by, "--json"])
+        assert (alone.func, alone.json) == (explicit.func, True), group
