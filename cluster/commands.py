@@ -16,7 +16,7 @@ SPEC_KINDS = ("cluster", "training", "serving", "request")  # what `llmos spec v
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    spec = subparsers.add_parser("spec", help="Work with ClusterSpec files.")
+    spec = subparsers.add_parser("spec", help="Check llmos YAML files: ClusterSpecs, jobs, requests.")
     spec_commands = spec.add_subparsers(dest="spec_command", metavar="COMMAND", required=True)
     validate = spec_commands.add_parser(
         "validate",

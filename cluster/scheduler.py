@@ -279,10 +279,10 @@ class Scheduler:
         try:
             priority_value = self.spec.priority_value(priority_class)
         except KeyError:
-            classes = ", ".join(c.name for c in self.spec.priority_classes)
+            classes = [c.name for c in self.spec.priority_classes]
             raise UserError(
-                f"priority: unknown priority class {priority_class!r}"
-                f"{did_you_mean(priority_class, [c.name for c in self.spec.priority_classes])}; use one of {classes}"
+                f"priority: unknown priority class {priority_class!r}{did_you_mean(priority_class, classes)}; "
+                f"use one of {', '.join(classes)}"
             ) from None
         self._check_pools_named(request.gang)
         return priority_value
