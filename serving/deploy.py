@@ -125,14 +125,19 @@ def _cancel_all(admin, request_ids: list[str]) -> None:
 
 
 def delete(name: str, admin) -> list[str]:
-    """Remove the Serve application and release its replicas' bookings (queued ones too); returns their ids."""
+    """Remove the Serve application and release its replicas' bookings (queued ones too); returns their ids.
+    A name that is neither an application nor held by bookings is refused, naming the deployments."""
     from ray import serve
 
+    replicas = [status for status in admin.queue() if status.request.kind is WorkloadKind.SERVING]
+    bookings = [status.id for status in replicas if status.request.group == name]
+    applications = serve.status().applications  # empty, and no Serve started, while none runs
+    if name not in applications and not bookings:
+        known = sorted(set(applications) | {status.request.group for status in replicas if status.request.group})
+        raise UserError(f"no deployment {name!r}; deployments: {', '.join(known) or 'none'} (llmos serve status)")
     stop_reconciler(name)
-    serve.delete(name)
-    released = []
-    for status in admin.queue():
-        if status.request.group == name and status.request.kind is WorkloadKind.SERVING:
-            admin.complete(status.id, reason=f"deployment {name} deleted")
-            released.append(status.id)
-    return released
+    if name in applications:
+        serve.delete(name)
+    for request_id in bookings:
+        admin.complete(request_id, reason=f"deployment {name} deleted")
+    return bookings

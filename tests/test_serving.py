@@ -173,6 +173,9 @@ def test_delete_releases_the_bookings(served, tiny_lm_checkpoint):
     released = delete("extra-lm", admin)
     assert released == [booked[0].id]
     assert admin.status(booked[0].id).state is RequestState.FINISHED
+    with pytest.raises(UserError, match=f"no deployment 'extra-lm'; deployments: {deployment.name} "):
+        delete("extra-lm", admin)  # gone: refused, naming what there is, and nothing else is touched
+    assert serve.status().applications[deployment.name].status.value == "RUNNING"
 
 
 def serve_replicas(name: str) -> int:
