@@ -480,6 +480,8 @@ class Controller:
     def decisions(
         self, credential: str | None, limit: int = 50, request_id: str | None = None, after_seq: int = 0
     ) -> list[DecisionRecord]:
+        if limit < 0:
+            raise UserError(f"limit: {limit} is negative; ask for 1 or more decisions, or 0 for all")
         principal = self._allow(credential, Action.READ_OWN)
         with self._lock:
             records = [
@@ -489,7 +491,9 @@ class Controller:
                 and (request_id is None or d.request_id == request_id)
                 and (principal == ADMIN or team_of(d.request_id) == principal)
             ]
-            return records[-limit:] if limit else records
+        if request_id is not None and not records and not after_seq:
+            self._owned(credential, Action.READ_OWN, request_id)  # an unknown id is refused, not shown as none
+        return records[-limit:] if limit else records
 
     def audit_log(self, credential: str | None, limit: int = 100) -> list[dict]:
         self._allow(credential, Action.SHUTDOWN)

@@ -239,6 +239,8 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(admin: Admin):
         ),
         (lambda: admin.cancel("research-99999"), "no request 'research-99999'"),
         (lambda: admin.preempt("research-99999"), "no request 'research-99999'"),
+        (lambda: admin.decisions(request_id="research-99999"), "no request 'research-99999'"),
+        (lambda: admin.decisions(limit=-1), "limit: -1 is negative"),
         (lambda: admin.cordon("gpu-node-7"), "unknown node 'gpu-node-7'"),
         (lambda: admin.drain("head-0"), "head node"),
         (lambda: admin.set_quota("research", gpu=2), "uses 4 gpu now, more than the new quota 2"),
