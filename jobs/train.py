@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         help="give up (and cancel the request) if not placed within this time; default: wait",
     )
     args = parser.parse_args(argv)
+    if args.wait_timeout is not None and args.wait_timeout <= 0:
+        parser.error(f"--wait-timeout {args.wait_timeout:g}: give the seconds to wait, more than 0, or leave it out")
     try:
         job = load_training_job(args.job)
     except SpecError as error:

@@ -43,3 +43,10 @@ def test_a_group_alone_shows_its_state():
     for group, shown_by in (("quota", ["quota", "show"]), ("controller", ["controller", "status"])):
         alone, explicit = parser.parse_args([group, "--json"]), parser.parse_args([*shown_by, "--json"])
         assert (alone.func, alone.json) == (explicit.func, True), group
+
+
+def test_train_refuses_a_wait_timeout_that_is_no_wait_before_it_connects(capsys):
+    with pytest.raises(SystemExit) as exited:
+        train.main(["examples/train.yaml", "--wait-timeout", "-5"])
+    assert exited.value.code == 2
+    assert "--wait-timeout -5: give the seconds to wait, more than 0" in capsys.readouterr().err
