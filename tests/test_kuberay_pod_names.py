@@ -34,49 +34,67 @@ from manifests.raycluster import ray_cluster
 POD_NAME = "llmos-demo-cpu-worker-x7k2p"
 
 
+POD_START_ATTEMPTS = 3  # a raylet on a loaded machine can miss Ray's 30 s window to register, as in `llmos up`
+
+
 @pytest.fixture
-def kuberay_pod(local_cluster: LocalCluster):
+def kuberay_pod(local_cluster: LocalCluster, tmp_path: Path):
     """The rendered RayCluster's CPU worker group, started as KubeRay starts one of its pods."""
     group = next(g for g in ray_cluster(local_cluster.spec)["spec"]["workerGroupSpecs"] if g["groupName"] == "cpu")
     resources = pool_resources(local_cluster.spec.pool("cpu"))
     user_labels = {key: value for key, value in group["labels"].items() if not key.startswith("ray.io/")}
-    args = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--block",
-        "--disable-usage-stats",
-        "--address",
-        local_cluster.gcs_address,
-        "--node-ip-address",
-        local_cluster.record.head_ip,
-        "--num-cpus",
-        str(int(resources["CPU"])),
-        "--memory",
-        str(int(resources["memory"])),
-        "--object-store-memory",
-        str(local_cluster.record.object_store_bytes),
-        "--dashboard-agent-listen-port",
-        str(free_port()),
-        "--metrics-export-port",
-        str(free_port()),
-        "--labels",
-        ",".join(f"{key}={value}" for key, value in user_labels.items()),
-    ]
     kuberay_env = {"RAY_CLOUD_INSTANCE_ID": POD_NAME, "RAY_NODE_TYPE_NAME": group["groupName"]}
-    pod = subprocess.Popen(
-        args,
-        env={**os.environ, **local_cluster.client_env(), **kuberay_env},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log_path = tmp_path / "pod.log"
+
+    def start() -> subprocess.Popen:
+        args = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--address",
+            local_cluster.gcs_address,
+            "--node-ip-address",
+            local_cluster.record.head_ip,
+            "--num-cpus",
+            str(int(resources["CPU"])),
+            "--memory",
+            str(int(resources["memory"])),
+            "--object-store-memory",
+            str(local_cluster.record.object_store_bytes),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--metrics-export-port",
+            str(free_port()),
+            "--labels",
+            ",".join(f"{key}={value}" for key, value in user_labels.items()),
+        ]
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                args,
+                env={**os.environ, **local_cluster.client_env(), **kuberay_env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def joined() -> bool:
+        return any(node.alive and node.name == POD_NAME for node in read_nodes())
+
+    for _ in range(POD_START_ATTEMPTS):
+        pod = start()
+        wait_for(lambda pod=pod: pod.poll() is not None or joined(), WAIT_S, "the pod's raylet to join or exit")
+        if pod.poll() is None:
+            break
+    else:
+        pytest.fail(f"the emulated pod never joined; its log: {log_path.read_text()[-2000:]}")
     try:
         yield group
     finally:
         os.killpg(pod.pid, signal.SIGTERM)
         pod.wait(timeout=WAIT_S)
-        wait_for(lambda: not any(n.alive and n.name == POD_NAME for n in read_nodes()), WAIT_S, "the pod's node to go")
+        wait_for(lambda: not joined(), WAIT_S, "the pod's node to go")
 
 
 def test_a_kuberay_pod_is_named_by_its_pod_name_and_drained_by_it(

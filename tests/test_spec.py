@@ -187,7 +187,7 @@ def test_cli_spec_validate_knows_each_kind_of_llmos_file_and_reports_the_closest
     typo = tmp_path / "typo.yaml"
     typo.write_text(yaml.safe_dump(job))
     assert main(["spec", "validate", str(typo)]) == 1
-    out = capsys.readouterr().out  # a TrainingJob with a typo, not a ClusterSpec with 19 unknown fields
+    out = capsys.readouterr().out  # a TrainingJob with a typo, not a ClusterSpec full of unknown fields
     assert out.startswith(f"{typo} is not a valid TrainingJob:") and "did you mean 'steps'" in out
     assert main(["spec", "validate", str(examples / "train.yaml"), "--kind", "serving", "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["kind"] == "serving"
