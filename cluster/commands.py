@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from cluster.console import UserError, human_bytes, print_json, print_table, progress, stdout
 from cluster.launcher import DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, DEFAULT_OBJECT_STORE_MB, LocalCluster
-from cluster.spec import ClusterSpec, SpecError, load_spec, load_yaml, parse_model
+from cluster.spec import ClusterSpec, SpecError, load_spec, load_yaml, parse_model, workload_problems
 
 DEFAULT_SPEC = Path("examples/cluster.yaml")
 SPEC_KINDS = ("cluster", "training", "serving", "request")  # what `llmos spec validate` tries, in order
@@ -109,10 +109,8 @@ def _problems_against(parsed: BaseModel, kind: str, cluster_path: str | None) ->
         return []
     if kind not in ("training", "serving"):
         raise UserError(f"--cluster checks a TrainingJob or ServeJob; {parsed.__class__.__name__} is neither")
-    from jobs.spec import problems_against_cluster
-
     unit = "worker" if kind == "training" else "replica"
-    return problems_against_cluster(parsed, load_spec(cluster_path), unit)  # type: ignore[arg-type]
+    return workload_problems(parsed, load_spec(cluster_path), unit)  # type: ignore[arg-type]
 
 
 def _up(args: argparse.Namespace) -> int:

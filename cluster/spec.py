@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import yaml
 from pydantic import (
@@ -525,19 +525,101 @@ class ClusterSpec(StrictModel):
         for pool in self.pools:
             if pool.name == name:
                 return pool
-        raise KeyError(f"no pool named {name!r}; pools: {', '.join(p.name for p in self.pools)}")
+        names = [p.name for p in self.pools]
+        raise KeyError(f"no pool named {name!r}{did_you_mean(name, names)}; pools: {', '.join(names)}")
 
     def team(self, name: str) -> Team:
         for team in self.teams:
             if team.name == name:
                 return team
-        raise KeyError(f"no team named {name!r}; teams: {', '.join(t.name for t in self.teams) or 'none'}")
+        names = [t.name for t in self.teams]
+        raise KeyError(f"no team named {name!r}{did_you_mean(name, names)}; teams: {', '.join(names) or 'none'}")
 
     def priority_value(self, class_name: str) -> int:
         for priority_class in self.priority_classes:
             if priority_class.name == class_name:
                 return priority_class.value
         raise KeyError(f"no priority class {class_name!r}")
+
+
+class ResourcesLike(Protocol):
+    """What one worker or replica reserves."""
+
+    @property
+    def cpus(self) -> float: ...
+    @property
+    def gpus(self) -> float: ...
+    @property
+    def memory(self) -> int: ...
+
+
+class WorkloadLike(Protocol):
+    """What a training job (`jobs.spec.TrainingJob`) or a served model (`serving.spec.ServeJob`) asks of
+    the cluster: who, where, and how big one worker or replica is."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def team(self) -> str: ...
+    @property
+    def priority(self) -> str | None: ...
+    @property
+    def pool(self) -> str | None: ...
+    @property
+    def accelerator_type(self) -> str | None: ...
+    @property
+    def resources(self) -> ResourcesLike: ...
+
+
+def workload_problems(job: WorkloadLike, cluster: ClusterSpec, unit: str = "worker") -> list[str]:
+    """What keeps `job` from ever running on `cluster`, one line per problem naming the field; `unit`
+    names what one set of `resources` runs (a worker, a replica). Workers and replicas run on CPUs and
+    GPUs: TPU pools are for TPU gangs."""
+    problems = []
+    team_names = [team.name for team in cluster.teams]
+    if job.team not in team_names:
+        problems.append(
+            f"team: {job.team!r} is not a team of this cluster{did_you_mean(job.team, team_names)}; "
+            f"teams: {', '.join(team_names) or 'none'}"
+        )
+    class_names = [c.name for c in cluster.priority_classes]
+    if job.priority is not None and job.priority not in class_names:
+        problems.append(f"priority: {job.priority!r} is not a priority class; use one of {', '.join(class_names)}")
+    if job.pool is not None:
+        pool_names = [pool.name for pool in cluster.pools]
+        if job.pool not in pool_names:
+            problems.append(
+                f"pool: {job.pool!r} is not a pool of this cluster{did_you_mean(job.pool, pool_names)}; "
+                f"pools: {', '.join(pool_names)}"
+            )
+            return problems
+        candidates = [cluster.pool(job.pool)]
+    elif job.accelerator_type is not None:
+        candidates = [pool for pool in cluster.pools if pool.accelerator_type == job.accelerator_type]
+        if not candidates:
+            known = sorted({p.accelerator_type for p in cluster.pools if p.accelerator_type})
+            problems.append(
+                f"accelerator_type: no pool has {job.accelerator_type!r}; this cluster has {', '.join(known) or 'none'}"
+            )
+            return problems
+    else:
+        candidates = list(cluster.pools)
+    wanted = job.resources
+    fits = [
+        pool
+        for pool in candidates
+        if pool.accelerator is not AcceleratorKind.TPU
+        and wanted.cpus <= pool.node.cpus
+        and wanted.memory <= pool.node.memory
+        and wanted.gpus <= pool.node.gpus
+    ]
+    if not fits:
+        where = ", ".join(pool.name for pool in candidates)
+        problems.append(
+            f"resources: a {unit} ({wanted.cpus:g} cpus, {wanted.gpus:g} gpus, "
+            f"{format_memory(wanted.memory)}) fits on no node of {where}; ask for less or pick another pool"
+        )
+    return problems
 
 
 def _reject_duplicates(field: str, names: list[str]) -> None:

@@ -3,14 +3,14 @@
 The same model is read by `python -m jobs.train`, by the bare-process baseline and, later, by the
 controller's admission. It says what to train and how much of the cluster to ask for; it does not
 say where: placement is the controller's decision. Checks that need the ClusterSpec (does the pool
-exist, does a worker fit on one of its nodes) live in `problems_against_cluster`.
+exist, does a worker fit on one of its nodes) live in `cluster.spec.workload_problems`.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 from pydantic import (
     Field,
@@ -23,14 +23,10 @@ from pydantic import (
 )
 
 from cluster.spec import (
-    AcceleratorKind,
-    ClusterSpec,
     MemoryBytes,
     MinMaxBounds,
     Name,
     StrictModel,
-    did_you_mean,
-    format_memory,
     load_yaml,
     parse_memory,
     parse_model,
@@ -219,69 +215,3 @@ class TrainingJob(StrictModel):
 def load_training_job(path: str | Path) -> TrainingJob:
     """Read and validate a TrainingJob YAML file; raises SpecError with one line per problem."""
     return parse_model(TrainingJob, load_yaml(path), str(path))
-
-
-class UnitResources(Protocol):
-    cpus: float
-    gpus: float
-    memory: int
-
-
-class Workload(Protocol):
-    """What a training job and a served model (`serving.spec.ServeJob`) ask of the cluster."""
-
-    team: str
-    priority: str | None
-    pool: str | None
-    accelerator_type: str | None
-    resources: UnitResources
-
-
-def problems_against_cluster(job: Workload, cluster: ClusterSpec, unit: str = "worker") -> list[str]:
-    """What keeps `job` from ever running on `cluster`, one line per problem naming the field; `unit`
-    names what one set of `resources` runs (a worker, a replica)."""
-    problems = []
-    team_names = [team.name for team in cluster.teams]
-    if job.team not in team_names:
-        problems.append(
-            f"team: {job.team!r} is not a team of this cluster{did_you_mean(job.team, team_names)}; "
-            f"teams: {', '.join(team_names) or 'none'}"
-        )
-    class_names = [c.name for c in cluster.priority_classes]
-    if job.priority is not None and job.priority not in class_names:
-        problems.append(f"priority: {job.priority!r} is not a priority class; use one of {', '.join(class_names)}")
-    if job.pool is not None:
-        pool_names = [pool.name for pool in cluster.pools]
-        if job.pool not in pool_names:
-            problems.append(
-                f"pool: {job.pool!r} is not a pool of this cluster{did_you_mean(job.pool, pool_names)}; "
-                f"pools: {', '.join(pool_names)}"
-            )
-            return problems
-        candidates = [cluster.pool(job.pool)]
-    elif job.accelerator_type is not None:
-        candidates = [pool for pool in cluster.pools if pool.accelerator_type == job.accelerator_type]
-        if not candidates:
-            known = sorted({p.accelerator_type for p in cluster.pools if p.accelerator_type})
-            problems.append(
-                f"accelerator_type: no pool has {job.accelerator_type!r}; this cluster has {', '.join(known) or 'none'}"
-            )
-            return problems
-    else:
-        candidates = list(cluster.pools)
-    wanted = job.resources
-    fits = [
-        pool
-        for pool in candidates
-        if pool.accelerator is not AcceleratorKind.TPU
-        and wanted.cpus <= pool.node.cpus
-        and wanted.memory <= pool.node.memory
-        and wanted.gpus <= pool.node.gpus
-    ]
-    if not fits:
-        where = ", ".join(pool.name for pool in candidates)
-        problems.append(
-            f"resources: a {unit} ({wanted.cpus:g} cpus, {wanted.gpus:g} gpus, "
-            f"{format_memory(wanted.memory)}) fits on no node of {where}; ask for less or pick another pool"
-        )
-    return problems

@@ -61,6 +61,11 @@ def _render(args: argparse.Namespace) -> int:
     from manifests.render import render_cluster, write_manifests
     from manifests.workloads import ray_job, ray_service
 
+    for flag, seconds in (("--deadline", args.deadline), ("--start-deadline", args.start_deadline)):
+        if seconds is not None and seconds < 1:
+            raise UserError(f"{flag} {seconds}: give the seconds, 1 or more, or leave it out")
+        if seconds is not None and not args.job:
+            raise UserError(f"{flag} bounds a RayJob: give the TrainingJob with --job")
     spec = load_spec(args.spec)
     try:
         files = render_cluster(spec)

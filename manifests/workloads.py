@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import yaml
 
 from cluster.ray_mapping import replicas_for_workers
-from cluster.spec import ClusterSpec, Pool, Team
+from cluster.spec import ClusterSpec, Pool, ResourcesLike, Team, WorkloadLike
 from manifests.kueue import PRIORITY_CLASS_LABEL, QUEUE_NAME_LABEL, priority_class_name, queue_name
 from manifests.objects import TEAM_LABEL, ManifestError, cluster_labels, metadata
 from manifests.raycluster import RAY_API_VERSION, GroupSize, ray_cluster_spec
@@ -26,37 +26,11 @@ JOB_DIRECTORY = "/etc/llmos/job"
 JOB_FILE = "job.yaml"
 
 
-class ResourcesLike(Protocol):
-    """What one worker or replica reserves."""
-
-    @property
-    def cpus(self) -> float: ...
-    @property
-    def gpus(self) -> float: ...
-    @property
-    def memory(self) -> int: ...
-
-
 class CountLike(Protocol):
     @property
     def min(self) -> int: ...
     @property
     def max(self) -> int: ...
-
-
-class WorkloadLike(Protocol):
-    """What a RayJob or RayService needs of a job or serve spec: who, where, and how big."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def team(self) -> str: ...
-    @property
-    def pool(self) -> str | None: ...
-    @property
-    def accelerator_type(self) -> str | None: ...
-    @property
-    def resources(self) -> ResourcesLike: ...
 
 
 class CheckpointPolicyLike(Protocol):
@@ -67,8 +41,6 @@ class CheckpointPolicyLike(Protocol):
 class TrainingJobLike(WorkloadLike, Protocol):
     """jobs.spec.TrainingJob as the RayJob renderer reads it."""
 
-    @property
-    def priority(self) -> str | None: ...
     @property
     def workers(self) -> CountLike: ...
     @property

@@ -259,6 +259,7 @@ def test_cli_render_with_the_example_job_and_serve_specs(tmp_path):
     ("change", "message"),
     [
         ({"team": "nobody"}, "team: no team named 'nobody'"),
+        ({"team": "reserch"}, "team: no team named 'reserch' (did you mean 'research'?)"),
         ({"storage_path": "~/llmos/jobs"}, "storage_path: ~/llmos/jobs is not under kubernetes.shared_storage"),
     ],
 )
@@ -271,3 +272,18 @@ def test_cli_render_reports_job_errors_without_traceback(tmp_path, capsys, chang
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--job", "train.yaml", "--deadline", "-5"], "--deadline -5: give the seconds, 1 or more"),
+        (["--job", "train.yaml", "--start-deadline", "0"], "--start-deadline 0: give the seconds, 1 or more"),
+        (["--start-deadline", "60"], "--start-deadline bounds a RayJob: give the TrainingJob with --job"),
+    ],
+)
+def test_cli_render_refuses_deadlines_that_bound_nothing(tmp_path, capsys, flags, message):
+    flags = [str(EXAMPLE_SPEC.parent / flag) if flag == "train.yaml" else flag for flag in flags]
+    assert main(["manifests", "render", str(EXAMPLE_SPEC), "-o", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.spec import SpecError, load_spec, parse_model
+from cluster.spec import SpecError, load_spec, parse_model, workload_problems
 from jobs import precision
-from jobs.spec import Precision, TrainingJob, load_training_job, problems_against_cluster
+from jobs.spec import Precision, TrainingJob, load_training_job
 from jobs.training_loop import train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -33,7 +33,7 @@ def test_example_loads_and_fits_the_example_cluster():
     assert job.pool == "h100" and job.team == "research"
     assert job.checkpoint_directory == job.run_directory / "checkpoints"
     assert job.loss_curve_file.suffix == ".png"
-    assert problems_against_cluster(job, load_spec(EXAMPLES / "cluster.yaml")) == []
+    assert workload_problems(job, load_spec(EXAMPLES / "cluster.yaml")) == []
 
 
 def test_unknown_field_is_named_with_a_suggestion():
@@ -86,11 +86,11 @@ def test_fp16_loads_but_is_refused_on_cpu_when_run(tmp_path):
 def test_problems_against_cluster_name_the_field():
     cluster = load_spec(EXAMPLES / "cluster.yaml")
     unknown_pool = parse_model(TrainingJob, job_data(pool="h200"), "job.yaml")
-    assert problems_against_cluster(unknown_pool, cluster)[0].startswith("pool: 'h200' is not a pool")
+    assert workload_problems(unknown_pool, cluster)[0].startswith("pool: 'h200' is not a pool")
     too_big = parse_model(TrainingJob, job_data(pool="a100", resources={"gpus": 8}), "job.yaml")
-    assert problems_against_cluster(too_big, cluster)[0].startswith("resources: a worker")
+    assert workload_problems(too_big, cluster)[0].startswith("resources: a worker")
     unknown_team = parse_model(TrainingJob, job_data(team="nobody"), "job.yaml")
-    assert problems_against_cluster(unknown_team, cluster)[0].startswith("team: 'nobody'")
+    assert workload_problems(unknown_team, cluster)[0].startswith("team: 'nobody'")
 
 
 def test_warmup_not_below_steps_names_the_field():
