@@ -584,7 +584,10 @@ def workload_problems(job: WorkloadLike, cluster: ClusterSpec, unit: str = "work
         )
     class_names = [c.name for c in cluster.priority_classes]
     if job.priority is not None and job.priority not in class_names:
-        problems.append(f"priority: {job.priority!r} is not a priority class; use one of {', '.join(class_names)}")
+        problems.append(
+            f"priority: {job.priority!r} is not a priority class{did_you_mean(job.priority, class_names)}; "
+            f"use one of {', '.join(class_names)}"
+        )
     if job.pool is not None:
         pool_names = [pool.name for pool in cluster.pools]
         if job.pool not in pool_names:

@@ -83,7 +83,7 @@ def test_fp16_loads_but_is_refused_on_cpu_when_run(tmp_path):
     assert not job.run_directory.exists(), "refused before doing any work"
 
 
-def test_problems_against_cluster_name_the_field():
+def test_workload_problems_name_the_field_and_the_closest_name():
     cluster = load_spec(EXAMPLES / "cluster.yaml")
     unknown_pool = parse_model(TrainingJob, job_data(pool="h200"), "job.yaml")
     assert workload_problems(unknown_pool, cluster)[0].startswith("pool: 'h200' is not a pool")
@@ -91,6 +91,10 @@ def test_problems_against_cluster_name_the_field():
     assert workload_problems(too_big, cluster)[0].startswith("resources: a worker")
     unknown_team = parse_model(TrainingJob, job_data(team="nobody"), "job.yaml")
     assert workload_problems(unknown_team, cluster)[0].startswith("team: 'nobody'")
+    misspelt = parse_model(TrainingJob, job_data(priority="hihg"), "job.yaml")
+    assert workload_problems(misspelt, cluster) == [
+        "priority: 'hihg' is not a priority class (did you mean 'high'?); use one of low, normal, high"
+    ]
 
 
 def test_warmup_not_below_steps_names_the_field():
