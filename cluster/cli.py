@@ -12,7 +12,8 @@ import argparse
 import importlib
 import sys
 
-from cluster.console import UserError, print_error
+from cluster.commands import other_kind_hint
+from cluster.console import UserError, print_error, print_hint
 from cluster.spec import SpecError
 
 # Modules exposing `register(subparsers)`, imported lazily so `llmos --help` stays fast.
@@ -40,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, SpecError) as error:
+    except UserError as error:
         print_error(error)
+        return 2
+    except SpecError as error:
+        print_error(error)
+        print_hint(other_kind_hint(error))
         return 2
     except KeyboardInterrupt:
         print_error(UserError("interrupted"))

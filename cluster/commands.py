@@ -7,12 +7,18 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cluster.console import UserError, human_bytes, print_json, print_table, progress, stdout
+from cluster.console import UserError, human_bytes, print_hint, print_json, print_table, progress, stdout
 from cluster.launcher import DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, DEFAULT_OBJECT_STORE_MB, LocalCluster
 from cluster.spec import ClusterSpec, SpecError, load_spec, load_yaml, parse_model, workload_problems
 
 DEFAULT_SPEC = Path("examples/cluster.yaml")
 SPEC_KINDS = ("cluster", "training", "serving", "request")  # what `llmos spec validate` tries, in order
+KIND_USES = {
+    "cluster": "`llmos up FILE` or `llmos manifests render FILE`",
+    "training": "`python -m jobs.train FILE` or `llmos manifests render CLUSTER --job FILE`",
+    "serving": "`llmos serve deploy FILE` or `llmos manifests render CLUSTER --serve FILE`",
+    "request": "`llmos submit FILE`",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,6 +81,27 @@ def _spec_models() -> dict[str, type[BaseModel]]:
     return {"cluster": ClusterSpec, "training": TrainingJob, "serving": ServeJob, "request": SubmitRequest}
 
 
+def other_kind_hint(error: SpecError) -> str:
+    """For a file refused as one kind of llmos file that is valid as another: which kind, and what takes
+    it (a ClusterSpec passed to `llmos submit`, say); else nothing."""
+    models = _spec_models()
+    if error.kind not in {model.__name__ for model in models.values()}:
+        return ""  # not refused as a whole kind of file (a job checked against a cluster, a checkpoint)
+    try:
+        data = load_yaml(error.source)
+    except SpecError:
+        return ""
+    for kind, model in models.items():
+        if model.__name__ == error.kind:
+            continue
+        try:
+            parse_model(model, data, error.source)
+        except SpecError:
+            continue
+        return f"{error.source} is a valid {model.__name__}: give it to {KIND_USES[kind]}"
+    return ""
+
+
 def _spec_validate(args: argparse.Namespace) -> int:
     data = load_yaml(args.spec)
     models = _spec_models()
@@ -100,6 +127,7 @@ def _spec_validate(args: argparse.Namespace) -> int:
         print_json({"ok": False, "kind": kind, "problems": error.problems})
     else:
         stdout.print(str(error))
+        print_hint(other_kind_hint(error))  # with --kind, the file may be another kind
     return 1
 
 

@@ -24,6 +24,11 @@ def print_error(error: Exception) -> None:
     stderr.print(f"[bold red]error:[/] {error}", markup=True)
 
 
+def print_hint(hint: str) -> None:
+    if hint:
+        stderr.print(f"[bold]hint:[/] {hint}", markup=True, highlight=False)
+
+
 def progress(message: str) -> None:
     """Progress on long work goes to stderr, so `--json` output on stdout stays parseable."""
     stderr.print(f"[dim]{message}[/]", markup=True)

@@ -47,7 +47,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from cluster.admin import Admin, ProgressReporter
-from cluster.console import UserError
+from cluster.console import UserError, print_hint
 from cluster.ray_mapping import POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL
 from cluster.spec import SpecError
 from jobs.admission import WorkerPlacement
@@ -340,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = load_training_job(args.job)
     except SpecError as error:
+        from cluster.commands import other_kind_hint
+
         print(error, file=sys.stderr)
+        print_hint(other_kind_hint(error))
         return 2
     try:
         if args.without_controller:

@@ -12,6 +12,7 @@ import yaml
 from cluster.cli import main
 from cluster.requests import SubmitRequest
 from cluster.spec import ClusterSpec, SpecError, format_memory, load_spec, parse_memory, parse_model
+from jobs import train
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
 
@@ -211,3 +212,19 @@ def test_cli_spec_validate_checks_a_job_against_a_cluster(tmp_path, capsys):
     serve.write_text(yaml.safe_dump(replicas))
     assert main(["spec", "validate", str(serve), "--cluster", str(EXAMPLE)]) == 1
     assert "pool: 'h200' is not a pool of this cluster (did you mean 'h100'?)" in capsys.readouterr().out
+
+
+def test_a_file_of_another_kind_is_named_with_what_takes_it(tmp_path, capsys):
+    examples = EXAMPLE.parent
+    assert main(["submit", str(EXAMPLE)]) == 2  # refused before any cluster is reached
+    err = capsys.readouterr().err
+    assert f"{EXAMPLE} is not a valid SubmitRequest" in err
+    assert f"hint: {EXAMPLE} is a valid ClusterSpec: give it to `llmos up FILE`" in err
+    assert main(["spec", "validate", str(examples / "train.yaml"), "--kind", "serving"]) == 1
+    assert "is a valid TrainingJob: give it to `python -m jobs.train FILE`" in capsys.readouterr().err
+    assert train.main([str(examples / "serve.yaml")]) == 2
+    assert "is a valid ServeJob: give it to `llmos serve deploy FILE`" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("team: research\ngang: {name: x, bundles: []}\n")
+    assert main(["submit", str(broken)]) == 2
+    assert "hint" not in capsys.readouterr().err  # a broken request is no other kind of file
