@@ -1,5 +1,7 @@
-"""`--help` of every command: argparse expands `%` in help texts when it prints them, so a stray
-percent sign ("95% intervals") turns `--help` into a traceback that no other test reaches."""
+"""What the command lines parse, before any cluster is reached. `--help` of every command: argparse
+expands `%` in help texts when it prints them, so a stray percent sign ("95% intervals") turns
+`--help` into a traceback that no other test reaches. Command groups that show something when given
+alone, and flags refused before connecting."""
 
 from __future__ import annotations
 
