@@ -12,13 +12,14 @@ from cluster.launcher import DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, DEFAULT_O
 from cluster.spec import ClusterSpec, SpecError, load_spec, load_yaml, parse_model, workload_problems
 
 DEFAULT_SPEC = Path("examples/cluster.yaml")
-SPEC_KINDS = ("cluster", "training", "serving", "request")  # what `llmos spec validate` tries, in order
+# The kinds of llmos YAML file, in the order `llmos spec validate` tries them, and what takes each.
 KIND_USES = {
     "cluster": "`llmos up FILE` or `llmos manifests render FILE`",
     "training": "`python -m jobs.train FILE` or `llmos manifests render CLUSTER --job FILE`",
     "serving": "`llmos serve deploy FILE` or `llmos manifests render CLUSTER --serve FILE`",
     "request": "`llmos submit FILE`",
 }
+SPEC_KINDS = tuple(KIND_USES)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -127,7 +128,8 @@ def _spec_validate(args: argparse.Namespace) -> int:
         print_json({"ok": False, "kind": kind, "problems": error.problems})
     else:
         stdout.print(str(error))
-        print_hint(other_kind_hint(error))  # with --kind, the file may be another kind
+        if args.kind != "auto":  # else every kind was tried: none to point to
+            print_hint(other_kind_hint(error))
     return 1
 
 
