@@ -146,6 +146,19 @@ class TestWhereBundlesGo:
         assert placed(engine.place(gang({"GPU": 1}, label_selector={"zone": "!a"}))).nodes == ("t",)
         assert placed(engine.place(gang({"GPU": 1}, label_selector={"zone": "in(a,c)"}))).nodes == ("a",)
 
+    def test_a_bundle_copied_with_other_selectors_is_placed_by_the_copys(self):
+        # The scheduler adds a cordon selector and narrows GPU types on copies of the submitted bundles,
+        # often after the engine has already read the originals.
+        snapshot = cluster(
+            node("a", gpus=1, gpu_type="A100", labels={"zone": "a"}),
+            node("h", gpus=1, gpu_type="H100", labels={"zone": "b"}),
+        )
+        original = Bundle(resources={"GPU": 1})
+        assert placed(place(snapshot, GangRequest(name="job", bundles=[original]), "bestfit")).nodes == ("a",)
+        for update, node_name in (({"label_selector": {"zone": "!a"}}, "h"), ({"gpu_types": ("H100",)}, "h")):
+            copy = original.model_copy(update=update)
+            assert placed(place(snapshot, GangRequest(name="job", bundles=[copy]), "bestfit")).nodes == (node_name,)
+
     def test_same_pool_keeps_a_gang_in_one_pool(self):
         snapshot = cluster(node("a0", gpus=2, pool="a"), node("b0", gpus=2, pool="b"), node("b1", gpus=2, pool="b"))
         placement = placed(PlacementEngine(snapshot, "fgd", workload=HALF_AND_WHOLE).place(gang(*[{"GPU": 2}] * 2)))

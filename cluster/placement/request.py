@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import cached_property
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -104,8 +103,10 @@ class Bundle(BaseModel):
             raise ValueError("gpu_types is empty, so no GPU could serve; leave it out to allow any type")
         return gpu_types
 
-    @cached_property
+    @property
     def demand(self) -> Demand:
+        # Not cached: `model_copy(update=...)` copies a cached value with the instance's dict, so a copy
+        # with another label_selector or gpu_types would keep the original's demand.
         resources = self.resources
         gpus = resources.get("GPU", 0.0)
         if gpus >= 1:
