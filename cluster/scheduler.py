@@ -344,28 +344,53 @@ class Scheduler:
                     f"{did_you_mean(unknown[0], pools)}; pools: {', '.join(sorted(pools))}"
                 )
 
-    def _never_admissible(self, status: RequestStatus) -> str | None:
-        quota = self.quotas[status.team]
-        demand = quotas.gang_demand(status.request.gang)
-        typed_room = {}
-        if demand.get("gpu"):
-            typed_room["gpu"] = quotas.allowed_types(
-                "gpu", self._gpu_types(status.request.gang), quota, {}, demand["gpu"]
-            )
-        return quotas.never_admissible(quota, demand, typed_room)
+    def _demand(self, status: RequestStatus) -> dict[str, float]:
+        """What the request counts against its team's quota."""
+        demand = self._demands.get(status.id)
+        if demand is None:
+            demand = self._demands[status.id] = quotas.gang_demand(status.request.gang)
+        return demand
 
-    def _never_fits(self, status: RequestStatus) -> str | None:
-        """Why the gang, as asked, fits no node set of the cluster even empty and uncordoned, or None."""
+    def _never_admissible(self, status: RequestStatus) -> str | None:
+        demand = quotas.gang_demand(status.request.gang)  # not kept: a request refused here is never tried
+        typed_room = {"gpu": self._gpu_types_alone(status, demand["gpu"])[1]} if demand.get("gpu") else {}
+        return quotas.never_admissible(self.quotas[status.team], demand, typed_room)
+
+    def _never_fits(self, status: RequestStatus, gpu_types: set[str] | None = None) -> str | None:
+        """Why the gang, as asked (on `gpu_types` only, if given), fits no node set of the cluster even empty
+        and uncordoned, or None."""
         uncordoned = tuple(
             node.model_copy(update={"labels": {k: v for k, v in node.labels.items() if k != CORDON_LABEL}})
             for node in self._live_nodes()
         )
-        gang = status.request.gang.model_copy(update={"name": status.id})
+        gang = self._gang_for_engine(status, gpu_types, cordoned_too=True)
         decision = self._trial_engine(self._with_unborn_nodes(uncordoned, len(gang.bundles))).place(gang)
         if isinstance(decision, Rejection) and decision.reason is RejectionReason.NEVER_FITS:
             largest = " at its largest (every pool at its max)" if self.scale_up else ""
             return f"can never fit this cluster{largest}: {decision.message}"
         return None
+
+    def _never_within_typed_quota(self, status: RequestStatus) -> str | None:
+        """Why the gang fits no node set of the GPU types its team's typed quotas allow it even with nothing
+        else of the team running, or None."""
+        gpus = self._demand(status).get("gpu")
+        if not gpus:
+            return None
+        candidates, alone = self._gpu_types_alone(status, gpus)
+        if alone == set(candidates) or self._never_fits(status, alone) is None:
+            return None
+        quota = self.quotas[status.team]
+        typed = ", ".join(f"gpu:{name} quota {quota[f'gpu:{name}']:g}" for name in candidates if name not in alone)
+        return (
+            f"over the team's typed quota even with nothing else running: asks {gpus:g} gpu, {typed}, and "
+            f"{', '.join(sorted(alone))} alone cannot hold it"
+        )
+
+    def _gpu_types_alone(self, status: RequestStatus, gpus: float) -> tuple[list[str], set[str]]:
+        """The GPU types the gang may use, and those its team's typed quotas allow its `gpus` with nothing
+        else of the team running."""
+        candidates = self._gpu_types(status.request.gang)
+        return candidates, quotas.allowed_types("gpu", candidates, self.quotas[status.team], {}, gpus)
 
     def _unborn_nodes(self, bundles: int) -> list[NodeSnapshot]:
         """Empty nodes the pools may still gain up to their max, when an autoscaler grows them; else none.
@@ -424,12 +449,15 @@ class Scheduler:
         wanted = set().union(*(set(b.gpu_types) for b in gang.bundles if b.gpu_types)) or set(in_cluster)
         return [t for t in in_cluster if t in wanted]
 
-    def _gang_for_engine(self, status: RequestStatus, gpu_types: set[str] | None = None) -> GangRequest:
-        """The gang as the engine must see it: cordoned nodes excluded, GPU types narrowed by quota."""
+    def _gang_for_engine(
+        self, status: RequestStatus, gpu_types: set[str] | None = None, *, cordoned_too: bool = False
+    ) -> GangRequest:
+        """The gang as the engine must see it: cordoned nodes excluded (unless `cordoned_too`), GPU types
+        narrowed by quota."""
         gang = status.request.gang
         bundles = []
         for bundle in gang.bundles:
-            update: dict = {"label_selector": {**bundle.label_selector, CORDON_LABEL: "!true"}}
+            update: dict = {} if cordoned_too else {"label_selector": {**bundle.label_selector, CORDON_LABEL: "!true"}}
             if gpu_types is not None and bundle.resources.get("GPU"):
                 update["gpu_types"] = tuple(sorted(gpu_types))
             bundles.append(bundle.model_copy(update=update))
@@ -511,9 +539,7 @@ class Scheduler:
     def _try_place(self, status: RequestStatus) -> None:
         self._awaiting_nodes.pop(status.id, None)  # each try decides afresh whether it waits for nodes
         quota, used = self.quotas[status.team], self.usage[status.team]
-        demand = self._demands.get(status.id)
-        if demand is None:
-            demand = self._demands[status.id] = quotas.gang_demand(status.request.gang)
+        demand = self._demand(status)
         over = quotas.exceeded(quota, used, demand)
         if over:
             self._over_quota(status, "over quota: " + "; ".join(over))
@@ -534,7 +560,7 @@ class Scheduler:
             isinstance(decision, Rejection)
             and decision.reason is RejectionReason.NEVER_FITS
             and status.id in self._untried
-            and (never := self._never_fits(status))
+            and (never := self._never_fits(status) or self._never_within_typed_quota(status))
         ):
             # Only on its first try: a request accepted earlier is never dropped because nodes left.
             status.state, status.reason = RequestState.REJECTED, never
@@ -547,6 +573,15 @@ class Scheduler:
                 # Nodes on the way cost no one anything; preempting for a gang they would hold costs work.
                 self._awaiting_nodes[status.id] = gang
                 self._wait(status, f"waiting for the cluster to scale up: {growth}")
+                return
+            if decision.reason is RejectionReason.NEVER_FITS:
+                # Not even the empty open cluster holds it, so preempting would free nothing it could use.
+                if held_back := self._held_back_by_cordons(status, gpu_types):
+                    self._wait(status, held_back)
+                elif held_back := self._held_back_by_typed_quota(status, gpu_types):
+                    self._over_quota(status, held_back)
+                else:
+                    self._wait(status, decision.message)
                 return
             if not self._preempt_for(status, gang):
                 self._wait(status, decision.message)
@@ -582,6 +617,46 @@ class Scheduler:
         self._decide(status, DecisionAction.PLACED, f"{decision.policy}: {_describe_nodes(bundles)}", status.nodes)
         if bound:
             self.effects.append(Bind(status.id, status.placement_group, tuple(bundles)))
+
+    def _capacity_engine(self) -> PlacementEngine:
+        """A what-if engine on the live nodes, empty and uncordoned."""
+        nodes = tuple(_FreeResources.of(node).snapshot(node.labels) for _, node in sorted(self.nodes.items()))
+        return self._trial_engine(ClusterSnapshot(nodes=nodes))
+
+    def _held_back_by_cordons(self, status: RequestStatus, gpu_types: set[str] | None) -> str:
+        """Why a gang no open node set can hold, even empty, will fit once cordoned nodes are uncordoned;
+        "" if it would not."""
+        cordoned = sorted(name for name, control in self.controls.items() if control.cordoned and name in self.nodes)
+        if not cordoned:
+            return ""
+        decision = self._capacity_engine().place(self._gang_for_engine(status, gpu_types, cordoned_too=True))
+        if isinstance(decision, Rejection):
+            return ""
+        could = sorted({bundle.node for bundle in decision.bundles}.intersection(cordoned))
+        if not could:
+            return ""
+        others = f" (cordoned now: {', '.join(cordoned)})" if len(cordoned) > len(could) else ""
+        return (
+            f"no uncordoned nodes can hold it, cordoned {', '.join(could)} could{others}: "
+            "it is placed once uncordoned (llmos uncordon NODE)"
+        )
+
+    def _held_back_by_typed_quota(self, status: RequestStatus, gpu_types: set[str] | None) -> str:
+        """Why a gang no node set of the GPU types its team's typed quota leaves it can hold, even empty,
+        fits once the quota allows other types; "" if the types are not narrowed or that would not help."""
+        if gpu_types is None:
+            return ""
+        decision = self._capacity_engine().place(self._gang_for_engine(status, cordoned_too=True))
+        if isinstance(decision, Rejection):
+            return ""
+        candidates, alone = self._gpu_types_alone(status, self._demand(status)["gpu"])
+        ruled_out = sorted(set(candidates) - gpu_types)
+        types = f"GPU type{'s' if len(ruled_out) > 1 else ''} {', '.join(ruled_out)}"
+        when = "its quota rises" if alone == gpu_types else "the team's use falls or its quota rises"
+        return (
+            f"over quota: no typed quota left for {types}, and {', '.join(sorted(gpu_types))} alone "
+            f"cannot hold it; it is placed once {when}"
+        )
 
     def _growth_for(self, gang: GangRequest) -> str:
         """The nodes yet to come that would let `gang` fit the cluster as it is now, in words; "" if none would."""

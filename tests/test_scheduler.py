@@ -216,6 +216,49 @@ def test_cordon_and_drain(scheduler: Scheduler):
         scheduler.drain("h100_0")
 
 
+def test_a_gang_only_cordoned_nodes_can_hold_waits_for_them_and_never_lands_on_one(scheduler: Scheduler):
+    for name in ("cpu-0", "h100-0", "h100-1"):
+        scheduler.cordon(name)
+    pair = submit(scheduler, "research", workers=2, gpus=4)
+    whole = submit(scheduler, "research", workers=1, gpus=8)
+    cpu_only = submit(scheduler, "research", workers=1, gpus=0, cpus=20)  # more than a100-0 has
+    for request_id, could in ((pair, "h100-0"), (whole, "h100-0"), (cpu_only, "h100-0")):
+        status = scheduler.get(request_id)
+        assert status.state is RequestState.QUEUED  # accepted: a cordon is not the cluster shrinking
+        assert status.reason == (
+            f"no uncordoned nodes can hold it, cordoned {could} could (cordoned now: cpu-0, h100-0, h100-1): "
+            "it is placed once uncordoned (llmos uncordon NODE)"
+        )
+    scheduler.cordon("h100-0", cordoned=False)
+    scheduler.schedule()
+    assert scheduler.get(pair).nodes == ["h100-0", "h100-0"]
+    assert scheduler.get(whole).state is RequestState.QUEUED  # h100-1 has room, but is still cordoned
+    assert scheduler.get(whole).reason.startswith("no room now")
+    scheduler.cordon("h100-1", cordoned=False)
+    scheduler.schedule()
+    assert scheduler.get(whole).nodes == ["h100-1"]
+
+
+def test_a_gang_its_typed_quota_leaves_no_gpu_type_for_waits_or_is_rejected_and_says_why(scheduler: Scheduler):
+    never = scheduler.get(submit(scheduler, "prod", workers=2, gpus=8))
+    assert never.state is RequestState.REJECTED
+    assert never.reason == (
+        "over the team's typed quota even with nothing else running: asks 16 gpu, gpu:H100 quota 8, "
+        "and A100-80G alone cannot hold it"
+    )
+    on_h100 = submit(scheduler, "prod", workers=1, gpus=8)
+    blocked = submit(scheduler, "prod", workers=1, gpus=8)  # the A100 node has only 4 GPUs
+    status = scheduler.get(blocked)
+    assert status.state is RequestState.QUEUED
+    assert status.reason == (
+        "over quota: no typed quota left for GPU type H100, and A100-80G alone cannot hold it; "
+        "it is placed once the team's use falls or its quota rises"
+    )
+    scheduler.complete(on_h100)
+    scheduler.schedule()
+    assert scheduler.get(blocked).nodes[0].startswith("h100")
+
+
 def test_quota_cannot_drop_below_current_use_and_bad_input_changes_nothing(scheduler: Scheduler):
     submit(scheduler, "research", workers=2, gpus=4)
     before = scheduler.team_usage("research")
@@ -390,7 +433,9 @@ def test_finished_requests_leave_the_lists_scheduling_walks_and_stay_readable(sc
     scheduler.cancel(cancelled)
     moved = submit(scheduler, "small", workers=1, gpus=2)
     submit(scheduler, "small", workers=1, gpus=2)  # over small's quota: waits
-    submit(scheduler, "prod", workers=2, gpus=8)  # preempts research's running gang
+    submit(scheduler, "research", workers=1, gpus=8)  # the other H100 node
+    urgent = submit(scheduler, "prod", workers=1, gpus=8)  # preempts one of research's gangs for a whole node
+    assert scheduler.get(urgent).state is RequestState.PLACED
     lost = scheduler.get(moved).nodes[0]
     scheduler.set_nodes([n for n in NODES if n.name != lost])  # requeues `moved`
     assert scheduler.get(moved).state is RequestState.PREEMPTED
