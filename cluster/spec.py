@@ -639,6 +639,9 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+YAML_FILE = "YAML file"  # what a file that cannot be read or parsed is not
+
+
 class SpecError(ValueError):
     """A spec that does not validate; `problems` holds one line per problem, each naming its field."""
 
@@ -734,18 +737,30 @@ def parse_model(model: type[M], data: Any, source: str) -> M:
         raise SpecError(source, describe_validation_error(error, model), model.__name__) from None
 
 
-def load_yaml(path: str | Path) -> Any:
-    path = Path(path)
+def read_yaml_text(path: str | Path) -> str:
+    """The text of a YAML file; a SpecError saying why, if it cannot be read."""
     try:
-        text = path.read_text()
+        return Path(path).read_text()
     except FileNotFoundError:
-        raise SpecError(str(path), ["file not found; check the path"]) from None
+        problem = "file not found; check the path"
+    except IsADirectoryError:
+        problem = "is a directory; give the path of a YAML file"
+    except UnicodeDecodeError:
+        problem = "is not a text file (not UTF-8); give the path of a YAML file"
+    except OSError as error:
+        problem = f"cannot be read: {error.strerror}"
+    raise SpecError(str(path), [problem], YAML_FILE)
+
+
+def load_yaml(path: str | Path) -> Any:
+    text = read_yaml_text(path)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise SpecError(str(path), [f"{where}not valid YAML ({getattr(error, 'problem', error)})"]) from None
+        problem = f"{where}not valid YAML ({getattr(error, 'problem', error)})"
+        raise SpecError(str(path), [problem], YAML_FILE) from None
 
 
 def load_spec(path: str | Path) -> ClusterSpec:

@@ -8,7 +8,7 @@ from typing import Any
 
 from cluster.admin_commands import register_pools_list
 from cluster.console import UserError, print_json, print_table, stdout
-from cluster.spec import load_spec
+from cluster.spec import SpecError, load_spec, read_yaml_text
 from manifests.objects import ManifestError
 
 
@@ -151,10 +151,9 @@ def _import(args: argparse.Namespace) -> int:
     from manifests.importer import import_ray_cluster, spec_to_yaml
 
     try:
-        with open(args.manifest) as handle:
-            documents = [d for d in yaml.safe_load_all(handle) if isinstance(d, dict)]
-    except FileNotFoundError:
-        raise UserError(f"{args.manifest}: file not found; check the path") from None
+        documents = [d for d in yaml.safe_load_all(read_yaml_text(args.manifest)) if isinstance(d, dict)]
+    except SpecError as error:
+        raise UserError(f"{args.manifest}: {error.problems[0]}") from None
     except yaml.YAMLError as error:
         raise UserError(f"{args.manifest}: not valid YAML ({error})") from None
     clusters = [d for d in documents if d.get("kind") == "RayCluster"]

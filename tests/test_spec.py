@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,21 @@ def test_invalid_yaml_reports_line(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(SpecError, match="file not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_a_directory_or_binary_file_is_a_clear_error_on_every_entry_point(tmp_path, capsys):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    for path, problem in ((tmp_path, "is a directory"), (binary, "is not a text file (not UTF-8)")):
+        with pytest.raises(SpecError, match=re.escape(f"is not a valid YAML file:\n  - {problem}; give the path")):
+            load_spec(path)
+        for command in (["spec", "validate", str(path)], ["submit", str(path)], ["up", str(path)]):
+            assert main(command) == 2
+            assert problem in capsys.readouterr().err
+        assert main(["pools", "import", str(path), "-o", str(tmp_path / "out.yaml")]) == 2
+        assert f"{path}: {problem}" in capsys.readouterr().err
+        assert train.main([str(path)]) == 2
+        assert problem in capsys.readouterr().err
 
 
 def test_memory_quantities_round_trip():
