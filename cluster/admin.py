@@ -252,16 +252,26 @@ class Admin:
     def wait(
         self, request_id: str, states: tuple[RequestState, ...] = (RequestState.PLACED,), timeout_s: float = 60.0
     ) -> RequestStatus:
-        """Block until the request reaches one of `states` (or a final state)."""
+        """Block until the request reaches one of `states` (or a final state); UserError if it has not
+        within `timeout_s`."""
+        status = self.wait_many([request_id], states, timeout_s)[0]
+        if not _reached(status, states):
+            raise UserError(f"request {request_id} is still {status.state.value} after {timeout_s:g}s: {status.reason}")
+        return status
+
+    def wait_many(
+        self, request_ids: list[str], states: tuple[RequestState, ...] = (RequestState.PLACED,), timeout_s: float = 60.0
+    ) -> list[RequestStatus]:
+        """Block until every request reaches one of `states` (or a final state), or `timeout_s` passes; their
+        statuses then, in order, whether they reached it or not."""
         deadline = time.monotonic() + timeout_s
+        latest: dict[str, RequestStatus] = {}
+        pending = list(dict.fromkeys(request_ids))
         while True:
-            status = self.status(request_id)
-            if status.state in states or status.state.final:
-                return status
-            if time.monotonic() > deadline:
-                raise UserError(
-                    f"request {request_id} is still {status.state.value} after {timeout_s:.0f}s: {status.reason}"
-                )
+            latest.update((request_id, self.status(request_id)) for request_id in pending)
+            pending = [request_id for request_id in pending if not _reached(latest[request_id], states)]
+            if not pending or time.monotonic() > deadline:
+                return [latest[request_id] for request_id in request_ids]
             time.sleep(0.2)
 
     # -- changing --------------------------------------------------------------------------------------
@@ -283,8 +293,9 @@ class Admin:
     def acquire(self, request: SubmitRequest | dict, timeout_s: float = 0.0) -> tuple[RequestStatus, Any]:
         """Submit and obtain the Ray placement group to schedule into: what training and serving call.
 
-        Returns at once if the request was placed or rejected; otherwise waits up to `timeout_s` for
-        it to be placed (the group is None if it is still waiting then). Bundle i's worker goes into
+        Returns at once if the request was placed or rejected, or with no `timeout_s` (the group is None
+        while it waits); otherwise waits up to `timeout_s` for it to be placed (UserError if it still
+        waits then; it stays queued). Bundle i's worker goes into
         the group's bundle `status.bundles[i].group_bundle_index` (i itself unless the request asked
         for `group_bundles: per_node`).
         """
@@ -351,3 +362,7 @@ class Admin:
 
     def preempt(self, request_id: str) -> RequestStatus:
         return self._call("preempt", request_id)
+
+
+def _reached(status: RequestStatus, states: tuple[RequestState, ...]) -> bool:
+    return status.state in states or status.state.final

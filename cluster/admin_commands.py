@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cluster.console import UserError, print_json, print_table, stdout
+from cluster.console import UserError, print_json, print_table, stderr, stdout
 from cluster.requests import RequestStatus, SubmitRequest
 from cluster.spec import load_yaml, parse_model
 
@@ -72,7 +72,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
     )
     submit.add_argument("request", nargs="+", help="Request YAML file(s); each is its own gang.")
-    submit.add_argument("--wait", type=float, default=0, help="Seconds to wait for them to be placed.")
+    submit.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="Wait up to this long for them to be placed; exit 1 if one is still waiting then (it stays queued).",
+    )
     submit.set_defaults(func=_submit)
 
     queue = _with_json(subparsers.add_parser("queue", help="Requests and their state."))
@@ -194,21 +200,24 @@ def _controller_status(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    if args.wait < 0:
+        raise UserError(f"--wait {args.wait:g}: give the seconds to wait for placement, 0 or more")
     requests = [parse_model(SubmitRequest, load_yaml(path), path) for path in args.request]
     admin = _admin(args)
     statuses = admin.submit_many(requests)
     if args.wait:
-        deadline = time.monotonic() + args.wait
-        statuses = [
-            admin.wait(status.id, timeout_s=max(deadline - time.monotonic(), 0.0)) if status.state.waiting else status
-            for status in statuses
-        ]
+        statuses = admin.wait_many([status.id for status in statuses], timeout_s=args.wait)
     if args.json and len(statuses) > 1:
         print_json(statuses)
     else:
         for status in statuses:
             _print_request(status, args.json)
-    return 1 if any(status.state.value in ("rejected", "failed") for status in statuses) else 0
+    unplaced = [status.id for status in statuses if status.state.waiting] if args.wait else []
+    if unplaced:
+        stderr.print(
+            f"still waiting after {args.wait:g}s: {', '.join(unplaced)} (queued still; `llmos cancel ID` withdraws one)"
+        )
+    return 1 if unplaced or any(status.state.value in ("rejected", "failed") for status in statuses) else 0
 
 
 def _queue(args: argparse.Namespace) -> int:

@@ -304,6 +304,19 @@ def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster
     statuses = json.loads(submitted.stdout)
     assert [status["request"]["gang"]["name"] for status in statuses] == ["one", "two"]
     assert all(status["state"] == "placed" for status in statuses)
+    # --wait: every request shown as it stands at the deadline, exit 1 while one still waits, and it stays queued.
+    whole_node = tmp_path / "whole-node.yaml"
+    whole_node.write_text(
+        "team: research\ngang:\n  name: whole-node\n  bundles:\n"
+        "    - {resources: {CPU: 8}, label_selector: {llmos.io/pool: cpu}}\n"  # a whole CPU node: some is held
+    )
+    timed_out = llmos_cli(local_cluster, "submit", str(files[0]), str(whole_node), "--wait", "1.5", "--json")
+    assert timed_out.returncode == 1, timed_out.stderr
+    placed, waiting = json.loads(timed_out.stdout)
+    assert (placed["state"], waiting["state"]) == ("placed", "queued")
+    assert f"still waiting after 1.5s: {waiting['id']} (queued still" in timed_out.stderr
+    assert admin.status(waiting["id"]).state is RequestState.QUEUED
+    admin.cancel(waiting["id"])
 
 
 def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the_admin(admin: Admin):
