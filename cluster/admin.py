@@ -231,8 +231,12 @@ class Admin:
             )
         return rows
 
-    def queue(self, include_finished: bool = False) -> list[RequestStatus]:
-        return self._call("queue", include_finished)
+    def queue(
+        self, include_finished: bool = False, team: str | None = None, states: list[str] | None = None
+    ) -> list[RequestStatus]:
+        """Requests in arrival order, the final ones kept only with `include_finished`; only `team`'s and
+        those in `states` (RequestState values) if given. A team's credential sees its own team's only."""
+        return self._call("queue", include_finished, team, states)
 
     def status(self, request_id: str) -> RequestStatus:
         return self._call("status", request_id)

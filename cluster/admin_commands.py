@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from cluster.console import UserError, print_json, print_table, stderr, stdout
-from cluster.requests import RequestStatus, SubmitRequest
+from cluster.requests import RequestState, RequestStatus, SubmitRequest
 from cluster.spec import load_yaml, parse_model
 
 
@@ -86,6 +86,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--all",
         action="store_true",
         help="Include the finished, failed, rejected and cancelled requests the controller keeps (the last 10,000).",
+    )
+    queue.add_argument("--team", help="Only this team's requests.")
+    queue.add_argument(
+        "--state",
+        action="append",
+        choices=[state.value for state in RequestState],
+        help="Only requests in this state (repeat for several); a final state includes the kept final requests.",
     )
     queue.set_defaults(func=_queue)
 
@@ -221,7 +228,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _queue(args: argparse.Namespace) -> int:
-    statuses = _admin(args).queue(include_finished=args.all)
+    statuses = _admin(args).queue(include_finished=args.all, team=args.team, states=args.state)
     if args.json:
         print_json(statuses)
         return 0

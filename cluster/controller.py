@@ -391,11 +391,17 @@ class Controller:
     def status(self, credential: str | None, request_id: str) -> RequestStatus:
         return self._owned(credential, Action.READ_OWN, request_id)[1]
 
-    def queue(self, credential: str | None, include_finished: bool = False) -> list[RequestStatus]:
-        principal = self._allow(credential, Action.READ_OWN)
+    def queue(
+        self,
+        credential: str | None,
+        include_finished: bool = False,
+        team: str | None = None,
+        states: list[str] | None = None,
+    ) -> list[RequestStatus]:
+        principal = self._allow(credential, Action.READ_OWN, team=team)
         with self._lock:
-            statuses = sorted(self.scheduler.requests.values(), key=lambda s: s.submitted_seq)
-            return [s for s in statuses if (include_finished or not s.state.final) and principal in (ADMIN, s.team)]
+            statuses = self.scheduler.listed(include_finished=include_finished, team=team, states=states)
+        return [status for status in statuses if principal in (ADMIN, status.team)]
 
     def cancel(self, credential: str | None, request_id: str) -> RequestStatus:
         principal, _ = self._owned(credential, Action.CANCEL, request_id)

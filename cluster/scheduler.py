@@ -193,6 +193,24 @@ class Scheduler:
     def holders(self) -> list[RequestStatus]:
         return [status for status in self._live.values() if status.state.holding]
 
+    def listed(
+        self, *, include_finished: bool = False, team: str | None = None, states: Iterable[str] | None = None
+    ) -> list[RequestStatus]:
+        """Requests in arrival order: the live ones, and with `include_finished` the final ones kept; only
+        `team`'s and those in `states` if given (naming a final state includes the final ones)."""
+        if team is not None:
+            self._known_team(team)
+        wanted = None if states is None else {_request_state(state) for state in states}
+        final_too = include_finished or any(state.final for state in wanted or ())
+        return sorted(
+            (
+                status
+                for status in (self.requests if final_too else self._live).values()
+                if (team is None or status.team == team) and (wanted is None or status.state in wanted)
+            ),
+            key=lambda status: status.submitted_seq,
+        )
+
     def waiting(self) -> list[RequestStatus]:
         """Waiting requests in the order they are considered: priority, then arrival."""
         return sorted(
@@ -833,6 +851,14 @@ class Scheduler:
         lines += [_journal_line("request", status) for status in self.requests.values()]
         lines += [_journal_line("decision", record) for record in self.decisions]
         return lines
+
+
+def _request_state(name: str) -> RequestState:
+    try:
+        return RequestState(name)
+    except ValueError:
+        states = [state.value for state in RequestState]
+        raise UserError(f"unknown state {name!r}{did_you_mean(name, states)}; states: {', '.join(states)}") from None
 
 
 def _finish_order(status: RequestStatus) -> tuple[int, int]:

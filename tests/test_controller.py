@@ -344,6 +344,7 @@ def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the
         ),
         (lambda: interns.cancel(mine.id), "team interns cannot cancel requests of team research"),
         (lambda: interns.status(mine.id), "team interns cannot read requests of team research"),
+        (lambda: interns.queue(team="research"), "team interns cannot read requests of team research"),
         (lambda: research.cordon("cpu-0"), "cordon needs the admin credential"),
         (lambda: research.drain("cpu-0"), "drain needs the admin credential"),
         (lambda: research.set_quota("research", gpu=100), "set_quota needs the admin credential"),
@@ -359,6 +360,7 @@ def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the
         assert not any(token in str(caught.value) for token in tokens.values())
     assert (admin.queue(), admin.usage(), admin.nodes()) == before
     assert [s.id for s in research.queue()] == [mine.id] and interns.queue() == []
+    assert [s.id for s in research.queue(team="research", states=["placed"])] == [mine.id]
     assert [u.team for u in interns.usage()] == ["interns"]
     research.cancel(mine.id)
     audit = admin.audit_log(limit=500)

@@ -259,6 +259,27 @@ def test_a_gang_its_typed_quota_leaves_no_gpu_type_for_waits_or_is_rejected_and_
     assert scheduler.get(blocked).nodes[0].startswith("h100")
 
 
+def test_the_queue_lists_by_arrival_filtered_by_team_and_state(scheduler: Scheduler):
+    on_h100 = submit(scheduler, "research", workers=1, gpus=8)
+    small_placed = submit(scheduler, "small", workers=1, gpus=2)
+    over_quota = submit(scheduler, "small", workers=1, gpus=2)
+    done = submit(scheduler, "research", workers=1, gpus=1)
+    scheduler.complete(done)
+
+    def listed(**filters) -> list[str]:
+        return [status.id for status in scheduler.listed(**filters)]
+
+    assert listed() == [on_h100, small_placed, over_quota]
+    assert listed(include_finished=True) == [on_h100, small_placed, over_quota, done]
+    assert listed(team="small") == [small_placed, over_quota]
+    assert listed(states=["queued"]) == [over_quota]
+    assert listed(team="research", states=["placed", "finished"]) == [on_h100, done]  # a final state: kept ones too
+    with pytest.raises(UserError, match="unknown state 'queud' \\(did you mean 'queued'\\?\\); states: queued, "):
+        scheduler.listed(states=["queud"])
+    with pytest.raises(UserError, match="unknown team 'reserch' \\(did you mean 'research'\\?\\)"):
+        scheduler.listed(team="reserch")
+
+
 def test_quota_cannot_drop_below_current_use_and_bad_input_changes_nothing(scheduler: Scheduler):
     submit(scheduler, "research", workers=2, gpus=4)
     before = scheduler.team_usage("research")
