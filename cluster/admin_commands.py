@@ -248,6 +248,9 @@ def _queue(args: argparse.Namespace) -> int:
             ]
             for s in statuses
         ],
+        empty="no requests"
+        if args.all or args.state
+        else "no requests waiting or placed (--all lists the finished too)",
     )
     return 0
 
@@ -427,6 +430,7 @@ def _decisions(args: argparse.Namespace) -> int:
             [r.seq, time.strftime("%H:%M:%S", time.localtime(r.time)), r.request_id, r.action.value, r.reason]
             for r in records
         ],
+        empty="no decisions yet",
     )
     return 0
 

@@ -55,7 +55,12 @@ def human_bytes(num_bytes: float) -> str:
     return f"{num_bytes:.0f} B"
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], empty: str = "none") -> None:
+    """A table for people; with no rows, `empty` (under the title) instead of bare column headings."""
+    rows = list(rows)
+    if not rows:
+        stdout.print(f"{title}: {empty}" if title else empty)
+        return
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     for column in columns:
         table.add_column(column)
