@@ -270,8 +270,48 @@ def _print_request(status: RequestStatus, as_json: bool) -> None:
 
 
 def _request(args: argparse.Namespace) -> int:
-    _print_request(_admin(args).status(args.id), args.json)
+    status = _admin(args).status(args.id)
+    _print_request(status, args.json)
+    if not args.json:
+        for line in request_facts(status, time.time()):
+            stdout.print(f"  {line}", markup=False)
     return 0
+
+
+def request_facts(status: RequestStatus, now: float) -> list[str]:
+    """What `llmos request ID` adds to the state and placement: who, what, when, and its group."""
+    request, gang = status.request, status.request.gang
+    priority = f"{request.priority} ({status.priority_value})" if request.priority else f"{status.priority_value}"
+    facts = [
+        f"team {request.team}, {request.kind.value}, priority {priority}"
+        + ("" if request.preemptible else ", not preemptible")
+        + (f", group {request.group}" if request.group else ""),
+        f"gang {gang.name}: {len(gang.bundles)} bundle{'s' if len(gang.bundles) > 1 else ''}, "
+        f"{gang.constraint.value}, group_bundles {request.group_bundles.value}",
+    ]
+
+    def clock(at: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+    when = f"submitted {clock(status.submitted_at)}"
+    if status.placed_at is None:
+        if status.state.waiting:
+            when += f", waiting {now - status.submitted_at:.0f}s"
+    elif status.state.waiting:  # requeued: placed before
+        when += f", last placed {clock(status.placed_at)}"
+    else:
+        when += f", placed {clock(status.placed_at)} ({status.placed_at - status.submitted_at:.1f}s later)"
+    if status.finished_at is not None:
+        when += f", ended {clock(status.finished_at)}"
+    facts.append(when)
+    if status.preemptions or status.failures:
+        facts.append(
+            f"taken off its nodes: preempted or drained {status.preemptions} time(s), by a node leaving "
+            f"{status.failures} time(s)"
+        )
+    if status.placement_group:
+        facts.append(f"Ray placement group {status.placement_group} (namespace llmos)")
+    return facts
 
 
 def _cancel(args: argparse.Namespace) -> int:
