@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cluster.console import UserError, print_table, progress
+from cluster.console import UserError, at_least, print_table, progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE_DIR = REPO_ROOT.parent / "shared" / "data" / "alibaba-gpu-2023"
@@ -136,11 +136,11 @@ def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
         "(by default for 1-bundle and 8-bundle gangs, one at a time and batched), and stops the cluster.",
     )
     binding.add_argument("--spec", type=Path, default=REPO_ROOT / "examples" / "cluster.yaml", help="ClusterSpec.")
-    binding.add_argument("--count", type=int, default=50, help="Placement groups per round and path.")
-    binding.add_argument("--rounds", type=int, default=3, help="Interleaved rounds.")
+    binding.add_argument("--count", type=at_least(1), default=50, help="Placement groups per round and path.")
+    binding.add_argument("--rounds", type=at_least(1), default=3, help="Interleaved rounds.")
     binding.add_argument(
         "--runs",
-        type=int,
+        type=at_least(1),
         default=1,
         help="Runs, each on a fresh cluster (default 1); the intervals then cover the spread between runs too.",
     )
@@ -163,8 +163,6 @@ def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
 def _binding(args: argparse.Namespace) -> int:
     from benchmarks.binding import MODES, plot, run
 
-    if args.count < 1 or args.rounds < 1 or args.runs < 1:
-        raise UserError("--count, --rounds and --runs must be at least 1")
     modes = tuple(dict.fromkeys(mode.strip() for mode in args.modes.split(",")))
     if not modes or not set(modes) <= set(MODES):
         raise UserError(f"--modes {args.modes!r}: give one or both of {', '.join(MODES)}, comma-separated")
@@ -196,7 +194,7 @@ def _register_serve(benchmarks: argparse._SubParsersAction) -> None:
         help="The completions API under bounded load at concurrency 1, 8, 32: batched vs unbatched, Serve vs direct.",
     )
     serve.add_argument("--checkpoint", type=Path, help="Checkpoint to serve (default: train a small one first).")
-    serve.add_argument("--requests", type=int, default=64, help="Requests per concurrency level and mode.")
+    serve.add_argument("--requests", type=at_least(1), default=64, help="Requests per concurrency level and mode.")
     serve.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
     serve.add_argument("--plot", type=Path, help="Write latency and throughput against concurrency (PNG) here.")
     serve.set_defaults(func=_serve)
@@ -205,8 +203,6 @@ def _register_serve(benchmarks: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from benchmarks.serve import run
 
-    if args.requests < 1:
-        raise UserError("--requests must be at least 1")
     result = run(
         checkpoint=args.checkpoint, requests_per_level=args.requests, plot_path=args.plot, on_progress=progress
     )
@@ -221,7 +217,7 @@ def _register_train(benchmarks: argparse._SubParsersAction) -> None:
         "ray job submit), kills a worker, stops a node's raylet and adds it back, and stops the cluster.",
     )
     train.add_argument("--spec", type=Path, default=REPO_ROOT / "examples" / "cluster.yaml", help="ClusterSpec.")
-    train.add_argument("--workers", type=int, default=2, help="Workers for the overhead comparison.")
+    train.add_argument("--workers", type=at_least(1), default=2, help="Workers for the overhead comparison.")
     train.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
     train.add_argument("--plot", type=Path, help="Write the loss curve of the worker-kill run (PNG) here.")
     train.set_defaults(func=_train)
@@ -230,8 +226,6 @@ def _register_train(benchmarks: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from benchmarks.train import run
 
-    if args.workers < 1:
-        raise UserError("--workers must be at least 1")
     result = run(args.spec, workers=args.workers, plot_path=args.plot, on_progress=progress)
     return _report(result, args.json)
 
@@ -244,14 +238,16 @@ def _register_faults(benchmarks: argparse._SubParsersAction) -> None:
         "queued, removes a node under a training gang and a serving replica, interrupts checkpoint writes, fills "
         "the checkpoint disk, submits --load requests from every team at once, runs the input fuzzers.",
     )
-    faults.add_argument("--teams", type=int, default=20, help="Teams in the load test (default 20).")
-    faults.add_argument("--load", type=int, default=10_000, help="Requests in the load test (default 10,000).")
-    faults.add_argument("--queued", type=int, default=100, help="Requests queued when the controller is killed.")
-    faults.add_argument("--placed", type=int, default=10, help="Requests placed when the controller is killed.")
+    faults.add_argument("--teams", type=at_least(1), default=20, help="Teams in the load test (default 20).")
+    faults.add_argument("--load", type=at_least(1), default=10_000, help="Requests in the load test (default 10,000).")
+    faults.add_argument(
+        "--queued", type=at_least(1), default=100, help="Requests queued when the controller is killed."
+    )
+    faults.add_argument("--placed", type=at_least(1), default=10, help="Requests placed when the controller is killed.")
     faults.add_argument("--no-fuzz", action="store_true", help="Skip the input fuzzers.")
     faults.add_argument(
         "--http-examples",
-        type=int,
+        type=at_least(0),
         default=100,
         help="Schemathesis examples per API operation against a deployed completions app (0 skips it).",
     )
@@ -262,11 +258,6 @@ def _register_faults(benchmarks: argparse._SubParsersAction) -> None:
 def _faults(args: argparse.Namespace) -> int:
     from benchmarks.faults import run
 
-    for name in ("teams", "load", "queued", "placed"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.http_examples < 0:
-        raise UserError("--http-examples must be 0 (skip) or more")
     if args.load < args.teams:
         raise UserError(f"--load {args.load} is fewer than --teams {args.teams}: give each team a request at least")
     result = run(

@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cluster.console import UserError, print_json, print_table, stderr, stdout
+from cluster.console import UserError, at_least, print_json, print_table, stderr, stdout
 from cluster.requests import RequestState, RequestStatus, SubmitRequest
 from cluster.spec import load_yaml, parse_model
 
@@ -74,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("request", nargs="+", help="Request YAML file(s); each is its own gang.")
     submit.add_argument(
         "--wait",
-        type=float,
+        type=at_least(0, float),
         default=0,
         metavar="SECONDS",
         help="Wait up to this long for them to be placed; exit 1 if one is still waiting then (it stays queued).",
@@ -130,12 +130,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quota_set.set_defaults(func=_quota_set)
 
     audit = _with_json(subparsers.add_parser("audit", help="Who did what through the admin API (admin only)."))
-    audit.add_argument("--limit", type=int, default=50, help="Newest N entries (0: all).")
+    audit.add_argument("--limit", type=at_least(0), default=50, help="Newest N entries (0: all).")
     audit.set_defaults(func=_audit)
 
     decisions = _with_json(subparsers.add_parser("decisions", help="The placement decision log, with reasons."))
     decisions.add_argument("--request", help="Only this request's decisions.")
-    decisions.add_argument("--limit", type=int, default=30, help="Newest N (0: all).")
+    decisions.add_argument("--limit", type=at_least(0), default=30, help="Newest N (0: all).")
     decisions.set_defaults(func=_decisions)
 
 
@@ -207,8 +207,6 @@ def _controller_status(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    if args.wait < 0:
-        raise UserError(f"--wait {args.wait:g}: give the seconds to wait for placement, 0 or more")
     requests = [parse_model(SubmitRequest, load_yaml(path), path) for path in args.request]
     admin = _admin(args)
     statuses = admin.submit_many(requests)

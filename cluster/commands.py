@@ -7,8 +7,24 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cluster.console import UserError, human_bytes, print_hint, print_json, print_table, progress, stdout
-from cluster.launcher import DEFAULT_DASHBOARD_PORT, DEFAULT_GCS_PORT, DEFAULT_OBJECT_STORE_MB, LocalCluster
+from cluster.console import (
+    UserError,
+    at_least,
+    human_bytes,
+    port_number,
+    print_hint,
+    print_json,
+    print_table,
+    progress,
+    stdout,
+)
+from cluster.launcher import (
+    DEFAULT_DASHBOARD_PORT,
+    DEFAULT_GCS_PORT,
+    DEFAULT_OBJECT_STORE_MB,
+    RAY_MIN_OBJECT_STORE_MB,
+    LocalCluster,
+)
 from cluster.spec import ClusterSpec, SpecError, load_spec, load_yaml, parse_model, workload_problems
 
 DEFAULT_SPEC = Path("examples/cluster.yaml")
@@ -48,13 +64,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC), help=f"ClusterSpec YAML (default {DEFAULT_SPEC}).")
     up.add_argument(
         "--nodes-per-pool",
-        type=int,
+        type=at_least(1),
         default=1,
         help="Simulated nodes per pool (TPU pools: whole slices), capped by each pool's max (default 1).",
     )
-    up.add_argument("--port", type=int, default=DEFAULT_GCS_PORT, help="GCS port on 127.0.0.2.")
-    up.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT, help="Dashboard/job server port.")
-    up.add_argument("--object-store-mb", type=int, default=DEFAULT_OBJECT_STORE_MB, help="Object store per node.")
+    up.add_argument("--port", type=port_number, default=DEFAULT_GCS_PORT, help="GCS port on 127.0.0.2.")
+    up.add_argument(
+        "--dashboard-port", type=port_number, default=DEFAULT_DASHBOARD_PORT, help="Dashboard/job server port."
+    )
+    up.add_argument(
+        "--object-store-mb",
+        type=at_least(RAY_MIN_OBJECT_STORE_MB),
+        default=DEFAULT_OBJECT_STORE_MB,
+        help=f"Object store per node (Ray's minimum: {RAY_MIN_OBJECT_STORE_MB}).",
+    )
     up.add_argument(
         "--redis-address",
         help="host:port of a Redis server for Ray's GCS fault tolerance: the head can restart and keep the cluster.",

@@ -33,6 +33,7 @@ DEFAULT_HEAD_IP = "127.0.0.2"  # a loopback alias Ray does not rewrite to the ma
 DEFAULT_GCS_PORT = 6380
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_OBJECT_STORE_MB = 128
+RAY_MIN_OBJECT_STORE_MB = 75  # Ray refuses to start a node with less (78,643,200 bytes)
 NODE_START_TIMEOUT_S = 90.0
 WORKER_START_ATTEMPTS = 3
 NODE_STOP_TIMEOUT_S = 20.0

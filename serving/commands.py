@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.console import print_json, print_table, progress, stdout
+from cluster.console import at_least, port_number, print_json, print_table, progress, stdout
 from serving.spec import load_serve_job
 
 
@@ -18,8 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     deploy = commands.add_parser("deploy", help="Book replicas through the controller and start the application.")
     deploy.add_argument("job", help="ServeJob YAML (e.g. examples/serve.yaml).")
     deploy.add_argument("--host", default="127.0.0.1", help="HTTP host of the Serve proxy.")
-    deploy.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve proxy.")
-    deploy.add_argument("--wait", type=float, default=60.0, help="Seconds to wait for the minimum replicas.")
+    deploy.add_argument("--port", type=port_number, default=8000, help="HTTP port of the Serve proxy.")
+    deploy.add_argument(
+        "--wait", type=at_least(0, float), default=60.0, help="Seconds to wait for the minimum replicas."
+    )
     deploy.add_argument("--json", action="store_true")
     deploy.set_defaults(func=_deploy)
 
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     config.add_argument("job", help="ServeJob YAML.")
     config.add_argument("-o", "--output", type=Path, help="Write the YAML here instead of printing it.")
     config.add_argument("--host", default="0.0.0.0", help="HTTP host of Serve's proxies (127.0.0.1 keeps it local).")
-    config.add_argument("--port", type=int, default=8000)
+    config.add_argument("--port", type=port_number, default=8000)
     config.set_defaults(func=_config)
 
 
