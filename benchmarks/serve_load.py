@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
+from cluster.console import at_least
+
 PROMPTS = [
     "def main():\n    ",
     "import os\nimport sys\n\n",
@@ -54,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("url")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--concurrency", type=int, required=True)
-    parser.add_argument("--requests", type=int, required=True)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=at_least(1), required=True)
+    parser.add_argument("--requests", type=at_least(1), required=True)
+    parser.add_argument("--max-tokens", type=at_least(1), default=32)
     args = parser.parse_args(argv)
     result = measure(args.url, args.model, args.concurrency, args.requests, args.max_tokens)
     sys.stdout.write(json.dumps(result) + "\n")

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from cluster.console import at_least
 from cluster.launcher import free_port
 from cluster.spec import SpecError
 from jobs import checkpoint as checkpoints
@@ -446,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a TrainingJob in plain processes, without Ray.",
     )
     parser.add_argument("job", type=Path, help="TrainingJob YAML, e.g. examples/train.yaml")
-    parser.add_argument("--workers", type=int, default=1, help="data-parallel processes (gloo); default 1")
+    parser.add_argument("--workers", type=at_least(1), default=1, help="data-parallel processes (gloo); default 1")
     parser.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start at step 0")
     args = parser.parse_args(argv)
     try:
