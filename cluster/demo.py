@@ -121,9 +121,7 @@ def show_training(cluster: LocalCluster, admin, home: Path) -> Path:
         f"  ray job submit --address {cluster.dashboard_url} --working-dir . -- python -m jobs.train {job_file}"
     )
     client = JobSubmissionClient(cluster.dashboard_url)
-    submission = client.submit_job(
-        entrypoint=f"python -m jobs.train {job_file}", runtime_env={"working_dir": str(REPO)}
-    )
+    submission = cluster.submit_job(f"python -m jobs.train {job_file}", REPO)
     shown, killed = 0, False
     deadline = time.monotonic() + 900
     while not client.get_job_status(submission).is_terminal():

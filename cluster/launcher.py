@@ -199,6 +199,23 @@ class LocalCluster:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.record.dashboard_port}"
 
+    def submit_job(self, entrypoint: str, working_dir: Path, timeout_s: float = 60.0) -> str:
+        """`ray job submit --working-dir WORKING_DIR -- ENTRYPOINT` through Ray's JobSubmissionClient; the
+        submission id. Ray's job server answers "No available agent to submit job, please try again later"
+        when the head's dashboard agent has not answered within 10 s, as on a loaded 2-core machine: that
+        answer is retried until `timeout_s`."""
+        from ray.job_submission import JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir)})
+            except RuntimeError as error:
+                if "try again later" not in str(error) or time.monotonic() > deadline:
+                    raise
+            time.sleep(2.0)
+
     def client_env(self) -> dict[str, str]:
         """Environment a client (driver, `ray job submit`, the admin API) needs to reach this cluster."""
         return {

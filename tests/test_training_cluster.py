@@ -140,7 +140,7 @@ def test_ray_job_submit_runs_the_entrypoint_through_the_controller(
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
     client = JobSubmissionClient(local_cluster.dashboard_url)
-    submission = client.submit_job(entrypoint=f"python -m jobs.train {path}", runtime_env={"working_dir": str(REPO)})
+    submission = local_cluster.submit_job(f"python -m jobs.train {path}", REPO)
     try:
         final = wait_for(
             lambda: (s := client.get_job_status(submission)).is_terminal() and s,
