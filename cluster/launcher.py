@@ -397,11 +397,15 @@ class LocalCluster:
                 str(self.record.dashboard_port),
                 "--ray-client-server-port",
                 str(free_port()),
-                "--temp-dir",
-                self.record.temp_dir,
             ]
+            ray_temp_dir = self.record.temp_dir
         else:
             args += ["--address", self.gcs_address]
+            # A temp dir of its own, as on a machine of its own: Ray unpacks a job's working_dir into its
+            # temp dir on every node at once, and nodes sharing one replaced the files under each
+            # other's running workers (a Ray Train controller died importing torch from it).
+            ray_temp_dir = tempfile.mkdtemp(prefix="n", dir=self.record.temp_dir)  # short: Ray's socket paths
+        args += ["--temp-dir", ray_temp_dir]
         env = self._node_env()
         if head and self.record.redis_address:
             env["RAY_REDIS_ADDRESS"] = self.record.redis_address
@@ -413,7 +417,8 @@ class LocalCluster:
         log_path = Path(self.record.temp_dir) / f"{declaration.name}.log"
         # A node started again under an old name (after `remove_node`) starts a fresh log.
         with open(log_path, "wb" if attempt == 1 else "ab") as log:
-            log.write(f"--- llmos: attempt {attempt} to start {declaration.name}\n".encode())
+            started = f"--- llmos: attempt {attempt} to start {declaration.name}, Ray's temp dir {ray_temp_dir}\n"
+            log.write(started.encode())
             log.flush()
             process = subprocess.Popen(
                 args,

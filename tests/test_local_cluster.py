@@ -83,6 +83,17 @@ def test_status_reads_free_resources_from_the_live_cluster(local_cluster: LocalC
         remove_placement_group(group)
 
 
+def test_every_node_keeps_its_files_in_a_temp_dir_of_its_own(local_cluster: LocalCluster):
+    # As on machines of their own: Ray unpacks a job's working_dir on every node at once, into its temp dir.
+    temp_dirs = {}
+    for node in local_cluster.record.nodes:
+        args = Path(f"/proc/{node.pid}/cmdline").read_bytes().split(b"\0")
+        temp_dirs[node.name] = Path(args[args.index(b"--temp-dir") + 1].decode())
+    assert len(temp_dirs) > 1 and len(set(temp_dirs.values())) == len(temp_dirs)
+    for name, temp_dir in temp_dirs.items():
+        assert temp_dir.is_relative_to(local_cluster.record.temp_dir) and (temp_dir / "session_latest").is_dir(), name
+
+
 def test_add_and_remove_a_node(local_cluster: LocalCluster):
     (added,) = local_cluster.add_replica("cpu")
     assert added.name == "cpu-1"
