@@ -25,10 +25,10 @@ from typing import Any
 import ray
 from ray.autoscaler.sdk import request_resources
 
-from cluster import binding
+from cluster import binding, store
 from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
-from cluster.inventory import declared_pools, ray_node_table
+from cluster.inventory import declared_pools, ray_cluster_id, ray_node_table
 from cluster.launcher import controller_state_dir, llmos_home
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
 from cluster.ray_mapping import HEAD_POOL, POOL_LABEL, whole_node_requests
@@ -92,6 +92,7 @@ class Controller:
         self.scale_up_requested: dict[str, int] | None = None  # nodes per pool Ray's autoscaler was asked for
         restored = self.journal.load()
         self.scheduler.restore(restored)
+        self._end_books_of_a_stopped_cluster()
         self.node_ids: dict[str, str] = {}
         self.credentials = Credentials(self.state_dir / "credentials", [team.name for team in self.spec.teams])
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
@@ -116,6 +117,22 @@ class Controller:
         gc.collect()  # the restored books and the libraries loaded so far are frozen now
 
     # -- side effects ---------------------------------------------------------------------------------
+
+    def _end_books_of_a_stopped_cluster(self) -> None:
+        """Books kept for another Ray cluster (this one was stopped and started anew, as `llmos down` and `up`
+        do, or re-created on KubeRay with the same state volume) hold requests whose workloads went with
+        it: they end, durably, before this cluster's id is recorded, so a crash in between ends them again."""
+        ray_cluster = ray_cluster_id()
+        booked_on = store.read_ray_cluster(self.state_dir)
+        if booked_on is not None and booked_on != ray_cluster:
+            ended = self.scheduler.end_with_cluster(
+                f"the Ray cluster it was booked in ({booked_on[:12]}) stopped, and what ran in it went with it"
+            )
+            self.scheduler.write_journal()
+            self.journal.flush()
+            logger.warning("ended %d request(s) of Ray cluster %s: %s", len(ended), booked_on, ", ".join(ended))
+        if booked_on != ray_cluster:
+            store.write_ray_cluster(self.state_dir, ray_cluster)
 
     @staticmethod
     def _read_inventory() -> tuple[list[NodeSnapshot], dict[str, str]]:

@@ -123,6 +123,14 @@ def disconnect() -> None:
         ray.shutdown()
 
 
+def ray_cluster_id() -> str:
+    """The GCS's id of this Ray cluster (needs `connect()`, or to run in a Ray worker). A head restarted with
+    GCS fault tolerance keeps it; a cluster started anew has another."""
+    import ray
+
+    return ray._private.worker.global_worker.gcs_client.cluster_id.hex()  # no public call reads it
+
+
 def ray_node_table(alive_only: bool = False) -> list[NodeInfo]:
     """Ray's node table, read from the GCS (needs `connect()`, or to run in a Ray worker), free resources
     left empty. Not `ray.nodes()`: it leaves out each node's instance id, which names a KubeRay pod."""

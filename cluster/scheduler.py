@@ -817,6 +817,22 @@ class Scheduler:
 
     # -- recovery -----------------------------------------------------------------------------------
 
+    def end_with_cluster(self, reason: str) -> list[str]:
+        """The Ray cluster these books were kept for is gone, and what ran in it went with it: every live
+        request fails with `reason` (a queued one too: whoever waited on it went as well, and placed later
+        it would hold its share for no one), freeing its quota, and node controls are dropped (a new
+        cluster's nodes are new machines). Nothing is unbound: its groups went with the cluster.
+        Returns the ids of the requests ended."""
+        ended = sorted(self._live.values(), key=lambda status: status.submitted_seq)
+        for status in ended:
+            self._finish(status, RequestState.FAILED, reason, DecisionAction.RELEASED)
+        self.effects = [effect for effect in self.effects if not isinstance(effect, Unbind)]
+        for control in self.controls.values():
+            control.cordoned = control.drained = False
+            self.journal(_journal_line("control", control))
+        self.controls.clear()
+        return [status.id for status in ended]
+
     def restore(self, entries: Iterable[dict]) -> None:
         """Rebuild the books from the journal (requests, decisions, quotas, node controls)."""
         for entry in entries:

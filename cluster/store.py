@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 SNAPSHOT = "snapshot.json"
+RAY_CLUSTER = "ray-cluster"  # the id of the Ray cluster the books' placements were made in
 
 
 class Journal:
@@ -91,3 +92,21 @@ class Journal:
     def close(self) -> None:
         self.flush()
         self._file.close()
+
+
+def read_ray_cluster(directory: str | Path) -> str | None:
+    """The id of the Ray cluster the books in `directory` were kept for; None if not recorded."""
+    with contextlib.suppress(FileNotFoundError):
+        return (Path(directory) / RAY_CLUSTER).read_text(encoding="utf-8").strip() or None
+    return None
+
+
+def write_ray_cluster(directory: str | Path, cluster_id: str) -> None:
+    """Record durably (temporary file, fsync, rename) that the books in `directory` are `cluster_id`'s."""
+    path = Path(directory) / RAY_CLUSTER
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write(cluster_id + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)

@@ -1,6 +1,7 @@
 """A controller started without the books of the placement groups Ray holds (a head node restarted
 without a persistent state dir, or another --state-dir) changes nothing: it must not remove them as
-orphans. On the shared local cluster, with controllers of this module's own."""
+orphans. One started with books kept for a Ray cluster since stopped ends their requests. On the
+shared local cluster, with controllers of this module's own."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 from controllers import live_llmos_groups, llmos_cli, stop_any_controller
 from waiting import WAIT_S, wait_for
 
-from cluster import binding, controller
+from cluster import binding, controller, store
 from cluster.admin import Admin
 from cluster.console import UserError
+from cluster.inventory import ray_cluster_id
 from cluster.launcher import LocalCluster
 from cluster.requests import RequestState, RequestStatus
 
@@ -119,3 +121,39 @@ def test_a_controller_started_away_from_a_local_cluster_keeps_its_state_where_th
     finally:
         stop_any_controller()
         shutil.rmtree(local_cluster.home / "controller" / "llmos-demo", ignore_errors=True)
+
+
+def test_books_kept_for_a_ray_cluster_since_stopped_end_and_free_what_they_held(tmp_path: Path):
+    books = tmp_path / "books"
+    admin = Admin(state_dir=books, policy="bestfit")
+    try:
+        placed, _ = place_one_gang(admin)
+        whole_h100 = {"team": "research", "gang": {"name": "h100", "bundles": [{"resources": {"CPU": 1, "GPU": 8}}]}}
+        holding, waiting = admin.submit(whole_h100), admin.submit(whole_h100)  # the second is over quota
+        assert (holding.state, waiting.state) == (RequestState.PLACED, RequestState.QUEUED)
+        admin.cordon("cpu-0")
+        stopped(admin)
+        this_cluster = store.read_ray_cluster(books)
+        assert this_cluster == ray_cluster_id()
+        # As if the books had been kept for a cluster since stopped: `llmos down`, then `llmos up`.
+        store.write_ray_cluster(books, "0" * len(this_cluster))
+
+        admin = Admin(state_dir=books, policy="bestfit")
+        for request_id in (placed.id, holding.id, waiting.id):
+            status = admin.status(request_id)
+            assert status.state is RequestState.FAILED, status
+            assert status.reason == (
+                "the Ray cluster it was booked in (000000000000) stopped, and what ran in it went with it"
+            )
+        assert {usage.team: usage.used for usage in admin.usage()}["research"] == {}
+        assert not any(node.cordoned for node in admin.nodes())
+        assert live_llmos_groups() == {}  # nothing of the old books is bound in this cluster
+        assert store.read_ray_cluster(books) == this_cluster
+        again = admin.submit(whole_h100)
+        assert again.state is RequestState.PLACED
+
+        stopped(admin)  # started again in the same cluster, the books are kept
+        admin = Admin(state_dir=books, policy="bestfit")
+        assert admin.status(again.id).state is RequestState.PLACED
+    finally:
+        stop_any_controller()

@@ -280,6 +280,30 @@ def test_the_queue_lists_by_arrival_filtered_by_team_and_state(scheduler: Schedu
         scheduler.listed(team="reserch")
 
 
+def test_books_of_a_stopped_ray_cluster_end_every_live_request_durably(scheduler: Scheduler, journal):
+    placed = submit(scheduler, "research", workers=1, gpus=8)
+    rejected = submit(scheduler, "small", workers=1, gpus=4)  # over small's quota of 2 even alone
+    queued = submit(scheduler, "research", workers=2, gpus=8)  # no room: h100-0 is taken
+    done = submit(scheduler, "research", workers=1, gpus=1)
+    scheduler.complete(done)
+    scheduler.cordon("cpu-0")
+    scheduler.effects.clear()
+    assert scheduler.end_with_cluster("gone") == [placed, queued]
+    assert scheduler.effects == []  # its groups went with the cluster: nothing to unbind
+    scheduler.write_journal()
+    restored = Scheduler(SPEC, POLICY)
+    restored.restore(journal)
+    for books in (scheduler, restored):
+        assert [books.get(i).state for i in (placed, queued, done)] == [
+            RequestState.FAILED,
+            RequestState.FAILED,
+            RequestState.FINISHED,
+        ]
+        assert books.get(placed).reason == "gone" and books.usage["research"].get("gpu", 0) == 0
+        assert not any(control.cordoned for control in books.controls.values())
+    assert scheduler.get(rejected).state is RequestState.REJECTED
+
+
 def test_quota_cannot_drop_below_current_use_and_bad_input_changes_nothing(scheduler: Scheduler):
     submit(scheduler, "research", workers=2, gpus=4)
     before = scheduler.team_usage("research")
