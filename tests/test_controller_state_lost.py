@@ -155,5 +155,8 @@ def test_books_kept_for_a_ray_cluster_since_stopped_end_and_free_what_they_held(
         stopped(admin)  # started again in the same cluster, the books are kept
         admin = Admin(state_dir=books, policy="bestfit")
         assert admin.status(again.id).state is RequestState.PLACED
+        admin.cancel(again.id)
+        assert live_llmos_groups() == {}
     finally:
         stop_any_controller()
+        binding.unbind_all()  # a group left behind would be one the next module's controller has no books of
