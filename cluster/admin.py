@@ -299,9 +299,9 @@ class Admin:
 
         Returns at once if the request was placed or rejected, or with no `timeout_s` (the group is None
         while it waits); otherwise waits up to `timeout_s` for it to be placed (UserError if it still
-        waits then; it stays queued). Bundle i's worker goes into
-        the group's bundle `status.bundles[i].group_bundle_index` (i itself unless the request asked
-        for `group_bundles: per_node`).
+        waits then; it stays queued). Bundle i's worker goes into the group's bundle
+        `status.bundles[i].group_bundle_index` (i itself unless the request asked for
+        `group_bundles: per_node`).
         """
         return self.acquire_many([request], timeout_s)[0]
 
