@@ -74,17 +74,18 @@ def four_cpu_nodes(local_cluster: LocalCluster):
 @contextlib.contextmanager
 def cpus_free(free: dict[str, float]):
     """Reserve CPUs with one pinned placement group per node until each named node has `free` CPUs left."""
-    groups = _reserve_down_to(free)
+    groups, before = _reserve_down_to(free)
     try:
         # The GCS has the new free resources; the head raylet, which schedules the probe, hears of
         # them through Ray's syncer a moment later (a stale view once sent a probe to a full node).
         time.sleep(RESOURCE_VIEW_SYNC_S)
         yield
     finally:
-        _release(groups, free)
+        _release(groups, before)
 
 
-def _reserve_down_to(free: dict[str, float], attempts: int = 3) -> list:
+def _reserve_down_to(free: dict[str, float], attempts: int = 3) -> tuple[list, dict[str, float]]:
+    """The groups that leave each node `free` CPUs, and the CPUs each had free before them."""
     for _ in range(attempts):
         # A finished probe task's worker lease goes back to its node a moment later.
         now = wait_for(lambda: _free_cpus_if_at_least(free), what=f"at least {free} CPUs free")
@@ -96,18 +97,21 @@ def _reserve_down_to(free: dict[str, float], attempts: int = 3) -> list:
         ray.get([group.ready() for group in groups], timeout=60)
         try:
             wait_for(lambda: _free_cpus(free) == free, timeout_s=20, what=f"Ray to report free CPUs {free}")
-            return groups
+            return groups, now
         except TimeoutError:
             # A lease still out when `now` was read came back since, and left more free than wanted: again.
-            _release(groups, free)
+            _release(groups, now)
     reported = _free_cpus(free)
     raise TimeoutError(f"could not reserve down to free CPUs {free} in {attempts} tries; Ray reports {reported}")
 
 
-def _release(groups: list, free: dict[str, float]) -> None:
+def _release(groups: list, before: dict[str, float]) -> None:
+    """Remove the groups and wait until every node has the CPUs back it had `before` them: a node the next
+    scenario reads as still reserved gets no group of its own, and its probe then lands there once its CPUs
+    come back (seen in a full `make test`)."""
     for group in groups:
         remove_placement_group(group)
-    wait_for(lambda: _free_cpus_if_at_least(free), what="reservations released")
+    wait_for(lambda: _free_cpus_if_at_least(before), what=f"reservations released: {before} CPUs free")
 
 
 def _free_cpus_if_at_least(free: dict[str, float]) -> dict[str, float] | None:
