@@ -40,7 +40,7 @@ from cluster.requests import (
     SubmitRequest,
     TeamUsage,
 )
-from cluster.spec import ClusterSpec, did_you_mean
+from cluster.spec import ClusterSpec, did_you_mean, quota_amount_problem
 
 CORDON_LABEL = "llmos.io/cordoned"
 UNBORN_PREFIX = "+"  # names the nodes a pool may still gain, in what-if placements only
@@ -796,12 +796,15 @@ class Scheduler:
         new = dict(self.quotas[team])
         for key, amount in changes.items():
             if key not in valid:
-                raise UserError(f"quota key {key!r} is not a resource of this cluster; valid keys: {', '.join(valid)}")
+                raise UserError(
+                    f"quota key {key!r} is not a resource of this cluster{did_you_mean(key, valid)}; "
+                    f"valid keys: {', '.join(valid)}"
+                )
             if amount is None:
                 new.pop(key, None)
                 continue
-            if amount < 0:
-                raise UserError(f"quota {key}={amount:g} is negative; use 0 to forbid {key}")
+            if problem := quota_amount_problem(key, amount):
+                raise UserError(problem)
             used = self.usage[team].get(key, 0.0)
             if amount + quotas.EPSILON < used:
                 raise UserError(

@@ -73,9 +73,11 @@ MemoryBytes = Annotated[int, BeforeValidator(parse_memory)]
 
 
 class StrictModel(BaseModel):
-    """Base of every spec model: unknown fields are errors, and specs are immutable values."""
+    """Base of every spec model: unknown fields are errors, and specs are immutable values. A number is
+    finite: `.inf` or `.nan` in YAML would pass every bound a field has (NaN compares false) and mean
+    no limit, or nothing."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class AcceleratorKind(StrEnum):
@@ -286,6 +288,15 @@ DEFAULT_PRIORITY_CLASSES = (
 QUOTA_RESOURCES = ("cpu", "memory", "gpu", "tpu")
 
 
+def quota_amount_problem(key: str, amount: float) -> str | None:
+    """Why `amount` cannot be a team's quota of `key`, or None. NaN or infinity would compare as no limit."""
+    if not math.isfinite(amount):
+        return f"quota {key} is {amount}; give a finite number, 0 or more"
+    if amount < 0:
+        return f"quota {key} is {amount:g}; a quota cannot be negative (0 forbids it)"
+    return None
+
+
 class Team(StrictModel):
     """A team sharing the cluster: what it may hold at once, and how urgently it asks."""
 
@@ -307,10 +318,10 @@ class Team(StrictModel):
 
     @field_validator("quota")
     @classmethod
-    def _quota_non_negative(cls, quota: dict[str, float]) -> dict[str, float]:
+    def _quota_amounts(cls, quota: dict[str, float]) -> dict[str, float]:
         for key, amount in quota.items():
-            if amount < 0:
-                raise ValueError(f"quota {key} is {amount:g}; a quota cannot be negative (0 forbids it)")
+            if problem := quota_amount_problem(key, amount):
+                raise ValueError(problem)
         return quota
 
     @property

@@ -309,8 +309,11 @@ def test_quota_cannot_drop_below_current_use_and_bad_input_changes_nothing(sched
     before = scheduler.team_usage("research")
     with pytest.raises(UserError, match="uses 8 gpu now, more than the new quota 4"):
         scheduler.set_quota("research", {"gpu": 4})
-    with pytest.raises(UserError, match="quota key 'gpus' is not a resource"):
+    with pytest.raises(UserError, match="quota key 'gpus' is not a resource of this cluster \\(did you mean 'gpu'"):
         scheduler.set_quota("research", {"gpus": 20})
+    for amount in (float("nan"), float("inf")):  # either would compare as no limit
+        with pytest.raises(UserError, match=f"quota gpu is {amount}; give a finite number, 0 or more"):
+            scheduler.set_quota("research", {"gpu": amount})
     with pytest.raises(UserError, match="unknown team 'nobody'"):
         scheduler.set_quota("nobody", {"gpu": 1})
     with pytest.raises(UserError, match="unknown team 'nobody'; teams: "):

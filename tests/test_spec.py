@@ -14,6 +14,8 @@ from cluster.cli import main
 from cluster.requests import SubmitRequest
 from cluster.spec import ClusterSpec, SpecError, format_memory, load_spec, parse_memory, parse_model
 from jobs import train
+from jobs.spec import TrainingJob
+from serving.spec import ServeJob
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
 
@@ -95,6 +97,38 @@ def test_bad_values_name_field_and_fix(example, path, value, expected):
     target[path[-1]] = value
     problems = problems_of(example)
     assert any(expected in problem for problem in problems), problems
+
+
+def _number_paths(data, path: tuple = ()):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _number_paths(value, (*path, key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _number_paths(value, (*path, index))
+    elif isinstance(data, int | float) and not isinstance(data, bool):
+        yield path
+
+
+@pytest.mark.parametrize(
+    ("model", "name"), [(ClusterSpec, "cluster.yaml"), (TrainingJob, "train.yaml"), (ServeJob, "serve.yaml")]
+)
+def test_no_number_of_an_example_takes_infinity_or_nan(model: type, name: str):
+    # Either would pass every bound a field has (NaN compares false): a quota of no limit, a learning rate
+    # that diverges at once, a batch that waits forever.
+    data = yaml.safe_load((EXAMPLE.parent / name).read_text())
+    paths = list(_number_paths(data))
+    assert len(paths) >= 9
+    for path in paths:
+        for value in (float("inf"), float("nan")):
+            broken = copy.deepcopy(data)
+            target = broken
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+            field = ".".join(str(key) for key in path if not isinstance(key, int))
+            problems = problems_of(broken, model)
+            assert any("Input should be a finite number" in problem for problem in problems), (field, problems)
 
 
 def test_gpu_pool_without_gpus_names_the_fix(example):
