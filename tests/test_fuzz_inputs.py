@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from yaml_trees import parent_of, paths
 
 from cluster.console import UserError
 from cluster.placement.snapshot import NodeSnapshot
@@ -56,16 +57,6 @@ junk = st.recursive(
 )
 
 
-def paths(tree, prefix=()):
-    yield prefix
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from paths(value, (*prefix, key))
-    elif isinstance(tree, list):
-        for index, value in enumerate(tree):
-            yield from paths(value, (*prefix, index))
-
-
 @st.composite
 def mutated(draw, example: dict, rounds: int = 3):
     data = copy.deepcopy(example)
@@ -73,10 +64,7 @@ def mutated(draw, example: dict, rounds: int = 3):
         path = draw(st.sampled_from(list(paths(data))))
         if not path:
             continue
-        parent = data
-        for key in path[:-1]:
-            parent = parent[key]
-        key = path[-1]
+        parent, key = parent_of(data, path), path[-1]
         operation = draw(st.sampled_from(["delete", "replace", "misspell", "add", "negate"]))
         if operation == "delete":
             del parent[key]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from yaml_trees import parent_of, paths
 
 from cluster.cli import main
 from cluster.requests import SubmitRequest
@@ -91,23 +92,9 @@ def test_a_key_that_is_no_plain_name_is_quoted_with_its_quotes_escaped(example):
     ],
 )
 def test_bad_values_name_field_and_fix(example, path, value, expected):
-    target = example
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
+    parent_of(example, path)[path[-1]] = value
     problems = problems_of(example)
     assert any(expected in problem for problem in problems), problems
-
-
-def _number_paths(data, path: tuple = ()):
-    if isinstance(data, dict):
-        for key, value in data.items():
-            yield from _number_paths(value, (*path, key))
-    elif isinstance(data, list):
-        for index, value in enumerate(data):
-            yield from _number_paths(value, (*path, index))
-    elif isinstance(data, int | float) and not isinstance(data, bool):
-        yield path
 
 
 @pytest.mark.parametrize(
@@ -117,15 +104,16 @@ def test_no_number_of_an_example_takes_infinity_or_nan(model: type, name: str):
     # Either would pass every bound a field has (NaN compares false): a quota of no limit, a learning rate
     # that diverges at once, a batch that waits forever.
     data = yaml.safe_load((EXAMPLE.parent / name).read_text())
-    paths = list(_number_paths(data))
-    assert len(paths) >= 9
-    for path in paths:
+    numbers = [
+        path
+        for path in paths(data)
+        if path and isinstance(number := parent_of(data, path)[path[-1]], int | float) and not isinstance(number, bool)
+    ]
+    assert len(numbers) >= 9
+    for path in numbers:
         for value in (float("inf"), float("nan")):
             broken = copy.deepcopy(data)
-            target = broken
-            for key in path[:-1]:
-                target = target[key]
-            target[path[-1]] = value
+            parent_of(broken, path)[path[-1]] = value
             field = ".".join(str(key) for key in path if not isinstance(key, int))
             problems = problems_of(broken, model)
             assert any("Input should be a finite number" in problem for problem in problems), (field, problems)
