@@ -76,12 +76,7 @@ class Journal:
         each, as `append` takes them), as the next generation."""
         self.flush()
         generation = self.generation + 1
-        tmp = self.directory / (SNAPSHOT + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(f'{{"generation":{generation},"entries":[{",".join(entries)}]}}')
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.directory / SNAPSHOT)
+        _replace_durably(self.directory / SNAPSHOT, f'{{"generation":{generation},"entries":[{",".join(entries)}]}}')
         self._file.close()
         old = self._journal_path(self.generation)
         self.generation, self._snapshot_entries = generation, None
@@ -102,11 +97,15 @@ def read_ray_cluster(directory: str | Path) -> str | None:
 
 
 def write_ray_cluster(directory: str | Path, cluster_id: str) -> None:
-    """Record durably (temporary file, fsync, rename) that the books in `directory` are `cluster_id`'s."""
-    path = Path(directory) / RAY_CLUSTER
-    tmp = path.with_suffix(".tmp")
+    """Record durably that the books in `directory` are `cluster_id`'s."""
+    _replace_durably(Path(directory) / RAY_CLUSTER, cluster_id + "\n")
+
+
+def _replace_durably(path: Path, text: str) -> None:
+    """`path` holds `text` whole or keeps what it held: a temporary file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as out:
-        out.write(cluster_id + "\n")
+        out.write(text)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
