@@ -377,12 +377,9 @@ class Scheduler:
     def _never_fits(self, status: RequestStatus, gpu_types: set[str] | None = None) -> str | None:
         """Why the gang, as asked (on `gpu_types` only, if given), fits no node set of the cluster even empty
         and uncordoned, or None."""
-        uncordoned = tuple(
-            node.model_copy(update={"labels": {k: v for k, v in node.labels.items() if k != CORDON_LABEL}})
-            for node in self._live_nodes()
-        )
         gang = self._gang_for_engine(status, gpu_types, cordoned_too=True)
-        decision = self._trial_engine(self._with_unborn_nodes(uncordoned, len(gang.bundles))).place(gang)
+        snapshot = self._with_unborn_nodes(self._empty_uncordoned_nodes(), len(gang.bundles))
+        decision = self._trial_engine(snapshot).place(gang)
         if isinstance(decision, Rejection) and decision.reason is RejectionReason.NEVER_FITS:
             largest = " at its largest (every pool at its max)" if self.scale_up else ""
             return f"can never fit this cluster{largest}: {decision.message}"
@@ -636,10 +633,13 @@ class Scheduler:
         if bound:
             self.effects.append(Bind(status.id, status.placement_group, tuple(bundles)))
 
+    def _empty_uncordoned_nodes(self) -> tuple[NodeSnapshot, ...]:
+        """The live nodes as if empty and uncordoned (`self.nodes` carry no cordon label: the engine adds it)."""
+        return tuple(_FreeResources.of(node).snapshot(node.labels) for _, node in sorted(self.nodes.items()))
+
     def _capacity_engine(self) -> PlacementEngine:
         """A what-if engine on the live nodes, empty and uncordoned."""
-        nodes = tuple(_FreeResources.of(node).snapshot(node.labels) for _, node in sorted(self.nodes.items()))
-        return self._trial_engine(ClusterSnapshot(nodes=nodes))
+        return self._trial_engine(ClusterSnapshot(nodes=self._empty_uncordoned_nodes()))
 
     def _held_back_by_cordons(self, status: RequestStatus, gpu_types: set[str] | None) -> str:
         """Why a gang no open node set can hold, even empty, will fit once cordoned nodes are uncordoned;
