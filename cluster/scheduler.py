@@ -557,14 +557,17 @@ class Scheduler:
         demand = self._demand(status)
         over = quotas.exceeded(quota, used, demand)
         if over:
-            self._over_quota(status, "over quota: " + "; ".join(over))
+            if not self._rejected_on_first_try(status):
+                self._over_quota(status, "over quota: " + "; ".join(over))
             return
         gpu_types = None
         if demand.get("gpu"):
             candidates = self._gpu_types(status.request.gang)
             gpu_types = quotas.allowed_types("gpu", candidates, quota, used, demand["gpu"])
             if not gpu_types:
-                self._over_quota(status, f"over quota: no GPU type among {', '.join(candidates)} has typed quota left")
+                if not self._rejected_on_first_try(status):
+                    no_type_left = f"over quota: no GPU type among {', '.join(candidates)} has typed quota left"
+                    self._over_quota(status, no_type_left)
                 return
         gang = self._gang_for_engine(status, gpu_types)
         if self.engine is None:  # no worker node is up yet: only nodes to come can hold it
@@ -574,13 +577,8 @@ class Scheduler:
         if (
             isinstance(decision, Rejection)
             and decision.reason is RejectionReason.NEVER_FITS
-            and status.id in self._untried
-            and (never := self._never_fits(status) or self._never_within_typed_quota(status))
+            and self._rejected_on_first_try(status)
         ):
-            # Only on its first try: a request accepted earlier is never dropped because nodes left.
-            status.state, status.reason = RequestState.REJECTED, never
-            self._save(status)
-            self._decide(status, DecisionAction.REJECTED, never)
             return
         if isinstance(decision, Rejection):
             growth = self._growth_for(gang)
@@ -632,6 +630,20 @@ class Scheduler:
         self._decide(status, DecisionAction.PLACED, f"{decision.policy}: {_describe_nodes(bundles)}", status.nodes)
         if bound:
             self.effects.append(Bind(status.id, status.placement_group, tuple(bundles)))
+
+    def _rejected_on_first_try(self, status: RequestStatus) -> bool:
+        """Reject the request if this is its first try and it can never fit the cluster, even over quota: waiting
+        for quota would only hide that. Later tries never reject: a request accepted earlier is never dropped
+        because nodes left."""
+        if status.id not in self._untried:
+            return False
+        never = self._never_fits(status) or self._never_within_typed_quota(status)
+        if never is None:
+            return False
+        status.state, status.reason = RequestState.REJECTED, never
+        self._save(status)
+        self._decide(status, DecisionAction.REJECTED, never)
+        return True
 
     def _empty_uncordoned_nodes(self) -> tuple[NodeSnapshot, ...]:
         """The live nodes as if empty and uncordoned (`self.nodes` carry no cordon label: the engine adds it)."""

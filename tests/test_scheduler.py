@@ -147,6 +147,22 @@ def test_request_that_can_never_fit_is_rejected_at_once(scheduler: Scheduler):
     assert "asks for 12 GPUs; the most any matching node has is 8" in status.reason
 
 
+def test_request_that_can_never_fit_is_rejected_at_once_even_while_its_team_is_over_quota(scheduler: Scheduler):
+    held = [submit(scheduler, "research", workers=4, gpus=4), submit(scheduler, "research", workers=1, gpus=4)]
+    assert all(scheduler.get(request_id).state is RequestState.PLACED for request_id in held)
+    never = scheduler.get(submit(scheduler, "research", workers=1, gpus=12))  # 20 + 12 > 24, and no node has 12
+    assert never.state is RequestState.REJECTED
+    assert "asks for 12 GPUs; the most any matching node has is 8" in never.reason
+    on_h100 = submit(scheduler, "prod", workers=1, gpus=8)
+    assert scheduler.get(on_h100).state is RequestState.PLACED  # prod's gpu:H100 quota of 8 is used up
+    h100_only = scheduler.submit(
+        SubmitRequest(team="prod", gang=gang("prod-job", 1, 9, label_selector={"llmos.io/pool": "h100"}))
+    )
+    scheduler.schedule()
+    assert h100_only.state is RequestState.REJECTED
+    assert "asks for 9 GPUs; the most any matching node has is 8" in h100_only.reason
+
+
 def test_higher_priority_preempts_the_cheapest_lower_priority_work(scheduler: Scheduler):
     training = submit(scheduler, "research", workers=2, gpus=4, kind=WorkloadKind.TRAINING)
     serving = submit(scheduler, "research", workers=1, gpus=4, kind=WorkloadKind.SERVING)
@@ -550,9 +566,9 @@ def test_the_oldest_finished_requests_are_forgotten_and_stay_forgotten_after_a_r
         return books.submit(SubmitRequest(team="research", gang=gang("job", 1, 1)), idempotency_key=key).id
 
     ids = [job(f"key-{i}") for i in range(6)]
-    live = books.submit(SubmitRequest(team="research", gang=gang("live", 1, 1))).id
+    live = books.submit(SubmitRequest(team="research", gang=gang("live", 1, 8))).id
     books.schedule()
-    waiting = books.submit(SubmitRequest(team="research", gang=gang("waits", 3, 6))).id  # 7 + 18 GPUs > quota 24
+    waiting = books.submit(SubmitRequest(team="research", gang=gang("waits", 2, 6))).id  # 14 + 12 GPUs > quota 24
     books.schedule()
     assert books.get(waiting).state is RequestState.QUEUED
     # Finished out of submission order: what is kept is the last to finish, not the last submitted.
