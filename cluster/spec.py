@@ -683,6 +683,10 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
             message = f"unknown field{did_you_mean(field, known)}; known fields here: {', '.join(known)}"
         elif item["type"] == "missing":
             message = "required field is missing"
+        elif item["type"] in ("enum", "literal_error"):
+            expected = item["ctx"]["expected"]
+            choices = re.findall(r"'([^']*)'", expected)
+            message = f"{item['input']!r} is not a choice{did_you_mean(str(item['input']), choices)}; use {expected}"
         elif item["type"] == "too_short":
             wanted = item["ctx"]["min_length"]
             message = f"needs at least {wanted} item{'s' if wanted > 1 else ''}, got {item['ctx']['actual_length']}"

@@ -89,6 +89,11 @@ def test_a_key_that_is_no_plain_name_is_quoted_with_its_quotes_escaped(example):
         (("pools", 0, "name"), "CPU_Pool", "pools[0].name: 'CPU_Pool' is not a valid name"),
         (("pools", 0, "labels"), {"llmos.io/pool": "x"}, "uses a reserved prefix"),
         (("teams", 0, "priority"), "urgent", "teams[0].priority: 'urgent' is not a priority class"),
+        (
+            ("pools", 1, "accelerator"),
+            "gpus",
+            "pools[1].accelerator: 'gpus' is not a choice (did you mean 'gpu'?); use 'cpu', 'gpu' or 'tpu'",
+        ),
     ],
 )
 def test_bad_values_name_field_and_fix(example, path, value, expected):
