@@ -239,7 +239,10 @@ def sample_next(
     """One token per row of logits [B, vocab]."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shifted so the top logit is 0 before dividing: a tiny temperature then sends the others to -inf, not
+    # every logit to +-inf, whose softmax is NaN.
+    logits = logits.float()
+    probabilities = torch.softmax((logits - logits.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probabilities, sorted_tokens = probabilities.sort(dim=-1, descending=True)
         # Keep a token if the mass before it is still below top_p; the top token always stays.

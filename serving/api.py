@@ -15,6 +15,7 @@ from cluster.spec import describe_validation_error
 from serving.spec import Limits
 
 MAX_STOP_SEQUENCES = 4
+DEFAULT_MAX_TOKENS = 16  # OpenAI's
 
 
 class ApiError(Exception):
@@ -35,12 +36,14 @@ class CompletionRequest(BaseModel):
 
     model: str = Field(..., description="Model id, as listed by GET /v1/models.")
     prompt: str = Field(..., description="Text to continue.")
-    max_tokens: int = Field(16, description="Most tokens (bytes) to generate.")
+    max_tokens: int | None = Field(
+        None, strict=True, description=f"Most tokens (bytes) to generate; {DEFAULT_MAX_TOKENS}, or the limit if lower."
+    )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, description="Up to 4 sequences that end the completion.")
     stream: bool = Field(False, description="Send the completion as server-sent events.")
-    seed: int | None = Field(None, description="Makes sampling repeatable.")
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, strict=True, description="Makes sampling repeatable.")
     user: str | None = None
 
     @field_validator("stop", mode="before")
@@ -58,7 +61,26 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(sequence == "" for sequence in sequences):
             raise ValueError("a stop sequence cannot be empty")
+        for sequence in sequences:
+            _encodable(sequence)
         return sequences
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, prompt: str) -> str:
+        return _encodable(prompt)
+
+
+def _encodable(text: str) -> str:
+    """`text`, if it is text UTF-8 can carry: JSON's \\u escapes can spell a lone surrogate half."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"holds a lone UTF-16 surrogate (\\u{ord(text[error.start]):04x}) at character {error.start}; "
+            "send whole characters"
+        ) from None
+    return text
 
 
 def parse_completion(body: bytes, limits: Limits, model_id: str) -> CompletionRequest:
@@ -73,6 +95,10 @@ def parse_completion(body: bytes, limits: Limits, model_id: str) -> CompletionRe
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ApiError(400, f"request body is not valid JSON: {error.msg} at line {error.lineno}") from None
+    except ValueError as error:  # an integer of more digits than Python converts
+        raise ApiError(400, f"request body is not usable JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is not usable JSON: it nests too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     try:
@@ -83,6 +109,8 @@ def parse_completion(body: bytes, limits: Limits, model_id: str) -> CompletionRe
         raise ApiError(400, "; ".join(problems), param=str(first[0]) if first else None) from None
     if request.model != model_id:
         raise ApiError(404, f"model {request.model!r} does not exist; this server serves {model_id!r}", "model")
+    if request.max_tokens is None:
+        request.max_tokens = min(DEFAULT_MAX_TOKENS, limits.max_tokens)
     if not 1 <= request.max_tokens <= limits.max_tokens:
         raise ApiError(
             400, f"max_tokens must be between 1 and {limits.max_tokens}, got {request.max_tokens}", "max_tokens"

@@ -76,6 +76,15 @@ def test_seeded_sampling_repeats_and_does_not_depend_on_the_batch(model):
     assert alone == with_others == decoder.complete([sampled])[0]
 
 
+def test_a_tiny_temperature_samples_the_top_token_instead_of_failing_the_batch(model):
+    prompt = encode("def add(a, b):")
+    greedy = alone_greedy(model, prompt, 8)
+    results = BatchDecoder(model).complete(
+        [Generation(prompt, 8, temperature=1e-39, seed=1), Generation(prompt, 8, temperature=1e-39, top_p=0.5, seed=2)]
+    )
+    assert [tokens for tokens, _ in results] == [greedy, greedy]
+
+
 def test_request_over_the_context_is_refused(model):
     with pytest.raises(ValueError, match="exceeds the model's context of 96"):
         list(BatchDecoder(model).stream([Generation([65] * 90, 10)]))
@@ -102,6 +111,11 @@ def body(**fields) -> bytes:
         (body(stop=["a", "b", "c", "d", "e"]), 400, "at most 4 stop sequences"),
         (body(stream="yes please"), 400, "stream"),
         (json.dumps({"prompt": "x"}).encode(), 400, "model: required field is missing"),
+        (body(prompt="a\ud800b"), 400, "prompt: holds a lone UTF-16 surrogate (\\ud800) at character 1"),
+        (body(stop=["\udc00"]), 400, "stop: holds a lone UTF-16 surrogate (\\udc00) at character 0"),
+        (body(seed=2**64), 400, "seed: Input should be less than or equal to 18446744073709551615"),
+        (body(seed=-1), 400, "seed: Input should be greater than or equal to 0"),
+        (body(max_tokens=True), 400, "max_tokens: Input should be a valid integer"),
     ],
 )
 def test_bad_requests_get_openai_style_errors(raw, status, message):
@@ -113,9 +127,24 @@ def test_bad_requests_get_openai_style_errors(raw, status, message):
     assert error["type"] == "invalid_request_error" and message in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'{"model": "lm", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "not usable JSON: Exceeds the limit"),
+        (b"[" * 5000 + b"]" * 5000, "not usable JSON: it nests too deeply"),
+    ],
+)
+def test_json_python_cannot_read_within_the_default_body_limit_is_a_bad_request(raw, message):
+    with pytest.raises(ApiError) as caught:
+        parse_completion(raw, Limits(), "lm")
+    assert caught.value.status == 400 and message in caught.value.message
+
+
 def test_valid_request_parses():
-    request = parse_completion(body(max_tokens=8, stop="\n", temperature=0), LIMITS, "lm")
-    assert (request.max_tokens, request.stop, request.temperature) == (8, ["\n"], 0.0)
+    request = parse_completion(body(max_tokens=8, stop="\n", temperature=0, seed=2**64 - 1), LIMITS, "lm")
+    assert (request.max_tokens, request.stop, request.temperature, request.seed) == (8, ["\n"], 0.0, 2**64 - 1)
+    assert parse_completion(body(), LIMITS, "lm").max_tokens == 16  # OpenAI's default
+    assert parse_completion(body(), LIMITS.model_copy(update={"max_tokens": 4}), "lm").max_tokens == 4
     assert parse_completion(body(), LIMITS, "lm").stop == []
     assert parse_completion(body(stop=None), LIMITS, "lm").stop == []
     assert parse_completion(body(stop=["a", "b"]), LIMITS, "lm").stop == ["a", "b"]
