@@ -154,6 +154,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return torch.load(state_file, map_location=map_location, weights_only=True)
 
 
+def load_meta(path: Path) -> dict[str, Any]:
+    """The small facts `save_checkpoint` wrote beside the state (step, world size, data position, ...)."""
+    return json.loads((path / META_FILE).read_text())
+
+
 def load_model(path: Path, device: str | torch.device = "cpu") -> TransformerLM:
     """The trained model of a checkpoint, in eval mode, e.g. for serving or sampling."""
     state = load_checkpoint(path, map_location=device)

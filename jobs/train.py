@@ -55,7 +55,15 @@ from jobs.checkpoint import latest_checkpoint
 from jobs.elastic import ElasticRun, RestartBudgetExhausted, TrainingAttemptFailed, one_line, wants_stop
 from jobs.metrics import plot_loss_curve
 from jobs.spec import TrainingJob, load_training_job
-from jobs.training_loop import StepReport, StopCheck, format_report, report_to_files, train
+from jobs.training_loop import (
+    StepReport,
+    StopCheck,
+    already_trained,
+    finished_report,
+    format_report,
+    report_to_files,
+    train,
+)
 
 RAY_TRAIN_ENV = {
     # Each ray.train.report waits for a controller poll, every 2 s by default; 0.2 s keeps a report at
@@ -289,8 +297,17 @@ def fit(
     reporter: ProgressReporter | None = None,
     attempt: dict[str, Any] | None = None,
 ) -> StepReport:
-    """Run the trainer until it ends; returns the last report. Raises TrainingFailedError."""
+    """Run the trainer until it ends; returns the last report. Raises TrainingFailedError.
+
+    A job whose checkpoints already reached its last step (an elastic attempt that failed after the final
+    checkpoint, say) starts no trainer: it would train no step and report nothing.
+    """
+    finished = finished_report(job)
+    if finished is not None:
+        return finished
     result = build_trainer(job, placement, reporter, attempt).fit()
+    if result.metrics is None:
+        raise TrainingAttemptFailed(f"Ray Train ended {job.name} without a report from any worker")
     reported = {item.name for item in dataclasses.fields(StepReport)}
     return StepReport(**{key: value for key, value in result.metrics.items() if key in reported})
 
@@ -345,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         print_hint(other_kind_hint(error))
         return 2
+    finished = finished_report(job)
+    if finished is not None:
+        print(already_trained(job, finished))
+        return 0
     try:
         if args.without_controller:
             placement = placement_from_spec(job)

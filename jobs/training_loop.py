@@ -34,7 +34,7 @@ from cluster.spec import SpecError
 from jobs import checkpoint as checkpoints
 from jobs import precision
 from jobs.data import VOCAB_SIZE, TrainingBatches, heldout_batches
-from jobs.metrics import append_record, plot_loss_curve
+from jobs.metrics import append_record, plot_loss_curve, read_records
 from jobs.model import TransformerLM
 from jobs.spec import LearningRateSchedule, TrainingJob, load_training_job
 
@@ -327,6 +327,43 @@ def format_report(report: StepReport) -> str:
     return "  ".join(part for part in parts if part)
 
 
+def finished_report(job: TrainingJob) -> StepReport | None:
+    """The report of the job's last step if its newest checkpoint has reached `steps`, else None.
+
+    Such a job has nothing left to train: resumed, it would run no step and report nothing.
+    """
+    newest = checkpoints.latest_checkpoint(job.checkpoint_directory)
+    if newest is None or (step := checkpoints.checkpoint_step(newest)) < job.steps:
+        return None
+    fields = {field.name for field in dataclasses.fields(StepReport)}
+    for record in reversed(read_records(job.metrics_file) if job.metrics_file.is_file() else []):
+        if record.get("step") == step:
+            return dataclasses.replace(
+                StepReport(**{key: value for key, value in record.items() if key in fields}), checkpoint=str(newest)
+            )
+    # Its metrics file is gone or elsewhere: the checkpoint alone says how far it got.
+    meta = checkpoints.load_meta(newest)
+    return StepReport(
+        step=step,
+        steps=job.steps,
+        loss=math.nan,
+        learning_rate=learning_rate(step, job.schedule, job.steps),
+        tokens_per_s=0.0,
+        tokens_seen=meta["data_position"] * job.model.context_length,
+        world_size=meta["world_size"],
+        elapsed_s=0.0,
+        checkpoint=str(newest),
+        checkpointed=True,
+    )
+
+
+def already_trained(job: TrainingJob, report: StepReport) -> str:
+    return (
+        f"{job.name} is already trained: its newest checkpoint {report.checkpoint} is at step {report.step} of "
+        f"{job.steps} ({format_report(report)}); to train on, raise steps, or give it a new checkpoint.directory"
+    )
+
+
 def report_to_files(job: TrainingJob, rank: int, echo: bool = True) -> ReportCallback:
     """On rank 0: append each report to the job's metrics JSONL and print a progress line."""
 
@@ -452,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         job = load_training_job(args.job)
+        if not args.fresh and (finished := finished_report(job)) is not None:
+            print(already_trained(job, finished) + " (or run with --fresh)")
+            return 0
         if args.workers == 1:
             torch.set_num_threads(max(1, int(job.resources.cpus)))
         result = run_bare(job, args.workers, resume=not args.fresh)

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from jobs.checkpoint import latest_checkpoint, load_model
+from jobs.checkpoint import META_FILE, latest_checkpoint, load_model
 from jobs.data import encode
 from serving.api import ApiError, CompletionRequest, completion_body, completion_id, models_body, parse_completion
 from serving.decoding import BatchDecoder, Generation, Step
@@ -39,7 +39,7 @@ COMPLETIONS_OPENAPI = {
 def resolve_checkpoint(path: str) -> Path:
     """A checkpoint folder, or the newest complete checkpoint inside a folder of them."""
     folder = Path(path)
-    if (folder / "meta.json").exists():
+    if (folder / META_FILE).exists():
         return folder
     newest = latest_checkpoint(folder) if folder.is_dir() else None
     if newest is None:

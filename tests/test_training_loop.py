@@ -12,7 +12,8 @@ import torch
 from jobs import checkpoint as checkpoints
 from jobs.metrics import read_records
 from jobs.spec import LearningRateSchedule, TrainingJob
-from jobs.training_loop import learning_rate, run_bare, train
+from jobs.training_loop import finished_report, learning_rate, run_bare, train
+from jobs.training_loop import main as training_loop_main
 
 torch.set_num_threads(1)
 
@@ -159,3 +160,33 @@ def test_a_stop_request_ends_the_attempt_with_a_checkpoint_where_it_stops(tmp_pa
     # Ray Train hears only of checkpoint steps (jobs.train), so the stop step must say it is one.
     assert [(report.step, report.checkpointed) for report in reports] == [(5, False), (10, False), (15, True)]
     assert checkpoints.checkpoint_step(checkpoints.latest_checkpoint(now.checkpoint_directory)) == 15
+
+
+def test_a_job_trained_to_its_last_step_is_not_trained_again(tmp_path, capsys):
+    import yaml
+
+    from jobs import train as ray_train_entrypoint
+
+    job = tiny_job(tmp_path, steps=10, checkpoint={"every_steps": 5, "keep_last": 2})
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    assert finished_report(job) is None
+    run_bare(job, stop_at_step=5, echo=False)
+    assert finished_report(job) is None, "a job stopped at step 5 of 10 has training left"
+    run_bare(job, echo=False)
+    final = read_records(job.metrics_file)[-1]
+    finished = finished_report(job)
+    assert (finished.step, finished.loss, finished.tokens_seen) == (10, final["loss"], final["tokens_seen"])
+    assert finished.checkpoint == str(job.checkpoint_directory / "step-000000010")
+    # Resumed, the job would run no step and report nothing: Ray Train's result would have no metrics.
+    # An elastic attempt returns the final report without starting a trainer; the entrypoints say so.
+    placement = ray_train_entrypoint.placement_from_spec(job)
+    assert ray_train_entrypoint.fit(job, placement) == finished
+    assert ray_train_entrypoint.main([str(job_file), "--without-controller"]) == 0
+    assert "tiny is already trained: its newest checkpoint" in capsys.readouterr().out
+    assert training_loop_main([str(job_file)]) == 0
+    assert "at step 10 of 10" in capsys.readouterr().out
+    job.metrics_file.unlink()  # the checkpoint alone still says how far it got
+    without_metrics = finished_report(job)
+    assert (without_metrics.step, without_metrics.tokens_seen) == (10, final["tokens_seen"])
+    assert math.isnan(without_metrics.loss) and without_metrics.world_size == 1
