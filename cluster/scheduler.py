@@ -474,7 +474,10 @@ class Scheduler:
         for bundle in gang.bundles:
             update: dict = {} if cordoned_too else {"label_selector": {**bundle.label_selector, CORDON_LABEL: "!true"}}
             if gpu_types is not None and bundle.resources.get("GPU"):
-                update["gpu_types"] = tuple(sorted(gpu_types))
+                # Narrowed, never widened: a bundle that asked for some types keeps to them. Nothing left
+                # (an empty tuple) matches no node.
+                own = set(bundle.gpu_types) if bundle.gpu_types else gpu_types
+                update["gpu_types"] = tuple(sorted(own & gpu_types))
             bundles.append(bundle.model_copy(update=update))
         return gang.model_copy(update={"name": status.id, "bundles": tuple(bundles)})
 

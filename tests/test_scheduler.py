@@ -139,6 +139,21 @@ def test_typed_quota_steers_to_another_gpu_type(scheduler: Scheduler):
     assert scheduler.usage["prod"]["gpu:H100"] == 8 and scheduler.usage["prod"]["gpu:A100-80G"] == 4
 
 
+def test_each_bundle_keeps_to_its_own_gpu_types(scheduler: Scheduler):
+    def on_types(*types_per_bundle: tuple[str, ...], constraint: str = "same_pool"):
+        bundles = [Bundle(resources={"CPU": 1, "GPU": 1}, gpu_types=types) for types in types_per_bundle]
+        status = scheduler.submit(
+            SubmitRequest(team="research", gang=GangRequest(name="typed", bundles=bundles, constraint=constraint))
+        )
+        scheduler.schedule()
+        return status
+
+    mixed = on_types(("H100",), ("A100-80G",), constraint="spread")
+    assert [bundle.node.split("-")[0] for bundle in mixed.bundles] == ["h100", "a100"]
+    one_pool = on_types(("H100",), ("A100-80G",))  # one pool cannot hold both types
+    assert one_pool.state is RequestState.REJECTED and "same_pool" in one_pool.reason
+
+
 def test_request_that_can_never_fit_is_rejected_at_once(scheduler: Scheduler):
     request_id = submit(scheduler, "research", workers=1, gpus=12)
     status = scheduler.get(request_id)
