@@ -11,19 +11,25 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-from cluster.placement.request import GangRequest
+from cluster.placement.request import Constraint, GangRequest
 
 _RESOURCE_OF_KEY = {"cpu": "CPU", "memory": "memory", "gpu": "GPU", "tpu": "TPU"}
 # Quota checks tolerate fixed-point noise from fractional GPUs summed as floats.
 EPSILON = 1e-6
 
 
-def gang_demand(gang: GangRequest) -> dict[str, float]:
-    """Untyped quota keys a gang uses wherever it lands."""
+def gang_demand(gang: GangRequest, tpu_host_chips: int = 0) -> dict[str, float]:
+    """Untyped quota keys a gang uses wherever it lands.
+
+    A same_tpu_slice gang holds one whole TPU host per bundle, so each bundle counts at least
+    `tpu_host_chips` (the fewest chips a TPU host of the cluster has), whatever it asked.
+    """
     demand: dict[str, float] = defaultdict(float)
     for bundle in gang.bundles:
         for key, resource in _RESOURCE_OF_KEY.items():
             demand[key] += bundle.resources.get(resource, 0.0)
+        if gang.constraint is Constraint.SAME_TPU_SLICE:
+            demand["tpu"] += max(tpu_host_chips - bundle.resources.get("TPU", 0.0), 0.0)
     return {key: amount for key, amount in demand.items() if amount}
 
 
@@ -43,7 +49,7 @@ def add_usage(total: dict[str, float], usage: Mapping[str, float], sign: float =
 
 
 def exceeded(quota: Mapping[str, float], used: Mapping[str, float], demand: Mapping[str, float]) -> list[str]:
-    """Untyped keys where `used + demand` would pass the quota, as readable phrases."""
+    """Keys of `demand` where `used + demand` would pass the quota, as readable phrases."""
     problems = []
     for key, amount in demand.items():
         if key in quota and used.get(key, 0.0) + amount > quota[key] + EPSILON:

@@ -25,10 +25,16 @@ from cluster import quota as quotas
 from cluster.console import UserError
 from cluster.placement.decision import BundlePlacement, Placement, Rejection, RejectionReason
 from cluster.placement.engine import PlacementEngine
-from cluster.placement.request import GangRequest
+from cluster.placement.request import Constraint, GangRequest
 from cluster.placement.snapshot import ClusterSnapshot, NodeSnapshot, node_from_ray
 from cluster.preemption import choose_victims
-from cluster.ray_mapping import HEAD_POOL, RAY_NODE_ID_LABEL, replica_nodes
+from cluster.ray_mapping import (
+    HEAD_POOL,
+    RAY_ACCELERATOR_TYPE_LABEL,
+    RAY_NODE_ID_LABEL,
+    ray_accelerator_type,
+    replica_nodes,
+)
 from cluster.requests import (
     BundleBinding,
     DecisionAction,
@@ -121,6 +127,10 @@ class Scheduler:
         self._quota_blocked: dict[str, int] = {}
         self._demands: dict[str, dict[str, float]] = {}  # request id -> its quota demand (requests are frozen)
         self._awaiting_nodes: dict[str, GangRequest] = {}  # request id -> its gang, that fits once pools grow
+        tpu_pools = [pool for pool in spec.pools if pool.tpu]
+        self._tpu_host_chips = min((pool.tpu.chips_per_host for pool in tpu_pools), default=0)
+        self._tpu_types = sorted({pool.accelerator_type for pool in tpu_pools})
+        self._tpu_ray_types = {pool.accelerator_type: ray_accelerator_type(pool) for pool in tpu_pools}
 
     # -- books ------------------------------------------------------------------------------------
 
@@ -130,6 +140,15 @@ class Scheduler:
             if pool.name == pool_name:
                 return pool.accelerator.value, pool.accelerator_type
         return "cpu", None
+
+    def _placed_usage(self, placement: Placement) -> dict[str, float]:
+        """What a placement counts against its team's quota: what each bundle holds (a whole TPU host, all its
+        chips) on its node's accelerator type."""
+        usage: dict[str, float] = {}
+        for bundle in placement.bundles:
+            pool = self.nodes[bundle.node].pool
+            quotas.add_usage(usage, quotas.bundle_usage(bundle.resources, *self._pool_kind(pool)))
+        return usage
 
     def _request_usage(self, status: RequestStatus) -> dict[str, float]:
         total: dict[str, float] = {}
@@ -366,13 +385,21 @@ class Scheduler:
         """What the request counts against its team's quota."""
         demand = self._demands.get(status.id)
         if demand is None:
-            demand = self._demands[status.id] = quotas.gang_demand(status.request.gang)
+            demand = self._demands[status.id] = quotas.gang_demand(status.request.gang, self._tpu_host_chips)
         return demand
 
     def _never_admissible(self, status: RequestStatus) -> str | None:
-        demand = quotas.gang_demand(status.request.gang)  # not kept: a request refused here is never tried
-        typed_room = {"gpu": self._gpu_types_alone(status, demand["gpu"])[1]} if demand.get("gpu") else {}
-        return quotas.never_admissible(self.quotas[status.team], demand, typed_room)
+        # Not kept: a request refused here is never tried.
+        demand = quotas.gang_demand(status.request.gang, self._tpu_host_chips)
+        quota, typed_room = self.quotas[status.team], {}
+        if demand.get("gpu"):
+            typed_room["gpu"] = self._gpu_types_alone(status, demand["gpu"])[1]
+        if demand.get("tpu"):
+            typed_room["tpu"] = quotas.allowed_types("tpu", self._tpu_types, quota, {}, demand["tpu"])
+        never = quotas.never_admissible(quota, demand, typed_room)
+        if never and demand.get("tpu", 0.0) > quotas.gang_demand(status.request.gang).get("tpu", 0.0):
+            never += f" (a same_tpu_slice gang holds one whole TPU host, {self._tpu_host_chips} chips, per bundle)"
+        return never
 
     def _never_fits(self, status: RequestStatus, gpu_types: set[str] | None = None) -> str | None:
         """Why the gang, as asked (on `gpu_types` only, if given), fits no node set of the cluster even empty
@@ -465,14 +492,29 @@ class Scheduler:
         return [t for t in in_cluster if t in wanted]
 
     def _gang_for_engine(
-        self, status: RequestStatus, gpu_types: set[str] | None = None, *, cordoned_too: bool = False
+        self,
+        status: RequestStatus,
+        gpu_types: set[str] | None = None,
+        tpu_types: set[str] | None = None,
+        *,
+        cordoned_too: bool = False,
     ) -> GangRequest:
-        """The gang as the engine must see it: cordoned nodes excluded (unless `cordoned_too`), GPU types
-        narrowed by quota."""
+        """The gang as the engine must see it: cordoned nodes excluded (unless `cordoned_too`), GPU and TPU
+        types narrowed by quota."""
         gang = status.request.gang
+        holds_tpu_hosts = gang.constraint is Constraint.SAME_TPU_SLICE
         bundles = []
         for bundle in gang.bundles:
-            update: dict = {} if cordoned_too else {"label_selector": {**bundle.label_selector, CORDON_LABEL: "!true"}}
+            selector = dict(bundle.label_selector)
+            if not cordoned_too:
+                selector[CORDON_LABEL] = "!true"
+            narrow_tpus = tpu_types is not None and tpu_types != set(self._tpu_types)
+            if narrow_tpus and (holds_tpu_hosts or bundle.resources.get("TPU")):
+                # Gangs name no TPU types, so the narrowing is a label selector; a bundle that picked its
+                # accelerator type by label keeps it, and the placed check (`_try_place`) has the last word.
+                ray_types = ",".join(self._tpu_ray_types[name] for name in sorted(tpu_types))
+                selector.setdefault(RAY_ACCELERATOR_TYPE_LABEL, f"in({ray_types})")
+            update: dict = {"label_selector": selector} if selector != bundle.label_selector else {}
             if gpu_types is not None and bundle.resources.get("GPU"):
                 # Narrowed, never widened: a bundle that asked for some types keeps to them. Nothing left
                 # (an empty tuple) matches no node.
@@ -572,7 +614,15 @@ class Scheduler:
                     no_type_left = f"over quota: no GPU type among {', '.join(candidates)} has typed quota left"
                     self._over_quota(status, no_type_left)
                 return
-        gang = self._gang_for_engine(status, gpu_types)
+        tpu_types = None
+        if demand.get("tpu"):
+            tpu_types = quotas.allowed_types("tpu", self._tpu_types, quota, used, demand["tpu"])
+            if not tpu_types:
+                if not self._rejected_on_first_try(status):
+                    no_type_left = f"over quota: no TPU type among {', '.join(self._tpu_types)} has typed quota left"
+                    self._over_quota(status, no_type_left)
+                return
+        gang = self._gang_for_engine(status, gpu_types, tpu_types)
         if self.engine is None:  # no worker node is up yet: only nodes to come can hold it
             decision = Rejection(gang.name, self.policy, RejectionReason.NEVER_FITS, "no worker node is up")
         else:
@@ -611,16 +661,12 @@ class Scheduler:
             _binding_of(bundle, self.nodes[bundle.node], group_bundle)
             for bundle, group_bundle in zip(decision.bundles, _group_bundles(decision.bundles, per_node), strict=True)
         ]
-        usage = {}
-        for bundle in bundles:
-            quotas.add_usage(usage, quotas.bundle_usage(bundle.resources, *self._pool_kind(bundle.pool)))
-        typed_over = [
-            key for key in usage if ":" in key and key in quota and used.get(key, 0) + usage[key] > quota[key]
-        ]
-        if typed_over:
+        usage = self._placed_usage(decision)
+        over_as_placed = quotas.exceeded(quota, used, usage)
+        if over_as_placed:
             self.engine.release(decision)
-            # Not quota-blocked for good: another GPU type may free up and be chosen next time.
-            self._wait(status, f"over quota: {', '.join(typed_over)}")
+            # Not quota-blocked for good: nodes of another accelerator type may free up and be chosen next time.
+            self._wait(status, "over quota as placed: " + "; ".join(over_as_placed))
             return
         self._quota_blocked.pop(status.id, None)
         quotas.add_usage(used, usage)
@@ -724,9 +770,16 @@ class Scheduler:
 
         def fits_without(victims: list[RequestStatus]) -> bool:
             trial = self._trial_engine(self.engine.snapshot())
+            used = dict(self.usage[status.team])
             for victim in victims:
                 trial.release(_placement_of(victim))
-            return not isinstance(trial.place(gang), Rejection)
+                if victim.team == status.team:
+                    quotas.add_usage(used, self._request_usage(victim), sign=-1)
+            decision = trial.place(gang)
+            # Room the request could not use within its quota is no reason to preempt anyone.
+            return not isinstance(decision, Rejection) and not quotas.exceeded(
+                self.quotas[status.team], used, self._placed_usage(decision)
+            )
 
         victims = choose_victims(status, holders, fits_without)
         if not victims:

@@ -745,3 +745,105 @@ def test_a_gang_that_no_longer_waits_for_nodes_stops_asking_for_them():
     books.schedule()
     assert books.get(waiting).reason.startswith("over quota")
     assert books.scale_up_demand() == {}
+
+
+TPU_SPEC = {
+    "pools": [
+        {"name": "cpu", "accelerator": "cpu", "node": {"cpus": 8, "memory": "32Gi"}, "nodes": {"max": 1}},
+        {
+            "name": "tpu",
+            "accelerator": "tpu",
+            "accelerator_type": "v5p",
+            "node": {"cpus": 208, "memory": "448Gi"},
+            "tpu": {"topology": "2x2x2", "chips_per_host": 4, "hosts_per_slice": 2},
+            "slices": {"max": 1},
+        },
+    ],
+}
+
+
+def tpu_books(teams: list[dict]) -> Scheduler:
+    spec = ClusterSpec.model_validate({**TPU_SPEC, "teams": teams})
+    books = Scheduler(spec, POLICY)
+    hosts = [node_from_ray(host.name, host.resources, host.labels) for host in replica_nodes(spec.pool("tpu"), 0)]
+    books.set_nodes([node("cpu-0", "cpu", 8), *hosts])
+    return books
+
+
+def slice_gang(chips_per_bundle: int) -> GangRequest:
+    bundle = Bundle(resources={"CPU": 1, "TPU": chips_per_bundle})
+    return GangRequest(name="slice", constraint="same_tpu_slice", bundles=[bundle] * 2)
+
+
+def test_a_tpu_slice_gang_is_charged_and_admitted_by_the_whole_hosts_it_holds():
+    books = tpu_books([{"name": "small", "quota": {"tpu": 4}}, {"name": "big", "quota": {"tpu": 8}}])
+    # Two bundles of 2 chips ask 4 chips, but each holds a whole 4-chip host: 8 chips.
+    small = books.submit(SubmitRequest(team="small", gang=slice_gang(2)))
+    assert small.state is RequestState.REJECTED
+    assert "asks 8 tpu, quota 4 (a same_tpu_slice gang holds one whole TPU host, 4 chips, per bundle)" in small.reason
+    big = books.submit(SubmitRequest(team="big", gang=slice_gang(2)))
+    books.schedule()
+    assert big.state is RequestState.PLACED and books.usage["big"]["tpu"] == 8
+
+
+def test_a_typed_tpu_quota_too_small_for_the_gang_alone_is_refused_at_once():
+    books = tpu_books(
+        [
+            {"name": "lo", "priority": "low"},
+            {"name": "hi", "priority": "high", "quota": {"tpu:v5p": 8}},
+            {"name": "tiny", "priority": "high", "quota": {"tpu:v5p": 4}},
+        ]
+    )
+    held = books.submit(SubmitRequest(team="lo", gang=slice_gang(4)))
+    books.schedule()
+    never = books.submit(SubmitRequest(team="tiny", gang=slice_gang(4)))
+    books.schedule()
+    assert never.state is RequestState.REJECTED
+    assert never.reason == "every tpu type this request may use has a typed quota smaller than the 8 it asks"
+    assert held.state is RequestState.PLACED and held.preemptions == 0
+    within = books.submit(SubmitRequest(team="hi", gang=slice_gang(4)))
+    books.schedule()
+    assert within.state is RequestState.PLACED and held.state is RequestState.PREEMPTED
+
+
+def test_preemption_frees_only_room_the_request_may_use_within_its_typed_quota():
+    v4 = {
+        "name": "tpu-v4",
+        "accelerator": "tpu",
+        "accelerator_type": "v4",
+        "node": {"cpus": 240, "memory": "400Gi"},
+        "tpu": {"topology": "2x2x1", "chips_per_host": 4, "hosts_per_slice": 1},
+        "slices": {"max": 1},
+    }
+    teams = [{"name": "lo", "priority": "low"}, {"name": "hi", "priority": "high", "quota": {"tpu:v4": 0}}]
+    spec = ClusterSpec.model_validate({**TPU_SPEC, "pools": [*TPU_SPEC["pools"], v4], "teams": teams})
+    books = Scheduler(spec, POLICY)
+    books.set_nodes(
+        [
+            node_from_ray(host.name, host.resources, host.labels)
+            for pool in ("tpu", "tpu-v4")
+            for host in replica_nodes(spec.pool(pool), 0)
+        ]
+    )
+    on_v5p = books.submit(SubmitRequest(team="lo", gang=slice_gang(4)))
+    books.schedule()
+    one_host = GangRequest(name="host", constraint="same_tpu_slice", bundles=[Bundle(resources={"TPU": 4})])
+    on_v4 = books.submit(SubmitRequest(team="lo", gang=one_host))
+    books.schedule()
+    assert on_v4.nodes == ["tpu-v4-s0-h0"]
+    urgent = books.submit(SubmitRequest(team="hi", gang=one_host))
+    books.schedule()
+    # The v4 gang, placed last, is the cheaper victim, but hi may not use v4 chips: taking it off would free
+    # nothing hi can use.
+    assert urgent.state is RequestState.PLACED and urgent.nodes[0].startswith("tpu-s0-")
+    assert on_v4.state is RequestState.PLACED and on_v4.preemptions == 0
+    assert on_v5p.state is RequestState.PREEMPTED
+
+
+def test_fractional_gpus_summed_as_floats_fill_a_typed_quota_exactly(scheduler: Scheduler):
+    scheduler.set_quota("small", {"gpu:H100": 0.3})
+    shares = [
+        scheduler.submit(SubmitRequest(team="small", gang=gang("share", 1, 0.1, gpu_types=("H100",)))) for _ in range(3)
+    ]
+    scheduler.schedule()
+    assert [share.state for share in shares] == [RequestState.PLACED] * 3  # 0.1 + 0.1 + 0.1 > 0.3 in floats
