@@ -202,7 +202,7 @@ def _controller_status(args: argparse.Namespace) -> int:
             asked = ", ".join(f"{pool} x{nodes}" for pool, nodes in info["scale_up_requested"].items())
             stdout.print(f"scaling pools up on demand; nodes asked of Ray's autoscaler: {asked or 'none'}")
         if info["state_lost"]:
-            stdout.print(f"refusing every call: {info['state_lost']}", markup=False, style="bold red")
+            stdout.print(f"refusing every call: {info['state_lost']}", style="bold red")
     return 0
 
 
@@ -272,7 +272,7 @@ def _request(args: argparse.Namespace) -> int:
     _print_request(status, args.json)
     if not args.json:
         for line in request_facts(status, time.time()):
-            stdout.print(f"  {line}", markup=False)
+            stdout.print(f"  {line}")
     return 0
 
 

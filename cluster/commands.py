@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from pydantic import BaseModel
+from rich.markup import escape
 
 from cluster.console import (
     UserError,
@@ -188,7 +189,7 @@ def _up(args: argparse.Namespace) -> int:
         )
     else:
         stdout.print(
-            f"cluster [bold]{spec.name}[/] is up: {len(cluster.record.nodes)} nodes, "
+            f"cluster [bold]{escape(spec.name)}[/] is up: {len(cluster.record.nodes)} nodes, "
             f"GCS {cluster.gcs_address}, dashboard and job server {cluster.dashboard_url}\n"
             'next: `llmos status`; for `ray job submit`, first run `eval "$(llmos env)"`',
             markup=True,

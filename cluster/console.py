@@ -11,11 +11,15 @@ from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+# What we print holds user text (names, paths, YAML values, reasons), so rich's markup and emoji codes
+# are off unless a call turns them on for its own styling, escaping any user text it adds: with markup
+# on, `[/]` in a name crashes the print and `[bold]cpu` prints as `cpu`.
 # Piped output (CI logs, `| less`) would otherwise be squeezed into 80 columns.
-stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, markup=False, emoji=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+stderr = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
 
 
 def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
@@ -52,17 +56,17 @@ class UserError(Exception):
 
 
 def print_error(error: Exception) -> None:
-    stderr.print(f"[bold red]error:[/] {error}", markup=True)
+    stderr.print(f"[bold red]error:[/] {escape(str(error))}", markup=True)
 
 
 def print_hint(hint: str) -> None:
     if hint:
-        stderr.print(f"[bold]hint:[/] {hint}", markup=True, highlight=False)
+        stderr.print(f"[bold]hint:[/] {escape(hint)}", markup=True)
 
 
 def progress(message: str) -> None:
     """Progress on long work goes to stderr, so `--json` output on stdout stays parseable."""
-    stderr.print(f"[dim]{message}[/]", markup=True)
+    stderr.print(f"[dim]{escape(message)}[/]", markup=True)
 
 
 def to_plain(value: Any) -> Any:
