@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -278,5 +279,5 @@ def _env(args: argparse.Namespace) -> int:
         raise UserError("no local cluster is running; start one with `llmos up`")
     env = {**cluster.client_env(), "RAY_ADDRESS": cluster.dashboard_url}
     for key, value in env.items():
-        stdout.print(f"export {key}={value}")
+        print(f"export {key}={shlex.quote(value)}")  # for `eval`: a path may hold spaces or `$(...)`
     return 0

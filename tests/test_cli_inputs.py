@@ -3,8 +3,12 @@ not write, and the forms of a value the spec itself accepts. None of it needs a 
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 from cluster.cli import main
 from cluster.console import print_table, progress
+from cluster.launcher import LocalCluster, LocalClusterRecord
 
 
 def test_user_text_that_looks_like_markup_is_printed_as_written(tmp_path, capsys):
@@ -25,3 +29,33 @@ def test_user_text_that_looks_like_markup_is_printed_as_written(tmp_path, capsys
     print_table(None, ["team"], [["[bold]research :fire:"]])
     captured = capsys.readouterr()
     assert "[/] done" in captured.err and "[bold]research :fire:" in captured.out
+
+
+def write_local_cluster_record(home: Path, text: str | None = None) -> Path:
+    """A `local-cluster.json` as `llmos up` writes it (or `text` instead), for the commands that read it."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = LocalCluster.record_path(home)
+    record = LocalClusterRecord(
+        cluster_name="demo",
+        spec={},
+        head_ip="127.0.0.2",
+        gcs_port=6380,
+        dashboard_port=8265,
+        temp_dir=str(home / "ray"),
+        token_path=str(home / "auth_token"),
+        object_store_bytes=2**27,
+        nodes=[],
+        started_at=0.0,
+    )
+    path.write_text(record.model_dump_json() if text is None else text)
+    return path
+
+
+def test_env_quotes_each_value_for_the_shell(tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home [x] $(touch pwned) 'it's'"
+    write_local_cluster_record(home)
+    monkeypatch.setenv("LLMOS_HOME", str(home))
+    assert main(["env"]) == 0
+    exports = dict(shlex.split(line)[1].split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert exports["RAY_AUTH_TOKEN_PATH"] == str(home / "auth_token")
+    assert exports["RAY_ADDRESS"] == "http://127.0.0.1:8265" and exports["RAY_AUTH_MODE"] == "token"
