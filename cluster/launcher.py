@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cluster.console import UserError
 from cluster.ray_mapping import NodeDeclaration, head_declaration, local_cluster_nodes, replica_nodes
@@ -178,7 +178,15 @@ class LocalCluster:
         path = cls.record_path(home)
         if not path.exists():
             return None
-        return cls(home, LocalClusterRecord.model_validate_json(path.read_text()))
+        try:
+            record = LocalClusterRecord.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError):
+            raise UserError(
+                f"{path} is not a record of a local cluster this llmos started (another version wrote it, or "
+                "something else did); if that cluster is stopped, delete the file, else stop it with the llmos "
+                "that started it, or set LLMOS_HOME to another folder"
+            ) from None
+        return cls(home, record)
 
     @classmethod
     def attach(cls, home: Path | None = None) -> LocalCluster:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+import pytest
+
 from cluster.cli import main
 from cluster.console import print_table, progress
 from cluster.launcher import LocalCluster, LocalClusterRecord
@@ -59,3 +61,14 @@ def test_env_quotes_each_value_for_the_shell(tmp_path, capsys, monkeypatch):
     exports = dict(shlex.split(line)[1].split("=", 1) for line in capsys.readouterr().out.splitlines())
     assert exports["RAY_AUTH_TOKEN_PATH"] == str(home / "auth_token")
     assert exports["RAY_ADDRESS"] == "http://127.0.0.1:8265" and exports["RAY_AUTH_MODE"] == "token"
+
+
+@pytest.mark.parametrize("text", ['{"cluster": "from another version"}', "not json", ""])
+def test_a_foreign_local_cluster_record_is_named_with_the_fix(tmp_path, capsys, monkeypatch, text):
+    path = write_local_cluster_record(tmp_path / "home", text)
+    monkeypatch.setenv("LLMOS_HOME", str(path.parent))
+    for command in (["env"], ["down"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"error: {path} is not a record of a local cluster this llmos started" in err
+        assert "delete the file" in err and "Traceback" not in err
