@@ -645,7 +645,7 @@ class Scheduler:
                 if held_back := self._held_back_by_cordons(status, gpu_types):
                     self._wait(status, held_back)
                 elif held_back := self._held_back_by_typed_quota(status, gpu_types):
-                    self._over_quota(status, held_back)
+                    self._wait(status, held_back)  # not only the team's use: a node of a type left may join
                 else:
                     self._wait(status, decision.message)
                 return
@@ -723,7 +723,7 @@ class Scheduler:
     def _held_back_by_typed_quota(self, status: RequestStatus, gpu_types: set[str] | None) -> str:
         """Why a gang no node set of the GPU types its team's typed quota leaves it can hold, even empty,
         fits once the quota allows other types; "" if the types are not narrowed or that would not help."""
-        if gpu_types is None:
+        if gpu_types is None or not self.nodes:
             return ""
         decision = self._capacity_engine().place(self._gang_for_engine(status, cordoned_too=True))
         if isinstance(decision, Rejection):

@@ -847,3 +847,23 @@ def test_fractional_gpus_summed_as_floats_fill_a_typed_quota_exactly(scheduler: 
     ]
     scheduler.schedule()
     assert [share.state for share in shares] == [RequestState.PLACED] * 3  # 0.1 + 0.1 + 0.1 > 0.3 in floats
+
+
+def test_a_gang_held_back_by_typed_quota_is_placed_when_a_node_of_a_type_left_to_it_joins(scheduler: Scheduler):
+    scheduler.set_nodes([n for n in NODES if n.name != "a100-0"])  # the A100 node is down
+    on_h100 = submit(scheduler, "prod", workers=1, gpus=8)  # prod's gpu:H100 quota of 8 is used up
+    held = scheduler.get(submit(scheduler, "prod", workers=1, gpus=4))
+    assert held.reason.startswith("over quota: no typed quota left for GPU type H100, and A100-80G alone")
+    scheduler.set_nodes(NODES)
+    scheduler.schedule()
+    assert held.state is RequestState.PLACED and held.nodes == ["a100-0"]
+    assert scheduler.get(on_h100).state is RequestState.PLACED
+
+
+def test_a_quota_change_while_no_worker_node_is_up_keeps_the_gang_waiting():
+    books = growing([])
+    waiting = books.get(submit(books, "prod", workers=1, gpus=8))
+    assert waiting.reason == "waiting for the cluster to scale up: 1 more node of pool h100"
+    books.set_quota("prod", {"gpu:H100": 4})  # no type left that could hold it
+    books.schedule()
+    assert waiting.state is RequestState.QUEUED and waiting.reason == "no worker node is up"
