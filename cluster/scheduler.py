@@ -127,6 +127,7 @@ class Scheduler:
         self._quota_blocked: dict[str, int] = {}
         self._demands: dict[str, dict[str, float]] = {}  # request id -> its quota demand (requests are frozen)
         self._awaiting_nodes: dict[str, GangRequest] = {}  # request id -> its gang, that fits once pools grow
+        self._gpu_types_in_cluster = sorted({p.accelerator_type for p in spec.pools if p.accelerator.value == "gpu"})
         tpu_pools = [pool for pool in spec.pools if pool.tpu]
         self._tpu_host_chips = min((pool.tpu.chips_per_host for pool in tpu_pools), default=0)
         self._tpu_types = sorted({pool.accelerator_type for pool in tpu_pools})
@@ -322,6 +323,7 @@ class Scheduler:
                 f"use one of {', '.join(classes)}"
             ) from None
         self._check_pools_named(request.gang)
+        self._check_gpu_types_named(request.gang)
         return priority_value
 
     def submit(self, request: SubmitRequest, idempotency_key: str | None = None) -> RequestStatus:
@@ -379,6 +381,16 @@ class Scheduler:
                 raise UserError(
                     f"gang.bundles[{index}].label_selector: unknown pool {unknown[0]!r}"
                     f"{did_you_mean(unknown[0], pools)}; pools: {', '.join(sorted(pools))}"
+                )
+
+    def _check_gpu_types_named(self, gang: GangRequest) -> None:
+        types = self._gpu_types_in_cluster
+        for index, bundle in enumerate(gang.bundles):
+            unknown = [name for name in bundle.gpu_types or () if name not in types]
+            if unknown:
+                raise UserError(
+                    f"gang.bundles[{index}].gpu_types: {unknown[0]!r} is not a GPU type of this cluster"
+                    f"{did_you_mean(unknown[0], types)}; GPU types: {', '.join(types) or 'none'}"
                 )
 
     def _demand(self, status: RequestStatus) -> dict[str, float]:
@@ -487,7 +499,7 @@ class Scheduler:
         return grown
 
     def _gpu_types(self, gang: GangRequest) -> list[str]:
-        in_cluster = sorted({p.accelerator_type for p in self.spec.pools if p.accelerator.value == "gpu"})
+        in_cluster = self._gpu_types_in_cluster
         wanted = set().union(*(set(b.gpu_types) for b in gang.bundles if b.gpu_types)) or set(in_cluster)
         return [t for t in in_cluster if t in wanted]
 

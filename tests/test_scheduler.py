@@ -867,3 +867,14 @@ def test_a_quota_change_while_no_worker_node_is_up_keeps_the_gang_waiting():
     books.set_quota("prod", {"gpu:H100": 4})  # no type left that could hold it
     books.schedule()
     assert waiting.state is RequestState.QUEUED and waiting.reason == "no worker node is up"
+
+
+def test_a_gpu_type_the_cluster_does_not_have_is_refused_naming_the_types_it_has(scheduler: Scheduler):
+    typo = GangRequest(name="typo", bundles=[Bundle(resources={"GPU": 1}, gpu_types=("H100", "h100"))])
+    with pytest.raises(
+        UserError,
+        match=r"gang.bundles\[0\].gpu_types: 'h100' is not a GPU type of this cluster "
+        r"\(did you mean 'H100'\?\); GPU types: A100-80G, H100",
+    ):
+        scheduler.submit(SubmitRequest(team="research", gang=typo))
+    assert scheduler.requests == {}
