@@ -768,14 +768,66 @@ def read_yaml_text(path: str | Path) -> str:
 
 
 def load_yaml(path: str | Path) -> Any:
+    """The data of a YAML file, as `yaml.safe_load` reads it, except that a key written twice in one
+    mapping is refused: YAML keeps the last silently, so `quota: {gpu: 4, gpu: 100}` would grant 100."""
     text = read_yaml_text(path)
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        if problems := _duplicate_key_problems(loader, root):
+            raise SpecError(str(path), problems, YAML_FILE)
+        return loader.construct_document(root)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = f"{where}not valid YAML ({getattr(error, 'problem', error)})"
         raise SpecError(str(path), [problem], YAML_FILE) from None
+    finally:
+        loader.dispose()
+
+
+_YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_key_problems(loader: yaml.SafeLoader, root: yaml.Node) -> list[str]:
+    """`teams[0].quota: key 'gpu' appears twice (lines 7 and 8); keep one`, for each key written twice in
+    a mapping of the composed document, in the order of the file. Keys compare as YAML reads them (`yes`
+    and `true` are one key). Each node is visited once, so aliases cost nothing more and cannot loop."""
+    found: list[tuple[int, str]] = []
+    pending: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
+    visited: set[int] = set()
+    while pending:
+        node, location = pending.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            pending.extend((item, (*location, index)) for index, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            marks: dict[Any, yaml.Mark] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _YAML_MERGE_TAG:
+                    pending.append((value_node, location))  # its keys become this mapping's
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue  # a list or mapping as a key is refused when the document is read
+                key = loader.construct_object(key_node)
+                mark = key_node.start_mark
+                if key in marks:
+                    first = marks[key]
+                    where = (
+                        f"lines {first.line + 1} and {mark.line + 1}"
+                        if first.line != mark.line
+                        else f"line {mark.line + 1}, columns {first.column + 1} and {mark.column + 1}"
+                    )
+                    problem = f"key {key!r} appears twice ({where}); keep one"
+                    field = _format_location(location)
+                    found.append((mark.index, f"{field}: {problem}" if field else problem))
+                marks[key] = mark
+                pending.append((value_node, (*location, key)))
+    return [problem for _, problem in sorted(found)]
 
 
 def load_spec(path: str | Path) -> ClusterSpec:

@@ -15,8 +15,8 @@ from cluster.cli import main
 from cluster.requests import SubmitRequest
 from cluster.spec import ClusterSpec, SpecError, format_memory, load_spec, parse_memory, parse_model
 from jobs import train
-from jobs.spec import TrainingJob
-from serving.spec import ServeJob
+from jobs.spec import TrainingJob, load_training_job
+from serving.spec import ServeJob, load_serve_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
 
@@ -271,3 +271,43 @@ def test_a_file_of_another_kind_is_named_with_what_takes_it(tmp_path, capsys):
     broken.write_text("team: research\ngang: {name: x, bundles: []}\n")
     assert main(["submit", str(broken)]) == 2
     assert "hint" not in capsys.readouterr().err  # a broken request is no other kind of file
+
+
+def test_a_key_written_twice_is_refused_with_its_path_and_lines_by_every_entry_point(tmp_path, capsys):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(EXAMPLE.read_text().replace("quota: {gpu: 12,", "quota: {gpu: 4, gpu: 12,"))
+    line = next(number for number, text in enumerate(cluster.read_text().splitlines(), 1) if "gpu: 4," in text)
+    with pytest.raises(SpecError) as caught:
+        load_spec(cluster)
+    assert caught.value.problems == [
+        f"teams[0].quota: key 'gpu' appears twice (line {line}, columns 13 and 21); keep one"
+    ]
+    assert main(["spec", "validate", str(cluster)]) == 2
+    assert "teams[0].quota: key 'gpu' appears twice" in capsys.readouterr().err
+    job = tmp_path / "job.yaml"
+    job.write_text("name: a\nteam: research\nsteps: 10\nworkers: {max: 1}\nresources:\n  cpus: 1\n  cpus: 64\n")
+    with pytest.raises(SpecError, match=r"resources: key 'cpus' appears twice \(lines 6 and 7\)"):
+        load_training_job(job)
+    serve = tmp_path / "serve.yaml"
+    serve.write_text("name: a\nteam: research\ncheckpoint: /c\nteam: prod\n")
+    with pytest.raises(SpecError, match=r"  - key 'team' appears twice \(lines 2 and 4\); keep one"):
+        load_serve_job(serve)
+    request = tmp_path / "request.yaml"
+    request.write_text("team: research\ngang:\n  name: g\n  bundles:\n    - {resources: {GPU: 1, GPU: 8}}\n")
+    assert main(["submit", str(request)]) == 2  # refused before any cluster is reached
+    assert "gang.bundles[0].resources: key 'GPU' appears twice" in capsys.readouterr().err
+    alike = tmp_path / "alike.yaml"
+    alike.write_text("labels: {yes: a, true: b}\n")  # YAML 1.1 reads both as the boolean true
+    with pytest.raises(SpecError, match="labels: key True appears twice"):
+        load_spec(alike)
+
+
+def test_merge_keys_and_aliases_are_not_duplicates(tmp_path):
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(
+        "pools:\n"
+        "  - {name: a, accelerator: cpu, node: &small {cpus: 8, memory: 32Gi}, nodes: {max: 1}}\n"
+        "  - {name: b, accelerator: cpu, node: *small, nodes: {max: 1}}\n"
+        "  - {name: c, accelerator: cpu, node: {<<: *small, cpus: 16}, nodes: {max: 1}}\n"
+    )
+    assert [pool.node.cpus for pool in load_spec(spec).pools] == [8, 8, 16]
