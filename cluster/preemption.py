@@ -33,7 +33,8 @@ def choose_victims(
 
     `fits_without(victims)` answers whether the request would be placed were those released.
     """
-    placed_in_group = Counter(holder.request.group for holder in holders if holder.request.group)
+    # Group names are the team's own (a deployment's name): two teams' groups of one name are two groups.
+    placed_in_group = Counter((holder.team, holder.request.group) for holder in holders if holder.request.group)
     candidates = sorted(
         (holder for holder in holders if holder.request.preemptible and holder.priority_value < request.priority_value),
         key=_cost,
@@ -41,8 +42,8 @@ def choose_victims(
     victims: list[RequestStatus] = []
     taken_from_group: Counter = Counter()
     for candidate in candidates:
-        group = candidate.request.group
-        if group and placed_in_group[group] - taken_from_group[group] <= candidate.request.group_min:
+        group = (candidate.team, candidate.request.group)
+        if candidate.request.group and placed_in_group[group] - taken_from_group[group] <= candidate.request.group_min:
             continue
         victims.append(candidate)
         taken_from_group[group] += 1

@@ -212,6 +212,19 @@ def test_group_minimum_protects_serving_replicas(scheduler: Scheduler):
     assert sum(scheduler.get(r).state is RequestState.PLACED for r in replicas) >= 2
 
 
+def test_a_group_minimum_counts_the_team_own_group_not_another_team_group_of_the_same_name(scheduler: Scheduler):
+    def replicas(team: str, gpus: float) -> list[str]:
+        replica = gang("chat", 1, gpus, label_selector={"llmos.io/pool": "h100"})
+        serving = {"kind": WorkloadKind.SERVING, "group": "chat", "group_min": 2}
+        return [scheduler.submit(SubmitRequest(team=team, gang=replica, **serving)).id for _ in range(2)]
+
+    chat = replicas("research", 4) + replicas("small", 1)
+    scheduler.schedule()
+    urgent = scheduler.get(submit(scheduler, "prod", workers=1, gpus=8))
+    assert urgent.state is RequestState.QUEUED  # each team's deployment has only its minimum
+    assert all(scheduler.get(replica).state is RequestState.PLACED for replica in chat)
+
+
 def test_lost_node_requeues_its_gang_which_lands_elsewhere(scheduler: Scheduler):
     request_id = submit(scheduler, "research", workers=2, gpus=4)
     lost = scheduler.get(request_id).nodes[0]
