@@ -42,7 +42,7 @@ _QUANTITY_SUFFIXES = {
     "Gi": 1024**3,
     "Ti": 1024**4,
 }
-_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|k|M|G|T|)\s*$")
+_QUANTITY = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(Ki|Mi|Gi|Ti|k|M|G|T|)\s*")
 
 
 def parse_memory(value: Any) -> int:
@@ -54,7 +54,7 @@ def parse_memory(value: Any) -> int:
             raise ValueError("memory cannot be negative")
         return int(value)
     if isinstance(value, str):
-        match = _QUANTITY.match(value)
+        match = _QUANTITY.fullmatch(value)
         if match:
             return int(float(match.group(1)) * _QUANTITY_SUFFIXES[match.group(2)])
     raise ValueError(f"{value!r} is not a memory size; write bytes or a quantity like 32Gi, 512Mi or 4G")
@@ -105,13 +105,14 @@ KNOWN_GPU_TYPES = (
 )
 # TPU generations llmos knows how to name for Ray and GKE.
 KNOWN_TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
-_ACCELERATOR_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+# Matched with fullmatch: `$` also matches before a final newline, which let "cpu\n" through as a name.
+_ACCELERATOR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")
 _NAME_HINT = "use lowercase letters, digits and '-', at most 40 characters (it becomes a Kubernetes name)"
 
 
 def _check_name(value: str) -> str:
-    if not _NAME.match(value):
+    if not _NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid name; {_NAME_HINT}")
     return value
 
@@ -161,7 +162,7 @@ class TpuSlice(StrictModel):
     @field_validator("topology")
     @classmethod
     def _topology_form(cls, value: str) -> str:
-        if not re.fullmatch(r"[1-9]\d*(x[1-9]\d*){1,2}", value):
+        if not re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*){1,2}", value):
             raise ValueError(f"{value!r} is not a TPU topology; write dimensions like 2x4, 4x4 or 2x2x4")
         return value
 
@@ -199,7 +200,7 @@ class Pool(StrictModel):
     @field_validator("accelerator_type")
     @classmethod
     def _accelerator_type_form(cls, value: str | None) -> str | None:
-        if value is not None and not _ACCELERATOR_TYPE.match(value):
+        if value is not None and not _ACCELERATOR_TYPE.fullmatch(value):
             raise ValueError(f"{value!r} is not an accelerator type; use a name like H100 or v5e")
         return value
 
@@ -694,7 +695,7 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
     return problems
 
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z_][\w\-:/.]*$")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][\w\-:/.]*")
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:

@@ -311,3 +311,22 @@ def test_merge_keys_and_aliases_are_not_duplicates(tmp_path):
         "  - {name: c, accelerator: cpu, node: {<<: *small, cpus: 16}, nodes: {max: 1}}\n"
     )
     assert [pool.node.cpus for pool in load_spec(spec).pools] == [8, 8, 16]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("name",), "demo\n", "name: 'demo\\n' is not a valid name"),
+        (("pools", 0, "name"), "cpu\n", "pools[0].name: 'cpu\\n' is not a valid name"),
+        (("teams", 0, "name"), "research\n", "teams[0].name: 'research\\n' is not a valid name"),
+        (("pools", 1, "accelerator_type"), "H100\n", "pools[1].accelerator_type: 'H100\\n' is not an accelerator"),
+        (("pools", 3, "tpu", "topology"), "2x2x\u0662", "pools[3].tpu.topology: '2x2x\u0662' is not a TPU topology"),
+        (("pools", 0, "node", "memory"), "\u0663\u0662Gi", "pools[0].node.memory: '\u0663\u0662Gi' is not a memory"),
+    ],
+)
+def test_a_final_newline_or_a_digit_of_another_script_is_no_part_of_a_name_or_number(example, path, value, expected):
+    # `$` matches before a final newline, and `\d` matches any script's digits (int('٢') is 2).
+    parent_of(example, path)[path[-1]] = value
+    assert any(problem.startswith(expected) for problem in problems_of(example)), problems_of(example)
+    job = yaml.safe_load((EXAMPLE.parent / "train.yaml").read_text()) | {"name": "stdlib-lm\n"}
+    assert problems_of(job, TrainingJob)[0].startswith("name: 'stdlib-lm\\n' is not a valid name")
