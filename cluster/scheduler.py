@@ -558,6 +558,10 @@ class Scheduler:
         status.state, status.reason = state, reason
         self._save(status)
         self._decide(status, action, reason, freed)
+        self._forget_pending(status)
+
+    def _forget_pending(self, status: RequestStatus) -> None:
+        """Drop what the books keep for a request that may still be placed: it has ended."""
         self._quota_blocked.pop(status.id, None)
         self._demands.pop(status.id, None)
         self._awaiting_nodes.pop(status.id, None)
@@ -813,18 +817,30 @@ class Scheduler:
         status.bundles = []
         status.placement_group = None
 
-    def _take_off(self, status: RequestStatus, action: DecisionAction, reason: str, *, failure: bool = False) -> None:
-        """Move a holding request off its nodes: requeue it, or fail it if it cannot be requeued."""
+    def _take_off(
+        self,
+        status: RequestStatus,
+        action: DecisionAction,
+        reason: str,
+        *,
+        failure: bool = False,
+        drained: bool = False,
+    ) -> None:
+        """Move a holding request off its nodes and requeue it; one that is not preemptible ends failed instead,
+        unless its node left (`failure`) or is drained: those take the node away whatever the request says."""
         nodes = status.nodes
         self._release(status)
         if failure:
             status.failures += 1
         else:
             status.preemptions += 1
-        status.state = RequestState.PREEMPTED if status.request.preemptible or failure else RequestState.FAILED
-        status.reason = reason
+        requeued = status.request.preemptible or failure or drained
+        status.state = RequestState.PREEMPTED if requeued else RequestState.FAILED
+        status.reason = reason if requeued else f"{reason}; it is not preemptible, so it ended instead of waiting again"
         self._save(status)
-        self._decide(status, action, reason, nodes)
+        self._decide(status, action, status.reason, nodes)
+        if not requeued:
+            self._forget_pending(status)
 
     def preempt(self, request_id: str, reason: str = "preempted by an admin") -> RequestStatus:
         status = self.get(request_id)
@@ -865,7 +881,7 @@ class Scheduler:
         moved = []
         for status in self.holders():
             if node in status.nodes:
-                self._take_off(status, DecisionAction.REQUEUED, f"node {node} is being drained")
+                self._take_off(status, DecisionAction.REQUEUED, f"node {node} is being drained", drained=True)
                 moved.append(status.id)
         return moved
 

@@ -225,6 +225,19 @@ def test_a_group_minimum_counts_the_team_own_group_not_another_team_group_of_the
     assert all(scheduler.get(replica).state is RequestState.PLACED for replica in chat)
 
 
+def test_a_drain_requeues_work_that_is_not_preemptible_and_an_admin_preemption_ends_it(scheduler: Scheduler):
+    pinned = scheduler.get(submit(scheduler, "research", workers=1, gpus=8, preemptible=False))
+    drained_node = pinned.nodes[0]
+    assert scheduler.drain(drained_node) == [pinned.id]
+    scheduler.schedule()
+    assert pinned.state is RequestState.PLACED and pinned.nodes != [drained_node] and pinned.preemptions == 1
+    scheduler.preempt(pinned.id)
+    assert pinned.state is RequestState.FAILED and pinned.state.final
+    assert pinned.reason == "preempted by an admin; it is not preemptible, so it ended instead of waiting again"
+    assert scheduler.usage["research"] == {} and pinned not in scheduler.waiting()
+    assert pinned.id not in scheduler._demands
+
+
 def test_lost_node_requeues_its_gang_which_lands_elsewhere(scheduler: Scheduler):
     request_id = submit(scheduler, "research", workers=2, gpus=4)
     lost = scheduler.get(request_id).nodes[0]
