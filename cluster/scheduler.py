@@ -944,7 +944,7 @@ class Scheduler:
                 record = DecisionRecord.model_validate(entry["decision"])
                 self.decisions.append(record)
                 self._decision_seq = max(self._decision_seq, record.seq)
-            elif "quota" in entry:
+            elif "quota" in entry and entry["quota"]["team"] in self.quotas:  # else: a team no longer in the spec
                 self.quotas[entry["quota"]["team"]] = dict(entry["quota"]["quota"])
             elif "control" in entry:
                 control = NodeControl.model_validate(entry["control"])
@@ -956,7 +956,22 @@ class Scheduler:
         self._forget_oldest_finished()
         self.usage = {team: {} for team in self.quotas}
         for status in self.holders():
-            quotas.add_usage(self.usage[status.team], self._request_usage(status))
+            quotas.add_usage(self.usage.setdefault(status.team, {}), self._request_usage(status))
+        self._end_requests_of_removed_teams()
+
+    def _end_requests_of_removed_teams(self) -> None:
+        """Live requests of a team taken out of the ClusterSpec end failed: no quota holds them any more and
+        no credential of the team is left to end them. Their placement groups are removed."""
+        removed = sorted(
+            (status for status in self._live.values() if status.team not in self.quotas),
+            key=lambda status: status.submitted_seq,
+        )
+        for status in removed:
+            self._quota_changes.setdefault(status.team, 0)
+            reason = f"its team {status.team!r} is no longer in the ClusterSpec"
+            self._finish(status, RequestState.FAILED, reason, DecisionAction.RELEASED)
+        for team in {status.team for status in removed}:
+            del self.usage[team], self._quota_changes[team]
 
     def checkpoint(self) -> list[str]:
         """The whole state as journal lines, for compacting the journal; written by pydantic as the

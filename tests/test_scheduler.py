@@ -904,3 +904,22 @@ def test_a_gpu_type_the_cluster_does_not_have_is_refused_naming_the_types_it_has
     ):
         scheduler.submit(SubmitRequest(team="research", gang=typo))
     assert scheduler.requests == {}
+
+
+def test_requests_of_a_team_taken_out_of_the_spec_end_when_the_books_are_restored(scheduler: Scheduler, journal):
+    placed = submit(scheduler, "small", workers=1, gpus=2)
+    waiting = submit(scheduler, "small", workers=1, gpus=1)  # over small's quota of 2
+    scheduler.set_quota("small", {"cpu": 8})  # journaled for a team the restored spec has not
+    kept = submit(scheduler, "research", workers=1, gpus=1)
+    scheduler.write_journal()
+    without_small = SPEC.model_copy(update={"teams": [team for team in SPEC.teams if team.name != "small"]})
+    restored = Scheduler(without_small, POLICY)
+    restored.restore(journal)
+    for request_id in (placed, waiting):
+        assert restored.get(request_id).state is RequestState.FAILED
+        assert restored.get(request_id).reason == "its team 'small' is no longer in the ClusterSpec"
+    assert [effect.request_id for effect in restored.effects if isinstance(effect, Unbind)] == [placed]
+    assert set(restored.usage) == set(restored.quotas) == {"research", "prod"}
+    restored.set_nodes(NODES)
+    restored.schedule()
+    assert restored.get(kept).state is RequestState.PLACED and restored.usage["research"]["gpu"] == 1
