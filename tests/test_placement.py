@@ -185,6 +185,29 @@ class TestWhereBundlesGo:
             f"big{i}" for i in range(4)
         }
 
+    @pytest.mark.parametrize("policy", ["llmos", "bestfit", "fgd"])
+    def test_each_bundle_of_a_pool_or_slice_gang_keeps_its_own_labels(self, policy):
+        gpus = [node(f"g{i}", gpus=8, pool="g", labels={"llmos.io/node": f"g{i}"}) for i in range(2)]
+        hosts = [node(f"t{i}", tpu_chips=4, tpu_slice="s", labels={"ray.io/tpu-worker-id": str(i)}) for i in range(2)]
+        engine = PlacementEngine(cluster(*gpus, *hosts), policy, workload=HALF_AND_WHOLE)
+        pinned_first = GangRequest(
+            name="pinned",
+            bundles=[
+                Bundle(resources={"GPU": 8}, label_selector={"llmos.io/node": "g1"}),
+                Bundle(resources={"GPU": 8}),
+            ],
+        )
+        assert placed(engine.place(pinned_first)).nodes == ("g1", "g0")
+        head_on_worker_0 = GangRequest(
+            name="slice",
+            constraint="same_tpu_slice",
+            bundles=[
+                Bundle(resources={"TPU": 4}),
+                Bundle(resources={"TPU": 4}, label_selector={"ray.io/tpu-worker-id": "0"}),
+            ],
+        )
+        assert placed(engine.place(head_on_worker_0)).nodes == ("t1", "t0")
+
 
 class TestRejections:
     def test_too_big_for_any_node_never_fits_and_says_why(self):

@@ -297,16 +297,21 @@ class _Planner:
         return self._gang_preference(demands, demands[order[0]], np.flatnonzero(mask))
 
     def _pools_for_gang(self, demands: Sequence[Demand], order: list[int]) -> list[int]:
-        """Pools with room for the whole gang in total, the one with the best node for the largest bundle first."""
+        """Pools where every bundle has a node that suits it and with room for the whole gang in total, the one
+        with the best node for the largest bundle first. Each bundle keeps its own labels: one may ask for a
+        node the others may not."""
         state = self.state
-        suitable = self._static_for_all(demands)
-        ranked = self._gang_preference(demands, demands[order[0]], np.flatnonzero(suitable))
+        suits = [state.static_mask(demand) for demand in demands]
+        ranked = self._gang_preference(demands, demands[order[0]], np.flatnonzero(suits[order[0]]))
         pools: list[int] = []
         for node in ranked:
             pool = int(state.pool_of[node])
             if pool in pools:
                 continue
-            members = suitable & (state.pool_of == pool)
+            in_pool = [mask & (state.pool_of == pool) for mask in suits]
+            if not all(mask.any() for mask in in_pool):
+                continue
+            members = np.logical_or.reduce(in_pool)
             if (
                 state.cpu_free[members].sum() >= sum(demand.cpu for demand in demands)
                 and state.mem_free[members].sum() >= sum(demand.memory for demand in demands)
@@ -319,8 +324,9 @@ class _Planner:
     def _plan_tpu_slice(self, demands: Sequence[Demand], order: list[int]) -> list[_Choice] | None:
         """Whole idle hosts of one slice; the slice with the fewest idle hosts that suffices wins."""
         state = self.state
+        # Hosts any bundle suits; which bundle takes which host is matched per bundle (`_assign_hosts`).
         idle_hosts = (
-            self._static_for_all(demands)
+            np.logical_or.reduce([state.static_mask(demand) for demand in demands])
             & (state.slice_of >= 0)
             & (state.tpu_cap > 0)
             & (state.tpu_free == state.tpu_cap)
@@ -349,7 +355,9 @@ class _Planner:
         candidates = [
             hosts[
                 [
-                    demands[index].tpu <= taken.tpu and state.fits(taken, np.array([host]))[0]
+                    demands[index].tpu <= taken.tpu
+                    and state.static_mask(demands[index])[host]
+                    and state.fits(taken, np.array([host]))[0]
                     for host, taken in zip(hosts, whole_host[position], strict=True)
                 ]
             ]
