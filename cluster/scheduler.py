@@ -265,11 +265,19 @@ class Scheduler:
         Requests holding bundles on a node that is gone are taken off and queued again.
         """
         nodes = {node.name: node for node in nodes if node.pool != HEAD_POOL}
-        if nodes.keys() == self.nodes.keys() and self.engine is not None:
+        if nodes == self.nodes and self.engine is not None:
             return
+        # A node back under its name is a new Ray node (its raylet restarted, its pod re-created): what ran on
+        # the old one went with it.
+        replaced = {
+            name
+            for name, node in nodes.items()
+            if name in self.nodes
+            and node.labels.get(RAY_NODE_ID_LABEL) != self.nodes[name].labels.get(RAY_NODE_ID_LABEL)
+        }
         self.nodes = nodes
         for status in self.holders():
-            gone = sorted(set(status.nodes) - nodes.keys())
+            gone = sorted(set(status.nodes) - (nodes.keys() - replaced))
             if gone:
                 self._take_off(
                     status,

@@ -238,6 +238,28 @@ def test_a_drain_requeues_work_that_is_not_preemptible_and_an_admin_preemption_e
     assert pinned.id not in scheduler._demands
 
 
+def test_a_node_back_under_its_name_as_a_new_ray_node_requeues_what_ran_on_the_old_one(scheduler: Scheduler):
+    def with_ray_id(node_id: str) -> list[NodeSnapshot]:
+        return [n.model_copy(update={"labels": {**n.labels, "ray.io/node-id": f"{n.name}-{node_id}"}}) for n in NODES]
+
+    scheduler.set_nodes(with_ray_id("first"))
+    request_id = submit(scheduler, "research", workers=1, gpus=8)
+    scheduler.set_nodes(with_ray_id("first"))  # the same nodes: nothing happens
+    status = scheduler.get(request_id)
+    assert status.state is RequestState.PLACED and status.failures == 0
+    restarted = status.nodes[0]
+    scheduler.set_nodes(
+        [
+            n.model_copy(update={"labels": {**n.labels, "ray.io/node-id": "new"}}) if n.name == restarted else n
+            for n in with_ray_id("first")
+        ]
+    )
+    assert status.state is RequestState.PREEMPTED and status.failures == 1
+    assert status.reason == f"node {restarted} left the cluster"
+    scheduler.schedule()
+    assert status.state is RequestState.PLACED
+
+
 def test_lost_node_requeues_its_gang_which_lands_elsewhere(scheduler: Scheduler):
     request_id = submit(scheduler, "research", workers=2, gpus=4)
     lost = scheduler.get(request_id).nodes[0]
