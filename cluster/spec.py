@@ -72,6 +72,15 @@ def format_memory(num_bytes: int) -> str:
 MemoryBytes = Annotated[int, BeforeValidator(parse_memory)]
 
 
+def _memory_positive(num_bytes: int) -> int:
+    if num_bytes <= 0:
+        raise ValueError("must be more than 0 bytes; write a quantity like 16Gi")
+    return num_bytes
+
+
+PositiveMemoryBytes = Annotated[MemoryBytes, AfterValidator(_memory_positive)]
+
+
 class StrictModel(BaseModel):
     """Base of every spec model: unknown fields are errors, and specs are immutable values. A number is
     finite: `.inf` or `.nan` in YAML would pass every bound a field has (NaN compares false) and mean
@@ -120,6 +129,86 @@ def _check_name(value: str) -> str:
 Name = Annotated[str, AfterValidator(_check_name)]
 
 
+def _starts_with_a_letter(value: str) -> str:
+    if not "a" <= value[0] <= "z":
+        raise ValueError(
+            f"{value!r} must start with a letter: it names a KubeRay object (RayCluster, RayJob or RayService), "
+            "whose name KubeRay takes only as a DNS-1035 label"
+        )
+    return value
+
+
+KubeRayName = Annotated[Name, AfterValidator(_starts_with_a_letter)]
+
+# Kubernetes' own syntax (k8s.io/apimachinery/pkg/util/validation) for the strings a spec hands to it, so
+# that `llmos spec validate` refuses what the API server or KubeRay would refuse only at deploy time.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_TEXT = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_LABEL_TEXT_RULE = "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+INT32_MAX = 2**31 - 1
+
+
+def _check_namespace(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes namespace name (a DNS-1123 label); use at most 63 lowercase "
+            "letters, digits and '-', starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _check_resource_name(value: str) -> str:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a Kubernetes object name (a DNS-1123 subdomain); use at most 253 lowercase "
+            "letters, digits, '-' and '.', starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _check_label_key(key: str) -> str:
+    prefix, slash, name = key.rpartition("/")
+    if len(name) > 63 or not _LABEL_TEXT.fullmatch(name) or (slash and not _valid_label_prefix(prefix)):
+        raise ValueError(
+            f"{key!r} is not a Kubernetes label key; write [prefix/]name, the name {_LABEL_TEXT_RULE}, "
+            "the prefix a DNS subdomain such as example.com"
+        )
+    return key
+
+
+def _valid_label_prefix(prefix: str) -> bool:
+    return len(prefix) <= 253 and _DNS_SUBDOMAIN.fullmatch(prefix) is not None
+
+
+def _label_value_is_text(value: Any) -> Any:
+    """YAML reads `rack: 42` or `gpu: true` as a number or a boolean, never the text a label holds."""
+    if value is None or isinstance(value, bool | int | float):
+        kind = "null" if value is None else "a boolean" if isinstance(value, bool) else "a number"
+        written = json.dumps(value)
+        raise ValueError(f'{written} is read as {kind}, and a label value is text; quote it: "{written}"')
+    return value
+
+
+def _check_label_value(value: str) -> str:
+    if len(value) > 63 or (value and not _LABEL_TEXT.fullmatch(value)):
+        raise ValueError(f"{value!r} is not a Kubernetes label value; use {_LABEL_TEXT_RULE}, or nothing")
+    return value
+
+
+def _fits_int32(value: int) -> int:
+    if value > INT32_MAX:
+        raise ValueError(f"{value} is more than Kubernetes takes here; give at most {INT32_MAX} (a 32-bit integer)")
+    return value
+
+
+NamespaceName = Annotated[str, AfterValidator(_check_namespace)]
+ResourceName = Annotated[str, AfterValidator(_check_resource_name)]
+LabelKey = Annotated[str, AfterValidator(_check_label_key)]
+LabelValue = Annotated[str, BeforeValidator(_label_value_is_text), AfterValidator(_check_label_value)]
+Int32 = AfterValidator(_fits_int32)  # for a count KubeRay keeps in an int32 field (replicas, numOfHosts)
+
+
 class MinMaxBounds(StrictModel):
     """Base of every `min`/`max` pair (node, slice, worker and replica counts): min may not pass max."""
 
@@ -133,23 +222,16 @@ class MinMaxBounds(StrictModel):
 class Replicas(MinMaxBounds):
     """How many nodes (CPU and GPU pools) or slices (TPU pools) a pool may have."""
 
-    min: NonNegativeInt = Field(0, description="Fewest replicas; the autoscaler never goes below.")
-    max: PositiveInt = Field(..., description="Most replicas the pool may grow to.")
+    min: Annotated[NonNegativeInt, Int32] = Field(0, description="Fewest replicas; the autoscaler never goes below.")
+    max: Annotated[PositiveInt, Int32] = Field(..., description="Most replicas the pool may grow to.")
 
 
 class NodeShape(StrictModel):
     """What one node (one VM, one Kubernetes pod, one TPU host) of a pool offers."""
 
     cpus: PositiveInt = Field(..., description="Logical CPUs per node.")
-    memory: MemoryBytes = Field(..., description="Memory per node: bytes or a quantity like 64Gi.")
+    memory: PositiveMemoryBytes = Field(..., description="Memory per node: bytes or a quantity like 64Gi.")
     gpus: NonNegativeInt = Field(0, description="GPUs per node (GPU pools only).")
-
-    @field_validator("memory")
-    @classmethod
-    def _memory_positive(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError("memory must be positive, e.g. 16Gi")
-        return value
 
 
 class TpuSlice(StrictModel):
@@ -157,7 +239,9 @@ class TpuSlice(StrictModel):
 
     topology: str = Field(..., description="Chip topology of one slice, e.g. 2x4, 4x4 or 2x2x4.")
     chips_per_host: PositiveInt = Field(4, description="TPU chips on each host (VM).")
-    hosts_per_slice: PositiveInt = Field(..., description="Hosts in one slice; 1 is a single-host slice.")
+    hosts_per_slice: Annotated[PositiveInt, Int32] = Field(
+        ..., description="Hosts in one slice; 1 is a single-host slice."
+    )
 
     @field_validator("topology")
     @classmethod
@@ -195,7 +279,9 @@ class Pool(StrictModel):
     tpu: TpuSlice | None = Field(None, description="Slice shape, for TPU pools only.")
     nodes: Replicas | None = Field(None, description="Node count bounds (CPU and GPU pools).")
     slices: Replicas | None = Field(None, description="Slice count bounds (TPU pools).")
-    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels for every node.")
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, description="Labels of every node, in Kubernetes label syntax."
+    )
 
     @field_validator("accelerator_type")
     @classmethod
@@ -308,7 +394,7 @@ class Team(StrictModel):
         "gpu:<type> / tpu:<generation> for one accelerator type. A missing key means no limit.",
     )
     priority: str = Field("normal", description="Default priority class of the team's requests.")
-    namespace: str | None = Field(None, description="Kubernetes namespace; defaults to the team name.")
+    namespace: NamespaceName | None = Field(None, description="Kubernetes namespace; defaults to the team name.")
 
     @field_validator("quota", mode="before")
     @classmethod
@@ -334,21 +420,21 @@ class HeadNode(StrictModel):
     """The head node: runs Ray's control processes, the llmos controller and job drivers."""
 
     cpus: NonNegativeInt = Field(0, description="CPUs offered to user work on the head (0: none).")
-    memory: MemoryBytes = Field(parse_memory("8Gi"), description="Memory of the head node.")
+    memory: PositiveMemoryBytes = Field(parse_memory("8Gi"), description="Memory of the head node.")
 
 
 class Taint(StrictModel):
     """A taint on a pool's Kubernetes nodes: the pool's pods tolerate it, Kueue's flavor lists it."""
 
-    key: str = Field(..., description="Taint key, e.g. nvidia.com/gpu.")
-    value: str | None = Field(None, description="Taint value; pods tolerate any value of the key.")
+    key: LabelKey = Field(..., description="Taint key, e.g. nvidia.com/gpu.")
+    value: LabelValue | None = Field(None, description="Taint value; pods tolerate any value of the key.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = Field("NoSchedule")
 
 
 class PoolPlacement(StrictModel):
     """Where one pool's pods run on Kubernetes, replacing the GKE defaults (for other clouds)."""
 
-    node_selector: dict[str, str] | None = Field(
+    node_selector: dict[LabelKey, LabelValue] | None = Field(
         None,
         description="Node labels the pool's pods require, e.g. "
         "{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}; replaces GKE's gke-accelerator or gke-tpu-* "
@@ -368,7 +454,7 @@ class GcsFaultTolerance(StrictModel):
     redis_address: str = Field(
         ..., min_length=1, description="host:port of a highly available Redis, e.g. redis.llmos.svc:6379."
     )
-    redis_password_secret: str | None = Field(
+    redis_password_secret: ResourceName | None = Field(
         None, description="Name of a Secret in the cluster's namespace whose key `password` holds Redis's password."
     )
 
@@ -387,9 +473,11 @@ class ControllerState(StrictModel):
     """A PersistentVolumeClaim on the shared RayCluster's head pod for the controller's journal, so a
     replaced head pod (GCS fault tolerance) finds the books of the placement groups Ray kept."""
 
-    size: MemoryBytes = Field(parse_memory("1Gi"), description="Storage to claim: bytes or a quantity like 1Gi.")
-    storage_class: str | None = Field(
-        None, min_length=1, description="StorageClass of the claim; None uses the Kubernetes cluster's default."
+    size: PositiveMemoryBytes = Field(
+        parse_memory("1Gi"), description="Storage to claim: bytes or a quantity like 1Gi."
+    )
+    storage_class: ResourceName | None = Field(
+        None, description="StorageClass of the claim; None uses the Kubernetes cluster's default."
     )
 
 
@@ -402,19 +490,17 @@ class SharedStorage(StrictModel):
         "/mnt/llmos",
         description="Where every pod mounts the volume; jobs' storage_path and serving checkpoints must lie under it.",
     )
-    claim: str | None = Field(
+    claim: ResourceName | None = Field(
         None,
-        min_length=1,
         description="An existing ReadWriteMany PersistentVolumeClaim, of this name in the cluster's namespace and "
         "in each team's (e.g. static PersistentVolumes on one NFS export, so every namespace sees the same "
         "files). None: llmos renders a claim in each of those namespaces.",
     )
-    size: MemoryBytes | None = Field(
+    size: PositiveMemoryBytes | None = Field(
         None, description="Storage of each claim llmos renders: bytes or a quantity like 1Ti (default 1Ti)."
     )
-    storage_class: str | None = Field(
+    storage_class: ResourceName | None = Field(
         None,
-        min_length=1,
         description="StorageClass of the claims llmos renders; it must provision ReadWriteMany volumes (GKE "
         "Filestore: standard-rwx). None uses the Kubernetes cluster's default.",
     )
@@ -461,7 +547,7 @@ class KubernetesOptions(StrictModel):
     network_policy: bool = Field(
         True, description="A NetworkPolicy per namespace admitting only the cluster's own pods and KubeRay."
     )
-    idle_timeout_seconds: NonNegativeInt = Field(
+    idle_timeout_seconds: Annotated[NonNegativeInt, Int32] = Field(
         60, description="Seconds an idle worker waits before the autoscaler removes it."
     )
     pools: dict[str, PoolPlacement] = Field(
@@ -485,7 +571,7 @@ class KubernetesOptions(StrictModel):
 class ClusterSpec(StrictModel):
     """Pools, teams and priorities of one llmos cluster."""
 
-    name: Name = Field("llmos", description="Cluster name; becomes the RayCluster name.")
+    name: KubeRayName = Field("llmos", description="Cluster name; becomes the RayCluster name.")
     head: HeadNode = Field(default_factory=HeadNode)
     pools: list[Pool] = Field(..., min_length=1, description="Hardware pools; at least one.")
     teams: list[Team] = Field(default_factory=list, description="Teams and their quotas.")
@@ -676,7 +762,10 @@ def describe_validation_error(error: ValidationError, model: type[BaseModel]) ->
     for item in errors:
         if item["type"] == "too_short" and item["loc"] in failed_within:
             continue  # pydantic counts only the items that validated: the items' own errors say it all
-        location = _format_location(item["loc"])
+        loc = item["loc"]
+        if item["type"] != "extra_forbidden" and loc[-1:] == ("[key]",):
+            loc = loc[:-1]  # pydantic's mark of an error in a mapping's key rather than its value: the message says so
+        location = _format_location(loc)
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             known = _fields_at(model, item["loc"][:-1])

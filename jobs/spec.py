@@ -18,14 +18,14 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    field_validator,
     model_validator,
 )
 
 from cluster.spec import (
-    MemoryBytes,
+    KubeRayName,
     MinMaxBounds,
     Name,
+    PositiveMemoryBytes,
     StrictModel,
     load_yaml,
     parse_memory,
@@ -110,14 +110,7 @@ class WorkerResources(StrictModel):
 
     cpus: PositiveFloat = Field(1, description="Logical CPUs per worker.")
     gpus: NonNegativeFloat = Field(0, description="GPUs per worker; fractions share a GPU (e.g. 0.5).")
-    memory: MemoryBytes = Field(parse_memory("2Gi"), description="Memory per worker: bytes or a quantity.")
-
-    @field_validator("memory")
-    @classmethod
-    def _memory_positive(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError("memory must be positive, e.g. 2Gi")
-        return value
+    memory: PositiveMemoryBytes = Field(parse_memory("2Gi"), description="Memory per worker: bytes or a quantity.")
 
 
 class CheckpointPolicy(StrictModel):
@@ -147,7 +140,7 @@ class Evaluation(StrictModel):
 class TrainingJob(StrictModel):
     """One training run of a byte-level language model on the Python standard library's sources."""
 
-    name: Name = Field(..., description="Job name, unique per team; names its storage directory.")
+    name: KubeRayName = Field(..., description="Job name, unique per team; names its storage directory and its RayJob.")
     team: Name = Field(..., description="Team whose quota the job counts against.")
     priority: Name | None = Field(None, description="Priority class name; defaults to the team's own.")
     model: ModelSize = Field(default_factory=ModelSize)

@@ -10,7 +10,16 @@ from pathlib import Path
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
-from cluster.spec import MemoryBytes, MinMaxBounds, Name, StrictModel, load_yaml, parse_memory, parse_model
+from cluster.spec import (
+    KubeRayName,
+    MemoryBytes,
+    MinMaxBounds,
+    Name,
+    StrictModel,
+    load_yaml,
+    parse_memory,
+    parse_model,
+)
 
 
 class ReplicaCount(MinMaxBounds):
@@ -40,7 +49,9 @@ class Limits(StrictModel):
 
 
 class ServeJob(StrictModel):
-    name: Name = Field(..., description="Deployment and application name; the model id in /v1/models.")
+    name: KubeRayName = Field(
+        ..., description="Deployment and application name; the model id in /v1/models; names its RayService."
+    )
     team: Name = Field(..., description="Team whose quota the replicas count against.")
     priority: Name | None = Field(None, description="Priority class; defaults to the team's.")
     checkpoint: str = Field(

@@ -330,3 +330,97 @@ def test_a_final_newline_or_a_digit_of_another_script_is_no_part_of_a_name_or_nu
     assert any(problem.startswith(expected) for problem in problems_of(example)), problems_of(example)
     job = yaml.safe_load((EXAMPLE.parent / "train.yaml").read_text()) | {"name": "stdlib-lm\n"}
     assert problems_of(job, TrainingJob)[0].startswith("name: 'stdlib-lm\\n' is not a valid name")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("name",), "1demo", "name: '1demo' must start with a letter: it names a KubeRay object"),
+        (("pools", 0, "labels"), {"fabric": "nv link"}, "pools[0].labels.fabric: 'nv link' is not a Kubernetes label"),
+        (("pools", 0, "labels"), {"tier": "a" * 64}, f"pools[0].labels.tier: '{'a' * 64}' is not a Kubernetes label"),
+        (
+            ("pools", 0, "labels"),
+            {"Zone/x y": "a"},
+            "pools[0].labels[\"Zone/x y\"]: 'Zone/x y' is not a Kubernetes label key",
+        ),
+        (("pools", 0, "labels"), {"Ex_ample.com/tier": "a"}, "'Ex_ample.com/tier' is not a Kubernetes label key"),
+        (
+            ("pools", 0, "labels"),
+            {"rack": 42},
+            'pools[0].labels.rack: 42 is read as a number, and a label value is text; quote it: "42"',
+        ),
+        (("pools", 0, "labels"), {"spot": True}, "pools[0].labels.spot: true is read as a boolean"),
+        (
+            ("teams", 0, "namespace"),
+            "Research_NS",
+            "teams[0].namespace: 'Research_NS' is not a Kubernetes namespace name",
+        ),
+        (("head", "memory"), 0, "head.memory: must be more than 0 bytes"),
+        (("pools", 0, "nodes", "max"), 2**31, "pools[0].nodes.max: 2147483648 is more than Kubernetes takes here"),
+        (
+            ("pools", 3, "tpu"),
+            {"topology": "2x2x2", "hosts_per_slice": 2**31},
+            "pools[3].tpu.hosts_per_slice: 2147483648 is",
+        ),
+        (("kubernetes", "idle_timeout_seconds"), 2**31, "kubernetes.idle_timeout_seconds: 2147483648 is more than"),
+        (
+            ("kubernetes", "controller_state"),
+            {"size": 0},
+            "kubernetes.controller_state.size: must be more than 0 bytes",
+        ),
+        (
+            ("kubernetes", "controller_state"),
+            {"storage_class": "Fast_SSD"},
+            "'Fast_SSD' is not a Kubernetes object name",
+        ),
+        (
+            ("kubernetes", "shared_storage"),
+            {"claim": "my claim"},
+            "kubernetes.shared_storage.claim: 'my claim' is not a",
+        ),
+        (
+            ("kubernetes", "shared_storage"),
+            {"size": "0Gi"},
+            "kubernetes.shared_storage.size: must be more than 0 bytes",
+        ),
+        (
+            ("kubernetes", "gcs_fault_tolerance"),
+            {"redis_address": "redis:6379", "redis_password_secret": "Redis_Secret"},
+            "kubernetes.gcs_fault_tolerance.redis_password_secret: 'Redis_Secret' is not a Kubernetes object name",
+        ),
+        (
+            ("kubernetes", "pools"),
+            {"h100": {"node_selector": {"gpu type": "H100"}}},
+            "kubernetes.pools.h100.node_selector[\"gpu type\"]: 'gpu type' is not a Kubernetes label key",
+        ),
+        (
+            ("kubernetes", "pools"),
+            {"h100": {"node_taints": [{"key": "nvidia.com/gpu", "value": "yes please"}]}},
+            "kubernetes.pools.h100.node_taints[0].value: 'yes please' is not a Kubernetes label value",
+        ),
+    ],
+)
+def test_what_the_spec_hands_to_kubernetes_follows_kubernetes_syntax(example, path, value, expected):
+    parent_of(example, path)[path[-1]] = value
+    problems = problems_of(example)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_kubernetes_syntax_takes_what_kubernetes_takes(example):
+    example["pools"][0]["labels"] = {"example.com/tier": "a-b_c.D9", "empty": "", "Rack": "42"}
+    example["pools"][0]["nodes"]["max"] = 2**31 - 1
+    example["teams"][0]["namespace"] = "0-research"
+    example["kubernetes"]["pools"] = {
+        "h100": {"node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}, "node_taints": [{"key": "gpu"}]}
+    }
+    spec = parse_model(ClusterSpec, example, "spec.yaml")
+    assert spec.pools[0].labels["Rack"] == "42" and spec.team("research").kubernetes_namespace == "0-research"
+
+
+def test_a_job_or_served_model_is_named_as_kuberay_names_its_rayjob_or_rayservice():
+    for model, name in ((TrainingJob, "train.yaml"), (ServeJob, "serve.yaml")):
+        data = yaml.safe_load((EXAMPLE.parent / name).read_text()) | {"name": "7b-run"}
+        assert problems_of(data, model) == [
+            "name: '7b-run' must start with a letter: it names a KubeRay object (RayCluster, RayJob or RayService), "
+            "whose name KubeRay takes only as a DNS-1035 label"
+        ]
