@@ -57,7 +57,9 @@ class CompletionServer:
     def __init__(self, job: dict):
         self.job = ServeJob.model_validate(job)
         torch.set_num_threads(1)  # replicas share the node's cores; one thread each scales best here
-        self.model = load_model(resolve_checkpoint(self.job.checkpoint))
+        # Ray shows a replica only the GPUs it reserved; the local cluster's GPU pools are simulated: no CUDA.
+        device = "cuda" if self.job.resources.gpus and torch.cuda.is_available() else "cpu"
+        self.model = load_model(resolve_checkpoint(self.job.checkpoint), device=device)
         self.decoder = BatchDecoder(self.model)
         self.created = int(time.time())
         for batched in (self._complete, self._decode):

@@ -36,14 +36,15 @@ class Step:
 
 
 class _Row:
-    def __init__(self, generation: Generation):
+    def __init__(self, generation: Generation, device: torch.device):
         self.generation = generation
         self.output: list[int] = []
         self.shown = 0
         self.finish_reason: str | None = None
         self.generator = None
         if generation.seed is not None:
-            self.generator = torch.Generator().manual_seed(generation.seed)
+            # On the logits' device: torch.multinomial refuses a generator of another device.
+            self.generator = torch.Generator(device=device).manual_seed(generation.seed)
 
     def accept(self, token: int) -> Step:
         """Take one sampled token; return what may be shown now."""
@@ -96,10 +97,10 @@ class BatchDecoder:
                     f"request {index}: prompt ({len(generation.prompt)} tokens) + max_tokens "
                     f"({generation.max_tokens}) exceeds the model's context of {self.context_length}"
                 )
-        rows = [_Row(generation) for generation in generations]
+        device = self.model.embedding.weight.device
+        rows = [_Row(generation, device) for generation in generations]
         longest = max(len(g.prompt) for g in generations)
         budget = max(g.max_tokens for g in generations)
-        device = self.model.embedding.weight.device
         tokens = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
         mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=device)
         for index, generation in enumerate(generations):
