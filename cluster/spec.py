@@ -112,8 +112,11 @@ KNOWN_GPU_TYPES = (
     "P4",
     "K80",
 )
-# TPU generations llmos knows how to name for Ray and GKE.
-KNOWN_TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+# TPU generations llmos knows how to name for Ray and GKE, and the dimensions of a slice's topology in
+# each as GKE takes it (cloud.google.com/gke-tpu-topology): v4 and v5p chips are wired in 3 dimensions
+# (AxBxC), v5e and v6e chips in 2 (AxB).
+TPU_TOPOLOGY_DIMENSIONS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
+KNOWN_TPU_GENERATIONS = tuple(TPU_TOPOLOGY_DIMENSIONS)
 # Matched with fullmatch: `$` also matches before a final newline, which let "cpu\n" through as a name.
 _ACCELERATOR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")
@@ -256,13 +259,18 @@ class TpuSlice(StrictModel):
 
     @model_validator(mode="after")
     def _chips_add_up(self) -> TpuSlice:
+        if self.chips % self.chips_per_host:
+            raise ValueError(
+                f"topology {self.topology} has {self.chips} chips, which chips_per_host ({self.chips_per_host}) "
+                "does not divide; chips_per_host must divide the chip count, as every host of a slice holds as "
+                "many chips"
+            )
         hosted = self.hosts_per_slice * self.chips_per_host
         if self.chips != hosted:
             raise ValueError(
                 f"topology {self.topology} has {self.chips} chips but hosts_per_slice x chips_per_host "
                 f"= {self.hosts_per_slice} x {self.chips_per_host} = {hosted}; set hosts_per_slice to "
-                f"{self.chips // self.chips_per_host if self.chips % self.chips_per_host == 0 else '?'}"
-                " or change the topology"
+                f"{self.chips // self.chips_per_host} or change the topology"
             )
         return self
 
@@ -323,6 +331,13 @@ class Pool(StrictModel):
                 raise ValueError(
                     f"accelerator_type {self.accelerator_type!r} is not a TPU generation llmos knows; "
                     f"use one of {', '.join(KNOWN_TPU_GENERATIONS)}"
+                )
+            dimensions = TPU_TOPOLOGY_DIMENSIONS[self.accelerator_type]
+            if self.tpu.topology.count("x") + 1 != dimensions:
+                shape, example = ("AxBxC", "2x2x4") if dimensions == 3 else ("AxB", "2x4")
+                raise ValueError(
+                    f"tpu.topology {self.tpu.topology} does not fit {self.accelerator_type}, whose slices have "
+                    f"{dimensions}-dimensional topologies ({shape}, e.g. {example})"
                 )
             if self.nodes is not None:
                 raise ValueError("a tpu pool is sized in whole slices; write slices: {min: 0, max: 2}")

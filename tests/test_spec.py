@@ -424,3 +424,41 @@ def test_a_job_or_served_model_is_named_as_kuberay_names_its_rayjob_or_rayservic
             "name: '7b-run' must start with a letter: it names a KubeRay object (RayCluster, RayJob or RayService), "
             "whose name KubeRay takes only as a DNS-1035 label"
         ]
+
+
+@pytest.mark.parametrize(
+    ("generation", "topology", "expected"),
+    [
+        (
+            "v5e",
+            "2x2x2",
+            "tpu.topology 2x2x2 does not fit v5e, whose slices have 2-dimensional topologies (AxB, e.g. 2x4)",
+        ),
+        (
+            "v6e",
+            "2x2x2",
+            "tpu.topology 2x2x2 does not fit v6e, whose slices have 2-dimensional topologies (AxB, e.g. 2x4)",
+        ),
+        (
+            "v5p",
+            "2x4",
+            "tpu.topology 2x4 does not fit v5p, whose slices have 3-dimensional topologies (AxBxC, e.g. 2x2x4)",
+        ),
+        (
+            "v4",
+            "2x4",
+            "tpu.topology 2x4 does not fit v4, whose slices have 3-dimensional topologies (AxBxC, e.g. 2x2x4)",
+        ),
+    ],
+)
+def test_a_tpu_topology_has_the_dimensions_of_its_generation(example, generation, topology, expected):
+    example["pools"][3] |= {"accelerator_type": generation, "tpu": {"topology": topology, "hosts_per_slice": 2}}
+    assert problems_of(example)[0] == f"pools[3]: {expected}"
+
+
+def test_chips_per_host_must_divide_the_chips_of_a_slice(example):
+    example["pools"][3]["tpu"] = {"topology": "2x2x1", "chips_per_host": 3, "hosts_per_slice": 1}
+    assert problems_of(example) == [
+        "pools[3].tpu: topology 2x2x1 has 4 chips, which chips_per_host (3) does not divide; chips_per_host must "
+        "divide the chip count, as every host of a slice holds as many chips"
+    ]
