@@ -686,8 +686,8 @@ class WorkloadLike(Protocol):
 
 def workload_problems(job: WorkloadLike, cluster: ClusterSpec, unit: str = "worker") -> list[str]:
     """What keeps `job` from ever running on `cluster`, one line per problem naming the field; `unit`
-    names what one set of `resources` runs (a worker, a replica). Workers and replicas run on CPUs and
-    GPUs: TPU pools are for TPU gangs."""
+    names what one set of `resources` runs (a worker, a replica). A TPU host is a node like any other
+    here: its CPUs and memory take workers and replicas (it has no GPUs)."""
     problems = []
     team_names = [team.name for team in cluster.teams]
     if job.team not in team_names:
@@ -724,10 +724,7 @@ def workload_problems(job: WorkloadLike, cluster: ClusterSpec, unit: str = "work
     fits = [
         pool
         for pool in candidates
-        if pool.accelerator is not AcceleratorKind.TPU
-        and wanted.cpus <= pool.node.cpus
-        and wanted.memory <= pool.node.memory
-        and wanted.gpus <= pool.node.gpus
+        if wanted.cpus <= pool.node.cpus and wanted.memory <= pool.node.memory and wanted.gpus <= pool.node.gpus
     ]
     if not fits:
         where = ", ".join(pool.name for pool in candidates)

@@ -100,3 +100,13 @@ def test_workload_problems_name_the_field_and_the_closest_name():
 def test_warmup_not_below_steps_names_the_field():
     [problem] = problems_of(job_data(steps=1, schedule={"warmup_steps": 30}))
     assert problem.startswith("schedule.warmup_steps: 30 is not below steps (1)"), problem
+
+
+def test_a_worker_fits_on_a_tpu_host_by_its_cpus_and_memory():
+    cluster = load_spec(EXAMPLES / "cluster.yaml")  # tpu-v5p hosts: 208 CPUs, 448Gi, no GPUs
+    on_tpu = parse_model(TrainingJob, job_data(pool="tpu-v5p", resources={"cpus": 1, "memory": "2Gi"}), "job.yaml")
+    assert workload_problems(on_tpu, cluster) == []
+    with_gpus = parse_model(TrainingJob, job_data(pool="tpu-v5p", resources={"gpus": 1}), "job.yaml")
+    assert workload_problems(with_gpus, cluster) == [
+        "resources: a worker (1 cpus, 1 gpus, 2Gi) fits on no node of tpu-v5p; ask for less or pick another pool"
+    ]
