@@ -212,11 +212,11 @@ def _submit(args: argparse.Namespace) -> int:
     statuses = admin.submit_many(requests)
     if args.wait:
         statuses = admin.wait_many([status.id for status in statuses], timeout_s=args.wait)
-    if args.json and len(statuses) > 1:
-        print_json(statuses)
+    if args.json:
+        print_json(statuses)  # a list however many files: a script reads one shape
     else:
         for status in statuses:
-            _print_request(status, args.json)
+            _print_request(status, as_json=False)
     unplaced = [status.id for status in statuses if status.state.waiting] if args.wait else []
     if unplaced:
         stderr.print(

@@ -129,6 +129,22 @@ def other_kind_hint(error: SpecError) -> str:
 
 
 def _spec_validate(args: argparse.Namespace) -> int:
+    try:
+        return _validate_file(args)
+    except (SpecError, UserError) as error:
+        if not args.json:
+            raise
+        # --json promises JSON on stdout, also for a file that cannot be read or a --cluster that is no ClusterSpec.
+        problems = (
+            [f"{error.source}: {problem}" for problem in error.problems]
+            if isinstance(error, SpecError)
+            else [str(error)]
+        )
+        print_json({"ok": False, "kind": None, "problems": problems})
+        return 2
+
+
+def _validate_file(args: argparse.Namespace) -> int:
     data = load_yaml(args.spec)
     models = _spec_models()
     kinds = list(SPEC_KINDS) if args.kind == "auto" else [args.kind]
@@ -148,7 +164,7 @@ def _spec_validate(args: argparse.Namespace) -> int:
         else:
             stdout.print(f"ok: a {models[kind].__name__}" + (f", fit for {args.cluster}" if args.cluster else ""))
         return 0
-    kind, error = min(failures.items(), key=lambda item: len(item[1].problems))  # the closest kind
+    kind, error = _closest_kind(data, failures, models)
     if args.json:
         print_json({"ok": False, "kind": kind, "problems": error.problems})
     else:
@@ -156,6 +172,20 @@ def _spec_validate(args: argparse.Namespace) -> int:
         if args.kind != "auto":  # else every kind was tried: none to point to
             print_hint(other_kind_hint(error))
     return 1
+
+
+def _closest_kind(
+    data: object, failures: dict[str, SpecError], models: dict[str, type[BaseModel]]
+) -> tuple[str, SpecError]:
+    """The kind a broken file comes closest to: the one that knows most of its top-level keys, then the one
+    with the fewest problems. By problems alone, a ClusterSpec with many broken fields read as a ServeJob."""
+    keys = set(data) if isinstance(data, dict) else set()
+
+    def distance(failure: tuple[str, SpecError]) -> tuple[int, int]:
+        kind, error = failure
+        return -len(keys & set(models[kind].model_fields)), len(error.problems)
+
+    return min(failures.items(), key=distance)
 
 
 def _problems_against(parsed: BaseModel, kind: str, cluster_path: str | None) -> list[str]:

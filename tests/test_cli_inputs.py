@@ -3,14 +3,17 @@ not write, and the forms of a value the spec itself accepts. None of it needs a 
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
 import pytest
 
+from cluster import admin_commands
 from cluster.cli import main
 from cluster.console import print_table, progress
 from cluster.launcher import LocalCluster, LocalClusterRecord
+from cluster.requests import RequestState, RequestStatus, SubmitRequest
 
 
 def test_user_text_that_looks_like_markup_is_printed_as_written(tmp_path, capsys):
@@ -72,3 +75,43 @@ def test_a_foreign_local_cluster_record_is_named_with_the_fix(tmp_path, capsys, 
         err = capsys.readouterr().err
         assert f"error: {path} is not a record of a local cluster this llmos started" in err
         assert "delete the file" in err and "Traceback" not in err
+
+
+def test_spec_validate_json_is_json_also_when_the_file_cannot_be_read(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    assert main(["spec", "validate", str(missing), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {
+        "ok": False,
+        "kind": None,
+        "problems": [f"{missing}: file not found; check the path"],
+    }
+    assert captured.err == ""
+    job = Path(__file__).resolve().parents[1] / "examples" / "train.yaml"
+    assert main(["spec", "validate", str(job), "--cluster", str(missing), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["problems"] == [f"{missing}: file not found; check the path"]
+
+
+def test_submit_json_is_a_list_for_one_file_as_for_several(tmp_path, capsys, monkeypatch):
+    class Admin:
+        def submit_many(self, requests: list[SubmitRequest]) -> list[RequestStatus]:
+            return [
+                RequestStatus(
+                    id=f"research-{index:05d}",
+                    request=request,
+                    priority_value=500,
+                    state=RequestState.QUEUED,
+                    submitted_seq=index,
+                    submitted_at=0.0,
+                )
+                for index, request in enumerate(requests, 1)
+            ]
+
+    monkeypatch.setattr(admin_commands, "_admin", lambda args: Admin())
+    request = tmp_path / "request.yaml"
+    request.write_text("team: research\ngang: {name: g, bundles: [{resources: {CPU: 1}}]}\n")
+    assert main(["submit", str(request), "--json"]) == 0
+    (status,) = json.loads(capsys.readouterr().out)
+    assert status["id"] == "research-00001" and status["state"] == "queued"
+    assert main(["submit", str(request), str(request), "--json"]) == 0
+    assert [status["id"] for status in json.loads(capsys.readouterr().out)] == ["research-00001", "research-00002"]

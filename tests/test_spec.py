@@ -462,3 +462,20 @@ def test_chips_per_host_must_divide_the_chips_of_a_slice(example):
         "pools[3].tpu: topology 2x2x1 has 4 chips, which chips_per_host (3) does not divide; chips_per_host must "
         "divide the chip count, as every host of a slice holds as many chips"
     ]
+
+
+def test_a_cluster_spec_with_many_broken_fields_is_still_reported_as_a_cluster_spec(tmp_path, capsys):
+    # More problems as a ClusterSpec than as a ServeJob, but its keys are a ClusterSpec's.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(
+        "name: Bad_Name\n"
+        "head: {cpus: -1, extra: 1}\n"
+        "pools:\n"
+        "  - {name: cpu, accelerator: cpu, node: {cpus: 0, memory: 0}, nodes: {min: 0, max: 0}}\n"
+        "  - {name: gpu, accelerator: gpu, accelerator_type: h100, node: {cpus: 8, gpu: 8}, nodes: {max: 1}}\n"
+        "teams:\n"
+        "  - {name: a, quota: {gpu: -1}, priority: urgent}\n"
+    )
+    assert main(["spec", "validate", str(broken), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["kind"] == "cluster" and len(out["problems"]) > 6
