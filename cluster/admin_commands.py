@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cluster.console import UserError, at_least, print_json, print_table, stderr, stdout
 from cluster.requests import RequestState, RequestStatus, SubmitRequest
-from cluster.spec import load_yaml, parse_model
+from cluster.spec import format_memory, load_yaml, parse_memory, parse_model
 
 
 def _admin(args: argparse.Namespace, start: bool = True):
@@ -443,17 +443,25 @@ def _quota_set(args: argparse.Namespace) -> int:
     for item in args.changes:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"{item!r}: write key=amount, e.g. gpu=8, or key=- to remove the limit")
+            raise UserError(f"{item!r}: write KEY=NUMBER, e.g. gpu=8 or memory=32Gi, or KEY=- to remove the limit")
         try:
-            changes[key] = None if value == "-" else float(value)
+            # The forms a ClusterSpec's quota takes: a number, and for memory also a quantity like 32Gi.
+            changes[key] = None if value == "-" else parse_memory(value) if key == "memory" else float(value)
         except ValueError:
-            raise UserError(f"{item!r}: {value!r} is not a number") from None
+            example = "memory=32Gi" if key == "memory" else f"{key}=8"
+            raise UserError(
+                f"{item!r}: {value!r} is not {'a memory size' if key == 'memory' else 'a number'}; "
+                f"write KEY=NUMBER, e.g. {example}, or {key}=- to remove the limit"
+            ) from None
     usage = _admin(args).set_quota(args.team, **changes)
     return _control_output(args, usage, f"{usage.team}: quota {_amounts(usage.quota) or 'unlimited'}")
 
 
 def _amounts(amounts: dict[str, float]) -> str:
-    return ", ".join(f"{key}={amount:g}" for key, amount in amounts.items())
+    """`gpu=8, memory=32Gi`: as `quota set` takes them (memory as bytes with :g would read 3.43597e+10)."""
+    return ", ".join(
+        f"{key}={format_memory(int(amount)) if key == 'memory' else f'{amount:g}'}" for key, amount in amounts.items()
+    )
 
 
 def _decisions(args: argparse.Namespace) -> int:

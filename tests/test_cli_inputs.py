@@ -13,7 +13,7 @@ from cluster import admin_commands
 from cluster.cli import main
 from cluster.console import print_table, progress
 from cluster.launcher import LocalCluster, LocalClusterRecord
-from cluster.requests import RequestState, RequestStatus, SubmitRequest
+from cluster.requests import RequestState, RequestStatus, SubmitRequest, TeamUsage
 
 
 def test_user_text_that_looks_like_markup_is_printed_as_written(tmp_path, capsys):
@@ -115,3 +115,25 @@ def test_submit_json_is_a_list_for_one_file_as_for_several(tmp_path, capsys, mon
     assert status["id"] == "research-00001" and status["state"] == "queued"
     assert main(["submit", str(request), str(request), "--json"]) == 0
     assert [status["id"] for status in json.loads(capsys.readouterr().out)] == ["research-00001", "research-00002"]
+
+
+def test_quota_set_takes_the_forms_the_spec_takes_and_says_how_to_write_one(capsys, monkeypatch):
+    changes = []
+
+    class Admin:
+        def set_quota(self, team: str, **quota: float | None) -> TeamUsage:
+            changes.append(quota)
+            return TeamUsage(team=team, quota={k: v for k, v in quota.items() if v is not None}, used={})
+
+    monkeypatch.setattr(admin_commands, "_admin", lambda args: Admin())
+    assert main(["quota", "set", "research", "memory=32Gi", "gpu=8", "cpu=-", "gpu:H100=2.5"]) == 0
+    assert changes == [{"memory": 32 * 2**30, "gpu": 8.0, "cpu": None, "gpu:H100": 2.5}]
+    assert capsys.readouterr().out == "research: quota memory=32Gi, gpu=8, gpu:H100=2.5\n"
+    for item, expected in (
+        ("gpu=abc", "'gpu=abc': 'abc' is not a number; write KEY=NUMBER, e.g. gpu=8, or gpu=- to remove the limit"),
+        ("memory=lots", "'memory=lots': 'lots' is not a memory size; write KEY=NUMBER, e.g. memory=32Gi, or memory=-"),
+        ("gpu", "'gpu': write KEY=NUMBER, e.g. gpu=8 or memory=32Gi, or KEY=- to remove the limit"),
+    ):
+        assert main(["quota", "set", "research", item]) == 2
+        assert f"error: {expected}" in capsys.readouterr().err
+    assert len(changes) == 1
