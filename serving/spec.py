@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from cluster.spec import (
     KubeRayName,
@@ -63,7 +63,19 @@ class ServeJob(StrictModel):
     accelerator_type: str | None = Field(None, description="GPU model the replicas need, e.g. A100-80G.")
     batching: Batching = Field(default_factory=Batching)
     limits: Limits = Field(default_factory=Limits)
-    route_prefix: str = Field("/", description="HTTP route prefix of the application.")
+    route_prefix: str = Field("/", description="HTTP route prefix of the application, e.g. / or /v1/stdlib-lm.")
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _serve_takes_the_route_prefix(cls, value: str) -> str:
+        # Ray Serve's own rules (ray.serve._private.utils.validate_route_prefix), checked before deploying.
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must start with '/', e.g. /v1")
+        if value != "/" and value.endswith("/"):
+            raise ValueError(f"{value!r} may not end with '/' (only / itself does); write {value.rstrip('/') or '/'}")
+        if "{" in value or "}" in value:
+            raise ValueError(f"{value!r} may not hold '{{' or '}}': Ray Serve routes take no wildcards")
+        return value
 
     @model_validator(mode="after")
     def _one_way_to_choose_nodes(self) -> ServeJob:

@@ -479,3 +479,19 @@ def test_a_cluster_spec_with_many_broken_fields_is_still_reported_as_a_cluster_s
     assert main(["spec", "validate", str(broken), "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["kind"] == "cluster" and len(out["problems"]) > 6
+
+
+@pytest.mark.parametrize(
+    ("route_prefix", "expected"),
+    [
+        ("v1 api", "route_prefix: 'v1 api' must start with '/', e.g. /v1"),
+        ("/v1/", "route_prefix: '/v1/' may not end with '/' (only / itself does); write /v1"),
+        ("/v1/{model}", "route_prefix: '/v1/{model}' may not hold '{' or '}': Ray Serve routes take no wildcards"),
+    ],
+)
+def test_a_route_prefix_is_one_ray_serve_takes(route_prefix, expected):
+    serve = yaml.safe_load((EXAMPLE.parent / "serve.yaml").read_text())
+    assert problems_of(serve | {"route_prefix": route_prefix}, ServeJob) == [expected]
+    assert (
+        parse_model(ServeJob, serve | {"route_prefix": "/v1/stdlib-lm"}, "serve.yaml").route_prefix == "/v1/stdlib-lm"
+    )
