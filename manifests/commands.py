@@ -8,8 +8,8 @@ from typing import Any
 
 from cluster.admin_commands import register_pools_list
 from cluster.console import UserError, print_json, print_table, stdout
-from cluster.spec import SpecError, load_spec, read_yaml_text
-from manifests.objects import ManifestError
+from cluster.spec import load_spec
+from manifests.objects import ManifestError, read_documents
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,12 +79,18 @@ def _render(args: argparse.Namespace) -> int:
             files[f"rayservice-{serve.name}.yaml"] = [ray_service(spec, serve, config)]
     except ManifestError as error:
         raise UserError(f"{args.job or args.serve or args.spec}: {error}") from None
-    written = write_manifests(files, args.output)
+    try:
+        written, removed = write_manifests(files, args.output)
+    except ManifestError as error:
+        raise UserError(f"--output: {error}") from None
     print_table(
         f"Wrote {len(written)} files to {args.output}",
         ["file", "objects"],
         [(path.name, ", ".join(o["kind"] for o in files[path.name])) for path in written],
     )
+    if removed:
+        names = ", ".join(path.name for path in removed)
+        stdout.print(f"removed what an earlier render wrote there and this one does not: {names}")
     stdout.print(f"check them with: llmos manifests validate {args.output}")
     return 0
 
@@ -109,14 +115,18 @@ def _load_serve_job(path: str) -> tuple[Any, dict[str, Any]]:
 
 def _validate(args: argparse.Namespace) -> int:
     try:
-        from manifests.validate import SchemaError, load_documents, validate_documents
+        from manifests.validate import SchemaError, validate_documents
     except ImportError as error:
         raise UserError(f"validation needs the dev extras: pip install -e '.[dev]' ({error})") from None
     files = _yaml_files(args.paths)
     problems, count = [], 0
     try:
         for path in files:
-            documents = load_documents(path)
+            try:
+                documents = read_documents(path)
+            except ManifestError as error:
+                problems.append(str(error))
+                continue
             count += len(documents)
             problems += [f"{path}: {line}" for line in validate_documents(documents)]
     except SchemaError as error:
@@ -146,16 +156,12 @@ def _yaml_files(paths: list[str]) -> list[Path]:
 
 
 def _import(args: argparse.Namespace) -> int:
-    import yaml
-
     from manifests.importer import import_ray_cluster, spec_to_yaml
 
     try:
-        documents = [d for d in yaml.safe_load_all(read_yaml_text(args.manifest)) if isinstance(d, dict)]
-    except SpecError as error:
-        raise UserError(f"{args.manifest}: {error.problems[0]}") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"{args.manifest}: not valid YAML ({error})") from None
+        documents = [d for d in read_documents(args.manifest) if isinstance(d, dict)]
+    except ManifestError as error:
+        raise UserError(str(error)) from None
     clusters = [d for d in documents if d.get("kind") == "RayCluster"]
     if not clusters:
         kinds = ", ".join(sorted({str(d.get("kind")) for d in documents})) or "none"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
-from cluster.spec import ClusterSpec, format_memory
+import yaml
+
+from cluster.spec import ClusterSpec, SpecError, format_memory, read_yaml_text
 
 # Pod label put on every Ray pod llmos renders; the NetworkPolicy selects on it.
 CLUSTER_LABEL = "llmos.io/cluster"
@@ -92,3 +95,18 @@ def parse_quantity(value: Any, field: str) -> float:
     if suffix[:1] in ("e", "E"):
         return float(number + suffix)
     return float(number) * _QUANTITY_FACTORS[suffix]
+
+
+def read_documents(path: str | Path) -> list[Any]:
+    """The YAML documents of a manifest file, empty ones left out; a ManifestError naming the file, and the
+    line where YAML says, when it cannot be read or parsed."""
+    try:
+        text = read_yaml_text(path)
+    except SpecError as error:
+        raise ManifestError(f"{path}: {error.problems[0]}") from None
+    try:
+        return [document for document in yaml.safe_load_all(text) if document is not None]
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ManifestError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None

@@ -360,8 +360,3 @@ def describe(obj: Any) -> str:
 def validate_documents(objects: Iterable[Any], schemas_dir: Path = SCHEMAS_DIR) -> list[str]:
     """One line per problem, each naming the object and the field path."""
     return [f"{describe(obj)}: {problem}" for obj in objects for problem in validate_object(obj, schemas_dir)]
-
-
-def load_documents(path: str | Path) -> list[Any]:
-    with Path(path).open() as handle:
-        return [doc for doc in yaml.safe_load_all(handle) if doc is not None]

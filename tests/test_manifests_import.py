@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,71 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     assert main(["pools", "import", str(not_a_cluster), "-o", str(tmp_path / "x.yaml")]) == 2
     err = capsys.readouterr().err
     assert "file not found" in err and "no RayCluster in it (kinds found: RayJob)" in err
+
+
+def test_cli_validate_reports_unreadable_files_and_goes_on(tmp_path, capsys):
+    (tmp_path / "a-broken.yaml").write_text("apiVersion: v1\nkind: [Namespace\n")
+    (tmp_path / "b-binary.yaml").write_bytes(b"\xff\xfe\x00kind")
+    shutil.copy(EXAMPLES_DIR / "namespaces.yaml", tmp_path / "c-namespaces.yaml")
+    assert main(["manifests", "validate", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        f"{tmp_path / 'a-broken.yaml'}: line 3, column 1: not valid YAML (expected ',' or ']', but got '<stream end>')",
+        f"{tmp_path / 'b-binary.yaml'}: is not a text file (not UTF-8); give the path of a YAML file",
+    ]
+    assert "Traceback" not in captured.err
+
+
+def test_cli_prints_brackets_in_user_text_as_they_are(tmp_path, capsys):
+    namespace = tmp_path / "namespace.yaml"
+    namespace.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {'[bold]key!': v}}\n")
+    assert main(["manifests", "validate", str(namespace)]) == 1
+    assert "metadata.labels.[bold]key!: not a valid label key; use [prefix/]name," in capsys.readouterr().out
+    out = tmp_path / "home [x]" / "[/]"
+    assert main(["manifests", "render", str(EXAMPLE_SPEC), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"Wrote 5 files to {out}" in printed and f"llmos manifests validate {out}" in printed
+
+
+def test_cli_render_refuses_an_output_that_is_a_file(tmp_path, capsys):
+    existing = tmp_path / "k8s"
+    existing.write_text("not a directory\n")
+    assert main(["manifests", "render", str(EXAMPLE_SPEC), "-o", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --output: {existing} is a file; give a directory, new or holding an earlier render" in err
+    assert existing.read_text() == "not a directory\n"
+
+
+def test_cli_render_replaces_its_earlier_output_and_nothing_else(tmp_path, capsys):
+    out = tmp_path / "k8s"
+    job = EXAMPLE_SPEC.parent / "train.yaml"
+    assert main(["manifests", "render", str(EXAMPLE_SPEC), "-o", str(out), "--job", str(job)]) == 0
+    (out / "mine.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: mine}\n")
+    (out / "notes.txt").write_text("kept\n")
+    capsys.readouterr()
+
+    bare = tmp_path / "cluster.yaml"
+    bare.write_text(EXAMPLE_SPEC.read_text().replace("  shared_storage:", "  network_policy: false\n  shared_storage:"))
+    assert main(["manifests", "render", str(bare), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "removed what an earlier render wrote there and this one does not: network-policies.yaml, rayjob-stdlib-lm.yaml"
+        in printed
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "kueue.yaml",
+        "mine.yaml",
+        "namespaces.yaml",
+        "notes.txt",
+        "raycluster.yaml",
+        "shared-storage.yaml",
+    ]
+
+    (out / "kueue.yaml").write_text("# my own queues\n")
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    assert main(["manifests", "render", str(EXAMPLE_SPEC), "-o", str(out)]) == 2
+    assert f"{out / 'kueue.yaml'} was not written by llmos" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in out.iterdir()} == before  # refused before writing anything
 
 
 def test_cli_render_with_the_example_job_and_serve_specs(tmp_path):
