@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.admin_commands import register_pools_list
-from cluster.console import UserError, print_json, print_table, stdout
+from cluster.console import UserError, print_json, print_table, stderr, stdout
 from cluster.spec import load_spec
 from manifests.objects import ManifestError, read_documents
 
@@ -58,31 +58,41 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    from manifests.kueue import kueue_warnings
     from manifests.render import render_cluster, write_manifests
-    from manifests.workloads import ray_job, ray_service
+    from manifests.workloads import MAX_DEADLINE_SECONDS, ray_job, ray_service
 
     for flag, seconds in (("--deadline", args.deadline), ("--start-deadline", args.start_deadline)):
-        if seconds is not None and seconds < 1:
-            raise UserError(f"{flag} {seconds}: give the seconds, 1 or more, or leave it out")
+        if seconds is not None and not 1 <= seconds <= MAX_DEADLINE_SECONDS:
+            raise UserError(f"{flag} {seconds}: give the seconds, 1 to {MAX_DEADLINE_SECONDS}, or leave it out")
         if seconds is not None and not args.job:
             raise UserError(f"{flag} bounds a RayJob: give the TrainingJob with --job")
     spec = load_spec(args.spec)
     try:
         files = render_cluster(spec)
-        if args.job:
-            job, text = _load_training_job(args.job)
+        warnings = kueue_warnings(spec)
+    except ManifestError as error:
+        raise UserError(f"{args.spec}: {error}") from None
+    if args.job:
+        job, text = _load_training_job(args.job)
+        try:
             files[f"rayjob-{job.name}.yaml"] = ray_job(
                 spec, job, text, deadline_seconds=args.deadline, start_deadline_seconds=args.start_deadline
             )
-        if args.serve:
-            serve, config = _load_serve_job(args.serve)
+        except ManifestError as error:
+            raise UserError(f"{args.job} in {args.spec}: {error}") from None
+    if args.serve:
+        serve, config = _load_serve_job(args.serve)
+        try:
             files[f"rayservice-{serve.name}.yaml"] = [ray_service(spec, serve, config)]
-    except ManifestError as error:
-        raise UserError(f"{args.job or args.serve or args.spec}: {error}") from None
+        except ManifestError as error:
+            raise UserError(f"{args.serve} in {args.spec}: {error}") from None
     try:
         written, removed = write_manifests(files, args.output)
     except ManifestError as error:
         raise UserError(f"--output: {error}") from None
+    for warning in warnings:
+        stderr.print(f"warning: {warning}")
     print_table(
         f"Wrote {len(written)} files to {args.output}",
         ["file", "objects"],

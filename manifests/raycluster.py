@@ -75,6 +75,11 @@ def controller_state_claim_name(spec: ClusterSpec) -> str:
     return f"{spec.name}-llmos-state"
 
 
+def head_pod_request(spec: ClusterSpec) -> dict[str, float]:
+    """What the head pod requests of Kubernetes: CPUs for Ray's own processes plus those offered to user work."""
+    return {"cpu": spec.kubernetes.head_pod_cpus + spec.head.cpus, "memory": spec.head.memory}
+
+
 def head_group(
     spec: ClusterSpec, volumes: list[dict[str, Any]] | None = None, *, controller_state: bool = False
 ) -> dict[str, Any]:
@@ -82,12 +87,12 @@ def head_group(
     storage, and with `controller_state` the claim of `controller_state_claim` as `LLMOS_HOME`, where the
     controller journals."""
     head = head_declaration(spec)
-    pod_cpus = spec.kubernetes.head_pod_cpus + spec.head.cpus
+    request = head_pod_request(spec)
     container: dict[str, Any] = {
         "name": "ray-head",
         "image": spec.kubernetes.image,
         "ports": [{"containerPort": port, "name": name} for name, port in HEAD_PORTS],
-        "resources": container_resources(pod_cpus, spec.head.memory, {}),
+        "resources": container_resources(request["cpu"], int(request["memory"]), {}),
     }
     pod_spec: dict[str, Any] = {}
     mounts = [{"name": v["name"], "mountPath": v["mountPath"]} for v in volumes or []]

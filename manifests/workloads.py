@@ -16,14 +16,23 @@ import yaml
 
 from cluster.ray_mapping import replicas_for_workers
 from cluster.spec import ClusterSpec, Pool, ResourcesLike, Team, WorkloadLike
-from manifests.kueue import PRIORITY_CLASS_LABEL, QUEUE_NAME_LABEL, priority_class_name, queue_name
+from manifests.kueue import (
+    PRIORITY_CLASS_LABEL,
+    QUEUE_NAME_LABEL,
+    pool_request,
+    priority_class_name,
+    queue_name,
+    require_head_flavor,
+    require_within_quota,
+)
 from manifests.objects import TEAM_LABEL, ManifestError, cluster_labels, metadata
-from manifests.raycluster import RAY_API_VERSION, GroupSize, ray_cluster_spec
+from manifests.raycluster import RAY_API_VERSION, GroupSize, head_pod_request, ray_cluster_spec
 from manifests.storage import require_on_shared_storage
 
 RAY_OWN_IMAGES = ("rayproject/ray", "rayproject/ray-ml")
 JOB_DIRECTORY = "/etc/llmos/job"
 JOB_FILE = "job.yaml"
+MAX_DEADLINE_SECONDS = 2**31 - 1  # RayJob's activeDeadlineSeconds and preRunningDeadlineSeconds are int32
 
 
 class CountLike(Protocol):
@@ -160,6 +169,7 @@ def ray_job(
             require_on_shared_storage(spec, field, path, lost)
     group = _group(spec, job, job.workers)
     size = GroupSize(group.pool, group.max, group.max)
+    _require_admissible(spec, team, size)
     namespace = team.kubernetes_namespace
     config_name = f"{job.name}-job"
     config_map = {
@@ -193,6 +203,20 @@ def ray_job(
         "spec": body,
     }
     return [config_map, rayjob]
+
+
+def _require_admissible(spec: ClusterSpec, team: Team, size: GroupSize) -> None:
+    """Refuse a RayJob Kueue would never admit: its worker pods above the team's quota of their pool, or a head pod
+    above the team's quota or with no flavor to go to."""
+    pool = size.pool
+    pods = size.max * pool.hosts_per_replica
+    workers = f"its {pods} worker pod{'s' if pods > 1 else ''} in pool {pool.name!r} (a pod takes a whole node)"
+    smaller = "set the job's pool to one with smaller nodes"
+    require_within_quota(spec, team, workers, pool, pool_request(pool, size.max), smaller)
+    head = head_pod_request(spec)
+    lower_head = "lower kubernetes.head_pod_cpus, head.cpus or head.memory"
+    require_within_quota(spec, team, "its head pod", None, head, lower_head)
+    require_head_flavor(spec, head)
 
 
 def ray_service(spec: ClusterSpec, serve: ServeJobLike, serve_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from cluster.ray_mapping import head_declaration, pool_labels, pool_resources, replicas_for_workers
 from cluster.spec import ClusterSpec, SpecError, load_spec, parse_model
-from manifests.kueue import QUEUE_NAME_LABEL
+from manifests.kueue import QUEUE_NAME_LABEL, kueue_warnings
 from manifests.objects import ManifestError, parse_quantity
 from manifests.render import render_cluster, to_yaml
 from manifests.validate import validate_documents
@@ -257,6 +257,68 @@ def test_flavors_match_worker_groups_and_queues_carry_team_quotas(spec):
     assert priorities == {"llmos-demo-low": 100, "llmos-demo-normal": 500, "llmos-demo-high": 1000}
 
 
+def spec_data_with(spec: ClusterSpec, change) -> ClusterSpec:
+    data = spec.model_dump(mode="json")
+    change(data)
+    return parse_model(ClusterSpec, data, "test")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d.update(name="c" * 40) or d["teams"][0].update(name="r" * 40),
+            r"teams\[0\]\.name: the Kueue queue 'c{40}-r{40}' \(name \+ '-' \+ teams\[0\]\.name\) is 81 characters, "
+            r"but RayJobs carry it in the label kueue\.x-k8s\.io/queue-name, which holds at most 63; shorten name or "
+            r"teams\[0\]\.name by 18 characters",
+        ),
+        (
+            lambda d: d.update(name="c" * 40, teams=[]) or d["priority_classes"].append({"name": "p" * 40, "value": 1}),
+            r"priority_classes\[3\]\.name: the Kueue priority class .* label kueue\.x-k8s\.io/priority-class",
+        ),
+        (
+            lambda d: d.update(pools=[{**d["pools"][0], "name": f"p{i}"} for i in range(65)], teams=[]),
+            r"pools: 65 pools, but the Kueue Cohort and ClusterQueues .* at most 64",
+        ),
+        (
+            lambda d: d["kubernetes"]["pools"].update(cpu={"node_selector": {f"k{i}": "v" for i in range(9)}}),
+            r"kubernetes\.pools\.cpu\.node_selector: 9 entries, but its Kueue ResourceFlavor holds at most 8",
+        ),
+    ],
+)
+def test_values_kubernetes_would_refuse_are_refused_at_render_naming_the_spec_fields(spec, change, message):
+    with pytest.raises(ManifestError, match=message):
+        render_cluster(spec_data_with(spec, change))
+
+
+def test_a_typed_quota_over_several_flavors_and_pools_on_the_same_nodes_are_warned_about(spec):
+    assert kueue_warnings(spec) == []
+
+    def second_h100_pool(data):
+        data["pools"].append({**data["pools"][1], "name": "h100-b"})
+
+    twice = spec_data_with(spec, second_h100_pool)
+    quota, same_nodes = kueue_warnings(twice)
+    assert quota.startswith("teams[1].quota: gpu:H100: 8 becomes a limit of 8 on each of pools h100, h100-b")
+    assert "Kueue limits a ClusterQueue per flavor, never across flavors" in quota
+    assert same_nodes.startswith("pools h100, h100-b select the same nodes (cloud.google.com/gke-accelerator: ")
+    queues = {q["metadata"]["name"]: q for q in by_kind(render_cluster(twice)["kueue.yaml"], "ClusterQueue")}
+    gpu_limits = {
+        flavor["name"]: resource.get("borrowingLimit")
+        for flavor in queues["llmos-demo-prod"]["spec"]["resourceGroups"][0]["flavors"]
+        for resource in flavor["resources"]
+        if resource["name"] == "nvidia.com/gpu"
+    }
+    assert (gpu_limits["llmos-demo-h100"], gpu_limits["llmos-demo-h100-b"]) == (
+        "8",
+        "8",
+    )  # per flavor: all Kueue can say
+
+    told_apart = spec_with(twice, pools={"h100-b": {"node_selector": {"cloud.google.com/gke-nodepool": "h100-b"}}})
+    [quota_only] = kueue_warnings(told_apart)
+    assert quota_only == quota
+
+
 # --- RayJob and RayService ---------------------------------------------------------------------
 
 
@@ -306,7 +368,7 @@ SERVE_CONFIG = {
 
 
 def test_ray_job_runs_jobs_train_in_a_fixed_size_queued_cluster(spec):
-    job = Job(name="lm", team="prod", pool="h100", workers=Count(min=2, max=3), resources=Resources(gpus=4))
+    job = Job(name="lm", team="prod", pool="a100", workers=Count(min=2, max=3), resources=Resources(gpus=4))
     config_map, rayjob = ray_job(spec, job, "name: lm\n", deadline_seconds=7200, start_deadline_seconds=600)
     assert validate_documents([config_map, rayjob]) == []
     assert rayjob["metadata"]["namespace"] == "prod"
@@ -319,7 +381,7 @@ def test_ray_job_runs_jobs_train_in_a_fixed_size_queued_cluster(spec):
     cluster = body["rayClusterSpec"]
     assert cluster["enableInTreeAutoscaling"] is False  # Kueue admits a RayJob whole
     [group] = cluster["workerGroupSpecs"]
-    assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == ("h100", 2, 2, 2)
+    assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == ("a100", 3, 3, 3)
     head = cluster["headGroupSpec"]["template"]["spec"]
     # Its own config and the shared storage, not the shared cluster's controller state.
     assert head["volumes"] == [
@@ -364,6 +426,35 @@ def test_ray_job_finds_its_pool_by_accelerator_type_or_fit(spec):
 def test_ray_job_errors_name_the_field(spec, job, message):
     with pytest.raises(ManifestError, match=message):
         ray_job(spec, job, "")
+
+
+def test_a_ray_job_kueue_could_never_admit_is_refused(spec):
+    one_gpu = Job(name="x", team="interns", pool="h100", workers=Count(min=1, max=1), resources=Resources(gpus=1))
+    with pytest.raises(
+        ManifestError,
+        match=r"teams\[2\]\.quota: the RayJob needs cpu 26, nvidia.com/gpu 8 for its 1 worker pod in pool 'h100' "
+        r"\(a pod takes a whole node\), but team 'interns' may hold at most cpu: 16, gpu: 4 of pool 'h100', so Kueue "
+        r"would never admit it; raise the quota's cpu to 26 and gpu to 8, or set the job's pool to one with smaller "
+        r"nodes",
+    ):
+        ray_job(spec, one_gpu, "")
+    two_nodes = Job(name="x", team="prod", pool="h100", workers=Count(min=1, max=2), resources=Resources(gpus=8))
+    with pytest.raises(ManifestError, match=r"teams\[1\]\.quota: .* at most gpu:H100: 8 of pool 'h100'"):
+        ray_job(spec, two_nodes, "")
+    in_a100 = Job(name="x", team="interns", pool="a100", workers=Count(min=1, max=1), resources=Resources(gpus=1))
+    assert ray_job(spec, in_a100, "")  # a node of 4 GPUs and 12 CPUs fits the quota
+
+    big_head = spec_with(spec, head_pod_cpus=20)
+    with pytest.raises(
+        ManifestError, match=r"needs cpu 20 for its head pod, .* at most cpu: 16 in any pool, .*head_pod_cpus"
+    ):
+        ray_job(big_head, Job(name="x", team="interns", pool="cpu", workers=Count(min=1, max=1)), "")
+
+    gpus_only = spec_data_with(spec, lambda d: d.update(pools=d["pools"][1:2], teams=d["teams"][:1]))
+    with pytest.raises(
+        ManifestError, match=r"pools: the RayJob's head pod requests cpu 4, memory 8Gi, but every pool "
+    ):
+        ray_job(gpus_only, Job(name="x", team="research", pool="h100", workers=Count(min=1, max=1)), "")
 
 
 def test_ray_service_autoscales_between_its_replica_bounds(spec):

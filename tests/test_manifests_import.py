@@ -321,6 +321,17 @@ def test_cli_render_with_the_example_job_and_serve_specs(tmp_path):
     assert main(["manifests", "validate", str(out)]) == 0
 
 
+def test_cli_render_warns_of_a_typed_quota_kueue_enforces_per_pool(tmp_path, capsys):
+    spec = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    spec["pools"].append({**spec["pools"][1], "name": "h100-b"})
+    spec["kubernetes"]["pools"] = {"h100-b": {"node_selector": {"cloud.google.com/gke-nodepool": "h100-b"}}}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["manifests", "render", str(path), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: teams[1].quota: gpu:H100: 8 becomes a limit of 8 on each of pools h100, h100-b")
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -343,8 +354,12 @@ def test_cli_render_reports_job_errors_without_traceback(tmp_path, capsys, chang
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--job", "train.yaml", "--deadline", "-5"], "--deadline -5: give the seconds, 1 or more"),
-        (["--job", "train.yaml", "--start-deadline", "0"], "--start-deadline 0: give the seconds, 1 or more"),
+        (["--job", "train.yaml", "--deadline", "-5"], "--deadline -5: give the seconds, 1 to 2147483647"),
+        (["--job", "train.yaml", "--start-deadline", "0"], "--start-deadline 0: give the seconds, 1 to 2147483647"),
+        (
+            ["--job", "train.yaml", "--deadline", "2147483648"],
+            "--deadline 2147483648: give the seconds, 1 to 2147483647",
+        ),
         (["--start-deadline", "60"], "--start-deadline bounds a RayJob: give the TrainingJob with --job"),
     ],
 )
