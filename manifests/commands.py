@@ -166,7 +166,7 @@ def _yaml_files(paths: list[str]) -> list[Path]:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from manifests.importer import import_ray_cluster, spec_to_yaml
+    from manifests.importer import import_ray_cluster, skipped_groups, spec_to_yaml
 
     try:
         documents = [d for d in read_documents(args.manifest) if isinstance(d, dict)]
@@ -180,7 +180,12 @@ def _import(args: argparse.Namespace) -> int:
         spec = import_ray_cluster(clusters[0], args.manifest)
     except ManifestError as error:
         raise UserError(f"{args.manifest}: {error}") from None
-    Path(args.output).write_text(spec_to_yaml(spec))
+    try:
+        Path(args.output).write_text(spec_to_yaml(spec))
+    except OSError as error:
+        raise UserError(f"--output {args.output}: {error.strerror}; give a file path you can write") from None
+    for note in skipped_groups(clusters[0]):
+        stderr.print(f"note: {note}")
     print_table(
         f"Wrote {args.output}",
         ["pool", "accelerator", "type", "node", "replicas"],

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from cluster.ray_mapping import RAY_ACCELERATOR_TYPE_LABEL, RAY_TPU_TOPOLOGY_LABEL, tpu_generation
-from cluster.spec import ClusterSpec, format_memory, parse_memory, parse_model
+from cluster.spec import ClusterSpec, SpecError, format_memory, parse_memory, parse_model
 from manifests.nodes import (
     GKE_GPU_LABEL,
     GKE_GPU_NAMES,
@@ -39,20 +39,24 @@ _GPU_BY_GKE_NAME = {gke: ray for ray, gke in reversed(GKE_GPU_NAMES.items())}
 _TPU_BY_GKE_NAME = {gke: generation for generation, gke in GKE_TPU_NAMES.items()}
 
 
-def _amount(group: dict[str, Any], at: str, ray_name: str, start_param: str | None, limit: str) -> float:
-    """One resource of a group: Ray `resources`, else `rayStartParams`, else the container's limit."""
+def _amount(group: dict[str, Any], at: str, ray_name: str, start_param: str | None, limit: str) -> tuple[float, str]:
+    """One resource of a group, and the field it was read from: Ray `resources`, else `rayStartParams`, else
+    the container's limit (or request); 0 read from nowhere counts as Ray `resources`."""
     ray_resources = group.get("resources") or {}
     params = group.get("rayStartParams") or {}
     if ray_name in ray_resources:
-        return parse_quantity(ray_resources[ray_name], f"{at}.resources.{ray_name}")
+        field = f"{at}.resources.{ray_name}"
+        return parse_quantity(ray_resources[ray_name], field), field
     if start_param and start_param in params:
-        return parse_quantity(params[start_param], f"{at}.rayStartParams.{start_param}")
+        field = f"{at}.rayStartParams.{start_param}"
+        return parse_quantity(params[start_param], field), field
     container = _ray_container(group, at)
     resources = container.get("resources") or {}
     for section in ("limits", "requests"):
         if limit in (resources.get(section) or {}):
-            return parse_quantity(resources[section][limit], f"{at}.template.spec.containers[0].resources.{section}")
-    return 0.0
+            field = f"{at}.template.spec.containers[0].resources.{section}.{limit}"
+            return parse_quantity(resources[section][limit], field), field
+    return 0.0, f"{at}.resources.{ray_name}"
 
 
 def _ray_container(group: dict[str, Any], at: str) -> dict[str, Any]:
@@ -68,53 +72,99 @@ def _whole(value: float, field: str) -> int:
     return int(value)
 
 
-def _accelerator_type(group: dict[str, Any], at: str, kind: str) -> str:
+def _accelerator_type(group: dict[str, Any], at: str, kind: str) -> tuple[str, str]:
+    """The GPU model or TPU generation of a group, and the field it was read from."""
     labels = group.get("labels") or {}
     selector = ((group.get("template") or {}).get("spec") or {}).get("nodeSelector") or {}
-    typed = [name.split(":", 1)[1] for name in group.get("resources") or {} if name.startswith("accelerator_type:")]
-    ray_type = labels.get(RAY_ACCELERATOR_TYPE_LABEL) or (typed[0] if typed else None)
+    typed = [name for name in group.get("resources") or {} if name.startswith("accelerator_type:")]
+    found: list[tuple[str | None, str]] = [
+        (labels.get(RAY_ACCELERATOR_TYPE_LABEL), f"{at}.labels.{RAY_ACCELERATOR_TYPE_LABEL}"),
+        *((name.split(":", 1)[1], f"{at}.resources.{name}") for name in typed[:1]),
+    ]
     if kind == "gpu":
-        found = ray_type or _GPU_BY_GKE_NAME.get(selector.get(GKE_GPU_LABEL, ""))
+        found.append((_GPU_BY_GKE_NAME.get(selector.get(GKE_GPU_LABEL, "")), f"{at}.template.spec.nodeSelector"))
         hint = f"labels: {{{RAY_ACCELERATOR_TYPE_LABEL}: H100}}"
     else:
-        found = (tpu_generation(ray_type) if ray_type else None) or _TPU_BY_GKE_NAME.get(
-            selector.get(GKE_TPU_LABEL, "")
-        )
+        found = [(tpu_generation(value) if value else None, field) for value, field in found]
+        found.append((_TPU_BY_GKE_NAME.get(selector.get(GKE_TPU_LABEL, "")), f"{at}.template.spec.nodeSelector"))
         hint = f"nodeSelector: {{{GKE_TPU_LABEL}: tpu-v5p-slice}}"
-    if not found:
-        raise ManifestError(f"{at}: cannot tell which {kind.upper()} this group has; add {hint}")
-    return found
+    for value, field in found:
+        if value:
+            return value, field
+    raise ManifestError(f"{at}: cannot tell which {kind.upper()} this group has; add {hint}")
 
 
-def _pool(group: dict[str, Any], at: str) -> dict[str, Any]:
+def _max_replicas(group: dict[str, Any]) -> tuple[int, str]:
+    """A group's most replicas, and the field they were read from."""
+    field = "maxReplicas" if "maxReplicas" in group else "replicas"
+    return group.get(field, 0), field
+
+
+def skipped_groups(manifest: dict[str, Any]) -> list[str]:
+    """One line per worker group the import leaves out: a group that may have no replica never has a pod, and
+    an llmos pool has at least one node or slice."""
+    groups = (manifest.get("spec") or {}).get("workerGroupSpecs") or []
+    return [
+        f"spec.workerGroupSpecs[{index}] ({group.get('groupName')}) left out: its {_max_replicas(group)[1]} is 0, "
+        "so it never has a pod; give it its largest size and import again to keep it"
+        for index, group in enumerate(groups)
+        if _max_replicas(group)[0] == 0
+    ]
+
+
+def _pool(group: dict[str, Any], at: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The pool of a worker group, and for each pool field the group field it was read from."""
     name = group.get("groupName")
     if not name:
         raise ManifestError(f"{at}.groupName: missing; each worker group needs a name")
-    cpus = _whole(_amount(group, at, "CPU", "num-cpus", "cpu"), f"{at} CPUs")
-    memory = int(_amount(group, at, "memory", "memory", "memory"))
-    gpus = _whole(_amount(group, at, "GPU", "num-gpus", GPU_RESOURCE), f"{at} GPUs")
-    chips = _whole(_amount(group, at, "TPU", None, TPU_RESOURCE), f"{at} TPU chips")
+    cpus, cpus_field = _amount(group, at, "CPU", "num-cpus", "cpu")
+    memory, memory_field = _amount(group, at, "memory", "memory", "memory")
+    gpus, gpus_field = _amount(group, at, "GPU", "num-gpus", GPU_RESOURCE)
+    chips, chips_field = _amount(group, at, "TPU", None, TPU_RESOURCE)
     labels = {k: v for k, v in (group.get("labels") or {}).items() if not k.startswith(_RESERVED_LABEL_PREFIXES)}
-    low, high = group.get("minReplicas", 0), group.get("maxReplicas", group.get("replicas", 0))
-    pool: dict[str, Any] = {"name": name, "node": {"cpus": cpus, "memory": memory}, "labels": labels}
-    if chips:
+    high, high_field = _max_replicas(group)
+    bounds = {"min": group.get("minReplicas", 0), "max": high}
+    pool: dict[str, Any] = {
+        "name": name,
+        "node": {"cpus": _whole(cpus, cpus_field), "memory": int(memory)},
+        "labels": labels,
+    }
+    sources = {
+        "": at,
+        "name": f"{at}.groupName",
+        "node.cpus": cpus_field,
+        "node.memory": memory_field,
+        "node.gpus": gpus_field,
+        "labels": f"{at}.labels",
+    }
+    if _whole(chips, chips_field):
         selector = ((group.get("template") or {}).get("spec") or {}).get("nodeSelector") or {}
         topology = selector.get(GKE_TPU_TOPOLOGY_LABEL) or (group.get("labels") or {}).get(RAY_TPU_TOPOLOGY_LABEL)
         if not topology:
             raise ManifestError(f"{at}: no TPU topology; add nodeSelector {{{GKE_TPU_TOPOLOGY_LABEL}: 2x2x2}}")
         pool["accelerator"] = "tpu"
-        pool["accelerator_type"] = _accelerator_type(group, at, "tpu")
-        pool["tpu"] = {"topology": topology, "chips_per_host": chips, "hosts_per_slice": group.get("numOfHosts", 1)}
-        pool["slices"] = {"min": low, "max": high}
-    elif gpus:
+        pool["accelerator_type"], sources["accelerator_type"] = _accelerator_type(group, at, "tpu")
+        pool["tpu"] = {
+            "topology": topology,
+            "chips_per_host": int(chips),
+            "hosts_per_slice": group.get("numOfHosts", 1),
+        }
+        sources["tpu"] = f"{at}.template.spec.nodeSelector"
+        sources["tpu.chips_per_host"] = chips_field
+        sources["tpu.hosts_per_slice"] = f"{at}.numOfHosts"
+        counts = "slices"
+    elif _whole(gpus, gpus_field):
         pool["accelerator"] = "gpu"
-        pool["accelerator_type"] = _accelerator_type(group, at, "gpu")
-        pool["node"]["gpus"] = gpus
-        pool["nodes"] = {"min": low, "max": high}
+        pool["accelerator_type"], sources["accelerator_type"] = _accelerator_type(group, at, "gpu")
+        pool["node"]["gpus"] = int(gpus)
+        counts = "nodes"
     else:
         pool["accelerator"] = "cpu"
-        pool["nodes"] = {"min": low, "max": high}
-    return pool
+        counts = "nodes"
+    pool[counts] = bounds
+    sources[counts] = sources[f"{counts}.min"] = f"{at}.minReplicas"
+    sources[f"{counts}.max"] = f"{at}.{high_field}"
+    return pool, sources
 
 
 def _placement_overrides(spec: ClusterSpec, groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -144,15 +194,19 @@ def _placement_overrides(spec: ClusterSpec, groups: list[dict[str, Any]]) -> dic
 
 
 def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
-    """The ClusterSpec of a RayCluster manifest; raises ManifestError or SpecError naming the field."""
+    """The ClusterSpec of a RayCluster manifest, without the groups `skipped_groups` names; raises ManifestError
+    naming the manifest's field."""
     if not isinstance(manifest, dict) or manifest.get("kind") != "RayCluster":
         kind = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ManifestError(f"{source}: kind is {kind!r}; llmos pools import reads a KubeRay RayCluster")
+        raise ManifestError(f"kind is {kind!r}; llmos pools import reads a KubeRay RayCluster")
     body = manifest.get("spec") or {}
     meta = manifest.get("metadata") or {}
     groups = body.get("workerGroupSpecs") or []
     if not groups:
-        raise ManifestError(f"{source}: spec.workerGroupSpecs is empty; a pool comes from each worker group")
+        raise ManifestError("spec.workerGroupSpecs is empty; a pool comes from each worker group")
+    kept = [(index, group) for index, group in enumerate(groups) if _max_replicas(group)[0] != 0]
+    if not kept:
+        raise ManifestError("spec.workerGroupSpecs: every group has maxReplicas 0, so none ever has a pod to import")
     head = body.get("headGroupSpec") or {}
     head_container = _ray_container(head, "spec.headGroupSpec")
     kubernetes: dict[str, Any] = {"image": head_container.get("image")}
@@ -163,21 +217,59 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
     if (body.get("authOptions") or {}).get("mode") == "disabled":
         kubernetes["token_auth"] = False
     kubernetes["shared_storage"] = _shared_storage(head, head_container)
+    head_cpus, head_cpus_field = _amount(head, "spec.headGroupSpec", "CPU", "num-cpus", "cpu")
+    head_memory, head_memory_field = _amount(head, "spec.headGroupSpec", "memory", "memory", "memory")
+    sources = {
+        "name": "metadata.name",
+        "head.cpus": head_cpus_field,
+        "head.memory": head_memory_field,
+        "kubernetes.image": "spec.headGroupSpec.template.spec.containers[0].image",
+        "kubernetes.namespace": "metadata.namespace",
+        "kubernetes.ray_version": "spec.rayVersion",
+        "kubernetes.shared_storage": "spec.headGroupSpec.template.spec.volumes",
+    }
+    pools = []
+    for index, group in kept:
+        at = f"spec.workerGroupSpecs[{index}]"
+        pool, pool_sources = _pool(group, at)
+        where = f"pools[{len(pools)}]"
+        sources.update({f"{where}.{field}" if field else where: origin for field, origin in pool_sources.items()})
+        sources[f"kubernetes.pools.{pool['name']}.node_selector"] = f"{at}.template.spec.nodeSelector"
+        sources[f"kubernetes.pools.{pool['name']}.node_taints"] = f"{at}.template.spec.tolerations"
+        pools.append(pool)
     data: dict[str, Any] = {
         "name": meta.get("name", "llmos"),
-        "head": {
-            "cpus": math.floor(_amount(head, "spec.headGroupSpec", "CPU", "num-cpus", "cpu")),
-            "memory": int(_amount(head, "spec.headGroupSpec", "memory", "memory", "memory")) or "8Gi",
-        },
-        "pools": [_pool(group, f"spec.workerGroupSpecs[{i}]") for i, group in enumerate(groups)],
+        "head": {"cpus": math.floor(head_cpus), "memory": int(head_memory) or "8Gi"},
+        "pools": pools,
         "kubernetes": {k: v for k, v in kubernetes.items() if v is not None},
     }
-    spec = parse_model(ClusterSpec, data, source)
-    overrides = _placement_overrides(spec, groups)
+    spec = _parse_imported(data, source, sources)
+    overrides = _placement_overrides(spec, [group for _, group in kept])
     if overrides:
         data["kubernetes"]["pools"] = overrides
-        spec = parse_model(ClusterSpec, data, source)
+        spec = _parse_imported(data, source, sources)
     return spec
+
+
+def _parse_imported(data: dict[str, Any], source: str, sources: dict[str, str]) -> ClusterSpec:
+    """The ClusterSpec of imported data; its problems said of the manifest fields they came from, as the user
+    wrote none of the ClusterSpec's."""
+    try:
+        return parse_model(ClusterSpec, data, source)
+    except SpecError as error:
+        problems = [_in_manifest_terms(problem, sources) for problem in error.problems]
+    if len(problems) == 1:
+        raise ManifestError(problems[0])
+    raise ManifestError("\n".join(["cannot become a ClusterSpec:", *(f"  - {problem}" for problem in problems)]))
+
+
+def _in_manifest_terms(problem: str, sources: dict[str, str]) -> str:
+    """`pools[1].name: ...` as `spec.workerGroupSpecs[1].groupName: ...`: the longest ClusterSpec field the
+    problem starts with, replaced by the manifest field it was read from."""
+    for field in sorted(sources, key=len, reverse=True):
+        if problem.startswith(field) and problem[len(field) : len(field) + 1] in (":", ".", "["):
+            return sources[field] + problem[len(field) :]
+    return problem
 
 
 def _shared_storage(head: dict[str, Any], container: dict[str, Any]) -> dict[str, Any] | None:

@@ -178,7 +178,7 @@ def test_import_of_render_gives_back_the_spec():
             lambda m: m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"].update(
                 limits={"cpu": "500m", "memory": "1Gi"}
             ),
-            r"workerGroupSpecs\[0\] CPUs: 0.5 is not a whole number",
+            r"workerGroupSpecs\[0\]\.template\.spec\.containers\[0\]\.resources\.limits\.cpu: 0.5 is not a whole",
         ),
         (
             lambda m: m["spec"]["workerGroupSpecs"][3]["template"]["spec"]["nodeSelector"].pop(
@@ -196,6 +196,51 @@ def test_import_errors_name_the_group_and_the_fix(change, message):
     manifest = kuberay_manifest()
     change(manifest)
     with pytest.raises(ManifestError, match=message):
+        import_ray_cluster(manifest, "test")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda groups: groups[1].update(groupName="GPU_group"),
+            r"^spec\.workerGroupSpecs\[1\]\.groupName: 'GPU_group' is not a valid name; use lowercase letters",
+        ),
+        (
+            lambda groups: groups[2].update(minReplicas=7),
+            r"^spec\.workerGroupSpecs\[2\]\.minReplicas: min \(7\) is above max \(6\)",
+        ),
+        (
+            lambda groups: groups[0].update(labels={"tier": "x" * 64}),
+            r"^spec\.workerGroupSpecs\[0\]\.labels",
+        ),
+        (  # pools[2] of the spec, as the group before it is left out
+            lambda groups: groups[1].update(maxReplicas=0) or groups[3].update(groupName="TPU"),
+            r"^spec\.workerGroupSpecs\[3\]\.groupName: 'TPU' is not a valid name",
+        ),
+    ],
+)
+def test_import_errors_name_the_manifest_field_not_the_cluster_spec_field(change, message):
+    manifest = kuberay_manifest()
+    change(manifest["spec"]["workerGroupSpecs"])
+    with pytest.raises(ManifestError, match=message):
+        import_ray_cluster(manifest, "test")
+
+
+def test_import_leaves_out_groups_that_never_have_a_pod_and_says_so(tmp_path, capsys):
+    manifest = kuberay_manifest()
+    manifest["spec"]["workerGroupSpecs"][1].update(maxReplicas=0, groupName="GPU_group")
+    assert [pool.name for pool in import_ray_cluster(manifest, "test").pools] == ["cpu-workers", "l4", "tpu-v4"]
+    source = tmp_path / "raycluster.yaml"
+    source.write_text(yaml.safe_dump(manifest))
+    assert main(["pools", "import", str(source), "-o", str(tmp_path / "cluster.yaml")]) == 0
+    assert (
+        "note: spec.workerGroupSpecs[1] (GPU_group) left out: its maxReplicas is 0, so it never has a pod; give it "
+        "its largest size and import again to keep it" in capsys.readouterr().err
+    )
+    for group in manifest["spec"]["workerGroupSpecs"]:
+        group["maxReplicas"] = 0
+    with pytest.raises(ManifestError, match=r"spec\.workerGroupSpecs: every group has maxReplicas 0"):
         import_ray_cluster(manifest, "test")
 
 
@@ -236,8 +281,12 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     not_a_cluster = tmp_path / "job.yaml"
     not_a_cluster.write_text("apiVersion: ray.io/v1\nkind: RayJob\nmetadata: {name: x}\n")
     assert main(["pools", "import", str(not_a_cluster), "-o", str(tmp_path / "x.yaml")]) == 2
+    no_groups = tmp_path / "empty.yaml"
+    no_groups.write_text("kind: RayCluster\nmetadata: {name: x}\nspec: {workerGroupSpecs: []}\n")
+    assert main(["pools", "import", str(no_groups), "-o", str(tmp_path / "x.yaml")]) == 2
     err = capsys.readouterr().err
     assert "file not found" in err and "no RayCluster in it (kinds found: RayJob)" in err
+    assert f"error: {no_groups}: spec.workerGroupSpecs is empty" in err  # the file named once
 
 
 def test_cli_validate_reports_unreadable_files_and_goes_on(tmp_path, capsys):
