@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import yaml
+from rich.markup import escape
 
 from cluster.cli import main as llmos
 from cluster.console import stdout
@@ -172,7 +173,7 @@ def show_serving(admin, checkpoints: Path) -> None:
         timeout=60,
     )
     completion = response.json()["choices"][0]["text"]
-    stdout.print(f"  [bold]{prompt}[/]{completion}", markup=True)
+    stdout.print(f"  [bold]{escape(prompt)}[/]{escape(completion)}", markup=True)  # the model writes any text
     delete(job.name, admin)
 
 

@@ -27,7 +27,7 @@ from jobs.spec import ModelSize
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-_COMPLETE = re.compile(r"^step-(\d{9})$")
+_COMPLETE = re.compile(r"step-([0-9]{9})")  # matched with fullmatch: `$` would let "step-000000010\n" in
 _IN_PROGRESS_PREFIX = ".incomplete-"
 
 
@@ -47,7 +47,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints in `directory`, oldest first."""
     if not directory.is_dir():
         return []
-    found = [path for path in directory.iterdir() if _COMPLETE.match(path.name) and (path / STATE_FILE).is_file()]
+    found = [path for path in directory.iterdir() if _COMPLETE.fullmatch(path.name) and (path / STATE_FILE).is_file()]
     return sorted(found, key=lambda path: path.name)
 
 
@@ -58,7 +58,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def checkpoint_step(path: Path) -> int:
-    match = _COMPLETE.match(path.name)
+    match = _COMPLETE.fullmatch(path.name)
     if not match:
         raise ValueError(f"{path} is not a checkpoint directory (expected a name like step-000000200)")
     return int(match.group(1))

@@ -12,9 +12,9 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, field_
 
 from cluster.spec import (
     KubeRayName,
-    MemoryBytes,
     MinMaxBounds,
     Name,
+    PositiveMemoryBytes,
     StrictModel,
     load_yaml,
     parse_memory,
@@ -30,7 +30,7 @@ class ReplicaCount(MinMaxBounds):
 class ReplicaResources(StrictModel):
     cpus: PositiveFloat = Field(1, description="Logical CPUs per replica.")
     gpus: NonNegativeFloat = Field(0, description="GPUs per replica; fractions share a GPU (e.g. 0.25).")
-    memory: MemoryBytes = Field(parse_memory("1Gi"), description="Memory per replica: bytes or a quantity.")
+    memory: PositiveMemoryBytes = Field(parse_memory("1Gi"), description="Memory per replica: bytes or a quantity.")
 
 
 class Batching(StrictModel):

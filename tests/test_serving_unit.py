@@ -177,6 +177,8 @@ def test_serve_job_errors_name_the_field(tmp_path):
     assert "replica: unknown field (did you mean 'replicas'?)" in problems
     with pytest.raises(ValueError, match="set pool or accelerator_type, not both"):
         ServeJob(name="x", team="t", checkpoint="/c", pool="a100", accelerator_type="A100-80G", resources={"gpus": 1})
+    with pytest.raises(ValueError, match=r"resources\.memory"):  # as a TrainingJob's: a replica needs some memory
+        ServeJob(name="x", team="t", checkpoint="/c", resources={"memory": 0})
 
 
 def booked_replica(node: str, node_id: str, state: RequestState = RequestState.RUNNING) -> RequestStatus:

@@ -85,6 +85,13 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path):
         assert resumed_loss == pytest.approx(straight_loss, abs=1e-4)
 
 
+def test_only_a_directory_named_exactly_like_a_checkpoint_is_one(tmp_path):
+    for name in ("step-000000010", "step-000000020\n", "step-000000030.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoints.STATE_FILE).write_bytes(b"")
+    assert [path.name for path in checkpoints.list_checkpoints(tmp_path)] == ["step-000000010"]
+
+
 def test_checkpoints_keep_the_last_k(tmp_path):
     job = tiny_job(tmp_path, steps=60, evaluation={"every_steps": 1000, "batches": 1})
     train(job)
