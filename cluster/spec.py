@@ -170,13 +170,27 @@ def _check_resource_name(value: str) -> str:
     return value
 
 
-def _check_label_key(key: str) -> str:
+def label_key_problem(key: str) -> str | None:
+    """Why `key` is not a Kubernetes label key, or None."""
     prefix, slash, name = key.rpartition("/")
     if len(name) > 63 or not _LABEL_TEXT.fullmatch(name) or (slash and not _valid_label_prefix(prefix)):
-        raise ValueError(
+        return (
             f"{key!r} is not a Kubernetes label key; write [prefix/]name, the name {_LABEL_TEXT_RULE}, "
             "the prefix a DNS subdomain such as example.com"
         )
+    return None
+
+
+def label_value_problem(value: str) -> str | None:
+    """Why `value` is not a Kubernetes label value, or None."""
+    if len(value) > 63 or (value and not _LABEL_TEXT.fullmatch(value)):
+        return f"{value!r} is not a Kubernetes label value; use {_LABEL_TEXT_RULE}, or nothing"
+    return None
+
+
+def _check_label_key(key: str) -> str:
+    if problem := label_key_problem(key):
+        raise ValueError(problem)
     return key
 
 
@@ -194,8 +208,8 @@ def _label_value_is_text(value: Any) -> Any:
 
 
 def _check_label_value(value: str) -> str:
-    if len(value) > 63 or (value and not _LABEL_TEXT.fullmatch(value)):
-        raise ValueError(f"{value!r} is not a Kubernetes label value; use {_LABEL_TEXT_RULE}, or nothing")
+    if problem := label_value_problem(value):
+        raise ValueError(problem)
     return value
 
 
@@ -872,22 +886,43 @@ def read_yaml_text(path: str | Path) -> str:
 def load_yaml(path: str | Path) -> Any:
     """The data of a YAML file, as `yaml.safe_load` reads it, except that a key written twice in one
     mapping is refused: YAML keeps the last silently, so `quota: {gpu: 4, gpu: 100}` would grant 100."""
-    text = read_yaml_text(path)
-    loader = yaml.SafeLoader(text)
+    loader = yaml.SafeLoader(read_yaml_text(path))
     try:
         root = loader.get_single_node()
-        if root is None:
-            return None
-        if problems := _duplicate_key_problems(loader, root):
-            raise SpecError(str(path), problems, YAML_FILE)
-        return loader.construct_document(root)
+        return None if root is None else _construct_checked(loader, root, path)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = f"{where}not valid YAML ({getattr(error, 'problem', error)})"
-        raise SpecError(str(path), [problem], YAML_FILE) from None
+        raise SpecError(str(path), [_yaml_problem(error)], YAML_FILE) from None
     finally:
         loader.dispose()
+
+
+def load_yaml_documents(path: str | Path) -> list[Any]:
+    """Every document of a multi-document YAML file (a manifest), empty ones left out, each read as
+    `load_yaml` reads its one."""
+    loader = yaml.SafeLoader(read_yaml_text(path))
+    documents = []
+    try:
+        while loader.check_node():
+            document = _construct_checked(loader, loader.get_node(), path)
+            if document is not None:
+                documents.append(document)
+    except yaml.YAMLError as error:
+        raise SpecError(str(path), [_yaml_problem(error)], YAML_FILE) from None
+    finally:
+        loader.dispose()
+    return documents
+
+
+def _construct_checked(loader: yaml.SafeLoader, root: yaml.Node, path: str | Path) -> Any:
+    if problems := _duplicate_key_problems(loader, root):
+        raise SpecError(str(path), problems, YAML_FILE)
+    return loader.construct_document(root)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"{where}not valid YAML ({getattr(error, 'problem', error)})"
 
 
 _YAML_MERGE_TAG = "tag:yaml.org,2002:merge"

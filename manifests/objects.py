@@ -6,9 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cluster.spec import ClusterSpec, SpecError, format_memory, read_yaml_text
+from cluster.spec import ClusterSpec, SpecError, format_memory, load_yaml_documents
 
 # Pod label put on every Ray pod llmos renders; the NetworkPolicy selects on it.
 CLUSTER_LABEL = "llmos.io/cluster"
@@ -88,7 +86,7 @@ def parse_quantity(value: Any, field: str) -> float:
     """The number a Kubernetes quantity (`500m`, `8`, `32Gi`, `1e3`) stands for."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    match = _QUANTITY.match(str(value).strip())
+    match = _QUANTITY.fullmatch(str(value).strip())
     if not match:
         raise ManifestError(f"{field}: {value!r} is not a Kubernetes quantity; write e.g. 500m, 8 or 32Gi")
     number, suffix = match.group(1), match.group(2) or ""
@@ -101,12 +99,6 @@ def read_documents(path: str | Path) -> list[Any]:
     """The YAML documents of a manifest file, empty ones left out; a ManifestError naming the file, and the
     line where YAML says, when it cannot be read or parsed."""
     try:
-        text = read_yaml_text(path)
+        return load_yaml_documents(path)
     except SpecError as error:
-        raise ManifestError(f"{path}: {error.problems[0]}") from None
-    try:
-        return [document for document in yaml.safe_load_all(text) if document is not None]
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ManifestError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
+        raise ManifestError(f"{path}: {'; '.join(error.problems)}") from None

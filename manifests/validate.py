@@ -32,13 +32,13 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, schema_contents
 from referencing import Registry, Resource
 
+from cluster.spec import label_key_problem, label_value_problem
+
 KUBERNETES_VERSION = "1.35.0"
 SCHEMAS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
 CRD_GROUPS = {"ray.io": "kuberay", "kueue.x-k8s.io": "kueue"}
 _OBJECT_META_REF = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 _MIN_TOKEN_AUTH_RAY = (2, 52, 0)
 
@@ -231,17 +231,11 @@ def _label_problems(labels: Any, path: str) -> list[Problem]:
         return []
     problems = []
     for key, value in labels.items():
-        prefix, _, name = str(key).rpartition("/")
-        if len(name) > 63 or not _LABEL_NAME.match(name) or (prefix and not _DNS_SUBDOMAIN.match(prefix)):
-            problems.append(
-                Problem(
-                    f"{path}.{key}", "not a valid label key; use [prefix/]name, name of at most 63 of A-Z a-z 0-9 - _ ."
-                )
-            )
-        if not isinstance(value, str) or len(value) > 63 or (value and not _LABEL_NAME.match(value)):
-            problems.append(
-                Problem(f"{path}.{key}", f"{value!r} is not a valid label value (at most 63 of A-Z a-z 0-9 - _ .)")
-            )
+        if problem := label_key_problem(str(key)):
+            problems.append(Problem(f"{path}.{key}", problem))
+        value_problem = label_value_problem(value) if isinstance(value, str) else f"{value!r} is not text"
+        if value_problem:
+            problems.append(Problem(f"{path}.{key}", value_problem))
     return problems
 
 
@@ -290,7 +284,7 @@ def _operator_problems(obj: dict[str, Any]) -> list[Problem]:
     kind, spec = obj.get("kind"), obj.get("spec") or {}
     problems = []
     name = (obj.get("metadata") or {}).get("name", "")
-    if not _DNS_1035.match(str(name)) or len(str(name)) > 63:
+    if not _DNS_1035.fullmatch(str(name)) or len(str(name)) > 63:
         problems.append(
             Problem("metadata.name", f"{name!r} must be a DNS-1035 label (a-z, 0-9, '-', starting with a letter)")
         )

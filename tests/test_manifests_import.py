@@ -293,11 +293,14 @@ def test_cli_validate_reports_unreadable_files_and_goes_on(tmp_path, capsys):
     (tmp_path / "a-broken.yaml").write_text("apiVersion: v1\nkind: [Namespace\n")
     (tmp_path / "b-binary.yaml").write_bytes(b"\xff\xfe\x00kind")
     shutil.copy(EXAMPLES_DIR / "namespaces.yaml", tmp_path / "c-namespaces.yaml")
+    # kubectl's strict decoding refuses a key written twice; YAML would keep the last silently.
+    (tmp_path / "d-twice.yaml").write_text("kind: Namespace\n---\napiVersion: v1\nkind: Namespace\nkind: Pod\n")
     assert main(["manifests", "validate", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert captured.out.splitlines() == [
         f"{tmp_path / 'a-broken.yaml'}: line 3, column 1: not valid YAML (expected ',' or ']', but got '<stream end>')",
         f"{tmp_path / 'b-binary.yaml'}: is not a text file (not UTF-8); give the path of a YAML file",
+        f"{tmp_path / 'd-twice.yaml'}: key 'kind' appears twice (lines 4 and 5); keep one",
     ]
     assert "Traceback" not in captured.err
 
@@ -306,7 +309,8 @@ def test_cli_prints_brackets_in_user_text_as_they_are(tmp_path, capsys):
     namespace = tmp_path / "namespace.yaml"
     namespace.write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {'[bold]key!': v}}\n")
     assert main(["manifests", "validate", str(namespace)]) == 1
-    assert "metadata.labels.[bold]key!: not a valid label key; use [prefix/]name," in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "metadata.labels.[bold]key!: '[bold]key!' is not a Kubernetes label key; write [prefix/]name," in printed
     out = tmp_path / "home [x]" / "[/]"
     assert main(["manifests", "render", str(EXAMPLE_SPEC), "-o", str(out)]) == 0
     printed = capsys.readouterr().out

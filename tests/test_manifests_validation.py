@@ -91,7 +91,7 @@ CASES = {
     "invalid Ray label (KubeRay rule)": (
         broken(RAY_CLUSTER, lambda o: worker(o)["labels"].update({"gpu type": "H100"})),
         "spec.workerGroupSpecs[1].labels.gpu type",
-        "not a valid label key",
+        "is not a Kubernetes label key",
     ),
     "resources set twice (KubeRay rule)": (
         broken(RAY_CLUSTER, lambda o: worker(o)["rayStartParams"].update({"num-gpus": "8"})),
@@ -115,6 +115,11 @@ CASES = {
     ),
     "RayCluster name (KubeRay rule)": (
         broken(RAY_CLUSTER, lambda o: o["metadata"].update(name="9lives")),
+        "metadata.name",
+        "DNS-1035",
+    ),
+    "RayCluster name ending in a newline (KubeRay rule)": (
+        broken(RAY_CLUSTER, lambda o: o["metadata"].update(name="lives\n")),
         "metadata.name",
         "DNS-1035",
     ),
@@ -154,7 +159,7 @@ CASES = {
     "Namespace bad label value": (
         broken(NAMESPACE, lambda o: o["metadata"]["labels"].update({"team": "R&D"})),
         "metadata.labels.team",
-        "not a valid label value",
+        "is not a Kubernetes label value",
     ),
     "unknown apiVersion": (
         broken(RAY_CLUSTER, lambda o: o.update(apiVersion="ray.io/v2")),
