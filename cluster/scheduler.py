@@ -51,6 +51,7 @@ from cluster.spec import ClusterSpec, did_you_mean, quota_amount_problem
 CORDON_LABEL = "llmos.io/cordoned"
 UNBORN_PREFIX = "+"  # names the nodes a pool may still gain, in what-if placements only
 DECISION_LOG_SIZE = 10_000
+NEVER_FITS_VERDICTS_KEPT = 4_096  # gang shapes whose never-fits verdict is kept until the nodes change
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,9 @@ class Scheduler:
         self._quota_blocked: dict[str, int] = {}
         self._demands: dict[str, dict[str, float]] = {}  # request id -> its quota demand (requests are frozen)
         self._awaiting_nodes: dict[str, GangRequest] = {}  # request id -> its gang, that fits once pools grow
+        # `_never_fits` verdicts for the live nodes, by gang (as JSON, its name left out) and GPU types: many
+        # requests share a shape, and the verdict needs a placement on the whole empty cluster.
+        self._never_fits_verdicts: dict[tuple[str, frozenset[str] | None], str | None] = {}
         self._gpu_types_in_cluster = sorted({p.accelerator_type for p in spec.pools if p.accelerator.value == "gpu"})
         tpu_pools = [pool for pool in spec.pools if pool.tpu]
         self._tpu_host_chips = min((pool.tpu.chips_per_host for pool in tpu_pools), default=0)
@@ -276,6 +280,7 @@ class Scheduler:
             and node.labels.get(RAY_NODE_ID_LABEL) != self.nodes[name].labels.get(RAY_NODE_ID_LABEL)
         }
         self.nodes = nodes
+        self._never_fits_verdicts.clear()
         for status in self.holders():
             gone = sorted(set(status.nodes) - (nodes.keys() - replaced))
             if gone:
@@ -424,13 +429,21 @@ class Scheduler:
     def _never_fits(self, status: RequestStatus, gpu_types: set[str] | None = None) -> str | None:
         """Why the gang, as asked (on `gpu_types` only, if given), fits no node set of the cluster even empty
         and uncordoned, or None."""
+        types = frozenset(gpu_types) if gpu_types is not None else None
+        key = (status.request.gang.model_dump_json(exclude={"name"}), types)
+        if key in self._never_fits_verdicts:
+            return self._never_fits_verdicts[key]
+        if len(self._never_fits_verdicts) >= NEVER_FITS_VERDICTS_KEPT:
+            self._never_fits_verdicts.clear()
         gang = self._gang_for_engine(status, gpu_types, cordoned_too=True)
         snapshot = self._with_unborn_nodes(self._empty_uncordoned_nodes(), len(gang.bundles))
         decision = self._trial_engine(snapshot).place(gang)
+        verdict = None
         if isinstance(decision, Rejection) and decision.reason is RejectionReason.NEVER_FITS:
             largest = " at its largest (every pool at its max)" if self.scale_up else ""
-            return f"can never fit this cluster{largest}: {decision.message}"
-        return None
+            verdict = f"can never fit this cluster{largest}: {decision.message}"
+        self._never_fits_verdicts[key] = verdict
+        return verdict
 
     def _never_within_typed_quota(self, status: RequestStatus) -> str | None:
         """Why the gang fits no node set of the GPU types its team's typed quotas allow it even with nothing

@@ -945,3 +945,15 @@ def test_requests_of_a_team_taken_out_of_the_spec_end_when_the_books_are_restore
     restored.set_nodes(NODES)
     restored.schedule()
     assert restored.get(kept).state is RequestState.PLACED and restored.usage["research"]["gpu"] == 1
+
+
+def test_a_never_fits_verdict_holds_only_for_the_nodes_it_was_reached_on(scheduler: Scheduler):
+    scheduler.set_nodes([n for n in NODES if not n.name.startswith("h100")])
+    first = scheduler.get(submit(scheduler, "research", workers=1, gpus=8))
+    assert first.state is RequestState.REJECTED and "the most any matching node has is 4" in first.reason
+    scheduler.set_nodes(NODES)
+    held = [submit(scheduler, "research", workers=2, gpus=8), submit(scheduler, "research", workers=1, gpus=4)]
+    assert all(scheduler.get(request_id).state is RequestState.PLACED for request_id in held)
+    # The same shape, over research's quota now (20 + 8 > 24), is judged on the nodes up now: it waits.
+    second = scheduler.get(submit(scheduler, "research", workers=1, gpus=8))
+    assert second.state is RequestState.QUEUED and second.reason.startswith("over quota")
