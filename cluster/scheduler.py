@@ -536,17 +536,18 @@ class Scheduler:
         types narrowed by quota."""
         gang = status.request.gang
         holds_tpu_hosts = gang.constraint is Constraint.SAME_TPU_SLICE
+        # Gangs name no TPU types, so the narrowing is a label selector; a bundle that picked its accelerator
+        # type by label keeps it, and the placed check (`_try_place`) has the last word.
+        tpu_selector = None
+        if tpu_types is not None and tpu_types != set(self._tpu_types):
+            tpu_selector = f"in({','.join(self._tpu_ray_types[name] for name in sorted(tpu_types))})"
         bundles = []
         for bundle in gang.bundles:
             selector = dict(bundle.label_selector)
             if not cordoned_too:
                 selector[CORDON_LABEL] = "!true"
-            narrow_tpus = tpu_types is not None and tpu_types != set(self._tpu_types)
-            if narrow_tpus and (holds_tpu_hosts or bundle.resources.get("TPU")):
-                # Gangs name no TPU types, so the narrowing is a label selector; a bundle that picked its
-                # accelerator type by label keeps it, and the placed check (`_try_place`) has the last word.
-                ray_types = ",".join(self._tpu_ray_types[name] for name in sorted(tpu_types))
-                selector.setdefault(RAY_ACCELERATOR_TYPE_LABEL, f"in({ray_types})")
+            if tpu_selector and (holds_tpu_hosts or bundle.resources.get("TPU")):
+                selector.setdefault(RAY_ACCELERATOR_TYPE_LABEL, tpu_selector)
             update: dict = {"label_selector": selector} if selector != bundle.label_selector else {}
             if gpu_types is not None and bundle.resources.get("GPU"):
                 # Narrowed, never widened: a bundle that asked for some types keeps to them. Nothing left
@@ -639,25 +640,22 @@ class Scheduler:
         demand = self._demand(status)
         over = quotas.exceeded(quota, used, demand)
         if over:
-            if not self._rejected_on_first_try(status):
-                self._over_quota(status, "over quota: " + "; ".join(over))
+            self._over_quota_unless_never_fits(status, "over quota: " + "; ".join(over))
             return
         gpu_types = None
         if demand.get("gpu"):
             candidates = self._gpu_types(status.request.gang)
             gpu_types = quotas.allowed_types("gpu", candidates, quota, used, demand["gpu"])
             if not gpu_types:
-                if not self._rejected_on_first_try(status):
-                    no_type_left = f"over quota: no GPU type among {', '.join(candidates)} has typed quota left"
-                    self._over_quota(status, no_type_left)
+                no_type_left = f"over quota: no GPU type among {', '.join(candidates)} has typed quota left"
+                self._over_quota_unless_never_fits(status, no_type_left)
                 return
         tpu_types = None
         if demand.get("tpu"):
             tpu_types = quotas.allowed_types("tpu", self._tpu_types, quota, used, demand["tpu"])
             if not tpu_types:
-                if not self._rejected_on_first_try(status):
-                    no_type_left = f"over quota: no TPU type among {', '.join(self._tpu_types)} has typed quota left"
-                    self._over_quota(status, no_type_left)
+                no_type_left = f"over quota: no TPU type among {', '.join(self._tpu_types)} has typed quota left"
+                self._over_quota_unless_never_fits(status, no_type_left)
                 return
         gang = self._gang_for_engine(status, gpu_types, tpu_types)
         if self.engine is None:  # no worker node is up yet: only nodes to come can hold it
@@ -791,6 +789,12 @@ class Scheduler:
             count, unit = (len({node.tpu_slice for node in new}), "slice") if tpu else (len(new), "node")
             growth.append(f"{count} more {unit}{'s' if count > 1 else ''} of pool {pool}")
         return ", ".join(growth)
+
+    def _over_quota_unless_never_fits(self, status: RequestStatus, reason: str) -> None:
+        """Over quota now: the request waits for its team's quota, unless on its first try it can never fit, which
+        waiting for quota would only hide."""
+        if not self._rejected_on_first_try(status):
+            self._over_quota(status, reason)
 
     def _over_quota(self, status: RequestStatus, reason: str) -> None:
         self._quota_blocked[status.id] = self._quota_changes[status.team]

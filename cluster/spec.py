@@ -12,7 +12,7 @@ import json
 import math
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, TypeVar
@@ -188,12 +188,6 @@ def label_value_problem(value: str) -> str | None:
     return None
 
 
-def _check_label_key(key: str) -> str:
-    if problem := label_key_problem(key):
-        raise ValueError(problem)
-    return key
-
-
 def _valid_label_prefix(prefix: str) -> bool:
     return len(prefix) <= 253 and _DNS_SUBDOMAIN.fullmatch(prefix) is not None
 
@@ -207,10 +201,15 @@ def _label_value_is_text(value: Any) -> Any:
     return value
 
 
-def _check_label_value(value: str) -> str:
-    if problem := label_value_problem(value):
-        raise ValueError(problem)
-    return value
+def _refused_if(problem_of: Callable[[str], str | None]) -> AfterValidator:
+    """A validator that refuses a value with what `problem_of` says is wrong with it, if anything."""
+
+    def check(value: str) -> str:
+        if problem := problem_of(value):
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
 
 
 def _fits_int32(value: int) -> int:
@@ -221,8 +220,8 @@ def _fits_int32(value: int) -> int:
 
 NamespaceName = Annotated[str, AfterValidator(_check_namespace)]
 ResourceName = Annotated[str, AfterValidator(_check_resource_name)]
-LabelKey = Annotated[str, AfterValidator(_check_label_key)]
-LabelValue = Annotated[str, BeforeValidator(_label_value_is_text), AfterValidator(_check_label_value)]
+LabelKey = Annotated[str, _refused_if(label_key_problem)]
+LabelValue = Annotated[str, BeforeValidator(_label_value_is_text), _refused_if(label_value_problem)]
 Int32 = AfterValidator(_fits_int32)  # for a count KubeRay keeps in an int32 field (replicas, numOfHosts)
 
 
