@@ -723,22 +723,24 @@ def test_nodes_to_come_are_waited_for_before_lower_priorities_are_preempted():
     assert books.scale_up_demand() == {"h100": 2}
 
 
-def test_a_tpu_pool_grows_by_whole_slices():
-    spec = ClusterSpec.model_validate(
+TPU_SPEC = {
+    "pools": [
+        {"name": "cpu", "accelerator": "cpu", "node": {"cpus": 8, "memory": "32Gi"}, "nodes": {"max": 1}},
         {
-            "pools": [
-                {
-                    "name": "tpu",
-                    "accelerator": "tpu",
-                    "accelerator_type": "v5p",
-                    "node": {"cpus": 208, "memory": "448Gi"},
-                    "tpu": {"topology": "2x2x2", "chips_per_host": 4, "hosts_per_slice": 2},
-                    "slices": {"max": 3},
-                }
-            ],
-            "teams": [{"name": "research", "quota": {"tpu": 64}}],
-        }
-    )
+            "name": "tpu",
+            "accelerator": "tpu",
+            "accelerator_type": "v5p",
+            "node": {"cpus": 208, "memory": "448Gi"},
+            "tpu": {"topology": "2x2x2", "chips_per_host": 4, "hosts_per_slice": 2},
+            "slices": {"max": 1},
+        },
+    ],
+}
+
+
+def test_a_tpu_pool_grows_by_whole_slices():
+    one_tpu_pool = {**TPU_SPEC["pools"][1], "slices": {"max": 3}}
+    spec = ClusterSpec.model_validate({"pools": [one_tpu_pool], "teams": [{"name": "research", "quota": {"tpu": 64}}]})
     pool = spec.pool("tpu")
     live = [node_from_ray(host.name, host.resources, host.labels) for host in replica_nodes(pool, 0)]
     books = growing(live, spec)
@@ -793,21 +795,6 @@ def test_a_gang_that_no_longer_waits_for_nodes_stops_asking_for_them():
     books.schedule()
     assert books.get(waiting).reason.startswith("over quota")
     assert books.scale_up_demand() == {}
-
-
-TPU_SPEC = {
-    "pools": [
-        {"name": "cpu", "accelerator": "cpu", "node": {"cpus": 8, "memory": "32Gi"}, "nodes": {"max": 1}},
-        {
-            "name": "tpu",
-            "accelerator": "tpu",
-            "accelerator_type": "v5p",
-            "node": {"cpus": 208, "memory": "448Gi"},
-            "tpu": {"topology": "2x2x2", "chips_per_host": 4, "hosts_per_slice": 2},
-            "slices": {"max": 1},
-        },
-    ],
-}
 
 
 def tpu_books(teams: list[dict]) -> Scheduler:
