@@ -180,12 +180,13 @@ class _Trainer(threading.Thread):
         self.request_id: str | None = None
         self.final = None
         self.error: str | None = None
+        self.progress: list[str] = []
 
     def run(self) -> None:
         from jobs.train import run_admitted
 
         try:
-            self.request_id, self.final = run_admitted(self.job, self.admin, on_progress=lambda line: None)
+            self.request_id, self.final = run_admitted(self.job, self.admin, on_progress=self.progress.append)
         except Exception as error:  # reported as the fault's detail
             self.error = f"{type(error).__name__}: {error}"
 
@@ -196,6 +197,16 @@ class _Trainer(threading.Thread):
         details = self.admin.status(self.request_id).details
         if self.final.step != self.job.steps or details.get("restarts") != restarts:
             return [f"training ended at step {self.final.step} of {self.job.steps}, details {details}"]
+        return []
+
+    def restarted_off(self, node: str) -> list[str]:
+        """What is wrong unless the job said its node left and its last attempt ran on other nodes."""
+        if self.request_id is None:
+            return []  # `problems` says it did not finish
+        nodes = self.admin.status(self.request_id).details.get("nodes", [])
+        if node in nodes or not any("left the cluster" in line for line in self.progress):
+            events = [line for line in self.progress if not line.startswith("step ")]
+            return [f"after {node} left, the last attempt ran on {nodes}; the job said: {events}"]
         return []
 
 
@@ -273,7 +284,7 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
         replica_back = time.monotonic() - removed
         trainer.join(TRAINING_WAIT_S)
         problems = books_disagree(admin)
-        problems += trainer.problems(restarts=1)
+        problems += trainer.problems(restarts=1) + trainer.restarted_off(node.name)
         lost = int(bool(trainer.error or trainer.is_alive()))
         detail = (
             f"a {job.workers.max}-worker training gang and a serving replica running on {node.name}: the job "

@@ -87,19 +87,23 @@ def classify(
     final: StepReport | None,
     job: TrainingJob,
     bookings: list[RequestStatus],
-    failures_before: dict[str, int],
+    at_start: dict[str, RequestStatus],
 ) -> Outcome:
     """What ended an attempt, from how it ended and the controller's books afterwards.
 
-    The controller counts a booking's node losses (`failures`) apart from its preemptions;
-    `failures_before` holds each booking's count when the attempt started.
+    The controller counts a booking's node losses (`failures`) apart from its preemptions; `at_start`
+    holds each booking as the attempt started. The counts, not the state, say whether the controller
+    took a booking off its nodes: it may have placed it again before the driver looks.
     """
     if not failed and final is not None and final.step >= job.steps:
         return Outcome.FINISHED
-    lost = [status for status in bookings if not status.state.holding]
-    if any(status.failures > failures_before.get(status.id, 0) for status in lost):
+
+    def counted(count: str) -> bool:
+        return any(getattr(status, count) > getattr(at_start.get(status.id, status), count) for status in bookings)
+
+    if counted("failures"):
         return Outcome.NODE_LOST
-    if lost:
+    if counted("preemptions") or not all(status.state.holding for status in bookings):
         return Outcome.PREEMPTED
     return Outcome.WORKER_FAILED if failed else Outcome.STOPPED
 
@@ -241,10 +245,10 @@ class ElasticRun:
         self._admit()
         try:
             while True:
-                failures_before = {status.id: status.failures for status in self.bookings}
+                at_start = {status.id: status for status in self.bookings}
                 failed, final = self._attempt()
                 bookings = self._settle(failed is not None)
-                outcome = classify(failed is not None, final, self.job, bookings, failures_before)
+                outcome = classify(failed is not None, final, self.job, bookings, at_start)
                 if outcome is Outcome.FINISHED:
                     self._release(failed=False, reason="")
                     return self.request_id, final
@@ -329,6 +333,10 @@ class ElasticRun:
             why = f"a booked node left the cluster (failure {counters.failures} of {budget.failures})"
         else:
             why = f"preempted (preemption {counters.preemptions} of {budget.preemptions})"
+        if all(status.state.holding for status in self.bookings):
+            nodes = ", ".join(node for status in self.bookings for node in status.nodes)
+            self.on_progress(f"{why}; the controller has placed it again, on {nodes}: restarting there")
+            return
         self.on_progress(f"{why}; admitting the job again at the size that fits now")
         replaced = [status.id for status in self.bookings]
         self._release(failed=False, reason=f"{why}; the job was admitted again")

@@ -127,10 +127,15 @@ def test_an_attempt_is_classified_from_how_it_ended_and_the_books():
     # The controller requeued it for its lost node, then wrote why it still waits.
     node_left = _booking(RequestState.PREEMPTED, "waiting: no room now").model_copy(update={"failures": 1})
     preempted = _booking(RequestState.PREEMPTED, "preempted by r-9").model_copy(update={"preemptions": 1})
-    before = {"r-1": 0}
+    before = {"r-1": running}
     assert classify(False, done, training, [running], before) is Outcome.FINISHED
     assert classify(True, None, training, [running, node_left], before) is Outcome.NODE_LOST
     assert classify(False, early, training, [preempted], before) is Outcome.PREEMPTED
-    assert classify(False, early, training, [node_left], {"r-1": 1}) is Outcome.PREEMPTED, "an old loss is no news"
+    lost_before = {"r-1": node_left}
+    assert classify(False, early, training, [node_left], lost_before) is Outcome.PREEMPTED, "an old loss is no news"
     assert classify(True, None, training, [running], before) is Outcome.WORKER_FAILED
+    # Taken off its nodes and placed again before the driver looked: the counts tell, not the state.
+    placed_again = running.model_copy(update={"failures": 1, "nodes": ["cpu-0"]})
+    assert classify(True, None, training, [placed_again], before) is Outcome.NODE_LOST
+    assert classify(True, None, training, [running.model_copy(update={"preemptions": 1})], before) is Outcome.PREEMPTED
     assert classify(False, early, training, [running], before) is Outcome.STOPPED
