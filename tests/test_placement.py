@@ -73,6 +73,15 @@ class TestRequests:
             Bundle(resources={"CPU": 2, "GPU": 4.855781060752736e-92})
         assert Bundle(resources={"GPU": 0.0001}).demand.gpu_share == 1
 
+    def test_a_cpu_or_memory_amount_that_would_be_placed_as_nothing_is_refused(self):
+        # Placed as zero units, 1e-9 CPU became a Ray bundle asking for nothing, which Ray refuses; the
+        # controller had journaled the placement first and failed on every restart.
+        with pytest.raises(ValidationError, match=r"CPU is 1e-09; the smallest share of a core is 0\.0001"):
+            Bundle(resources={"CPU": 1e-9})
+        with pytest.raises(ValidationError, match=r"memory is 0\.4 bytes; the smallest amount is 1 byte"):
+            Bundle(resources={"memory": 0.4, "CPU": 1})
+        assert Bundle(resources={"CPU": 0.0001, "memory": 1}).demand.cpu == 1
+
     def test_an_infinite_amount_is_refused_with_its_field(self):
         for amount in (float("inf"), float("nan")):
             with pytest.raises(ValidationError, match=r"resources\.CPU\n  Input should be a finite number"):

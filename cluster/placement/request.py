@@ -89,6 +89,14 @@ class Bundle(BaseModel):
             raise ValueError(f"GPU is {gpus}; above 1 a bundle takes whole devices, e.g. 2, not 1.5")
         if 0 < gpus < 1 / UNITS:
             raise ValueError(f"GPU is {gpus}; the smallest share of a device is {1 / UNITS}, or 0 for none")
+        # Placed in units of 1/UNITS core and whole bytes: a smaller amount would be placed as nothing,
+        # and Ray refuses a placement group bundle that asks for nothing.
+        cpus = resources.get("CPU", 0.0)
+        if 0 < cpus < 1 / UNITS:
+            raise ValueError(f"CPU is {cpus}; the smallest share of a core is {1 / UNITS}, or 0 for none")
+        memory = resources.get("memory", 0.0)
+        if 0 < memory < 1:
+            raise ValueError(f"memory is {memory} bytes; the smallest amount is 1 byte, or 0 for none")
         tpus = resources.get("TPU", 0.0)
         if not float(tpus).is_integer():
             raise ValueError(f"TPU is {tpus}; TPU chips are whole, e.g. 4")
