@@ -1,9 +1,11 @@
 """Durable state for the controller: an append-only JSON-lines journal plus a compacted snapshot.
 
-Entries, one JSON object per line, are buffered by `append` and made durable by `flush` (write +
-fsync), which the controller calls before it acknowledges a change, so an acknowledged request
-survives a killed controller. A torn last line (a write cut off by a kill) belonged to an
-unacknowledged change and is skipped.
+Entries, JSON objects, are buffered by `append` and made durable by `flush` (write + fsync), which
+the controller calls before it acknowledges a change, so an acknowledged request survives a killed
+controller. A flush writes one line, `{"batch": [...]}` for several entries: a change is its whole
+batch (a preemption both places one request and takes another off the same GPUs), and a line torn
+by a kill or a power loss belonged to an unacknowledged change, so it is skipped whole, and cut off
+when the journal is opened again, before anything is appended after it.
 
 Compaction writes the whole state as snapshot generation g+1 (temporary file, fsync, rename) and
 starts `journal-<g+1>.jsonl`; loading reads the snapshot and only the journal of its generation, so
@@ -32,6 +34,7 @@ class Journal:
         # The snapshot's entries as read at start, for the first `load`; None after it or after a
         # compaction (read from disk then), so the controller does not hold a second copy of its books.
         self._snapshot_entries: list[dict] | None = entries
+        _cut_torn_tail(self._journal_path(self.generation))
         self._file = open(self._journal_path(self.generation), "a", encoding="utf-8")  # noqa: SIM115
 
     def _journal_path(self, generation: int) -> Path:
@@ -51,7 +54,8 @@ class Journal:
     def flush(self) -> None:
         if not self._pending:
             return
-        self._file.write("\n".join(self._pending) + "\n")
+        batch = self._pending[0] if len(self._pending) == 1 else f'{{"batch":[{",".join(self._pending)}]}}'
+        self._file.write(batch + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._lines_since_compaction += len(self._pending)
@@ -68,7 +72,8 @@ class Journal:
         if journal.exists():
             for line in journal.read_text(encoding="utf-8").splitlines():
                 with contextlib.suppress(json.JSONDecodeError):
-                    entries.append(json.loads(line))
+                    entry = json.loads(line)
+                    entries.extend(entry["batch"] if entry.keys() == {"batch"} else [entry])
         return entries
 
     def compact(self, entries: list[str]) -> None:
@@ -87,6 +92,17 @@ class Journal:
     def close(self) -> None:
         self.flush()
         self._file.close()
+
+
+def _cut_torn_tail(journal: Path) -> None:
+    """Cut a journal after its last whole line: a line torn by a kill would otherwise run into the
+    next one appended, and both would be skipped when read."""
+    with contextlib.suppress(FileNotFoundError), open(journal, "rb+") as file:
+        data = file.read()
+        if data and not data.endswith(b"\n"):
+            file.truncate(data.rfind(b"\n") + 1)
+            file.flush()
+            os.fsync(file.fileno())
 
 
 def read_ray_cluster(directory: str | Path) -> str | None:

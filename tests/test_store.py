@@ -25,6 +25,37 @@ def test_flushed_lines_survive_and_a_torn_last_line_is_skipped(tmp_path):
     assert Journal(tmp_path).load() == [{"a": 1}, {"b": 2}]
 
 
+def test_a_flush_torn_anywhere_is_skipped_whole(tmp_path):
+    journal = Journal(tmp_path)
+    journal.append(json.dumps({"a": 1}))
+    journal.flush()
+    # One flush, one change: a preemption places one request and takes another off the same devices.
+    journal.append(json.dumps({"request": {"id": "prod-2", "state": "placed"}}))
+    journal.append(json.dumps({"request": {"id": "research-1", "state": "preempted"}}))
+    journal.flush()
+    journal.close()
+    path = tmp_path / "journal-0.jsonl"
+    whole = path.read_bytes()
+    for cut in range(len(whole) - 1, len(b'{"a": 1}\n'), -7):  # killed at any point of the second write
+        path.write_bytes(whole[:cut])
+        assert Journal(tmp_path).load() == [{"a": 1}], cut
+    path.write_bytes(whole)
+    assert len(Journal(tmp_path).load()) == 3
+
+
+def test_an_entry_flushed_after_a_torn_line_is_kept(tmp_path):
+    journal = Journal(tmp_path)
+    journal.append(json.dumps({"a": 1}))
+    journal.close()
+    with open(tmp_path / "journal-0.jsonl", "a", encoding="utf-8") as out:
+        out.write('{"b": ')  # cut off by a kill
+    reopened = Journal(tmp_path)
+    reopened.append(json.dumps({"cordon": "gpu-1"}))  # acknowledged once flushed
+    reopened.flush()
+    reopened.close()
+    assert Journal(tmp_path).load() == [{"a": 1}, {"cordon": "gpu-1"}]
+
+
 def test_compaction_starts_a_generation_that_holds_the_whole_state(tmp_path):
     journal = Journal(tmp_path, compact_every=3)
     for line in lines({"a": 1}, {"b": 2}, {"c": 3}):
@@ -72,3 +103,26 @@ def test_books_restored_from_a_compacted_journal_match(tmp_path):
     assert restored.usage == books.usage and restored.quotas == books.quotas
     assert restored.controls == books.controls
     assert list(restored.decisions) == list(books.decisions)
+
+
+def test_ids_of_requests_forgotten_before_a_compaction_are_not_given_again_after_a_restart(tmp_path):
+    keep_one = SPEC.model_copy(update={"controller": SPEC.controller.model_copy(update={"finished_requests_kept": 1})})
+    journal = Journal(tmp_path)
+    books = Scheduler(keep_one, POLICY, journal=journal.append)
+    books.set_nodes(NODES)
+    older = books.submit(SubmitRequest(team="small", gang=gang("older", 1, 1)))
+    newest = books.submit(SubmitRequest(team="small", gang=gang("newest", 1, 1)))
+    books.schedule()
+    books.cancel(newest.id)
+    books.complete(older.id)  # ends last, so the newest request is the one forgotten
+    books.write_journal()
+    journal.flush()
+    journal.compact(books.checkpoint())
+    journal.close()
+    assert newest.id not in books.requests
+    restored = Scheduler(keep_one, POLICY)
+    restored.restore(Journal(tmp_path).load())
+    restored.set_nodes(NODES)
+    following = restored.submit(SubmitRequest(team="small", gang=gang("following", 1, 1)))
+    assert following.id not in {older.id, newest.id}
+    assert following.submitted_seq == newest.submitted_seq + 1
