@@ -272,17 +272,26 @@ class Scheduler:
         if nodes == self.nodes and self.engine is not None:
             return
         # A node back under its name is a new Ray node (its raylet restarted, its pod re-created): what ran on
-        # the old one went with it.
+        # the old one went with it. Seen here, or, for books restored while it happened, by the Ray node id
+        # each bundle was placed on.
         replaced = {
             name
             for name, node in nodes.items()
             if name in self.nodes
             and node.labels.get(RAY_NODE_ID_LABEL) != self.nodes[name].labels.get(RAY_NODE_ID_LABEL)
         }
+
+        def left(bundle: BundleBinding) -> bool:
+            node = nodes.get(bundle.node)
+            if node is None or bundle.node in replaced:
+                return True
+            ray_node_id = node.labels.get(RAY_NODE_ID_LABEL)
+            return bool(bundle.node_id and ray_node_id and bundle.node_id != ray_node_id)
+
         self.nodes = nodes
         self._never_fits_verdicts.clear()
         for status in self.holders():
-            gone = sorted(set(status.nodes) - (nodes.keys() - replaced))
+            gone = sorted({bundle.node for bundle in status.bundles if left(bundle)})
             if gone:
                 self._take_off(
                     status,
@@ -974,6 +983,9 @@ class Scheduler:
             elif "control" in entry:
                 control = NodeControl.model_validate(entry["control"])
                 self.controls[control.node] = control
+            elif "sequence" in entry:
+                self._seq = max(self._seq, entry["sequence"]["requests"])
+                self._decision_seq = max(self._decision_seq, entry["sequence"]["decisions"])
         # A journal keeps a commit's changes in the order each request first changed, not the order they ended.
         finished = sorted((self.requests[request_id] for request_id in self._finished), key=_finish_order)
         self._finished = {status.id: None for status in finished}
@@ -1001,7 +1013,9 @@ class Scheduler:
     def checkpoint(self) -> list[str]:
         """The whole state as journal lines, for compacting the journal; written by pydantic as the
         journal's lines are, since it holds every request ever made and is written inside a call."""
-        lines = [_quota_line(team, quota) for team, quota in self.quotas.items()]
+        # The counters too: the requests and decisions forgotten since must not have their ids given again.
+        lines = [json.dumps({"sequence": {"requests": self._seq, "decisions": self._decision_seq}})]
+        lines += [_quota_line(team, quota) for team, quota in self.quotas.items()]
         lines += [_journal_line("control", control) for control in self.controls.values()]
         lines += [_journal_line("request", status) for status in self.requests.values()]
         lines += [_journal_line("decision", record) for record in self.decisions]

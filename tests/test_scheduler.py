@@ -260,6 +260,29 @@ def test_a_node_back_under_its_name_as_a_new_ray_node_requeues_what_ran_on_the_o
     assert status.state is RequestState.PLACED
 
 
+def test_books_restored_while_a_node_came_back_as_a_new_ray_node_requeue_what_ran_on_the_old_one():
+    def with_ray_id(node_id: str) -> list[NodeSnapshot]:
+        return [n.model_copy(update={"labels": {**n.labels, "ray.io/node-id": f"{n.name}-{node_id}"}}) for n in NODES]
+
+    entries: list[str] = []
+    books = Scheduler(SPEC, POLICY, journal=entries.append)
+    books.set_nodes(with_ray_id("first"))
+    request_id = submit(books, "research", workers=1, gpus=8)
+    books.write_journal()
+    # The controller was down while the node's raylet restarted: the restored books have not seen the old node.
+    restored = Scheduler(SPEC, POLICY)
+    restored.restore(json.loads(line) for line in entries)
+    restored.set_nodes(with_ray_id("second"))
+    status = restored.get(request_id)
+    assert status.state is RequestState.PREEMPTED and status.failures == 1
+    assert status.reason == f"node {books.get(request_id).nodes[0]} left the cluster"
+    # Restored onto the same Ray nodes, it stays where it is.
+    unchanged = Scheduler(SPEC, POLICY)
+    unchanged.restore(json.loads(line) for line in entries)
+    unchanged.set_nodes(with_ray_id("first"))
+    assert unchanged.get(request_id).state is RequestState.PLACED
+
+
 def test_lost_node_requeues_its_gang_which_lands_elsewhere(scheduler: Scheduler):
     request_id = submit(scheduler, "research", workers=2, gpus=4)
     lost = scheduler.get(request_id).nodes[0]
