@@ -174,6 +174,11 @@ class Admin:
                 if isinstance(error.cause, UserError):
                     raise UserError(str(error.cause)) from None
                 raise
+            except ray.exceptions.GetTimeoutError:
+                raise UserError(
+                    f"the llmos controller did not answer {method} within {timeout_s:g} s; it may still carry it "
+                    "out: see `llmos queue` before asking again"
+                ) from None
             except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
                 # The controller is being restarted (max_restarts=-1); calls here are safe to repeat.
                 if time.monotonic() > deadline:

@@ -100,6 +100,7 @@ class Controller:
         self.groups: dict[str, Any] = {}  # request id -> the placement group this controller created
         self._binder = ThreadPoolExecutor(BIND_THREADS, thread_name_prefix="llmos-bind")
         self._binds_in_flight: list[tuple[str, Future]] = []  # (request id, its group being created)
+        self._reconcile_due = False  # a commit failed part way: Ray's groups may not match the books
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         with self._lock:
@@ -108,7 +109,10 @@ class Controller:
             if self.state_lost is None:
                 self._reconcile()
                 self.scheduler.schedule()
-                self._commit()
+                try:
+                    self._commit()
+                except Exception:  # the books are durable; the inventory loop binds what failed again
+                    logger.exception("binding the restored books failed; retrying on the next inventory refresh")
             else:
                 logger.error(self.state_lost)
         if self.state_lost is None:
@@ -194,16 +198,28 @@ class Controller:
         self.scheduler.write_journal()
         self.journal.flush()
         effects, self.scheduler.effects = self.scheduler.effects, []
-        for effect in effects:
-            if isinstance(effect, Bind):
-                created = self._binder.submit(binding.bind, effect.placement_group, list(effect.bundles), self.node_ids)
-                self._binds_in_flight.append((effect.request_id, created))
-                continue
-            self._finish_binds()  # in order: a group is never removed before it was made
-            self.groups.pop(effect.request_id, None)
-            binding.unbind(effect.placement_group)
-        if wait:
-            self._finish_binds()
+        try:
+            for effect in effects:
+                if isinstance(effect, Bind):
+                    created = self._binder.submit(
+                        binding.bind, effect.placement_group, list(effect.bundles), self.node_ids
+                    )
+                    self._binds_in_flight.append((effect.request_id, created))
+                    continue
+                self._finish_binds()  # in order: a group is never removed before it was made
+                self.groups.pop(effect.request_id, None)
+                binding.unbind(effect.placement_group)
+            if wait:
+                self._finish_binds()
+        except Exception as error:
+            # The effects after the failed one were not carried out, the failed one not at all: the next
+            # inventory refresh makes Ray's groups match the durable books.
+            self._reconcile_due = True
+            why = next(iter(str(error).splitlines()), "")
+            raise UserError(
+                f"the change is saved, but Ray refused a placement group change ({type(error).__name__}: {why}); "
+                "the controller makes Ray's groups match its books on its next inventory refresh"
+            ) from error
         if self.journal.needs_compaction:
             self.journal.compact(self.scheduler.checkpoint())
         if self.scheduler.scale_up:
@@ -248,6 +264,9 @@ class Controller:
                 inventory = self._read_inventory()
                 with self._lock:
                     self._apply_inventory(*inventory)
+                    if self._reconcile_due:
+                        self._reconcile_due = False
+                        self._reconcile()
                     self.scheduler.schedule()
                     self._commit()
             except Exception:  # the loop must outlive a failed GCS call; the next tick retries

@@ -275,6 +275,42 @@ def test_preemption_frees_the_victims_placement_group(admin: Admin):
     assert admin.placement_group(urgent.id).wait(WAIT_S)
 
 
+def test_a_placement_group_ray_refuses_leaves_the_rest_of_the_call_to_be_done_within_a_refresh(admin: Admin):
+    on_h100 = {"llmos.io/pool": "h100"}
+    whole_h100 = [{"resources": {"CPU": 1, "GPU": 8}, "label_selector": on_h100}]
+    victim = admin.submit({"team": "research", "gang": gang("low", whole_h100)})
+    admin.wait(victim.id)
+    assert admin.placement_group(victim.id).wait(WAIT_S)
+    # The name of the next request's group is taken (unique in the namespace), so Ray refuses to make it;
+    # the preemption and the group after it in the same call still have to happen.
+    refused, urgent = (f"prod-{victim.submitted_seq + offset:05d}" for offset in (1, 2))
+    decoy = placement_group([{"CPU": 0.01}], name=f"llmos-{refused}")
+    try:
+        with pytest.raises(UserError, match="the change is saved, but Ray refused a placement group change"):
+            admin.submit_many(
+                [
+                    {"team": "prod", "gang": gang("refused", [{"resources": {"CPU": 1}}])},
+                    {"team": "prod", "gang": gang("high", whole_h100)},
+                ]
+            )
+        assert admin.status(urgent).state is RequestState.PLACED
+        assert admin.status(victim.id).state is RequestState.PREEMPTED
+        wait_for(
+            lambda: binding.find(f"llmos-{victim.id}") is None and binding.find(f"llmos-{urgent}") is not None,
+            WAIT_S,
+            "the victim's group removed and the urgent request's made",
+        )
+        assert admin.placement_group(urgent).wait(WAIT_S)
+    finally:
+        remove_placement_group(decoy)
+
+
+def test_a_controller_that_does_not_answer_in_time_is_a_clear_error(admin: Admin):
+    with pytest.raises(UserError, match=r"did not answer whoami within 1e-06 s; it may still carry it out"):
+        admin._call("whoami", timeout_s=1e-6)  # no actor call returns within a microsecond
+    assert admin.whoami() == "admin"
+
+
 def test_cli_queue_json_and_errors_without_traceback(admin: Admin, local_cluster: LocalCluster, tmp_path: Path):
     held = admin.submit({"team": "research", "gang": gang("cli", [{"resources": {"CPU": 1}}])})
 
