@@ -42,7 +42,7 @@ CPUS_PER_NODE = 8.0
 RESOURCE_VIEW_SYNC_S = 5.0  # under load Ray's syncer once lagged past 2 s (a full `make test`)
 IN_CPU_POOL = {POOL_LABEL: "cpu"}
 RAY_ASKS = 4
-AGREEING_ASKS = 2
+AGREEING_ASKS = 1
 
 
 @ray.remote(num_cpus=1)
@@ -158,8 +158,8 @@ def ray_task_node(engine_said: list[str], free: dict[str, float], **options) -> 
     cpu-1 (5 of 8), on two asks 5 s apart, where alone and after the same earlier modules it sent 10 of
     10 to cpu-1: the head raylet's view of the nodes lagged. So an answer other than the engine's is
     asked for again, up to RAY_ASKS times, and the answer Ray settles on must then stand AGREEING_ASKS
-    more times: a random pick among Ray's best k nodes would not, and a real disagreement never turns
-    into agreement. Every answer is printed, for a failure's report."""
+    more times (a random pick among Ray's best k nodes would likely not); a real disagreement never
+    turns into agreement. Every answer is printed, for a failure's report."""
     names = {entry["NodeID"]: name for name, entry in _alive_nodes().items()}
 
     def ask() -> str:

@@ -223,9 +223,9 @@ def test_lost_node_shrinks_the_job_to_the_nodes_left_and_it_grows_back_at_a_chec
         workers={"min": 1, "max": 2},
         model={"layers": 2, "d_model": 128, "heads": 4, "context_length": 128},
         batch_size_per_worker=8,
-        steps=400,
+        steps=320,
         checkpoint={"every_steps": 20, "keep_last": 2},
-        evaluation={"every_steps": 400, "batches": 1},
+        evaluation={"every_steps": 320, "batches": 1},
     )
     events: dict = {}
     lines: list[str] = []
