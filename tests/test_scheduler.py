@@ -238,10 +238,12 @@ def test_a_drain_requeues_work_that_is_not_preemptible_and_an_admin_preemption_e
     assert pinned.id not in scheduler._demands
 
 
-def test_a_node_back_under_its_name_as_a_new_ray_node_requeues_what_ran_on_the_old_one(scheduler: Scheduler):
-    def with_ray_id(node_id: str) -> list[NodeSnapshot]:
-        return [n.model_copy(update={"labels": {**n.labels, "ray.io/node-id": f"{n.name}-{node_id}"}}) for n in NODES]
+def with_ray_id(node_id: str) -> list[NodeSnapshot]:
+    """NODES as Ray nodes: each labelled with a Ray node id, `node_id` telling one generation from another."""
+    return [n.model_copy(update={"labels": {**n.labels, "ray.io/node-id": f"{n.name}-{node_id}"}}) for n in NODES]
 
+
+def test_a_node_back_under_its_name_as_a_new_ray_node_requeues_what_ran_on_the_old_one(scheduler: Scheduler):
     scheduler.set_nodes(with_ray_id("first"))
     request_id = submit(scheduler, "research", workers=1, gpus=8)
     scheduler.set_nodes(with_ray_id("first"))  # the same nodes: nothing happens
@@ -261,9 +263,6 @@ def test_a_node_back_under_its_name_as_a_new_ray_node_requeues_what_ran_on_the_o
 
 
 def test_books_restored_while_a_node_came_back_as_a_new_ray_node_requeue_what_ran_on_the_old_one():
-    def with_ray_id(node_id: str) -> list[NodeSnapshot]:
-        return [n.model_copy(update={"labels": {**n.labels, "ray.io/node-id": f"{n.name}-{node_id}"}}) for n in NODES]
-
     entries: list[str] = []
     books = Scheduler(SPEC, POLICY, journal=entries.append)
     books.set_nodes(with_ray_id("first"))
@@ -799,12 +798,11 @@ def test_with_no_worker_node_up_yet_gangs_wait_for_the_first_ones():
 
 
 def test_each_bundle_records_rays_id_of_its_node_for_workloads_to_pin_to():
-    with_ids = [n.model_copy(update={"labels": {**n.labels, "ray.io/node-id": f"id-{n.name}"}}) for n in NODES]
     books = Scheduler(SPEC, POLICY)
-    books.set_nodes(with_ids)
+    books.set_nodes(with_ray_id("1"))
     status = books.get(submit(books, "research", workers=2, gpus=8))
-    assert [bundle.node_id for bundle in status.bundles] == [f"id-{node}" for node in status.nodes]
-    assert status.bundles[0].pin == {"ray.io/node-id": f"id-{status.nodes[0]}"}
+    assert [bundle.node_id for bundle in status.bundles] == [f"{node}-1" for node in status.nodes]
+    assert status.bundles[0].pin == {"ray.io/node-id": f"{status.nodes[0]}-1"}
 
 
 def test_a_gang_that_no_longer_waits_for_nodes_stops_asking_for_them():
