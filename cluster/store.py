@@ -98,11 +98,16 @@ def _cut_torn_tail(journal: Path) -> None:
     """Cut a journal after its last whole line: a line torn by a kill would otherwise run into the
     next one appended, and both would be skipped when read."""
     with contextlib.suppress(FileNotFoundError), open(journal, "rb+") as file:
-        data = file.read()
-        if data and not data.endswith(b"\n"):
-            file.truncate(data.rfind(b"\n") + 1)
-            file.flush()
-            os.fsync(file.fileno())
+        size = file.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        file.seek(size - 1)
+        if file.read(1) == b"\n":
+            return  # whole: the usual case reads one byte, not the journal that `load` reads again
+        file.seek(0)
+        file.truncate(file.read().rfind(b"\n") + 1)
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def read_ray_cluster(directory: str | Path) -> str | None:
