@@ -247,13 +247,14 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
     started = time.monotonic()
     (node,) = cluster.add_replica("cpu")
     others = [n.name for n in admin.nodes() if n.pool == "cpu" and n.name != node.name]
-    # Long enough to be mid-run when the node goes: 300 steps take ~4 s on a free machine, less than
-    # the raylet may take to stop, and a job that ends first never needs to resume.
+    # Long enough to be mid-run when the node goes, or it never needs to resume: the node's raylet is
+    # gone within NODE_STOP_TIMEOUT_S (SIGKILL after 20 s) and its workers with it, and this job trains
+    # at most ~12 steps a second on a free machine, so at most ~250 steps; 60-70 in three runs.
     job = _small_job(
         workdir,
         "on-removed-node",
         team,
-        steps=1500,
+        steps=600,
         workers={"min": 1, "max": 2},
         resources={"cpus": 2, "memory": "256Mi"},
         pool="cpu",
@@ -274,6 +275,7 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
             admin.uncordon(other)
         removed = time.monotonic()
         cluster.remove_node(node.name)
+        gone_at = _last_step(trainer.progress)
         # Asked only once the replica is booked elsewhere: the dying one may still answer for a moment.
         wait_for(
             lambda: all(_booked_off(admin.status(request_id), node.name) for request_id in deployment.requests),
@@ -287,9 +289,9 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
         problems += trainer.problems(restarts=1) + trainer.restarted_off(node.name)
         lost = int(bool(trainer.error or trainer.is_alive()))
         detail = (
-            f"a {job.workers.max}-worker training gang and a serving replica running on {node.name}: the job "
-            f"resumed on {', '.join(others)} and finished; the replica was placed on {', '.join(others)} and "
-            f"answered {answered} {replica_back:.1f}s after the removal; "
+            f"a {job.workers.max}-worker training gang and a serving replica running on {node.name}, gone after the "
+            f"job reported step {gone_at} of {job.steps}: it resumed on {', '.join(others)} and finished; the replica "
+            f"was placed on {', '.join(others)} and answered {answered} {replica_back:.1f}s after the removal; "
             + ("; ".join(problems) or "books agree with Ray")
         )
         return Fault("node removal", not problems, detail, lost, time.monotonic() - started)
@@ -313,6 +315,12 @@ def _training_on(admin, name: str, node: str | None, at_step: int = 1) -> bool:
         and s.details.get("step", 0) >= at_step
         for s in admin.queue()
     )
+
+
+def _last_step(progress: list[str]) -> int:
+    """The last step a training job's progress lines reported ("step 40/600  loss ..."), 0 before any."""
+    steps = [int(line.split()[1].split("/")[0]) for line in progress if line.startswith("step ")]
+    return steps[-1] if steps else 0
 
 
 def _booked_off(status, node: str) -> bool:

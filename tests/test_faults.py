@@ -32,6 +32,7 @@ def test_node_removal_under_a_running_training_gang_and_serving_replica_recovers
     admin: Admin, local_cluster: LocalCluster, tmp_path
 ):
     fault = faults.node_removal(local_cluster, admin, "research", tmp_path)
+    print(fault.detail)
     assert fault.survived, fault.detail
     assert not faults.books_disagree(admin)
 
