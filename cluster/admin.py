@@ -180,7 +180,8 @@ class Admin:
                     "out: see `llmos queue` before asking again"
                 ) from None
             except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
-                # The controller is being restarted (max_restarts=-1); calls here are safe to repeat.
+                # The controller is being restarted (max_restarts=-1) and may have journaled the call first:
+                # submits, cancels and preemptions carry a key it will not apply twice, the rest set a state.
                 if time.monotonic() > deadline:
                     raise UserError("the llmos controller did not come back within a minute") from None
                 time.sleep(0.5)
@@ -341,7 +342,7 @@ class Admin:
         return parsed
 
     def cancel(self, request_id: str) -> RequestStatus:
-        return self._call("cancel", request_id)
+        return self._call("cancel", request_id, uuid.uuid4().hex)
 
     def complete(self, request_id: str, failed: bool = False, reason: str = "") -> RequestStatus:
         return self._call("complete", request_id, failed, reason)
@@ -370,7 +371,7 @@ class Admin:
         return self._call("set_quota", team, changes)
 
     def preempt(self, request_id: str) -> RequestStatus:
-        return self._call("preempt", request_id)
+        return self._call("preempt", request_id, uuid.uuid4().hex)
 
 
 def _reached(status: RequestStatus, states: tuple[RequestState, ...]) -> bool:

@@ -439,9 +439,14 @@ class Controller:
             statuses = self.scheduler.listed(include_finished=include_finished, team=team, states=states)
         return [status for status in statuses if principal in (ADMIN, status.team)]
 
-    def cancel(self, credential: str | None, request_id: str) -> RequestStatus:
+    def cancel(self, credential: str | None, request_id: str, operation_key: str | None = None) -> RequestStatus:
         principal, _ = self._owned(credential, Action.CANCEL, request_id)
-        return self._audited(principal, Action.CANCEL, request_id, self.scheduler.cancel, request_id)
+        return self._audited(
+            principal,
+            Action.CANCEL,
+            request_id,
+            lambda: self.scheduler.cancel(request_id, operation_key=operation_key),
+        )
 
     def complete(
         self, credential: str | None, request_id: str, failed: bool = False, reason: str = ""
@@ -481,9 +486,14 @@ class Controller:
         principal = self._allow(credential, Action.SET_QUOTA, team)
         return self._audited(principal, Action.SET_QUOTA, team, self.scheduler.set_quota, team, changes)
 
-    def preempt(self, credential: str | None, request_id: str) -> RequestStatus:
+    def preempt(self, credential: str | None, request_id: str, operation_key: str | None = None) -> RequestStatus:
         principal = self._allow(credential, Action.PREEMPT, request_id)
-        return self._audited(principal, Action.PREEMPT, request_id, self.scheduler.preempt, request_id)
+        return self._audited(
+            principal,
+            Action.PREEMPT,
+            request_id,
+            lambda: self.scheduler.preempt(request_id, operation_key=operation_key),
+        )
 
     def usage(self, credential: str | None) -> list[TeamUsage]:
         principal = self._allow(credential, Action.READ_OWN)

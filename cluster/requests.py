@@ -143,6 +143,11 @@ class RequestStatus(BaseModel):
     failures: int = 0
     details: dict = Field(default_factory=dict, description="Progress the workload reports (step, workers, ...).")
     idempotency_key: str | None = Field(None, description="The client's key; a retried submit returns this request.")
+    operation_keys: list[str] = Field(
+        default_factory=list,
+        description="The keys of the last cancel and preempt calls that changed it; such a call retried is not "
+        "applied again.",
+    )
 
     @property
     def team(self) -> str:

@@ -52,6 +52,7 @@ CORDON_LABEL = "llmos.io/cordoned"
 UNBORN_PREFIX = "+"  # names the nodes a pool may still gain, in what-if placements only
 DECISION_LOG_SIZE = 10_000
 NEVER_FITS_VERDICTS_KEPT = 4_096  # gang shapes whose never-fits verdict is kept until the nodes change
+OPERATION_KEYS_KEPT = 8  # a retry follows its own call within a minute; few calls change one request meanwhile
 
 
 @dataclass(frozen=True)
@@ -566,10 +567,15 @@ class Scheduler:
             bundles.append(bundle.model_copy(update=update))
         return gang.model_copy(update={"name": status.id, "bundles": tuple(bundles)})
 
-    def cancel(self, request_id: str, reason: str = "cancelled by the user") -> RequestStatus:
+    def cancel(
+        self, request_id: str, reason: str = "cancelled by the user", *, operation_key: str | None = None
+    ) -> RequestStatus:
         status = self.get(request_id)
+        if operation_key and operation_key in status.operation_keys:
+            return status
         if status.state.final:
             raise UserError(f"request {request_id} is already {status.state.value}; nothing to cancel")
+        _remember(status, operation_key)
         self._finish(status, RequestState.CANCELLED, reason, DecisionAction.CANCELLED)
         return status
 
@@ -876,12 +882,17 @@ class Scheduler:
         if not requeued:
             self._forget_pending(status)
 
-    def preempt(self, request_id: str, reason: str = "preempted by an admin") -> RequestStatus:
+    def preempt(
+        self, request_id: str, reason: str = "preempted by an admin", *, operation_key: str | None = None
+    ) -> RequestStatus:
         status = self.get(request_id)
+        if operation_key and operation_key in status.operation_keys:
+            return status
         if not status.state.holding:
             raise UserError(
                 f"request {request_id} is {status.state.value}; only placed or running requests can be preempted"
             )
+        _remember(status, operation_key)
         self._take_off(status, DecisionAction.PREEMPTED, reason)
         return status
 
@@ -1033,6 +1044,12 @@ def _request_state(name: str) -> RequestState:
 def _finish_order(status: RequestStatus) -> tuple[int, int]:
     """Requests journaled before `finished_seq` existed count as ending first, in submission order."""
     return status.finished_seq or 0, status.submitted_seq
+
+
+def _remember(status: RequestStatus, operation_key: str | None) -> None:
+    """Keep the key of the call about to change `status`, journaled with it, so that a retry is not applied."""
+    if operation_key:
+        status.operation_keys = [*status.operation_keys, operation_key][-OPERATION_KEYS_KEPT:]
 
 
 def _journal_line(kind: str, record: BaseModel) -> str:

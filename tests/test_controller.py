@@ -461,3 +461,21 @@ def test_a_retried_call_returns_the_first_submission_even_after_a_restart(admin:
     assert [s.id for s in admin.queue() if s.request.gang.name == "retried"] == [first.id, other.id]
     for status in (first, other):
         admin.cancel(status.id)
+
+
+def test_a_preemption_retried_after_the_controller_died_answering_it_is_not_applied_twice(admin: Admin):
+    request = admin.submit({"team": "research", "gang": gang("retried", [{"resources": {"CPU": 1, "GPU": 8}}])})
+    admin.wait(request.id)
+    # What `Admin.preempt` sends, and sends again after an ActorDiedError: here the controller died after
+    # journaling the preemption, as if before its answer reached the caller.
+    key = "preempt-once"
+    assert admin._call("preempt", request.id, key).preemptions == 1  # and placed again in the same call
+    old_pid = admin.ping()["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: admin.ping()["pid"] != old_pid, what="the controller to restart")
+    placed_again = admin.wait(request.id)
+    assert placed_again.state is RequestState.PLACED and placed_again.preemptions == 1
+    retried = admin._call("preempt", request.id, key)
+    assert retried.state is RequestState.PLACED and retried.preemptions == 1 and retried.nodes == placed_again.nodes
+    assert binding.find(f"llmos-{request.id}") is not None
+    assert admin.preempt(request.id).preemptions == 2  # a new call is applied

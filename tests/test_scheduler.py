@@ -238,6 +238,33 @@ def test_a_drain_requeues_work_that_is_not_preemptible_and_an_admin_preemption_e
     assert pinned.id not in scheduler._demands
 
 
+def test_a_cancel_or_preemption_retried_with_its_key_is_not_applied_twice_even_after_a_restore(journal):
+    books = Scheduler(SPEC, POLICY, journal=lambda line: journal.append(json.loads(line)))
+    books.set_nodes(NODES)
+    preempted, cancelled = (submit(books, "research", workers=1, gpus=8) for _ in range(2))
+    books.preempt(preempted, operation_key="preempt-1")
+    books.cancel(cancelled, operation_key="cancel-1")
+    books.schedule()
+    books.write_journal()
+    # The controller journaled both calls and died before answering; the restarted one gets them again.
+    restarted = Scheduler(SPEC, POLICY)
+    restarted.restore(journal)
+    again = restarted.get(preempted)
+    assert again.state is RequestState.PLACED  # placed again since
+    assert restarted.preempt(preempted, operation_key="preempt-1") is again
+    assert again.state is RequestState.PLACED and again.preemptions == 1
+    assert restarted.cancel(cancelled, operation_key="cancel-1").state is RequestState.CANCELLED
+    # A new call is applied, and a repeated one without its key is refused as before.
+    restarted.preempt(preempted, operation_key="preempt-2")
+    assert again.state is RequestState.PREEMPTED and again.preemptions == 2
+    assert again.operation_keys == ["preempt-1", "preempt-2"]
+    with pytest.raises(UserError, match="already cancelled; nothing to cancel"):
+        restarted.cancel(cancelled)
+    with pytest.raises(UserError, match="only placed or running requests can be preempted"):
+        restarted.preempt(preempted, operation_key="preempt-3")
+    assert "preempt-3" not in again.operation_keys  # a refused call leaves no key to be found by its retry
+
+
 def with_ray_id(node_id: str) -> list[NodeSnapshot]:
     """NODES as Ray nodes: each labelled with a Ray node id, `node_id` telling one generation from another."""
     return [n.model_copy(update={"labels": {**n.labels, "ray.io/node-id": f"{n.name}-{node_id}"}}) for n in NODES]
