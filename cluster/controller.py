@@ -279,7 +279,7 @@ class Controller:
                 self.scheduler.schedule()
             finally:
                 self._commit()
-            return result
+            return detached(result)
 
     def _refuse_if_state_lost(self, action: Action) -> None:
         if self.state_lost is not None and action is not Action.SHUTDOWN:
@@ -354,7 +354,7 @@ class Controller:
         """
         with self._lock:  # held throughout, so the inventory loop cannot slip in before the groups are handed back
             statuses = self.submit_many(credential, requests, idempotency_keys)
-            return [(status, self._group_of(status)) for status in statuses]
+            return [(status, self._group_of(status)) for status in statuses]  # already detached
 
     def submit(self, credential: str | None, request: dict, idempotency_key: str | None = None) -> RequestStatus:
         return self.submit_many(credential, [request], [idempotency_key])[0]
@@ -413,6 +413,7 @@ class Controller:
                 raise
             finally:
                 self._commit()
+            result = detached(result)
         for request in parsed:
             self.audit.record(principal, Action.SUBMIT.value, request.gang.name, "ok")
         return result
@@ -425,7 +426,9 @@ class Controller:
         return self.groups[status.id]
 
     def status(self, credential: str | None, request_id: str) -> RequestStatus:
-        return self._owned(credential, Action.READ_OWN, request_id)[1]
+        _, status = self._owned(credential, Action.READ_OWN, request_id)
+        with self._lock:
+            return detached(status)
 
     def queue(
         self,
@@ -437,7 +440,7 @@ class Controller:
         principal = self._allow(credential, Action.READ_OWN, team=team)
         with self._lock:
             statuses = self.scheduler.listed(include_finished=include_finished, team=team, states=states)
-        return [status for status in statuses if principal in (ADMIN, status.team)]
+            return [detached(status) for status in statuses if principal in (ADMIN, status.team)]
 
     def cancel(self, credential: str | None, request_id: str, operation_key: str | None = None) -> RequestStatus:
         principal, _ = self._owned(credential, Action.CANCEL, request_id)
@@ -559,6 +562,19 @@ class Controller:
             self._binder.shutdown()
             self.journal.close()
             self.audit.close()
+
+
+def detached(result: Any) -> Any:
+    """What a call returns, copied while the lock is held: Ray pickles it after the method returns, when
+    the inventory loop or another call may be changing the same request. The books change a request by
+    assigning its fields, or, for the progress a workload reports, by updating `details` in place."""
+    if isinstance(result, RequestStatus):
+        return result.model_copy(update={"details": dict(result.details)})
+    if isinstance(result, NodeControl):
+        return result.model_copy()
+    if isinstance(result, list):
+        return [detached(item) for item in result]
+    return result
 
 
 RemoteController = ray.remote(Controller)

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from cluster.console import UserError
+from cluster.controller import detached
 from cluster.placement.request import Bundle, GangRequest
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
 from cluster.ray_mapping import replica_nodes
@@ -263,6 +264,22 @@ def test_a_cancel_or_preemption_retried_with_its_key_is_not_applied_twice_even_a
     with pytest.raises(UserError, match="only placed or running requests can be preempted"):
         restarted.preempt(preempted, operation_key="preempt-3")
     assert "preempt-3" not in again.operation_keys  # a refused call leaves no key to be found by its retry
+
+
+def test_what_the_controller_hands_back_does_not_change_with_the_books(scheduler: Scheduler):
+    # Ray pickles a controller call's result after the call has let go of the lock.
+    request_id = submit(scheduler, "research", workers=2, gpus=1)
+    scheduler.report(request_id, {"step": 10})
+    control = scheduler.cordon("cpu-0")
+    live = scheduler.get(request_id)
+    status, (listed,), handed_control = detached(live), detached([live]), detached(control)
+    scheduler.report(request_id, {"step": 20, "loss": 2.5})
+    scheduler.preempt(request_id)
+    scheduler.cordon("cpu-0", cordoned=False)
+    assert live.details == {"step": 20, "loss": 2.5} and live.state is RequestState.PREEMPTED and not live.nodes
+    for handed in (status, listed):
+        assert handed.details == {"step": 10} and handed.state is RequestState.PLACED and len(handed.nodes) == 2
+    assert handed_control.cordoned and not control.cordoned
 
 
 def with_ray_id(node_id: str) -> list[NodeSnapshot]:
