@@ -304,6 +304,11 @@ def _restore(path: Path, job, model, optimizer, schedule, scaler, batches) -> in
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["lr_schedule"])
+    # The saved state keeps the peak it was built with as its base; a resume follows this job's schedule
+    # (a lower peak after a loss spike, say): rebase, and take the restored step's rate again.
+    schedule.base_lrs = [job.schedule.peak_lr] * len(optimizer.param_groups)
+    schedule.last_epoch -= 1
+    schedule.step()
     # A run may switch precision on resume; only an fp16 run after an fp16 run has a scale to keep.
     if scaler.is_enabled() and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
@@ -492,6 +497,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.fresh and (finished := finished_report(job)) is not None:
             print(already_trained(job, finished) + " (or run with --fresh)")
             return 0
+        if args.fresh and (kept := checkpoints.latest_checkpoint(job.checkpoint_directory)) is not None:
+            # Step 0's checkpoints would sort below the kept ones and be pruned as soon as they are written.
+            print(
+                f"error: --fresh: checkpoint.directory {job.checkpoint_directory} holds checkpoints up to "
+                f"{kept.name}; move or delete them, or set checkpoint.directory to an empty folder",
+                file=sys.stderr,
+            )
+            return 2
         if args.workers == 1:
             torch.set_num_threads(max(1, int(job.resources.cpus)))
         result = run_bare(job, args.workers, resume=not args.fresh)

@@ -85,6 +85,17 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path):
         assert resumed_loss == pytest.approx(straight_loss, abs=1e-4)
 
 
+def test_a_resume_with_a_new_peak_learning_rate_follows_the_new_schedule(tmp_path):
+    train(tiny_job(tmp_path), stop_at_step=20)
+    lowered = tiny_job(tmp_path, schedule={"peak_lr": 1e-3, "warmup_steps": 5, "min_lr": 3e-4})
+    after = []
+    train(lowered, resume_from=checkpoints.latest_checkpoint(lowered.checkpoint_directory), on_report=after.append)
+    # The first report after the resume is at step 25: the rate of its last optimizer step, step 24.
+    assert after[0].step == 25 and after[0].resumed_from_step == 20
+    assert after[0].learning_rate == pytest.approx(learning_rate(24, lowered.schedule, lowered.steps))
+    assert after[-1].learning_rate == pytest.approx(learning_rate(59, lowered.schedule, lowered.steps))
+
+
 def test_only_a_directory_named_exactly_like_a_checkpoint_is_one(tmp_path):
     for name in ("step-000000010", "step-000000020\n", "step-000000030.old"):
         (tmp_path / name).mkdir()
@@ -193,6 +204,9 @@ def test_a_job_trained_to_its_last_step_is_not_trained_again(tmp_path, capsys):
     assert "tiny is already trained: its newest checkpoint" in capsys.readouterr().out
     assert training_loop_main([str(job_file)]) == 0
     assert "at step 10 of 10" in capsys.readouterr().out
+    assert training_loop_main([str(job_file), "--fresh"]) == 2
+    assert "--fresh: checkpoint.directory" in capsys.readouterr().err
+    assert checkpoints.latest_checkpoint(job.checkpoint_directory).name == "step-000000010"
     job.metrics_file.unlink()  # the checkpoint alone still says how far it got
     without_metrics = finished_report(job)
     assert (without_metrics.step, without_metrics.tokens_seen) == (10, final["tokens_seen"])
