@@ -34,6 +34,7 @@ from enum import StrEnum
 from typing import Any
 
 from cluster.admin import Admin, ProgressReporter
+from cluster.console import UserError
 from cluster.requests import RequestStatus
 from jobs.admission import WorkerPlacement, admit, gang_request, placement_for
 from jobs.spec import TrainingJob
@@ -242,8 +243,8 @@ class ElasticRun:
         Raises TrainingAttemptFailed or RestartBudgetExhausted when it gives up; every booking is
         released either way, the running request finished or failed with the reason.
         """
-        self._admit()
         try:
+            self._admit()
             while True:
                 at_start = {status.id: status for status in self.bookings}
                 failed, final = self._attempt()
@@ -270,6 +271,8 @@ class ElasticRun:
     def _attempt(self) -> tuple[BaseException | None, StepReport | None]:
         counters = self.counters
         counters.attempts += 1
+        # As the books have it now: since it was placed, a booking may have been moved or taken back.
+        self.bookings = [self.admin.status(status.id) for status in self.bookings]
         placement = placement_for(self.bookings)
         details = {
             "workers": placement.max_workers,
@@ -282,9 +285,12 @@ class ElasticRun:
             "replaced": counters.replaced,
             "stop": None,
         }
-        self.admin.mark_running(self.request_id, details)
-        for extra in self.bookings[1:]:
-            self.admin.mark_running(extra.id, {"part_of": self.request_id})
+        try:
+            self.admin.mark_running(self.request_id, details)
+            for extra in self.bookings[1:]:
+                self.admin.mark_running(extra.id, {"part_of": self.request_id})
+        except UserError as error:  # taken off its nodes since it was placed: the books say how
+            return TrainingAttemptFailed(f"attempt {counters.attempts} could not start: {error}"), None
         watcher = AttemptWatcher(self.admin, self.job, self.bookings, self.growth, counters.attempts, self.on_progress)
         watcher.start()
         try:
@@ -308,6 +314,9 @@ class ElasticRun:
     def _next_attempt(self, outcome: Outcome, failed: BaseException | None) -> None:
         counters, budget = self.counters, self.job.restart_budget
         if outcome is Outcome.STOPPED:
+            if self.growth is not None:
+                # As the books have it now: a higher priority may have taken it back since it was placed.
+                self.growth = self.admin.status(self.growth.id)
             if self.growth is not None and self.growth.state.holding:
                 self.bookings.append(self.growth)
                 self.growth = None

@@ -4,11 +4,18 @@ and the elastic driver's decisions."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
+from waiting import wait_for
+
+from cluster.controller import detached
 from cluster.placement.request import Constraint
-from cluster.requests import BundleBinding, RequestState, RequestStatus, WorkloadKind
+from cluster.placement.snapshot import NodeSnapshot
+from cluster.requests import BundleBinding, RequestState, RequestStatus, SubmitRequest, WorkloadKind
+from cluster.scheduler import Scheduler
+from cluster.spec import ClusterSpec
 from jobs.admission import WorkerPlacement, gang_request, placement_for, rejection_message, sizes_to_try
-from jobs.elastic import Outcome, StopWhen, classify, format_progress, stop_directive, wants_stop
+from jobs.elastic import ElasticRun, Outcome, StopWhen, classify, format_progress, stop_directive, wants_stop
 from jobs.spec import TrainingJob
 from jobs.train import scaling_config
 from jobs.training_loop import StepReport
@@ -139,3 +146,133 @@ def test_an_attempt_is_classified_from_how_it_ended_and_the_books():
     assert classify(True, None, training, [placed_again], before) is Outcome.NODE_LOST
     assert classify(True, None, training, [running.model_copy(update={"preemptions": 1})], before) is Outcome.PREEMPTED
     assert classify(False, early, training, [running], before) is Outcome.STOPPED
+
+
+DONE = StepReport(
+    step=100, steps=100, loss=1.0, learning_rate=0.0, tokens_per_s=1.0, tokens_seen=1, world_size=1, elapsed_s=1.0
+)
+GROWING = ClusterSpec.model_validate(
+    {
+        "pools": [
+            {
+                "name": "h100",
+                "accelerator": "gpu",
+                "accelerator_type": "H100",
+                "node": {"cpus": 32, "memory": "256Gi", "gpus": 8},
+                "nodes": {"max": 2},
+            }
+        ],
+        "teams": [
+            {"name": "research", "priority": "normal", "quota": {"gpu": 16, "cpu": 64}},
+            {"name": "prod", "priority": "high", "quota": {"gpu": 16, "cpu": 64}},
+        ],
+    }
+)
+
+
+GROWING_NODES = [
+    NodeSnapshot(
+        name=name,
+        pool="h100",
+        labels={"llmos.io/pool": "h100", "llmos.io/node": name, "ray.io/accelerator-type": "H100"},
+        cpus=32,
+        memory=256 * 2**30,
+        gpus=8,
+        gpu_type="H100",
+    )
+    for name in ("h100-0", "h100-1")
+]
+WHOLE_NODE_GANG = {"name": "prod", "bundles": [{"resources": {"CPU": 1, "GPU": 8}}]}
+
+
+class BooksAdmin:
+    """The admin calls the elastic driver makes, answered by the controller's own books in process (a copy of
+    each request, as the controller hands back): its decisions, without Ray."""
+
+    def __init__(self, books: Scheduler):
+        self.books = books
+        self.lock = threading.Lock()  # the driver's watcher thread calls too, as on the real controller
+
+    def _act(self, change, *args, **kwargs) -> RequestStatus:
+        with self.lock:
+            result = change(*args, **kwargs)
+            self.books.schedule()
+            return detached(result)
+
+    def submit(self, request: SubmitRequest) -> RequestStatus:
+        return self._act(self.books.submit, request)
+
+    def status(self, request_id: str) -> RequestStatus:
+        return self._act(self.books.get, request_id)
+
+    def cancel(self, request_id: str) -> RequestStatus:
+        return self._act(self.books.cancel, request_id)
+
+    def complete(self, request_id: str, failed: bool = False, reason: str = "") -> RequestStatus:
+        return self._act(self.books.complete, request_id, failed=failed, reason=reason)
+
+    def mark_running(self, request_id: str, details: dict | None = None) -> RequestStatus:
+        return self._act(self.books.mark_running, request_id, details)
+
+    def report(self, request_id: str, details: dict) -> RequestStatus:
+        return self._act(self.books.report, request_id, details)
+
+    def reporter(self, request_id: str) -> None:
+        return None
+
+
+def test_a_growth_request_taken_back_before_the_checkpoint_leaves_the_job_running_at_its_size():
+    books = Scheduler(GROWING, "bestfit")
+    books.set_nodes(GROWING_NODES)
+    admin = BooksAdmin(books)
+    holder = admin.submit(SubmitRequest(team="prod", gang=WHOLE_NODE_GANG))
+    training = job(priority=None, workers={"min": 1, "max": 2}, resources={"cpus": 1, "gpus": 8})
+    sizes: list[int] = []
+
+    def run_attempt(job_, placement, reporter, details) -> StepReport:
+        sizes.append(placement.max_workers)
+        if len(sizes) == 1:
+            admin.complete(holder.id)  # the growth request gets the node, and the driver asks for a checkpoint
+            wait_for(lambda: admin.status(details["requests"][0]).details.get("stop"), 10, "the stop directive")
+            (growth,) = [s for s in books.requests.values() if s.request.gang.name == "lm-grow"]
+            with admin.lock:  # and before the checkpoint, prod takes the node back
+                books.preempt(growth.id)
+                books.submit(SubmitRequest(team="prod", gang=WHOLE_NODE_GANG))
+                books.schedule()
+            return dataclasses.replace(DONE, step=50, world_size=1)
+        return dataclasses.replace(DONE, world_size=placement.max_workers)
+
+    request_id, final = ElasticRun(training, admin, run_attempt, on_progress=print).run()
+    assert sizes == [1, 1] and final.step == training.steps
+    assert admin.status(request_id).state is RequestState.FINISHED
+    (growth,) = [s for s in books.requests.values() if s.request.gang.name == "lm-grow"]
+    assert growth.state is RequestState.CANCELLED  # given back with the job, never run
+
+
+def test_an_attempt_runs_where_the_books_have_its_booking_when_it_starts():
+    books = Scheduler(GROWING, "bestfit")
+    books.set_nodes(GROWING_NODES)
+    admin = BooksAdmin(books)
+    training = job(priority=None, workers={"min": 1, "max": 1}, resources={"cpus": 1, "gpus": 8})
+    taken: list[str] = []
+
+    def take_the_node_back(line: str) -> None:
+        if line.startswith("training lm:") and not taken:  # placed; its first attempt is next
+            (booking,) = [s for s in books.requests.values() if s.state.holding]
+            taken.extend(booking.nodes)
+            on_that_node = {**WHOLE_NODE_GANG["bundles"][0], "label_selector": {"llmos.io/node": taken[0]}}
+            with admin.lock:  # prod takes that node; the job's booking is placed again on the other
+                books.submit(SubmitRequest(team="prod", gang={"name": "prod", "bundles": [on_that_node]}))
+                books.schedule()
+
+    nodes: list[list[str]] = []
+
+    def run_attempt(job_, placement, reporter, details) -> StepReport:
+        nodes.append(details["nodes"])
+        return dataclasses.replace(DONE, world_size=placement.max_workers)
+
+    request_id, final = ElasticRun(training, admin, run_attempt, on_progress=take_the_node_back).run()
+    assert final.step == training.steps and len(nodes) == 1
+    assert nodes[0] != taken, f"the attempt ran on {nodes[0]}, the node prod took"
+    status = admin.status(request_id)
+    assert status.state is RequestState.FINISHED and status.preemptions == 1
