@@ -175,6 +175,12 @@ class TrainingJob(StrictModel):
     def _consistent(self) -> TrainingJob:
         if self.pool and self.accelerator_type:
             raise ValueError("set pool or accelerator_type, not both (a pool already has one accelerator type)")
+        if self.precision == Precision.FP16 and not self.resources.gpus:
+            # Found here, not in a worker: there every attempt would fail and be retried first.
+            raise ValueError(
+                "precision: fp16 needs a CUDA GPU (loss-scaled autocast) and resources.gpus is 0; use precision: "
+                "bf16 (or fp32) on CPU, or give the workers gpus"
+            )
         if self.schedule.warmup_steps >= self.steps:
             raise ValueError(
                 f"schedule.warmup_steps: {self.schedule.warmup_steps} is not below steps ({self.steps}); "

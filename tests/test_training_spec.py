@@ -71,8 +71,12 @@ def test_memory_takes_quantities_and_fractional_gpus():
     assert job.resources.memory == 512 * 1024**2 and job.resources.gpus == 0.5
 
 
-def test_fp16_loads_but_is_refused_on_cpu_when_run(tmp_path):
-    job = parse_model(TrainingJob, job_data(precision="fp16", storage_path=str(tmp_path)), "job.yaml")
+def test_fp16_without_gpus_is_refused_at_load_and_on_a_cpu_worker_when_run(tmp_path):
+    (problem,) = problems_of(job_data(precision="fp16"))
+    assert "precision: fp16 needs a CUDA GPU" in problem and "resources.gpus is 0" in problem
+    # With GPUs asked for, a worker that got none (the local cluster's simulated GPU pools) still refuses it.
+    fields = job_data(precision="fp16", resources={"gpus": 1}, storage_path=str(tmp_path))
+    job = parse_model(TrainingJob, fields, "job.yaml")
     assert job.precision is Precision.FP16
     with pytest.raises(SpecError) as raised:
         precision.check_supported(job.precision, torch.device("cpu"))
