@@ -86,14 +86,14 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path):
 
 
 def test_a_resume_with_a_new_peak_learning_rate_follows_the_new_schedule(tmp_path):
-    train(tiny_job(tmp_path), stop_at_step=20)
-    lowered = tiny_job(tmp_path, schedule={"peak_lr": 1e-3, "warmup_steps": 5, "min_lr": 3e-4})
+    train(tiny_job(tmp_path, steps=30), stop_at_step=20)
+    lowered = tiny_job(tmp_path, steps=30, schedule={"peak_lr": 1e-3, "warmup_steps": 5, "min_lr": 3e-4})
     after = []
     train(lowered, resume_from=checkpoints.latest_checkpoint(lowered.checkpoint_directory), on_report=after.append)
     # The first report after the resume is at step 25: the rate of its last optimizer step, step 24.
     assert after[0].step == 25 and after[0].resumed_from_step == 20
     assert after[0].learning_rate == pytest.approx(learning_rate(24, lowered.schedule, lowered.steps))
-    assert after[-1].learning_rate == pytest.approx(learning_rate(59, lowered.schedule, lowered.steps))
+    assert after[-1].learning_rate == pytest.approx(learning_rate(29, lowered.schedule, lowered.steps))
 
 
 def test_only_a_directory_named_exactly_like_a_checkpoint_is_one(tmp_path):
