@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,12 @@ class PoolUtilization(BaseModel):
     utilization: dict[str, float]
 
 
+def _current_controller(handle):
+    """The controller that answers to its name now: one stopped for good and started again (`llmos
+    controller stop`, then any call) is a new actor that a handle to the old one never reaches."""
+    return controller.get() or handle
+
+
 class ProgressReporter:
     """Sends a workload's progress to the controller without waiting for it: picklable, for Ray workers.
 
@@ -77,19 +84,25 @@ class ProgressReporter:
         self._controller.report.remote(self._credential, self.request_id, details)
 
     def status(self, timeout_s: float = 30.0) -> RequestStatus:
-        import ray
-
-        return ray.get(self.status_later(), timeout=timeout_s)
+        return self._wait(self.status_later, timeout_s)
 
     def status_later(self):
         """The request's status as an ObjectRef, for a caller that must not wait on the controller."""
         return self._controller.status.remote(self._credential, self.request_id)
 
     def mark_running(self, details: dict, timeout_s: float = 30.0) -> RequestStatus:
+        return self._wait(
+            lambda: self._controller.mark_running.remote(self._credential, self.request_id, details), timeout_s
+        )
+
+    def _wait(self, call: Callable[[], Any], timeout_s: float) -> Any:
         import ray
 
-        call = self._controller.mark_running.remote(self._credential, self.request_id, details)
-        return ray.get(call, timeout=timeout_s)
+        try:
+            return ray.get(call(), timeout=timeout_s)
+        except ray.exceptions.ActorDiedError:  # asked once more, of the controller its name finds now
+            self._controller = _current_controller(self._controller)
+            return ray.get(call(), timeout=timeout_s)
 
     def __repr__(self) -> str:
         return f"ProgressReporter({self.request_id})"
@@ -185,6 +198,7 @@ class Admin:
                 if time.monotonic() > deadline:
                     raise UserError("the llmos controller did not come back within a minute") from None
                 time.sleep(0.5)
+                self._controller = _current_controller(self._controller)
 
     # -- reading ---------------------------------------------------------------------------------------
 

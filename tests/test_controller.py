@@ -479,3 +479,15 @@ def test_a_preemption_retried_after_the_controller_died_answering_it_is_not_appl
     assert retried.state is RequestState.PLACED and retried.preemptions == 1 and retried.nodes == placed_again.nodes
     assert binding.find(f"llmos-{request.id}") is not None
     assert admin.preempt(request.id).preemptions == 2  # a new call is applied
+
+
+def test_a_controller_stopped_and_started_again_is_found_by_the_admins_and_reporters_made_before(admin: Admin):
+    request = admin.submit({"team": "research", "gang": gang("outlives", [{"resources": {"CPU": 0.1}}])})
+    reporter = admin.reporter(request.id)  # as a Serve reconciler or a training worker holds it
+    state_dir = admin.ping()["state_dir"]
+    old_pid = admin.ping()["pid"]
+    admin.stop_controller()
+    Admin(state_dir=state_dir, policy="bestfit")  # as `llmos controller start`, or any call, starts one
+    assert reporter.status().state is RequestState.PLACED
+    assert reporter.mark_running({"step": 1}).state is RequestState.RUNNING
+    assert admin.status(request.id).details["step"] == 1 and admin.ping()["pid"] != old_pid
