@@ -11,6 +11,7 @@ reserves exactly the booked nodes. The request is released with `Admin.complete`
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +142,20 @@ def admit(
 def _wait_placed(
     admin: Admin, status: RequestStatus, on_progress: Callable[[str], None], timeout_s: float | None
 ) -> RequestStatus:
+    """Wait until the request holds its nodes; one given up on (a timeout, Ctrl-C, the driver stopped) is cancelled,
+    or it would be placed later for a driver no longer there to run it or give it back."""
+    try:
+        return _poll_until_placed(admin, status, on_progress, timeout_s)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if not admin.status(status.id).state.final:
+                admin.cancel(status.id)
+        raise
+
+
+def _poll_until_placed(
+    admin: Admin, status: RequestStatus, on_progress: Callable[[str], None], timeout_s: float | None
+) -> RequestStatus:
     started = time.monotonic()
     workers = len(status.request.gang.bundles)
     last_said = ""
@@ -156,7 +171,6 @@ def _wait_placed(
             on_progress(f"{said} [{waited:.0f}s]")
             last_said, last_said_at = said, waited
         if timeout_s is not None and waited > timeout_s:
-            admin.cancel(status.id)
             raise UserError(
                 f"request {status.id} was not placed within {timeout_s:.0f}s ({status.reason}); it was cancelled"
             )

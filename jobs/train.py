@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -336,6 +337,10 @@ def run_admitted(
     return ElasticRun(job, admin, run_attempt, on_progress=on_progress, wait_timeout_s=wait_timeout_s).run()
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description="Run a TrainingJob on Ray Train.")
     parser.add_argument("job", type=Path, help="TrainingJob YAML, e.g. examples/train.yaml")
@@ -366,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     if finished is not None:
         print(already_trained(job, finished))
         return 0
+    # `ray job stop` and a deleted RayJob end the driver with SIGTERM: exit through the code that gives its
+    # bookings back, or they stay held for a driver that is gone.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if args.without_controller:
             placement = placement_from_spec(job)

@@ -161,6 +161,36 @@ def test_ray_job_submit_runs_the_entrypoint_through_the_controller(
     assert status.details["restarts"] == 0, logs[-3000:]
 
 
+def test_a_submitted_job_stopped_while_it_waits_gives_its_request_back(
+    admin: Admin, local_cluster: LocalCluster, tmp_path: Path
+):
+    from ray.job_submission import JobSubmissionClient
+
+    whole_h100 = [{"resources": {"CPU": 1, "GPU": 8}, "label_selector": {"llmos.io/pool": "h100"}}]
+    blocker = admin.submit({"team": "prod", "gang": {"name": "holds-h100", "bundles": whole_h100}})
+    assert blocker.state is RequestState.PLACED, blocker.reason
+    job = tiny_job(tmp_path, "stopped-waiting", workers={"min": 1, "max": 1})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    client = JobSubmissionClient(local_cluster.dashboard_url)
+    submission = local_cluster.submit_job(f"python -m jobs.train {path}", REPO)
+    try:
+        waiting = wait_for(
+            lambda: next((s for s in admin.queue() if s.request.gang.name == job.name), None),
+            timeout_s=180,
+            what="the submitted job's request",
+        )
+        assert waiting.state is RequestState.QUEUED, waiting
+        client.stop_job(submission)
+        # Ray sends the driver SIGTERM, then SIGKILL 3 s later: the driver cancels its request in between.
+        ended = wait_for(lambda: (s := admin.status(waiting.id)).state.final and s, what="the request to end")
+        assert ended.state is RequestState.CANCELLED, ended
+    finally:
+        if not client.get_job_status(submission).is_terminal():
+            client.stop_job(submission)
+        admin.complete(blocker.id)
+
+
 def test_killed_worker_resumes_from_the_last_checkpoint_and_the_loss_curve_continues(admin: Admin, tmp_path: Path):
     job = tiny_job(
         tmp_path,
