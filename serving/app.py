@@ -100,15 +100,24 @@ class CompletionServer:
         )
         return generation, request.stream
 
+    async def _body(self, request: Request) -> bytes:
+        """The body, read no further than the limit: a chunked upload declares no length up front."""
+        limit = self.job.limits.max_body_bytes
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limit:
+            raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over {limit} bytes, the limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     @api.post("/v1/completions", openapi_extra=COMPLETIONS_OPENAPI)
     async def completions(self, request: Request) -> Response:
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > self.job.limits.max_body_bytes:
-            return _error(
-                ApiError(413, f"request body is {declared} bytes; the limit is {self.job.limits.max_body_bytes}")
-            )
         try:
-            generation, stream = self._generation(await request.body())
+            generation, stream = self._generation(await self._body(request))
         except ApiError as error:
             return _error(error)
         request_id = completion_id()

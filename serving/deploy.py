@@ -11,6 +11,7 @@ DEPLOYING forever.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -68,44 +69,50 @@ def deploy(
     wait_s: float = 60.0,
     on_progress: Callable[[str], None] = lambda message: None,
 ) -> Deployment:
+    """Book the replicas, then start them in Serve: `wait_s` bounds the wait for the minimum replicas to be
+    placed, and again the wait for Serve to run them. A deployment that fails or is interrupted releases
+    what it booked and removes what it started."""
     from ray import serve
 
     from serving.app import resolve_checkpoint
 
     try:
-        resolve_checkpoint(job.checkpoint)
+        # Resolved once, so every replica, and each one the reconciler starts later, loads the same weights
+        # however many checkpoints a training run writes meanwhile.
+        job = job.model_copy(update={"checkpoint": str(resolve_checkpoint(job.checkpoint))})
     except FileNotFoundError as error:
         raise UserError(str(error)) from None
-    submitted = [admin.submit(replica_request(job, index)) for index in range(job.replicas.max)]
+    _refuse_a_second(job.name, admin)
+    submitted = admin.submit_many([replica_request(job, index) for index in range(job.replicas.max)])
     request_ids = [status.id for status in submitted]
-    rejected = [status for status in submitted if status.state is RequestState.REJECTED]
-    if rejected:
-        _cancel_all(admin, request_ids)
-        raise UserError(f"serve job {job.name} cannot be deployed: {rejected[0].reason}")
-    deadline = time.monotonic() + wait_s
-    while len(placed := _placed(admin, request_ids)) < job.replicas.min:
-        if time.monotonic() > deadline:
-            waiting = admin.status(next(i for i in request_ids if i not in {s.id for s in placed}))
-            _cancel_all(admin, request_ids)
-            raise UserError(
-                f"only {len(placed)} of the {job.replicas.min} replicas serve job {job.name} needs were placed "
-                f"within {wait_s:.0f}s: {waiting.reason}"
-            )
-        on_progress(f"waiting for replicas: {len(placed)}/{job.replicas.min} placed")
-        time.sleep(0.5)
-    # Replicas the cluster has no room for now stay queued: the reconciler starts them once placed.
-    booked = serving_bundles(placed)
-    nodes = [bundle.node for bundle in booked]
-    on_progress(f"starting {len(placed)} replica(s) of {job.name} on {', '.join(sorted(set(nodes)))}")
-    serve.start(http_options={"host": host, "port": port})
+    started = False
     try:
-        run_replicas(job, booked)
-    except Exception as error:
+        rejected = [status for status in submitted if status.state is RequestState.REJECTED]
+        if rejected:
+            raise UserError(f"serve job {job.name} cannot be deployed: {rejected[0].reason}")
+        placed = _wait_placed(job, admin, request_ids, wait_s, on_progress)
+        # Replicas the cluster has no room for now stay queued: the reconciler starts them once placed.
+        booked = serving_bundles(placed)
+        nodes = [bundle.node for bundle in booked]
+        on_progress(f"starting {len(placed)} replica(s) of {job.name} on {', '.join(sorted(set(nodes)))}")
+        serve.start(http_options={"host": host, "port": port})
+        started = True
+        try:
+            run_replicas(job, booked)
+        except Exception as error:
+            raise UserError(f"Serve could not start {job.name}: {error}") from None
+        _wait_running(job.name, wait_s, on_progress)
+        for status in placed:
+            # One preempted meanwhile is no longer placed; the reconciler follows it from here.
+            with contextlib.suppress(UserError):
+                admin.mark_running(status.id, {"deployment": job.name})
+        start_reconciler(job, [admin.reporter(request_id) for request_id in request_ids], booked)
+    except BaseException:
+        if started:
+            with contextlib.suppress(Exception):
+                serve.delete(job.name)
         _cancel_all(admin, request_ids)
-        raise UserError(f"Serve could not start {job.name}: {error}") from None
-    for status in placed:
-        admin.mark_running(status.id, {"deployment": job.name})
-    start_reconciler(job, [admin.reporter(request_id) for request_id in request_ids], booked)
+        raise
     queued = len(request_ids) - len(placed)
     if queued:
         on_progress(f"{queued} more replica(s) queued; they start when the controller places them")
@@ -116,6 +123,60 @@ def deploy(
         nodes=nodes,
         requests=request_ids,
     )
+
+
+def _refuse_a_second(name: str, admin) -> None:
+    """A name is one deployment: deploying it again would book a second set of replicas under the first's."""
+    from ray import serve
+
+    booked = [
+        status.id
+        for status in admin.queue()
+        if status.request.kind is WorkloadKind.SERVING and status.request.group == name
+    ]
+    if booked or name in serve.status().applications:
+        raise UserError(
+            f"a deployment named {name!r} already runs"
+            + (f" (replica requests {', '.join(booked)})" if booked else "")
+            + f"; delete it first (`llmos serve delete {name}`) or give this one another name"
+        )
+
+
+def _wait_placed(job: ServeJob, admin, request_ids: list[str], wait_s: float, on_progress) -> list[RequestStatus]:
+    deadline = time.monotonic() + wait_s
+    while len(placed := _placed(admin, request_ids)) < job.replicas.min:
+        if time.monotonic() > deadline:
+            waiting = admin.status(next(i for i in request_ids if i not in {s.id for s in placed}))
+            raise UserError(
+                f"only {len(placed)} of the {job.replicas.min} replicas serve job {job.name} needs were placed "
+                f"within {wait_s:.0f}s: {waiting.reason}"
+            )
+        on_progress(f"waiting for replicas: {len(placed)}/{job.replicas.min} placed")
+        time.sleep(0.5)
+    return placed
+
+
+def _wait_running(name: str, wait_s: float, on_progress) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + wait_s
+    said = ""
+    while True:
+        application = serve.status().applications.get(name)
+        state = application.status.value if application is not None else "NOT_STARTED"
+        if state == "RUNNING":
+            return
+        if state == "DEPLOY_FAILED":
+            raise UserError(f"Serve could not start {name}: {application.message}")
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"Serve did not run {name} within {wait_s:.0f}s of its replicas being placed (it is {state}): "
+                f"`serve status` says why; the bookings are released"
+            )
+        if state != said:
+            on_progress(f"waiting for Serve to run {name}: {state}")
+            said = state
+        time.sleep(0.5)
 
 
 def _cancel_all(admin, request_ids: list[str]) -> None:

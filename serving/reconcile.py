@@ -48,7 +48,11 @@ def changed_bookings(statuses: list[RequestStatus], pins: list[dict[str, str]]) 
 
 
 def run_replicas(job: ServeJob, booked: list[BundleBinding]) -> None:
-    """Deploy (or update) the application with one replica per booked bundle, pinned to those nodes."""
+    """Deploy (or update) the application with one replica per booked bundle, pinned to those nodes.
+
+    Returns once Serve has the new config, not once it runs: `serve.run` waits, without a timeout, until
+    the application runs, and a replica that cannot start would hold the reconciler there for good.
+    """
     from ray import serve
 
     from serving.app import CompletionServer
@@ -56,7 +60,8 @@ def run_replicas(job: ServeJob, booked: list[BundleBinding]) -> None:
     application = CompletionServer.options(
         num_replicas=len(booked), ray_actor_options=replica_actor_options(job, booked)
     ).bind(job.model_dump(mode="json"))
-    serve.run(application, name=job.name, route_prefix=job.route_prefix, blocking=False)
+    target = serve.RunTarget(application, name=job.name, route_prefix=job.route_prefix)
+    serve.run_many([target], wait_for_applications_running=False)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -126,6 +131,6 @@ def stop_reconciler(deployment: str) -> None:
     handle = find_reconciler(deployment)
     if handle is None:
         return
-    with contextlib.suppress(ray.exceptions.RayActorError):
-        ray.get(handle.stop.remote(), timeout=30)
+    with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        ray.get(handle.stop.remote(), timeout=30)  # its thread ends between rounds; the kill ends a stuck one
     ray.kill(handle, no_restart=True)

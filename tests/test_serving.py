@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,8 +49,8 @@ def served(local_cluster: LocalCluster, tiny_lm_checkpoint: Path, tmp_path_facto
     admin.stop_controller()
 
 
-def post(url: str, body: dict | bytes, **kwargs) -> requests.Response:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+def post(url: str, body: dict | bytes | Iterator[bytes], **kwargs) -> requests.Response:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
     return requests.post(url, data=data, headers={"content-type": "application/json"}, timeout=TIMEOUT_S, **kwargs)
 
 
@@ -96,6 +97,9 @@ def test_every_bad_request_gets_a_4xx_and_the_replica_keeps_serving(served):
         assert response.status_code == status, (body[:40], response.text)
         error = response.json()["error"]
         assert message in error["message"] and error["type"] == "invalid_request_error"
+    # Chunked, with no length up front: refused once the limit is passed, not after reading it all.
+    chunked = post(deployment.url, iter([b"{" + b" " * 1024] * 3 + [b"}"]))
+    assert chunked.status_code == 413 and "over 2048 bytes" in chunked.json()["error"]["message"], chunked.text
     good = post(deployment.url, {"model": "tiny-lm", "prompt": "import", "max_tokens": 4})
     assert good.status_code == 200
 
@@ -176,6 +180,47 @@ def test_delete_releases_the_bookings(served, tiny_lm_checkpoint):
     with pytest.raises(UserError, match=f"no deployment 'extra-lm'; deployments: {deployment.name} "):
         delete("extra-lm", admin)  # gone: refused, naming what there is, and nothing else is touched
     assert serve.status().applications[deployment.name].status.value == "RUNNING"
+
+
+def test_a_name_already_deployed_is_refused_and_books_nothing(served):
+    admin, job, _ = served
+    before = [s.id for s in admin.queue() if s.request.group == job.name]
+    refused = f"a deployment named '{job.name}' already runs .*llmos serve delete {job.name}"
+    with pytest.raises(UserError, match=refused):
+        deploy(job, admin, port=free_port(), wait_s=5)
+    assert [s.id for s in admin.queue() if s.request.group == job.name] == before
+
+
+def test_a_deployment_serve_cannot_run_in_time_releases_its_bookings_and_leaves_no_application(
+    served, tiny_lm_checkpoint
+):
+    admin, _, deployment = served
+    # Ray's CPUs on the h100 node are taken outside the controller's books: the replica it books there waits.
+    (h100,) = [pool for pool in admin.pools() if pool.name == "h100"]
+    holder = CpuHolder.options(num_cpus=h100.free["CPU"], label_selector={POOL_LABEL: "h100"}).remote()
+    try:
+        ray.get(holder.ready.remote(), timeout=TIMEOUT_S)
+        stuck = ServeJob(
+            name="stuck-lm",
+            team="research",
+            checkpoint=str(tiny_lm_checkpoint),
+            resources={"cpus": 1},
+            pool="h100",
+            route_prefix="/stuck",
+        )
+        port = int(deployment.url.split(":")[2].split("/")[0])
+        with pytest.raises(UserError, match=r"Serve did not run stuck-lm within 5s .*the bookings are released"):
+            deploy(stuck, admin, port=port, wait_s=5)
+        assert not [s for s in admin.queue() if s.request.group == "stuck-lm"]
+        assert "stuck-lm" not in serve.status().applications
+    finally:
+        ray.kill(holder)
+
+
+@ray.remote
+class CpuHolder:
+    def ready(self) -> bool:
+        return True
 
 
 def serve_replicas(name: str) -> int:
