@@ -121,16 +121,18 @@ def run_config(job: TrainingJob, *, retries_by_ray: bool) -> RunConfig:
 
     Under the controller, llmos restarts (`jobs.elastic`), so Ray Train ends an attempt at its first
     failure; without it (`--without-controller`) Ray Train retries within the job's budgets.
-    Checkpoint retention is the job's own (jobs.checkpoint keeps the last K), so Ray keeps every
-    checkpoint it was told about rather than deleting the same directories a second time.
+    Checkpoint retention is the job's own (jobs.checkpoint keeps the last K): Ray keeps every checkpoint
+    registered where it lies rather than deleting the same directories a second time, and of the copies
+    it makes of checkpoints kept elsewhere (`checkpoint.directory` outside the run directory), the same K.
     """
     budget = job.restart_budget
     failures = FailureConfig(max_failures=budget.failures, max_preemption_failures=budget.preemptions)
+    copied = checkpoint_upload_mode(job) is CheckpointUploadMode.SYNC
     return RunConfig(
         name=job.name,
         storage_path=str(job.run_directory.parent),
         failure_config=failures if retries_by_ray else ATTEMPT_ENDS_AT_FIRST_FAILURE,
-        checkpoint_config=CheckpointConfig(num_to_keep=None),
+        checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.keep_last if copied else None),
     )
 
 

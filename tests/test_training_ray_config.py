@@ -37,6 +37,7 @@ def test_run_config_uses_the_job_directory_and_separate_budgets():
     assert config.failure_config.max_preemption_failures == 10
     # Checkpoints in the run directory are registered with Ray where they are, not copied.
     assert checkpoint_upload_mode(job) is CheckpointUploadMode.NO_UPLOAD
+    assert config.checkpoint_config.num_to_keep is None  # the job prunes them itself
 
 
 def test_fixed_size_cpu_job_on_an_accelerator_type(tmp_path):
@@ -56,6 +57,8 @@ def test_fixed_size_cpu_job_on_an_accelerator_type(tmp_path):
     assert scaling.num_workers == 2 and not scaling.use_gpu
     assert scaling.label_selector == {"ray.io/accelerator-type": "A100-80G"}
     assert checkpoint_upload_mode(job) is CheckpointUploadMode.SYNC
+    # Ray's copies in the run directory are kept as the job keeps its own, not all of them.
+    assert run_config(job, retries_by_ray=False).checkpoint_config.num_to_keep == job.checkpoint.keep_last
 
 
 def test_a_controller_placement_can_pin_each_worker():
