@@ -246,6 +246,8 @@ class ElasticRun:
         try:
             self._admit()
             while True:
+                # As the books have it now: since it was placed, a booking may have been moved or taken back.
+                self.bookings = [self.admin.status(status.id) for status in self.bookings]
                 at_start = {status.id: status for status in self.bookings}
                 failed, final = self._attempt()
                 bookings = self._settle(failed is not None)
@@ -271,8 +273,6 @@ class ElasticRun:
     def _attempt(self) -> tuple[BaseException | None, StepReport | None]:
         counters = self.counters
         counters.attempts += 1
-        # As the books have it now: since it was placed, a booking may have been moved or taken back.
-        self.bookings = [self.admin.status(status.id) for status in self.bookings]
         placement = placement_for(self.bookings)
         details = {
             "workers": placement.max_workers,

@@ -108,10 +108,11 @@ def deploy(
                 admin.mark_running(status.id, {"deployment": job.name})
         start_reconciler(job, [admin.reporter(request_id) for request_id in request_ids], booked)
     except BaseException:
-        if started:
-            with contextlib.suppress(Exception):
+        # Best effort: an error here must not hide the one that ended the deploy.
+        with contextlib.suppress(Exception):
+            if started:
                 serve.delete(job.name)
-        _cancel_all(admin, request_ids)
+            _cancel_all(admin, request_ids)
         raise
     queued = len(request_ids) - len(placed)
     if queued:
