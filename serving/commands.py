@@ -20,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     deploy.add_argument("--host", default="127.0.0.1", help="HTTP host of the Serve proxy.")
     deploy.add_argument("--port", type=port_number, default=8000, help="HTTP port of the Serve proxy.")
     deploy.add_argument(
-        "--wait", type=at_least(0, float), default=60.0, help="Seconds to wait for the minimum replicas."
+        "--wait",
+        type=at_least(0, float),
+        default=60.0,
+        help="Seconds to wait for the minimum replicas to be placed, and again for Serve to run them.",
     )
     deploy.add_argument("--json", action="store_true")
     deploy.set_defaults(func=_deploy)

@@ -131,16 +131,23 @@ def test_job_that_can_never_fit_is_refused_naming_the_fields(admin: Admin, tmp_p
     assert not [s for s in admin.queue() if s.request.gang.name in ("too-big", "over-quota")]
 
 
+def submit_training(local_cluster: LocalCluster, job: TrainingJob, tmp_path: Path):
+    """`ray job submit` of `python -m jobs.train` on the job's YAML: the job client and the submission id."""
+    from ray.job_submission import JobSubmissionClient
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    submission = local_cluster.submit_job(f"python -m jobs.train {path}", REPO)
+    return JobSubmissionClient(local_cluster.dashboard_url), submission
+
+
 def test_ray_job_submit_runs_the_entrypoint_through_the_controller(
     admin: Admin, local_cluster: LocalCluster, tmp_path: Path
 ):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     job = tiny_job(tmp_path, "submitted", steps=10, workers={"min": 1, "max": 1})
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
-    client = JobSubmissionClient(local_cluster.dashboard_url)
-    submission = local_cluster.submit_job(f"python -m jobs.train {path}", REPO)
+    client, submission = submit_training(local_cluster, job, tmp_path)
     try:
         final = wait_for(
             lambda: (s := client.get_job_status(submission)).is_terminal() and s,
@@ -164,16 +171,11 @@ def test_ray_job_submit_runs_the_entrypoint_through_the_controller(
 def test_a_submitted_job_stopped_while_it_waits_gives_its_request_back(
     admin: Admin, local_cluster: LocalCluster, tmp_path: Path
 ):
-    from ray.job_submission import JobSubmissionClient
-
     whole_h100 = [{"resources": {"CPU": 1, "GPU": 8}, "label_selector": {"llmos.io/pool": "h100"}}]
     blocker = admin.submit({"team": "prod", "gang": {"name": "holds-h100", "bundles": whole_h100}})
     assert blocker.state is RequestState.PLACED, blocker.reason
     job = tiny_job(tmp_path, "stopped-waiting", workers={"min": 1, "max": 1})
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
-    client = JobSubmissionClient(local_cluster.dashboard_url)
-    submission = local_cluster.submit_job(f"python -m jobs.train {path}", REPO)
+    client, submission = submit_training(local_cluster, job, tmp_path)
     try:
         waiting = wait_for(
             lambda: next((s for s in admin.queue() if s.request.gang.name == job.name), None),
