@@ -60,6 +60,7 @@ from jobs.training_loop import (
     StepReport,
     StopCheck,
     already_trained,
+    check_resumable,
     finished_report,
     format_report,
     report_to_files,
@@ -377,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     # bookings back, or they stay held for a driver that is gone.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        check_resumable(job)
         if args.without_controller:
             placement = placement_from_spec(job)
             print(f"training {job.name} without admission on {describe(placement)}", flush=True)

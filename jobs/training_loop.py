@@ -284,6 +284,7 @@ def _save(job, step, model, optimizer, schedule, scaler, batches, world_size) ->
     }
     meta = {
         "job": job.name,
+        "model": job.model.model_dump(mode="json"),
         "world_size": world_size,
         "precision": job.precision.value,
         "data_position": batches.position,
@@ -295,12 +296,8 @@ def _save(job, step, model, optimizer, schedule, scaler, batches, world_size) ->
 def _restore(path: Path, job, model, optimizer, schedule, scaler, batches) -> int:
     """Load a checkpoint into freshly built training objects; returns the step it was taken at."""
     state = checkpoints.load_checkpoint(path)
-    saved_model = state["job"]["model"]
-    if saved_model != job.model.model_dump(mode="json"):
-        raise SpecError(
-            f"training job {job.name!r}",
-            [f"model: the checkpoint {path} holds a model of size {saved_model}; resume with that size"],
-        )
+    if state["job"]["model"] != job.model.model_dump(mode="json"):
+        raise _model_mismatch(job, path, state["job"]["model"])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["lr_schedule"])
@@ -317,6 +314,23 @@ def _restore(path: Path, job, model, optimizer, schedule, scaler, batches) -> in
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["step"]
+
+
+def _model_mismatch(job: TrainingJob, path: Path, saved_model: dict) -> SpecError:
+    return SpecError(
+        f"training job {job.name!r}",
+        [f"model: the checkpoint {path} holds a model of size {saved_model}; resume with that size"],
+    )
+
+
+def check_resumable(job: TrainingJob) -> None:
+    """Refuse a job whose newest checkpoint holds a model of another size, before any worker starts: in a
+    worker, every attempt would fail on it and be retried first. Checkpoints whose meta does not name
+    their model (written before it did) are checked when a worker loads them."""
+    newest = checkpoints.latest_checkpoint(job.checkpoint_directory)
+    saved_model = checkpoints.load_meta(newest).get("model") if newest is not None else None
+    if saved_model is not None and saved_model != job.model.model_dump(mode="json"):
+        raise _model_mismatch(job, newest, saved_model)
 
 
 def format_report(report: StepReport) -> str:
@@ -505,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+        if not args.fresh:
+            check_resumable(job)
         if args.workers == 1:
             torch.set_num_threads(max(1, int(job.resources.cpus)))
         result = run_bare(job, args.workers, resume=not args.fresh)
