@@ -508,18 +508,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         job = load_training_job(args.job)
-        if not args.fresh and (finished := finished_report(job)) is not None:
-            print(already_trained(job, finished) + " (or run with --fresh)")
-            return 0
-        if args.fresh and (kept := checkpoints.latest_checkpoint(job.checkpoint_directory)) is not None:
-            # Step 0's checkpoints would sort below the kept ones and be pruned as soon as they are written.
-            print(
-                f"error: --fresh: checkpoint.directory {job.checkpoint_directory} holds checkpoints up to "
-                f"{kept.name}; move or delete them, or set checkpoint.directory to an empty folder",
-                file=sys.stderr,
-            )
-            return 2
-        if not args.fresh:
+        if args.fresh:
+            if (kept := checkpoints.latest_checkpoint(job.checkpoint_directory)) is not None:
+                # Step 0's checkpoints would sort below the kept ones and be pruned as soon as they are written.
+                print(
+                    f"error: --fresh: checkpoint.directory {job.checkpoint_directory} holds checkpoints up to "
+                    f"{kept.name}; move or delete them, or set checkpoint.directory to an empty folder",
+                    file=sys.stderr,
+                )
+                return 2
+        else:
+            if (finished := finished_report(job)) is not None:
+                print(already_trained(job, finished) + " (or run with --fresh)")
+                return 0
             check_resumable(job)
         if args.workers == 1:
             torch.set_num_threads(max(1, int(job.resources.cpus)))

@@ -126,15 +126,16 @@ def deploy(
     )
 
 
+def _serving_replicas(admin) -> list[RequestStatus]:
+    """The replica requests of every deployment that are queued or hold a node."""
+    return [status for status in admin.queue() if status.request.kind is WorkloadKind.SERVING]
+
+
 def _refuse_a_second(name: str, admin) -> None:
     """A name is one deployment: deploying it again would book a second set of replicas under the first's."""
     from ray import serve
 
-    booked = [
-        status.id
-        for status in admin.queue()
-        if status.request.kind is WorkloadKind.SERVING and status.request.group == name
-    ]
+    booked = [status.id for status in _serving_replicas(admin) if status.request.group == name]
     if booked or name in serve.status().applications:
         raise UserError(
             f"a deployment named {name!r} already runs"
@@ -191,7 +192,7 @@ def delete(name: str, admin) -> list[str]:
     A name that is neither an application nor held by bookings is refused, naming the deployments."""
     from ray import serve
 
-    replicas = [status for status in admin.queue() if status.request.kind is WorkloadKind.SERVING]
+    replicas = _serving_replicas(admin)
     bookings = [status.id for status in replicas if status.request.group == name]
     applications = serve.status().applications  # empty, and no Serve started, while none runs
     if name not in applications and not bookings:
