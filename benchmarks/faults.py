@@ -8,9 +8,10 @@ hold.
 
 - controller SIGKILL: `placed` requests placed and `queued` waiting; the actor process is killed;
   the restarted controller must hold the same requests in the same states, with the same groups.
-- node removal: a 2-worker training job (Ray Train, elastic) and a Serve replica running on a node
-  whose raylet is then stopped: the job must resume on the nodes left and finish, the replica must
-  be placed again and answer, and nothing may stay booked on the removed node.
+- node removal and node crash: a 2-worker training job (Ray Train, elastic) and a Serve replica
+  running on a node whose raylet is then stopped (SIGTERM), or whose processes are all SIGKILLed at
+  once: the job must resume on the nodes left and finish after one restart, the replica must be
+  placed again and answer, and nothing may stay booked on the removed node.
 - worker killed: a 2-worker training job (Ray Train) has one worker process SIGKILLed at step 10 or
   later: llmos restarts it on the same bookings from the newest checkpoint and it finishes.
 - checkpoint write interrupted: a process writing checkpoints is SIGKILLed mid-write, again and
@@ -231,13 +232,16 @@ def worker_kill(admin, team: str, workdir: Path) -> Fault:
     return Fault("worker killed mid-step", not problems, detail, lost, time.monotonic() - started)
 
 
-def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
-    """A training gang and a serving replica running on one node; its raylet stopped.
+def node_removal(cluster, admin, team: str, workdir: Path, *, crash: bool = False) -> Fault:
+    """A training gang and a serving replica running on one node; its raylet stopped (SIGTERM), or with
+    `crash` the node's processes SIGKILLed at once.
 
     The other cpu node is cordoned while both are placed, so the controller puts them on the added
-    node; then the node goes. The training job must resume on the nodes left and finish, the replica
-    must be placed again and answer, and the books must agree with Ray.
+    node; then the node goes. The training job must resume on the nodes left and finish, counting one
+    restart (a crash must not first be taken for a worker that died on a live node), the replica must
+    be placed again and answer, and the books must agree with Ray.
     """
+    fault = "node crash" if crash else "node removal"
     import requests as http
     from ray import serve
 
@@ -268,13 +272,13 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
             admin.cordon(other)
         deployment = deploy(replica, admin, port=free_port(), wait_s=WAIT_S)
         if deployment.nodes != [node.name]:
-            return Fault("node removal", False, f"setup: the replica went to {deployment.nodes}, not {node.name}")
+            return Fault(fault, False, f"setup: the replica went to {deployment.nodes}, not {node.name}")
         trainer.start()
         wait_for(lambda: _training_on(admin, job.name, node.name), WAIT_S, f"{job.name} to train on {node.name}")
         for other in others:
             admin.uncordon(other)
         removed = time.monotonic()
-        cluster.remove_node(node.name)
+        cluster.remove_node(node.name, crash=crash)
         gone_at = _last_step(trainer.progress)
         # Asked only once the replica is booked elsewhere: the dying one may still answer for a moment.
         wait_for(
@@ -289,12 +293,12 @@ def node_removal(cluster, admin, team: str, workdir: Path) -> Fault:
         problems += trainer.problems(restarts=1) + trainer.restarted_off(node.name)
         lost = int(bool(trainer.error or trainer.is_alive()))
         detail = (
-            f"a {job.workers.max}-worker training gang and a serving replica running on {node.name}, gone after the "
-            f"job reported step {gone_at} of {job.steps}: it resumed on {', '.join(others)} and finished; the replica "
+            f"a {job.workers.max}-worker training gang and a serving replica running on {node.name}, "
+            f"{'crashed' if crash else 'stopped'} after the job reported step {gone_at} of {job.steps}: it resumed on {', '.join(others)} and finished; the replica "
             f"was placed on {', '.join(others)} and answered {answered} {replica_back:.1f}s after the removal; "
             + ("; ".join(problems) or "books agree with Ray")
         )
-        return Fault("node removal", not problems, detail, lost, time.monotonic() - started)
+        return Fault(fault, not problems, detail, lost, time.monotonic() - started)
     finally:
         for other in others:
             with contextlib.suppress(Exception):
@@ -919,6 +923,10 @@ def run(
         faults.append(_guarded("worker killed mid-step", lambda: worker_kill(admin, team_names[0], workdir)))
         on_progress("fault: node removal under a training gang and a serving replica")
         faults.append(_guarded("node removal", lambda: node_removal(cluster, admin, team_names[0], workdir)))
+        on_progress("fault: node crash under a training gang and a serving replica")
+        faults.append(
+            _guarded("node crash", lambda: node_removal(cluster, admin, team_names[0], workdir, crash=True))
+        )
         if http_examples:
             on_progress(f"fuzz: the serving API from its OpenAPI schema ({http_examples} examples per operation)")
             try:

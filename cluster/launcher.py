@@ -480,11 +480,16 @@ class LocalCluster:
             raise
         return started
 
-    def remove_node(self, name: str, timeout_s: float = NODE_STOP_TIMEOUT_S) -> None:
-        """Stop one simulated node's processes, as if the machine went away."""
+    def remove_node(self, name: str, timeout_s: float = NODE_STOP_TIMEOUT_S, *, crash: bool = False) -> None:
+        """Stop one simulated node's processes, as if the machine went away: by SIGTERM, as when Kubernetes
+        deletes a pod (the raylet tells Ray it is going), or with `crash` by SIGKILL at once, as when the machine
+        loses power (Ray learns of it only when the node's health checks have failed for a while)."""
         node = self.node(name)
         if node.pool == "head":
             raise UserError("the head node cannot be removed on its own; use `llmos down` to stop the cluster")
+        if crash:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
         _stop_groups([node.pid], timeout_s)
         self.record.nodes = [n for n in self.record.nodes if n.name != name]
         self._save()

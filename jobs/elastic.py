@@ -9,6 +9,9 @@ each attempt with no retries of its own (`max_failures=0`) and `run_elastic` dec
   so): a failure, counted against `restart_budget.failures`. The job is admitted again at the
   largest size that fits now (at least `workers.min`) and resumes from the newest checkpoint.
 - a worker process died on a live node: a failure too; the next attempt runs on the same bookings.
+  Which of the two it was, the books alone cannot say at once: a node that crashed is in Ray's node
+  table until its health checks have failed for a while (~15 s by Ray's defaults). So after a
+  failed attempt the driver asks every booked node to run a tiny task; one that answers is alive.
 - the controller preempted a booking (a higher priority, a drained node): a preemption, counted
   against `restart_budget.preemptions`. The workers checkpoint and stop at their next reporting
   step, and the job waits in the queue to be admitted again.
@@ -42,12 +45,15 @@ from jobs.training_loop import StepReport
 
 # How often the driver looks at its bookings while an attempt runs.
 WATCH_INTERVAL_S = 0.25
-# After a failed attempt, how long to wait for the controller to see a node loss before taking the
-# failure for a dead process on a live node (the controller reads Ray's node table every 0.5 s).
-NODE_LOSS_GRACE_S = 1.0
+# After a failed attempt whose nodes do not all answer, the longest wait for the controller to see a
+# node loss before taking the failure for a dead process on a live node. Ray declares a crashed node
+# dead after ~15 s of failed health checks by default; the controller reads its node table every 0.5 s.
+NODE_LOSS_WAIT_S = 60.0
 
 # Runs one attempt on a placement and returns its last report; raises TrainingAttemptFailed.
 AttemptRunner = Callable[[TrainingJob, WorkerPlacement, ProgressReporter, dict[str, Any]], StepReport]
+# Given Ray node ids, asks each node to answer, and returns a check that is True once all of them have.
+NodeProbe = Callable[[list[str]], Callable[[], bool]]
 
 
 class StopWhen(StrEnum):
@@ -98,15 +104,25 @@ def classify(
     """
     if not failed and final is not None and final.step >= job.steps:
         return Outcome.FINISHED
-
-    def counted(count: str) -> bool:
-        return any(getattr(status, count) > getattr(at_start.get(status.id, status), count) for status in bookings)
-
-    if counted("failures"):
+    if _counted("failures", bookings, at_start):
         return Outcome.NODE_LOST
-    if counted("preemptions") or not all(status.state.holding for status in bookings):
+    if _counted("preemptions", bookings, at_start) or not all(status.state.holding for status in bookings):
         return Outcome.PREEMPTED
     return Outcome.WORKER_FAILED if failed else Outcome.STOPPED
+
+
+def _counted(count: str, bookings: list[RequestStatus], at_start: dict[str, RequestStatus]) -> bool:
+    """Whether the controller counted a node loss or a preemption (`count`) of a booking since `at_start`."""
+    return any(getattr(status, count) > getattr(at_start.get(status.id, status), count) for status in bookings)
+
+
+def _taken_off(bookings: list[RequestStatus], at_start: dict[str, RequestStatus]) -> bool:
+    """Whether the controller took a booking off its nodes since `at_start`, even if it placed it again since."""
+    return (
+        not all(status.state.holding for status in bookings)
+        or _counted("failures", bookings, at_start)
+        or _counted("preemptions", bookings, at_start)
+    )
 
 
 def format_progress(details: dict[str, Any]) -> str:
@@ -224,10 +240,11 @@ class ElasticRun:
         admin: Admin,
         run_attempt: AttemptRunner,
         *,
+        probe_nodes: NodeProbe,
         on_progress: Callable[[str], None] = print,
         wait_timeout_s: float | None = None,
     ):
-        self.job, self.admin, self.run_attempt = job, admin, run_attempt
+        self.job, self.admin, self.run_attempt, self.probe_nodes = job, admin, run_attempt, probe_nodes
         self.on_progress, self.wait_timeout_s = on_progress, wait_timeout_s
         self.counters = Counters()
         self.bookings: list[RequestStatus] = []
@@ -250,7 +267,7 @@ class ElasticRun:
                 self.bookings = [self.admin.status(status.id) for status in self.bookings]
                 at_start = {status.id: status for status in self.bookings}
                 failed, final = self._attempt()
-                bookings = self._settle(failed is not None)
+                bookings = self._settle(failed is not None, at_start)
                 outcome = classify(failed is not None, final, self.job, bookings, at_start)
                 if outcome is Outcome.FINISHED:
                     self._release(failed=False, reason="")
@@ -302,14 +319,19 @@ class ElasticRun:
             watcher.stop()
             self.growth = watcher.growth
 
-    def _settle(self, failed: bool) -> list[RequestStatus]:
-        """The bookings now; after a failure, given the controller a moment to see a lost node."""
-        deadline = time.monotonic() + (NODE_LOSS_GRACE_S if failed else 0.0)
-        while True:
-            self.bookings = [self.admin.status(status.id) for status in self.bookings]
-            if not all(status.state.holding for status in self.bookings) or time.monotonic() >= deadline:
-                return self.bookings
+    def _settle(self, failed: bool, at_start: dict[str, RequestStatus]) -> list[RequestStatus]:
+        """The bookings now. After a failed attempt, once the controller took a booking off its nodes, or every
+        booked node answered (so a process died on a live node), or `NODE_LOSS_WAIT_S` passed."""
+        self.bookings = [self.admin.status(status.id) for status in self.bookings]
+        if not failed:
+            return self.bookings
+        node_ids = sorted({bundle.node_id for status in self.bookings for bundle in status.bundles if bundle.node_id})
+        answered = self.probe_nodes(node_ids)
+        deadline = time.monotonic() + NODE_LOSS_WAIT_S
+        while not (_taken_off(self.bookings, at_start) or answered() or time.monotonic() >= deadline):
             time.sleep(WATCH_INTERVAL_S)
+            self.bookings = [self.admin.status(status.id) for status in self.bookings]
+        return self.bookings
 
     def _next_attempt(self, outcome: Outcome, failed: BaseException | None) -> None:
         counters, budget = self.counters, self.job.restart_budget

@@ -46,6 +46,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.admin import Admin, ProgressReporter
 from cluster.console import UserError, print_hint
@@ -326,6 +327,39 @@ def run_attempt(
         raise TrainingAttemptFailed(one_line(error)) from error
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _answer() -> None:
+    """Runs on a node that is alive; on one that crashed it stays unscheduled until Ray declares the node dead."""
+
+
+def probe_nodes(node_ids: list[str]) -> Callable[[], bool]:
+    """Asks each node (by Ray id) to run a tiny task; the check is True once every one has (`jobs.elastic.NodeProbe`).
+
+    A node that crashed answers nothing until Ray declares it dead, and then fails the task, so the check
+    stays False: the controller reports that loss meanwhile.
+    """
+    pending = [
+        _answer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+        for node_id in node_ids
+    ]
+    failed = False
+
+    def all_answered() -> bool:
+        nonlocal pending, failed
+        if pending and not failed:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            try:
+                ray.get(ready)
+            except RayError:  # a node Ray declared dead: the controller's books say so in a moment
+                failed = True
+                for ref in pending:
+                    ray.cancel(ref)
+                pending = []
+        return not failed and not pending
+
+    return all_answered
+
+
 def run_admitted(
     job: TrainingJob,
     admin: Admin,
@@ -337,7 +371,9 @@ def run_admitted(
 
     The request ends finished, or failed with the reason when training fails or is interrupted.
     """
-    return ElasticRun(job, admin, run_attempt, on_progress=on_progress, wait_timeout_s=wait_timeout_s).run()
+    return ElasticRun(
+        job, admin, run_attempt, probe_nodes=probe_nodes, on_progress=on_progress, wait_timeout_s=wait_timeout_s
+    ).run()
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:

@@ -4,6 +4,7 @@ and the elastic driver's decisions."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 
 from waiting import wait_for
@@ -15,7 +16,16 @@ from cluster.requests import BundleBinding, RequestState, RequestStatus, SubmitR
 from cluster.scheduler import Scheduler
 from cluster.spec import ClusterSpec
 from jobs.admission import WorkerPlacement, gang_request, placement_for, rejection_message, sizes_to_try
-from jobs.elastic import ElasticRun, Outcome, StopWhen, classify, format_progress, stop_directive, wants_stop
+from jobs.elastic import (
+    ElasticRun,
+    Outcome,
+    StopWhen,
+    TrainingAttemptFailed,
+    classify,
+    format_progress,
+    stop_directive,
+    wants_stop,
+)
 from jobs.spec import TrainingJob
 from jobs.train import scaling_config
 from jobs.training_loop import StepReport
@@ -174,7 +184,12 @@ GROWING_NODES = [
     NodeSnapshot(
         name=name,
         pool="h100",
-        labels={"llmos.io/pool": "h100", "llmos.io/node": name, "ray.io/accelerator-type": "H100"},
+        labels={
+            "llmos.io/pool": "h100",
+            "llmos.io/node": name,
+            "ray.io/accelerator-type": "H100",
+            "ray.io/node-id": f"ray-id-{name}",
+        },
         cpus=32,
         memory=256 * 2**30,
         gpus=8,
@@ -221,6 +236,76 @@ class BooksAdmin:
         return None
 
 
+def answering(node_ids: list[str]):
+    """Every node is alive: it answers the driver's probe at once."""
+    return lambda: True
+
+
+def test_a_failed_attempt_on_nodes_that_answer_restarts_on_the_same_bookings_as_one_failure():
+    books = Scheduler(GROWING, "bestfit")
+    books.set_nodes(GROWING_NODES)
+    admin = BooksAdmin(books)
+    training = job(priority=None, workers={"min": 1, "max": 1}, resources={"cpus": 1, "gpus": 8})
+    nodes: list[list[str]] = []
+    asked: list[list[str]] = []
+
+    def run_attempt(job_, placement, reporter, details) -> StepReport:
+        nodes.append(details["nodes"])
+        if len(nodes) == 1:
+            raise TrainingAttemptFailed("a worker process died")
+        return DONE
+
+    def probe(node_ids: list[str]):
+        asked.append(node_ids)
+        return answering(node_ids)
+
+    lines: list[str] = []
+    request_id, final = ElasticRun(training, admin, run_attempt, probe_nodes=probe, on_progress=lines.append).run()
+    assert nodes == [nodes[0], nodes[0]] and asked == [[f"ray-id-{nodes[0][0]}"]]
+    status = admin.status(request_id)
+    assert status.state is RequestState.FINISHED and status.failures == 0
+    assert status.details["failures"] == 1 and status.details["restarts"] == 1
+    assert any("restarting on the same nodes" in line for line in lines), lines
+
+
+def test_a_failed_attempt_whose_node_does_not_answer_waits_for_the_books_and_counts_one_node_loss():
+    books = Scheduler(GROWING, "bestfit")
+    books.set_nodes(GROWING_NODES)
+    admin = BooksAdmin(books)
+    training = job(priority=None, workers={"min": 1, "max": 1}, resources={"cpus": 1, "gpus": 8})
+    nodes: list[list[str]] = []
+
+    def run_attempt(job_, placement, reporter, details) -> StepReport:
+        nodes.append(details["nodes"])
+        if len(nodes) == 1:
+            raise TrainingAttemptFailed("a worker process died")  # with its node, which Ray still lists
+        return DONE
+
+    def crashed_node(node_ids: list[str]):
+        checks = itertools.count()
+
+        def answered() -> bool:
+            # Ray declares the node dead only after its health checks fail for a while: here ~2 s in.
+            if next(checks) == 8:
+                with admin.lock:
+                    books.set_nodes([node for node in GROWING_NODES if node.name not in nodes[0]])
+                    books.schedule()
+            return False
+
+        return answered
+
+    lines: list[str] = []
+    request_id, final = ElasticRun(
+        training, admin, run_attempt, probe_nodes=crashed_node, on_progress=lines.append
+    ).run()
+    assert len(nodes) == 2 and nodes[1] != nodes[0], nodes
+    status = admin.status(request_id)
+    assert status.state is RequestState.FINISHED and status.failures == 1
+    assert status.details["failures"] == 1 and status.details["restarts"] == 1, status.details
+    assert not any("restarting on the same nodes" in line for line in lines), lines
+    assert any("left the cluster" in line for line in lines), lines
+
+
 def test_a_growth_request_taken_back_before_the_checkpoint_leaves_the_job_running_at_its_size():
     books = Scheduler(GROWING, "bestfit")
     books.set_nodes(GROWING_NODES)
@@ -242,7 +327,7 @@ def test_a_growth_request_taken_back_before_the_checkpoint_leaves_the_job_runnin
             return dataclasses.replace(DONE, step=50, world_size=1)
         return dataclasses.replace(DONE, world_size=placement.max_workers)
 
-    request_id, final = ElasticRun(training, admin, run_attempt, on_progress=print).run()
+    request_id, final = ElasticRun(training, admin, run_attempt, probe_nodes=answering, on_progress=print).run()
     assert sizes == [1, 1] and final.step == training.steps
     assert admin.status(request_id).state is RequestState.FINISHED
     (growth,) = [s for s in books.requests.values() if s.request.gang.name == "lm-grow"]
@@ -271,7 +356,7 @@ def test_an_attempt_runs_where_the_books_have_its_booking_when_it_starts():
         nodes.append(details["nodes"])
         return dataclasses.replace(DONE, world_size=placement.max_workers)
 
-    request_id, final = ElasticRun(training, admin, run_attempt, on_progress=take_the_node_back).run()
+    request_id, final = ElasticRun(training, admin, run_attempt, probe_nodes=answering, on_progress=take_the_node_back).run()
     assert final.step == training.steps and len(nodes) == 1
     assert nodes[0] != taken, f"the attempt ran on {nodes[0]}, the node prod took"
     status = admin.status(request_id)
