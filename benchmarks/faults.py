@@ -294,7 +294,8 @@ def node_removal(cluster, admin, team: str, workdir: Path, *, crash: bool = Fals
         lost = int(bool(trainer.error or trainer.is_alive()))
         detail = (
             f"a {job.workers.max}-worker training gang and a serving replica running on {node.name}, "
-            f"{'crashed' if crash else 'stopped'} after the job reported step {gone_at} of {job.steps}: it resumed on {', '.join(others)} and finished; the replica "
+            f"{'crashed' if crash else 'stopped'} after the job reported step {gone_at} of {job.steps}: it resumed on "
+            f"{', '.join(others)} and finished; the replica "
             f"was placed on {', '.join(others)} and answered {answered} {replica_back:.1f}s after the removal; "
             + ("; ".join(problems) or "books agree with Ray")
         )

@@ -262,6 +262,7 @@ def test_a_failed_attempt_on_nodes_that_answer_restarts_on_the_same_bookings_as_
     lines: list[str] = []
     request_id, final = ElasticRun(training, admin, run_attempt, probe_nodes=probe, on_progress=lines.append).run()
     assert nodes == [nodes[0], nodes[0]] and asked == [[f"ray-id-{nodes[0][0]}"]]
+    assert final.step == training.steps
     status = admin.status(request_id)
     assert status.state is RequestState.FINISHED and status.failures == 0
     assert status.details["failures"] == 1 and status.details["restarts"] == 1
@@ -299,6 +300,7 @@ def test_a_failed_attempt_whose_node_does_not_answer_waits_for_the_books_and_cou
         training, admin, run_attempt, probe_nodes=crashed_node, on_progress=lines.append
     ).run()
     assert len(nodes) == 2 and nodes[1] != nodes[0], nodes
+    assert final.step == training.steps
     status = admin.status(request_id)
     assert status.state is RequestState.FINISHED and status.failures == 1
     assert status.details["failures"] == 1 and status.details["restarts"] == 1, status.details
