@@ -358,7 +358,9 @@ def test_an_attempt_runs_where_the_books_have_its_booking_when_it_starts():
         nodes.append(details["nodes"])
         return dataclasses.replace(DONE, world_size=placement.max_workers)
 
-    request_id, final = ElasticRun(training, admin, run_attempt, probe_nodes=answering, on_progress=take_the_node_back).run()
+    request_id, final = ElasticRun(
+        training, admin, run_attempt, probe_nodes=answering, on_progress=take_the_node_back
+    ).run()
     assert final.step == training.steps and len(nodes) == 1
     assert nodes[0] != taken, f"the attempt ran on {nodes[0]}, the node prod took"
     status = admin.status(request_id)
