@@ -925,9 +925,7 @@ def run(
         on_progress("fault: node removal under a training gang and a serving replica")
         faults.append(_guarded("node removal", lambda: node_removal(cluster, admin, team_names[0], workdir)))
         on_progress("fault: node crash under a training gang and a serving replica")
-        faults.append(
-            _guarded("node crash", lambda: node_removal(cluster, admin, team_names[0], workdir, crash=True))
-        )
+        faults.append(_guarded("node crash", lambda: node_removal(cluster, admin, team_names[0], workdir, crash=True)))
         if http_examples:
             on_progress(f"fuzz: the serving API from its OpenAPI schema ({http_examples} examples per operation)")
             try:
