@@ -12,14 +12,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from cluster.spec import AcceleratorKind, ClusterSpec, Pool
+from cluster.spec import HEAD_POOL, AcceleratorKind, ClusterSpec, Pool
 
 POOL_LABEL = "llmos.io/pool"
 NODE_LABEL = "llmos.io/node"
 RAY_NODE_ID_LABEL = "ray.io/node-id"  # Ray gives every node this label, on KubeRay as locally
 ACCELERATOR_KIND_LABEL = "llmos.io/accelerator"
 TPU_SLICE_LABEL = "llmos.io/tpu-slice"
-HEAD_POOL = "head"
 
 # Ray's own label keys (ray._raylet.RAY_NODE_*_KEY); a test checks them against Ray.
 RAY_ACCELERATOR_TYPE_LABEL = "ray.io/accelerator-type"

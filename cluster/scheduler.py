@@ -899,13 +899,12 @@ class Scheduler:
     # -- operators ----------------------------------------------------------------------------------
 
     def _known_node(self, node: str) -> NodeSnapshot:
+        if node in self.nodes:  # first: a worker pool's name may start with "head-" too
+            return self.nodes[node]
         if node.startswith(f"{HEAD_POOL}-"):
             raise UserError(f"{node} is the head node; it runs no placed work, so it cannot be cordoned or drained")
-        try:
-            return self.nodes[node]
-        except KeyError:
-            nodes = ", ".join(sorted(self.nodes)) or "none"
-            raise UserError(f"unknown node {node!r}{did_you_mean(node, self.nodes)}; nodes: {nodes}") from None
+        nodes = ", ".join(sorted(self.nodes)) or "none"
+        raise UserError(f"unknown node {node!r}{did_you_mean(node, self.nodes)}; nodes: {nodes}")
 
     def cordon(self, node: str, cordoned: bool = True) -> NodeControl:
         self._known_node(node)

@@ -121,6 +121,8 @@ KNOWN_TPU_GENERATIONS = tuple(TPU_TOPOLOGY_DIMENSIONS)
 _ACCELERATOR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")
 _NAME_HINT = "use lowercase letters, digits and '-', at most 40 characters (it becomes a Kubernetes name)"
+# The head node's pool, in its llmos.io/pool label and its node's name; KubeRay's group name for it too.
+HEAD_POOL = "head"
 
 
 def _check_name(value: str) -> str:
@@ -303,6 +305,16 @@ class Pool(StrictModel):
     labels: dict[LabelKey, LabelValue] = Field(
         default_factory=dict, description="Labels of every node, in Kubernetes label syntax."
     )
+
+    @field_validator("name")
+    @classmethod
+    def _not_the_head(cls, name: str) -> str:
+        if name == HEAD_POOL:
+            raise ValueError(
+                f"{HEAD_POOL!r} is the head node's pool (and KubeRay's and Kueue's name for the head group); "
+                "give this pool another name"
+            )
+        return name
 
     @field_validator("accelerator_type")
     @classmethod

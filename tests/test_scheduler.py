@@ -355,6 +355,10 @@ def test_cordon_and_drain(scheduler: Scheduler):
     assert scheduler.get(request_id).state is RequestState.PREEMPTED  # no other 8-GPU node is free
     with pytest.raises(UserError, match="head node"):
         scheduler.drain("head-0")
+    head_named = SPEC.model_copy(update={"pools": [SPEC.pools[0].model_copy(update={"name": "head-cpu"})]})
+    books = Scheduler(head_named, "bestfit")
+    books.set_nodes(node_from_ray(n.name, n.resources, n.labels) for n in replica_nodes(head_named.pools[0], 0))
+    assert books.cordon("head-cpu-0").cordoned, "a worker of pool head-cpu is no head node"
     with pytest.raises(UserError, match="unknown node 'h100-9'"):
         scheduler.cordon("h100-9")
     with pytest.raises(UserError, match="unknown node 'h100_0' \\(did you mean 'h100-0'\\?\\)"):

@@ -149,6 +149,14 @@ def test_duplicate_pool_names(example):
     assert problem == "pools[4].name: 'cpu' is used twice; names must be unique"
 
 
+def test_no_worker_pool_takes_the_head_nodes_pool_name(example):
+    example["pools"][0]["name"] = "head"
+    (problem,) = problems_of(example)
+    assert problem.startswith("pools[0].name: 'head' is the head node's pool") and "another name" in problem
+    example["pools"][0]["name"] = "head-cpu"  # only the name itself is the head's
+    assert ClusterSpec.model_validate(example).pools[0].name == "head-cpu"
+
+
 def test_quota_naming_unknown_resource_lists_valid_keys(example):
     example["teams"][0]["quota"]["gpus"] = 4
     (problem,) = problems_of(example)
