@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -24,7 +26,11 @@ from cluster.placement import (
 )
 from cluster.placement.request import UNITS
 from cluster.placement.workload import WorkloadEstimator
-from cluster.ray_mapping import POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL, TPU_SLICE_LABEL
+from cluster.ray_mapping import POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL, RAY_TPU_SLICE_NAME_LABEL, TPU_SLICE_LABEL
+from cluster.spec import load_spec
+from manifests.raycluster import ray_cluster
+
+EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
 
 GIB = 1024**3
 
@@ -260,6 +266,24 @@ class TestRayView:
             available={"CPU": 2, "memory": GIB, "GPU": 2.5},
         )
         assert (gpu.gpu_type, gpu.gpu_free, gpu.cpus_free) == ("H100", (1.0, 1.0, 0.5, 0.0), 2)
+
+    def test_a_kuberay_tpu_host_is_in_the_slice_ray_detected(self):
+        # A KubeRay worker group's labels are the same for every slice of the group; on a TPU VM, Ray itself
+        # labels each host with its slice's name.
+        spec = load_spec(EXAMPLE_SPEC)
+        (group,) = [g for g in ray_cluster(spec)["spec"]["workerGroupSpecs"] if g["groupName"] == "tpu-v5p"]
+        assert TPU_SLICE_LABEL not in group["labels"]
+        total = {"CPU": 208, "memory": 448 * GIB, "TPU": 4}
+        hosts = [
+            node_from_ray(f"{slice_name}-{worker}", total, {**group["labels"], RAY_TPU_SLICE_NAME_LABEL: slice_name})
+            for slice_name in ("slice-a", "slice-b")
+            for worker in range(2)
+        ]
+        assert [host.tpu_slice for host in hosts] == ["slice-a", "slice-a", "slice-b", "slice-b"]
+        placement = placed(
+            PlacementEngine(cluster(*hosts), "llmos").place(gang(*[{"TPU": 4}] * 2, constraint="same_tpu_slice"))
+        )
+        assert len({host.tpu_slice for host in hosts if host.name in placement.nodes}) == 1
 
 
 class TestWorkload:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, model_validator
 
-from cluster.ray_mapping import POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL, TPU_SLICE_LABEL
+from cluster.ray_mapping import POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL, RAY_TPU_SLICE_NAME_LABEL, TPU_SLICE_LABEL
 
 DEFAULT_POOL = "default"
 
@@ -110,7 +110,8 @@ def node_from_ray(
         gpus=gpus,
         gpu_type=labels.get(RAY_ACCELERATOR_TYPE_LABEL) if gpus else None,
         tpu_chips=int(total.get("TPU", 0)),
-        tpu_slice=labels.get(TPU_SLICE_LABEL),
+        # llmos up declares its slices; on KubeRay, Ray labels each TPU VM with its slice from GCE metadata.
+        tpu_slice=labels.get(TPU_SLICE_LABEL) or labels.get(RAY_TPU_SLICE_NAME_LABEL),
         cpus_free=available.get("CPU", 0.0),
         memory_free=int(available.get("memory", 0)),
         gpu_free=gpu_free,
