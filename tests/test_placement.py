@@ -24,6 +24,7 @@ from cluster.placement import (
     node_from_ray,
     place,
 )
+from cluster.placement.policies import POLICIES
 from cluster.placement.request import UNITS
 from cluster.placement.workload import WorkloadEstimator
 from cluster.ray_mapping import POOL_LABEL, RAY_ACCELERATOR_TYPE_LABEL, RAY_TPU_SLICE_NAME_LABEL, TPU_SLICE_LABEL
@@ -160,6 +161,14 @@ class TestWhereBundlesGo:
         assert placed(engine.place(gang({"GPU": 1}, gpu_types=("H100",)))).nodes == ("h",)
         assert placed(engine.place(gang({"GPU": 1}, label_selector={"zone": "!a"}))).nodes == ("t",)
         assert placed(engine.place(gang({"GPU": 1}, label_selector={"zone": "in(a,c)"}))).nodes == ("a",)
+
+    @pytest.mark.parametrize("policy", sorted(POLICIES))
+    def test_a_bundle_any_node_suits_leaves_the_only_node_another_can_use(self, policy):
+        # Alike in size: the one bundle that needs ssd goes first, whatever the bundles' order or the policy.
+        snapshot = cluster(node("ssd", gpus=8, labels={"disk": "ssd"}), node("plain", gpus=8))
+        anywhere, on_ssd = Bundle(resources={"GPU": 8}), Bundle(resources={"GPU": 8}, label_selector={"disk": "ssd"})
+        decision = place(snapshot, GangRequest(name="job", bundles=[anywhere, on_ssd]), policy)
+        assert placed(decision).nodes == ("plain", "ssd")
 
     def test_a_bundle_copied_with_other_selectors_is_placed_by_the_copys(self):
         # The scheduler adds a cordon selector and narrows GPU types on copies of the submitted bundles,

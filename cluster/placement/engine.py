@@ -176,9 +176,19 @@ class _Planner:
         shared = int(self.state.best_fit_devices(np.array([node]), demand.gpu_share)[0])
         return self.state.devices_for(node, demand, shared)
 
+    def _order(self, demands: Sequence[Demand]) -> list[int]:
+        """Largest first; of bundles alike in size, the one fewest nodes suit first, so that a bundle any node
+        suits does not take the only node another can use."""
+        if len(demands) == 1:
+            return [0]
+        suiting = [int(self.state.static_mask(demand).sum()) for demand in demands]
+        return sorted(
+            range(len(demands)), key=lambda index: (_largest_first(demands[index]), -suiting[index]), reverse=True
+        )
+
     def plan(self, demands: Sequence[Demand], constraint: Constraint) -> list[_Choice] | None:
         """Allocates every bundle on the state and returns the choices, or returns None untouched."""
-        order = sorted(range(len(demands)), key=lambda index: _largest_first(demands[index]), reverse=True)
+        order = self._order(demands)
         if constraint is Constraint.SAME_TPU_SLICE:
             return self._plan_tpu_slice(demands, order)
         if len(demands) == 1:
