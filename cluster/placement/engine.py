@@ -179,9 +179,10 @@ class _Planner:
     def _order(self, demands: Sequence[Demand]) -> list[int]:
         """Largest first; of bundles alike in size, the one fewest nodes suit first, so that a bundle any node
         suits does not take the only node another can use."""
-        if len(demands) == 1:
-            return [0]
-        suiting = [int(self.state.static_mask(demand).sum()) for demand in demands]
+        if len({(demand.gpu_types, demand.label_selector) for demand in demands}) == 1:
+            suiting = [0] * len(demands)  # every bundle suits the same nodes (the common gang): no counting
+        else:
+            suiting = [int(self.state.static_mask(demand).sum()) for demand in demands]
         return sorted(
             range(len(demands)), key=lambda index: (_largest_first(demands[index]), -suiting[index]), reverse=True
         )
