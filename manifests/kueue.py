@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cluster.spec import AcceleratorKind, ClusterSpec, Pool, Team
+from cluster.spec import AcceleratorKind, ClusterSpec, Pool, Taint, Team
 from manifests.nodes import GPU_RESOURCE, TPU_RESOURCE, node_selector, node_taints, taint_objects
 from manifests.objects import ManifestError, cluster_labels, memory_quantity, metadata, quantity, scoped_name
 
@@ -139,7 +139,7 @@ def require_within_quota(
 def require_head_flavor(spec: ClusterSpec, request: Mapping[str, float]) -> None:
     """Refuse a RayJob whose head pod no flavor can take: it tolerates no taint, so Kueue admits it only to an
     untainted pool's flavor with room for it, and would otherwise never admit the RayJob."""
-    untainted = [pool for pool in spec.pools if not node_taints(spec, pool)]
+    untainted = [pool for pool in spec.pools if _flavor_takes(spec, pool, {}, [])]
     if any(all(pool_capacity(pool)[r] >= amount for r, amount in request.items()) for pool in untainted):
         return
     requested = ", ".join(f"{resource} {_amount(resource, amount)}" for resource, amount in request.items())
@@ -151,6 +151,79 @@ def require_head_flavor(spec: ClusterSpec, request: Mapping[str, float]) -> None
         f"pools: the RayJob's head pod requests {requested}, but {problem}, so Kueue would never admit the RayJob; "
         "add a CPU pool that holds it, or set kubernetes.pools.<pool>.node_taints: [] where nodes have no taints"
     )
+
+
+def _flavor_takes(spec: ClusterSpec, pool: Pool, selector: Mapping[str, str], tolerated: list[Taint]) -> bool:
+    """Whether Kueue may give the pool's flavor to pods with node selector `selector` that tolerate the taints
+    `tolerated`: it skips a flavor whose node labels contradict the selector, or with a NoSchedule or NoExecute
+    taint the pods do not tolerate (it ignores PreferNoSchedule)."""
+    labels = node_selector(spec, pool)
+    if any(labels.get(key) != value for key, value in selector.items()):
+        return False
+    tolerated_taints = {(taint.key, taint.effect) for taint in tolerated}
+    return all(
+        taint.effect == "PreferNoSchedule" or (taint.key, taint.effect) in tolerated_taints
+        for taint in node_taints(spec, pool)
+    )
+
+
+def _pools_holding(
+    spec: ClusterSpec,
+    team: Team,
+    request: Mapping[str, float],
+    selector: Mapping[str, str],
+    tolerated: list[Taint],
+) -> list[Pool]:
+    """The pools whose flavor Kueue may give a pod set requesting `request` (see `_flavor_takes`) and that hold it
+    within the pool's capacity and the team's quota."""
+    return [
+        pool
+        for pool in spec.pools
+        if _flavor_takes(spec, pool, selector, tolerated)
+        and all(amount <= pool_capacity(pool)[resource] for resource, amount in request.items())
+        and all(
+            (limit := team_limit(team, pool, resource)) is None or amount <= limit
+            for resource, amount in request.items()
+        )
+    ]
+
+
+def require_room_beside_head(
+    spec: ClusterSpec,
+    team: Team,
+    pool: Pool,
+    workers: str,
+    workers_request: Mapping[str, float],
+    head_request: Mapping[str, float],
+    alternative: str,
+) -> None:
+    """Refuse a RayJob whose head pod and `workers` (the worker pods' description) can only share `pool`'s flavor,
+    where Kueue counts both pod sets together, when their sum exceeds the pool's capacity or the team's quota."""
+    head_pools = _pools_holding(spec, team, head_request, {}, [])
+    worker_pools = _pools_holding(spec, team, workers_request, node_selector(spec, pool), node_taints(spec, pool))
+    # Kueue gives each pod set the first flavor in the ClusterQueue's list that takes it and has room now, and
+    # on a retry goes on from the next flavor; so while another flavor could take the head or the workers, it
+    # may split them and admit the RayJob. Only when both pod sets can get the pool's flavor alone is their sum
+    # certain to be counted there.
+    if head_pools != [pool] or worker_pools != [pool]:
+        return
+    total = {
+        resource: workers_request.get(resource, 0) + head_request.get(resource, 0)
+        for resource in {**workers_request, **head_request}
+    }
+    pods = f"{workers} and its head pod, which no other pool can take"
+    capacity = pool_capacity(pool)
+    over = {resource: amount for resource, amount in total.items() if amount > capacity[resource]}
+    if over:
+        requested = ", ".join(f"{resource} {_amount(resource, amount)}" for resource, amount in over.items())
+        holds = ", ".join(f"{resource} {_amount(resource, capacity[resource])}" for resource in over)
+        bounds = "nodes" if pool.nodes is not None else "slices"
+        raise ManifestError(
+            f"pools[{spec.pools.index(pool)}].{bounds}.max: the RayJob needs {requested} for {pods}, but pool "
+            f"{pool.name!r} holds {holds} at its max size, so Kueue would never admit it; raise the pool's "
+            f"{bounds}.max, or {alternative}"
+        )
+    require_within_quota(spec, team, pods, pool, total, alternative)
 
 
 def _amount(resource: str, value: float) -> str:

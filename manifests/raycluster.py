@@ -180,13 +180,19 @@ def ray_cluster_spec(
     *,
     autoscaling: bool,
     head_volumes: list[dict[str, Any]] | None = None,
-    controller_state: bool = False,
+    shared_cluster: bool = False,
 ) -> dict[str, Any]:
-    """A RayClusterSpec (the body of a RayCluster, a RayJob's rayClusterSpec or a RayService's)."""
+    """A RayClusterSpec (the body of a RayCluster, a RayJob's rayClusterSpec or a RayService's).
+
+    Only the `shared_cluster` keeps state that must outlive its head pod: the controller's journal on a claim
+    and, with kubernetes.gcs_fault_tolerance, the GCS tables in Redis. A RayJob's cluster must not share them:
+    it would load the shared cluster's tables, and when it finishes KubeRay deletes every Redis key of its
+    namespace. A RayService's neither: KubeRay picks its Redis namespace per cluster across upgrades, and the
+    password Secret is in the shared cluster's namespace, not the team's."""
     body: dict[str, Any] = {"rayVersion": spec.kubernetes.ray_version}
     body["authOptions"] = {"mode": "token" if spec.kubernetes.token_auth else "disabled"}
     tolerance = spec.kubernetes.gcs_fault_tolerance
-    if tolerance is not None:
+    if shared_cluster and tolerance is not None:
         options: dict[str, Any] = {
             "backend": "redis",
             "redisAddress": tolerance.redis_address,
@@ -205,7 +211,7 @@ def ray_cluster_spec(
             "upscalingMode": "Default",
             "idleTimeoutSeconds": spec.kubernetes.idle_timeout_seconds,
         }
-    body["headGroupSpec"] = head_group(spec, head_volumes, controller_state=controller_state)
+    body["headGroupSpec"] = head_group(spec, head_volumes, controller_state=shared_cluster)
     body["workerGroupSpecs"] = [worker_group(spec, size) for size in groups]
     return body
 
@@ -216,5 +222,5 @@ def ray_cluster(spec: ClusterSpec) -> dict[str, Any]:
         "apiVersion": RAY_API_VERSION,
         "kind": "RayCluster",
         "metadata": metadata(spec.name, spec.kubernetes.namespace, cluster_labels(spec)),
-        "spec": ray_cluster_spec(spec, cluster_groups(spec), autoscaling=True, controller_state=True),
+        "spec": ray_cluster_spec(spec, cluster_groups(spec), autoscaling=True, shared_cluster=True),
     }

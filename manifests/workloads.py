@@ -23,6 +23,7 @@ from manifests.kueue import (
     priority_class_name,
     queue_name,
     require_head_flavor,
+    require_room_beside_head,
     require_within_quota,
 )
 from manifests.objects import TEAM_LABEL, ManifestError, cluster_labels, metadata
@@ -206,17 +207,21 @@ def ray_job(
 
 
 def _require_admissible(spec: ClusterSpec, team: Team, size: GroupSize) -> None:
-    """Refuse a RayJob Kueue would never admit: its worker pods above the team's quota of their pool, or a head pod
-    above the team's quota or with no flavor to go to."""
+    """Refuse a RayJob Kueue would never admit: its worker pods above the team's quota of their pool, a head pod
+    above the team's quota or with no flavor to go to, or both above the pool's capacity or the team's quota
+    where the head pod can only go to the workers' flavor."""
     pool = size.pool
     pods = size.max * pool.hosts_per_replica
     workers = f"its {pods} worker pod{'s' if pods > 1 else ''} in pool {pool.name!r} (a pod takes a whole node)"
+    workers_request = pool_request(pool, size.max)
     smaller = "set the job's pool to one with smaller nodes"
-    require_within_quota(spec, team, workers, pool, pool_request(pool, size.max), smaller)
+    require_within_quota(spec, team, workers, pool, workers_request, smaller)
     head = head_pod_request(spec)
     lower_head = "lower kubernetes.head_pod_cpus, head.cpus or head.memory"
     require_within_quota(spec, team, "its head pod", None, head, lower_head)
     require_head_flavor(spec, head)
+    fewer = "lower the job's workers.max or resources, or add a pool without node taints for the head pod"
+    require_room_beside_head(spec, team, pool, workers, workers_request, head, fewer)
 
 
 def ray_service(spec: ClusterSpec, serve: ServeJobLike, serve_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -457,6 +457,33 @@ def test_a_ray_job_kueue_could_never_admit_is_refused(spec):
         ray_job(gpus_only, Job(name="x", team="research", pool="h100", workers=Count(min=1, max=1)), "")
 
 
+def test_a_ray_job_whose_head_can_only_join_its_workers_flavor_is_refused_when_both_overflow_it(spec):
+    # The cpu pool is the only one without node taints, so Kueue counts the head pod (cpu 4, memory 8Gi) in its
+    # flavor beside the workers: 8 whole 8-CPU nodes fill the pool and the research team's cpu: 64.
+    eight_nodes = Job(name="x", team="research", pool="cpu", workers=Count(min=8, max=64))
+    with pytest.raises(
+        ManifestError,
+        match=r"pools\[0\]\.nodes\.max: the RayJob needs cpu 68, memory 264Gi for its 8 worker pods in pool 'cpu' "
+        r"\(a pod takes a whole node\) and its head pod, which no other pool can take, but pool 'cpu' holds cpu 64, "
+        r"memory 256Gi at its max size, so Kueue would never admit it; raise the pool's nodes.max, or lower the "
+        r"job's workers.max or resources, or add a pool without node taints for the head pod",
+    ):
+        ray_job(spec, eight_nodes, "")
+    bigger_pool = spec_data_with(spec, lambda d: d["pools"][0]["nodes"].update(max=16))
+    with pytest.raises(
+        ManifestError,
+        match=r"teams\[0\]\.quota: the RayJob needs cpu 68 for its 8 worker pods in pool 'cpu' .* and its head pod, "
+        r"which no other pool can take, but team 'research' may hold at most cpu: 64 of pool 'cpu', .*raise the "
+        r"quota's cpu to 68, or lower the job's workers.max",
+    ):
+        ray_job(bigger_pool, eight_nodes, "")
+    seven_nodes = Job(name="x", team="research", pool="cpu", workers=Count(min=7, max=56))
+    assert ray_job(spec, seven_nodes, "")  # cpu 56 + 4 fits both
+    # Where another flavor can take the head pod, Kueue may put it there: render cannot tell, so it renders.
+    head_elsewhere = spec_with(spec, pools={"a100": {"node_taints": []}})
+    assert ray_job(head_elsewhere, eight_nodes, "")
+
+
 def test_ray_service_autoscales_between_its_replica_bounds(spec):
     serve = Serve(name="llm", team="research", pool="a100", replicas=Count(min=1, max=8), resources=Resources(gpus=1))
     service = ray_service(spec, serve, SERVE_CONFIG)
@@ -467,6 +494,22 @@ def test_ray_service_autoscales_between_its_replica_bounds(spec):
     [group] = cluster["workerGroupSpecs"]
     assert (group["minReplicas"], group["maxReplicas"]) == (1, 2)  # 4 one-GPU replicas per a100 node
     assert service["metadata"]["namespace"] == "research"
+
+
+def test_only_the_shared_ray_cluster_keeps_its_gcs_in_redis(spec):
+    tolerant = spec_with(
+        spec, gcs_fault_tolerance={"redis_address": "redis.llmos.svc:6379", "redis_password_secret": "redis-auth"}
+    )
+    assert "gcsFaultToleranceOptions" in render_cluster(tolerant)["raycluster.yaml"][0]["spec"]
+    # A RayJob's cluster would load the shared cluster's GCS tables, and wipe them from Redis when it finishes;
+    # a RayService's Redis namespace is KubeRay's to pick, and the password Secret is not in the team's namespace.
+    job = Job(name="lm", team="prod", pool="a100", workers=Count(min=1, max=2), resources=Resources(gpus=4))
+    _, rayjob = ray_job(tolerant, job, "")
+    serve = Serve(name="llm", team="research", pool="a100", replicas=Count(min=1, max=8), resources=Resources(gpus=1))
+    service = ray_service(tolerant, serve, SERVE_CONFIG)
+    assert "gcsFaultToleranceOptions" not in rayjob["spec"]["rayClusterSpec"]
+    assert "gcsFaultToleranceOptions" not in service["spec"]["rayClusterConfig"]
+    assert validate_documents([rayjob, service]) == []
 
 
 # --- shared storage ----------------------------------------------------------------------------
