@@ -9,7 +9,7 @@ victim the request does not actually need.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 
 from cluster.requests import RequestStatus, WorkloadKind
 
@@ -28,29 +28,57 @@ def choose_victims(
     request: RequestStatus,
     holders: Sequence[RequestStatus],
     fits_without: Callable[[list[RequestStatus]], bool],
+    usable_nodes: Set[str],
 ) -> list[RequestStatus] | None:
     """The victims to preempt so `request` fits, or None if no allowed set makes room.
 
-    `fits_without(victims)` answers whether the request would be placed were those released.
+    `fits_without(victims)` answers whether the request would be placed were those released;
+    `usable_nodes` are the nodes some bundle of the request may land on: a holder elsewhere frees nothing it can use.
     """
     # Group names are the team's own (a deployment's name): two teams' groups of one name are two groups.
-    placed_in_group = Counter((holder.team, holder.request.group) for holder in holders if holder.request.group)
+    placed_in_group = Counter(_group(holder) for holder in holders if holder.request.group)
+
+    def keeps_group_min(victims: list[RequestStatus]) -> bool:
+        taken = Counter(_group(victim) for victim in victims if victim.request.group)
+        return all(
+            placed_in_group[_group(victim)] - taken[_group(victim)] >= victim.request.group_min
+            for victim in victims
+            if victim.request.group
+        )
+
     candidates = sorted(
-        (holder for holder in holders if holder.request.preemptible and holder.priority_value < request.priority_value),
+        (
+            holder
+            for holder in holders
+            if holder.request.preemptible
+            and holder.priority_value < request.priority_value
+            and not usable_nodes.isdisjoint(holder.nodes)
+        ),
         key=_cost,
     )
     victims: list[RequestStatus] = []
-    taken_from_group: Counter = Counter()
     for candidate in candidates:
-        group = (candidate.team, candidate.request.group)
-        if candidate.request.group and placed_in_group[group] - taken_from_group[group] <= candidate.request.group_min:
-            continue
-        victims.append(candidate)
-        taken_from_group[group] += 1
-        if fits_without(victims):
-            break
-    else:
-        return None
+        with_candidate = [*victims, candidate]
+        if keeps_group_min(with_candidate):
+            victims = with_candidate
+            if fits_without(victims):
+                return _without_unneeded(victims, fits_without)
+        elif fits_without(with_candidate):
+            # Its group's allowance went to cheaper victims; those the request does not need give it back.
+            needed = _without_unneeded(with_candidate, fits_without)
+            if keeps_group_min(needed):
+                return needed
+    return None
+
+
+def _group(holder: RequestStatus) -> tuple[str, str | None]:
+    return holder.team, holder.request.group
+
+
+def _without_unneeded(
+    victims: list[RequestStatus], fits_without: Callable[[list[RequestStatus]], bool]
+) -> list[RequestStatus]:
+    """`victims` less each one, costliest first, that the request fits without."""
     for victim in reversed(list(victims)):
         fewer = [other for other in victims if other is not victim]
         if fewer and fits_without(fewer):

@@ -2,20 +2,22 @@
 
 Keys are `cpu`, `memory` (bytes), `gpu`, `tpu` (chips) and typed keys `gpu:<model>` /
 `tpu:<generation>` that only count usage on that accelerator type. A typed key can only be checked
-once the accelerator type is known, so admission narrows a gang's allowed GPU types to those whose
+once the accelerator type is known, so admission narrows each GPU bundle's allowed types to those whose
 typed quota still has room, and the engine then only picks among those.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
-from cluster.placement.request import Constraint, GangRequest
+from cluster.placement.request import Bundle, Constraint, GangRequest
 
 _RESOURCE_OF_KEY = {"cpu": "CPU", "memory": "memory", "gpu": "GPU", "tpu": "TPU"}
 # Quota checks tolerate fixed-point noise from fractional GPUs summed as floats.
 EPSILON = 1e-6
+# Per bundle of a gang, the GPU types it may use; None for a bundle that asks no GPU.
+GpuTypesByBundle = tuple[frozenset[str] | None, ...]
 
 
 def gang_demand(gang: GangRequest, tpu_host_chips: int = 0) -> dict[str, float]:
@@ -73,10 +75,43 @@ def allowed_types(
     return allowed
 
 
+def gpu_types_by_bundle(
+    gang: GangRequest, in_cluster: Sequence[str], quota: Mapping[str, float], used: Mapping[str, float]
+) -> GpuTypesByBundle:
+    """Per bundle, the GPU types of the cluster it may use whose typed quota (if any) has room for it beside
+    `used`; None for a bundle that asks no GPU. A bundle that names no type may use any."""
+    return tuple(
+        frozenset(
+            allowed_types(
+                "gpu",
+                (name for name in in_cluster if bundle.gpu_types is None or name in bundle.gpu_types),
+                quota,
+                used,
+                gpus_on_one_type(gang, bundle),
+            )
+        )
+        if bundle.resources.get("GPU")
+        else None
+        for bundle in gang.bundles
+    )
+
+
+def gpus_on_one_type(gang: GangRequest, bundle: Bundle) -> float:
+    """The GPUs one GPU type must hold wherever `bundle` lands: the whole gang's, as every constraint but spread
+    keeps a gang in one pool, of one type; a spread gang may cross types, so the bundle's own, and its typed
+    quotas are only known to hold once placed."""
+    if gang.constraint is Constraint.SPREAD:
+        return bundle.resources.get("GPU", 0.0)
+    return sum(other.resources.get("GPU", 0.0) for other in gang.bundles)
+
+
 def never_admissible(
-    quota: Mapping[str, float], demand: Mapping[str, float], typed_room: Mapping[str, set[str]]
+    quota: Mapping[str, float], demand: Mapping[str, float], typed_short: Mapping[str, float]
 ) -> str | None:
-    """Why a request could not be admitted even with nothing else of its team running, or None."""
+    """Why a request could not be admitted even with nothing else of its team running, or None.
+
+    `typed_short`: by accelerator kind, what one type must hold where every type of that kind the request may use
+    (at least one) has a typed quota too small for it."""
     alone = [
         f"asks {demand[key]:g} {key}, quota {quota[key]:g}"
         for key in demand
@@ -84,7 +119,8 @@ def never_admissible(
     ]
     if alone:
         return "over the team's quota even with nothing else running: " + "; ".join(alone)
-    for kind, types in typed_room.items():
-        if not types:
-            return f"every {kind} type this request may use has a typed quota smaller than the {demand[kind]:g} it asks"
-    return None
+    short = [
+        f"every {kind} type this request may use has a typed quota smaller than the {amount:g} it needs on one type"
+        for kind, amount in typed_short.items()
+    ]
+    return "; ".join(short) or None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -25,14 +26,15 @@ from cluster import quota as quotas
 from cluster.console import UserError
 from cluster.placement.decision import BundlePlacement, Placement, Rejection, RejectionReason
 from cluster.placement.engine import PlacementEngine
-from cluster.placement.request import Constraint, GangRequest
+from cluster.placement.request import GangRequest
 from cluster.placement.snapshot import ClusterSnapshot, NodeSnapshot, node_from_ray
+from cluster.placement.state import selector_matches
 from cluster.preemption import choose_victims
 from cluster.ray_mapping import (
     HEAD_POOL,
-    RAY_ACCELERATOR_TYPE_LABEL,
+    POOL_LABEL,
     RAY_NODE_ID_LABEL,
-    ray_accelerator_type,
+    pool_labels,
     replica_nodes,
 )
 from cluster.requests import (
@@ -46,7 +48,7 @@ from cluster.requests import (
     SubmitRequest,
     TeamUsage,
 )
-from cluster.spec import ClusterSpec, did_you_mean, quota_amount_problem
+from cluster.spec import ClusterSpec, Pool, did_you_mean, quota_amount_problem
 
 CORDON_LABEL = "llmos.io/cordoned"
 UNBORN_PREFIX = "+"  # names the nodes a pool may still gain, in what-if placements only
@@ -110,6 +112,9 @@ class Scheduler:
         self._finished: dict[str, None] = {}
         self.idempotency_keys: dict[str, str] = {}  # a kept request's idempotency key -> its id
         self.quotas: dict[str, dict[str, float]] = {team.name: dict(team.quota) for team in spec.teams}
+        # The teams whose quota an admin set (`set_quota`): only theirs outlive a restart over the ClusterSpec's,
+        # so that a quota changed in the ClusterSpec takes effect on restart for the others.
+        self._quotas_set: set[str] = set()
         self.usage: dict[str, dict[str, float]] = {team.name: {} for team in spec.teams}
         self.controls: dict[str, NodeControl] = {}
         self.decisions: deque[DecisionRecord] = deque(maxlen=DECISION_LOG_SIZE)
@@ -131,12 +136,9 @@ class Scheduler:
         self._awaiting_nodes: dict[str, GangRequest] = {}  # request id -> its gang, that fits once pools grow
         # `_never_fits` verdicts for the live nodes, by gang (as JSON, its name left out) and GPU types: many
         # requests share a shape, and the verdict needs a placement on the whole empty cluster.
-        self._never_fits_verdicts: dict[tuple[str, frozenset[str] | None], str | None] = {}
+        self._never_fits_verdicts: dict[tuple[str, quotas.GpuTypesByBundle | None], str | None] = {}
         self._gpu_types_in_cluster = sorted({p.accelerator_type for p in spec.pools if p.accelerator.value == "gpu"})
-        tpu_pools = [pool for pool in spec.pools if pool.tpu]
-        self._tpu_host_chips = min((pool.tpu.chips_per_host for pool in tpu_pools), default=0)
-        self._tpu_types = sorted({pool.accelerator_type for pool in tpu_pools})
-        self._tpu_ray_types = {pool.accelerator_type: ray_accelerator_type(pool) for pool in tpu_pools}
+        self._tpu_pools = [pool for pool in spec.pools if pool.tpu]
 
     # -- books ------------------------------------------------------------------------------------
 
@@ -420,27 +422,67 @@ class Scheduler:
         """What the request counts against its team's quota."""
         demand = self._demands.get(status.id)
         if demand is None:
-            demand = self._demands[status.id] = quotas.gang_demand(status.request.gang, self._tpu_host_chips)
+            gang = status.request.gang
+            demand = self._demands[status.id] = quotas.gang_demand(gang, self._smallest_tpu_host(gang))
         return demand
+
+    def _tpu_pools_for(self, gang: GangRequest) -> list[Pool]:
+        """The TPU pools whose labels every TPU bundle's selector allows. A selector on labels each host has of its
+        own (its name, its slice) rules out no pool: it may match a host of any."""
+        tpu_bundles = [bundle for bundle in gang.bundles if bundle.resources.get("TPU")]
+        return [
+            pool
+            for pool in self._tpu_pools
+            if all(_selector_allows(bundle.label_selector, pool_labels(pool)) for bundle in tpu_bundles)
+        ]
+
+    def _smallest_tpu_host(self, gang: GangRequest) -> int:
+        """The fewest chips a TPU host the gang may land on has (0 if none): what each bundle of a same_tpu_slice
+        gang holds at least."""
+        return min((pool.tpu.chips_per_host for pool in self._tpu_pools_for(gang)), default=0)
+
+    def _tpu_quota_problems(self, status: RequestStatus, used: dict[str, float]) -> dict[str, list[str]]:
+        """By TPU pool the gang may use, how what it would hold there (a same_tpu_slice gang: whole hosts of that
+        pool) passes its team's quota beside `used`; [] where it stays within."""
+        gang, quota = status.request.gang, self.quotas[status.team]
+        problems = {}
+        for pool in self._tpu_pools_for(gang):
+            chips = quotas.gang_demand(gang, pool.tpu.chips_per_host)["tpu"]
+            problems[pool.name] = quotas.exceeded(
+                quota, used, quotas.bundle_usage({"TPU": chips}, "tpu", pool.accelerator_type)
+            )
+        return problems
 
     def _never_admissible(self, status: RequestStatus) -> str | None:
         # Not kept: a request refused here is never tried.
-        demand = quotas.gang_demand(status.request.gang, self._tpu_host_chips)
-        quota, typed_room = self.quotas[status.team], {}
+        gang = status.request.gang
+        host_chips = self._smallest_tpu_host(gang)
+        demand = quotas.gang_demand(gang, host_chips)
+        quota, typed_short = self.quotas[status.team], {}
+        # Only types the cluster has count: a request no node type can serve is told it never fits.
         if demand.get("gpu"):
-            typed_room["gpu"] = self._gpu_types_alone(status, demand["gpu"])[1]
-        if demand.get("tpu"):
-            typed_room["tpu"] = quotas.allowed_types("tpu", self._tpu_types, quota, {}, demand["tpu"])
-        never = quotas.never_admissible(quota, demand, typed_room)
-        if never and demand.get("tpu", 0.0) > quotas.gang_demand(status.request.gang).get("tpu", 0.0):
-            never += f" (a same_tpu_slice gang holds one whole TPU host, {self._tpu_host_chips} chips, per bundle)"
+            candidates, alone = self._gpu_types_alone(status)
+            short = [
+                quotas.gpus_on_one_type(gang, bundle)
+                for bundle, may, left in zip(gang.bundles, candidates, alone, strict=True)
+                if may and not left
+            ]
+            if short:
+                typed_short["gpu"] = max(short)
+        never = quotas.never_admissible(quota, demand, typed_short)
+        if never and demand.get("tpu", 0.0) > quotas.gang_demand(gang).get("tpu", 0.0):
+            never += f" (a same_tpu_slice gang holds one whole TPU host, {host_chips} chips, per bundle)"
+        if demand.get("tpu") and not never:
+            tpu_problems = self._tpu_quota_problems(status, {})
+            if tpu_problems and all(tpu_problems.values()):
+                everywhere = "over the team's quota on every TPU pool it may use, even with nothing else running"
+                never = f"{everywhere}: {_per_pool(tpu_problems)}"
         return never
 
-    def _never_fits(self, status: RequestStatus, gpu_types: set[str] | None = None) -> str | None:
-        """Why the gang, as asked (on `gpu_types` only, if given), fits no node set of the cluster even empty
-        and uncordoned, or None."""
-        types = frozenset(gpu_types) if gpu_types is not None else None
-        key = (status.request.gang.model_dump_json(exclude={"name"}), types)
+    def _never_fits(self, status: RequestStatus, gpu_types: quotas.GpuTypesByBundle | None = None) -> str | None:
+        """Why the gang, as asked (each GPU bundle on its `gpu_types` only, if given), fits no node set of the
+        cluster even empty and uncordoned, or None."""
+        key = (status.request.gang.model_dump_json(exclude={"name"}), gpu_types)
         if key in self._never_fits_verdicts:
             return self._never_fits_verdicts[key]
         if len(self._never_fits_verdicts) >= NEVER_FITS_VERDICTS_KEPT:
@@ -461,21 +503,24 @@ class Scheduler:
         gpus = self._demand(status).get("gpu")
         if not gpus:
             return None
-        candidates, alone = self._gpu_types_alone(status, gpus)
-        if alone == set(candidates) or self._never_fits(status, alone) is None:
+        candidates, alone = self._gpu_types_alone(status)
+        if alone == candidates or self._never_fits(status, alone) is None:
             return None
         quota = self.quotas[status.team]
-        typed = ", ".join(f"gpu:{name} quota {quota[f'gpu:{name}']:g}" for name in candidates if name not in alone)
+        typed = ", ".join(f"gpu:{name} quota {quota[f'gpu:{name}']:g}" for name in _ruled_out(candidates, alone))
         return (
             f"over the team's typed quota even with nothing else running: asks {gpus:g} gpu, {typed}, and "
-            f"{', '.join(sorted(alone))} alone cannot hold it"
+            f"{', '.join(_types_in(alone))} alone cannot hold it"
         )
 
-    def _gpu_types_alone(self, status: RequestStatus, gpus: float) -> tuple[list[str], set[str]]:
-        """The GPU types the gang may use, and those its team's typed quotas allow its `gpus` with nothing
-        else of the team running."""
-        candidates = self._gpu_types(status.request.gang)
-        return candidates, quotas.allowed_types("gpu", candidates, self.quotas[status.team], {}, gpus)
+    def _gpu_types_alone(self, status: RequestStatus) -> tuple[quotas.GpuTypesByBundle, quotas.GpuTypesByBundle]:
+        """Per bundle, the GPU types of the cluster it may use, and those its team's typed quotas allow it with
+        nothing else of the team running."""
+        gang, in_cluster = status.request.gang, self._gpu_types_in_cluster
+        return (
+            quotas.gpu_types_by_bundle(gang, in_cluster, {}, {}),
+            quotas.gpu_types_by_bundle(gang, in_cluster, self.quotas[status.team], {}),
+        )
 
     def _unborn_nodes(self, bundles: int) -> list[NodeSnapshot]:
         """Empty nodes the pools may still gain up to their max, when an autoscaler grows them; else none.
@@ -529,41 +574,32 @@ class Scheduler:
                 grown[pool.name] = new
         return grown
 
-    def _gpu_types(self, gang: GangRequest) -> list[str]:
-        in_cluster = self._gpu_types_in_cluster
-        wanted = set().union(*(set(b.gpu_types) for b in gang.bundles if b.gpu_types)) or set(in_cluster)
-        return [t for t in in_cluster if t in wanted]
-
     def _gang_for_engine(
         self,
         status: RequestStatus,
-        gpu_types: set[str] | None = None,
-        tpu_types: set[str] | None = None,
+        gpu_types: quotas.GpuTypesByBundle | None = None,
+        tpu_pools: set[str] | None = None,
         *,
         cordoned_too: bool = False,
     ) -> GangRequest:
-        """The gang as the engine must see it: cordoned nodes excluded (unless `cordoned_too`), GPU and TPU
-        types narrowed by quota."""
+        """The gang as the engine must see it: cordoned nodes excluded (unless `cordoned_too`), GPU types and
+        TPU pools narrowed by quota."""
         gang = status.request.gang
-        holds_tpu_hosts = gang.constraint is Constraint.SAME_TPU_SLICE
-        # Gangs name no TPU types, so the narrowing is a label selector; a bundle that picked its accelerator
-        # type by label keeps it, and the placed check (`_try_place`) has the last word.
-        tpu_selector = None
-        if tpu_types is not None and tpu_types != set(self._tpu_types):
-            tpu_selector = f"in({','.join(self._tpu_ray_types[name] for name in sorted(tpu_types))})"
+        # Gangs name no TPU pools, so the narrowing is a label selector. It replaces a bundle's own pool selector:
+        # `tpu_pools` are among the pools that one allows (`_tpu_pools_for`).
+        tpu_selector = f"in({','.join(sorted(tpu_pools))})" if tpu_pools is not None else None
         bundles = []
-        for bundle in gang.bundles:
+        for index, bundle in enumerate(gang.bundles):
             selector = dict(bundle.label_selector)
             if not cordoned_too:
                 selector[CORDON_LABEL] = "!true"
-            if tpu_selector and (holds_tpu_hosts or bundle.resources.get("TPU")):
-                selector.setdefault(RAY_ACCELERATOR_TYPE_LABEL, tpu_selector)
+            if tpu_selector and bundle.resources.get("TPU"):
+                selector[POOL_LABEL] = tpu_selector
             update: dict = {"label_selector": selector} if selector != bundle.label_selector else {}
-            if gpu_types is not None and bundle.resources.get("GPU"):
-                # Narrowed, never widened: a bundle that asked for some types keeps to them. Nothing left
-                # (an empty tuple) matches no node.
-                own = set(bundle.gpu_types) if bundle.gpu_types else gpu_types
-                update["gpu_types"] = tuple(sorted(own & gpu_types))
+            if gpu_types is not None and gpu_types[index] is not None:
+                # Never wider than the bundle asked (`quotas.gpu_types_by_bundle`). Nothing left (an empty tuple)
+                # matches no node.
+                update["gpu_types"] = tuple(sorted(gpu_types[index]))
             bundles.append(bundle.model_copy(update=update))
         return gang.model_copy(update={"name": status.id, "bundles": tuple(bundles)})
 
@@ -659,20 +695,24 @@ class Scheduler:
             return
         gpu_types = None
         if demand.get("gpu"):
-            candidates = self._gpu_types(status.request.gang)
-            gpu_types = quotas.allowed_types("gpu", candidates, quota, used, demand["gpu"])
-            if not gpu_types:
+            gpu_types = quotas.gpu_types_by_bundle(status.request.gang, self._gpu_types_in_cluster, quota, used)
+            if frozenset() in gpu_types:
+                candidates = _ruled_out(self._gpu_types_alone(status)[0], gpu_types)
                 no_type_left = f"over quota: no GPU type among {', '.join(candidates)} has typed quota left"
                 self._over_quota_unless_never_fits(status, no_type_left)
                 return
-        tpu_types = None
+        tpu_pools = None
         if demand.get("tpu"):
-            tpu_types = quotas.allowed_types("tpu", self._tpu_types, quota, used, demand["tpu"])
-            if not tpu_types:
-                no_type_left = f"over quota: no TPU type among {', '.join(self._tpu_types)} has typed quota left"
-                self._over_quota_unless_never_fits(status, no_type_left)
+            # The engine picks TPU hosts blind to quotas, and a host's chips are what a same_tpu_slice gang is
+            # charged: it may only pick among the pools where that stays within the team's quota.
+            tpu_problems = self._tpu_quota_problems(status, used)
+            within = {pool for pool, over in tpu_problems.items() if not over}
+            if not within:
+                no_pool_left = "over quota on every TPU pool it may use: " + _per_pool(tpu_problems)
+                self._over_quota_unless_never_fits(status, no_pool_left)
                 return
-        gang = self._gang_for_engine(status, gpu_types, tpu_types)
+            tpu_pools = within if len(within) < len(tpu_problems) else None
+        gang = self._gang_for_engine(status, gpu_types, tpu_pools)
         if self.engine is None:  # no worker node is up yet: only nodes to come can hold it
             decision = Rejection(gang.name, self.policy, RejectionReason.NEVER_FITS, "no worker node is up")
         else:
@@ -752,7 +792,7 @@ class Scheduler:
         """A what-if engine on the live nodes, empty and uncordoned."""
         return self._trial_engine(ClusterSnapshot(nodes=self._empty_uncordoned_nodes()))
 
-    def _held_back_by_cordons(self, status: RequestStatus, gpu_types: set[str] | None) -> str:
+    def _held_back_by_cordons(self, status: RequestStatus, gpu_types: quotas.GpuTypesByBundle | None) -> str:
         """Why a gang no open node set can hold, even empty, will fit once cordoned nodes are uncordoned;
         "" if it would not."""
         cordoned = sorted(name for name, control in self.controls.items() if control.cordoned and name in self.nodes)
@@ -770,20 +810,22 @@ class Scheduler:
             "it is placed once uncordoned (llmos uncordon NODE)"
         )
 
-    def _held_back_by_typed_quota(self, status: RequestStatus, gpu_types: set[str] | None) -> str:
+    def _held_back_by_typed_quota(self, status: RequestStatus, gpu_types: quotas.GpuTypesByBundle | None) -> str:
         """Why a gang no node set of the GPU types its team's typed quota leaves it can hold, even empty,
         fits once the quota allows other types; "" if the types are not narrowed or that would not help."""
         if gpu_types is None or not self.nodes:
             return ""
+        candidates, alone = self._gpu_types_alone(status)
+        ruled_out = _ruled_out(candidates, gpu_types)
+        if not ruled_out:
+            return ""
         decision = self._capacity_engine().place(self._gang_for_engine(status, cordoned_too=True))
         if isinstance(decision, Rejection):
             return ""
-        candidates, alone = self._gpu_types_alone(status, self._demand(status)["gpu"])
-        ruled_out = sorted(set(candidates) - gpu_types)
         types = f"GPU type{'s' if len(ruled_out) > 1 else ''} {', '.join(ruled_out)}"
         when = "its quota rises" if alone == gpu_types else "the team's use falls or its quota rises"
         return (
-            f"over quota: no typed quota left for {types}, and {', '.join(sorted(gpu_types))} alone "
+            f"over quota: no typed quota left for {types}, and {', '.join(_types_in(gpu_types))} alone "
             f"cannot hold it; it is placed once {when}"
         )
 
@@ -837,7 +879,7 @@ class Scheduler:
                 self.quotas[status.team], used, self._placed_usage(decision)
             )
 
-        victims = choose_victims(status, holders, fits_without)
+        victims = choose_victims(status, holders, fits_without, self._nodes_suiting(gang))
         if not victims:
             return False
         for victim in victims:
@@ -845,6 +887,16 @@ class Scheduler:
                 victim, DecisionAction.PREEMPTED, f"preempted for {status.id} (priority {status.priority_value})"
             )
         return True
+
+    def _nodes_suiting(self, gang: GangRequest) -> set[str]:
+        """The live nodes whose labels and GPU type suit some bundle of `gang`, whatever they hold now."""
+        state = self.engine.state
+        return {
+            name
+            for bundle in gang.bundles
+            for name, suits in zip(state.names, state.static_mask(bundle.demand), strict=True)
+            if suits
+        }
 
     def _release(self, status: RequestStatus) -> None:
         self._retry_all = True
@@ -943,6 +995,9 @@ class Scheduler:
             if amount is None:
                 new.pop(key, None)
                 continue
+            # The admin API hands on what its caller passed, unparsed (`llmos quota set` parses `gpu=8` itself).
+            if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
+                raise UserError(f"quota {key} is {amount!r}; give a finite number, 0 or more")
             if problem := quota_amount_problem(key, amount):
                 raise UserError(problem)
             used = self.usage[team].get(key, 0.0)
@@ -953,6 +1008,7 @@ class Scheduler:
                 )
             new[key] = float(amount)
         self.quotas[team] = new
+        self._quotas_set.add(team)
         self._quota_changes[team] += 1
         self._retry_all = True
         self.journal(_quota_line(team, new))
@@ -990,6 +1046,7 @@ class Scheduler:
                 self._decision_seq = max(self._decision_seq, record.seq)
             elif "quota" in entry and entry["quota"]["team"] in self.quotas:  # else: a team no longer in the spec
                 self.quotas[entry["quota"]["team"]] = dict(entry["quota"]["quota"])
+                self._quotas_set.add(entry["quota"]["team"])
             elif "control" in entry:
                 control = NodeControl.model_validate(entry["control"])
                 self.controls[control.node] = control
@@ -1004,6 +1061,11 @@ class Scheduler:
         self.usage = {team: {} for team in self.quotas}
         for status in self.holders():
             quotas.add_usage(self.usage.setdefault(status.team, {}), self._request_usage(status))
+        # Every try leaves a request placed, rejected or waiting with a reason, so one queued with none was never
+        # tried, and its first try may still reject it as never fitting.
+        self._untried = {
+            status.id for status in self._live.values() if status.state is RequestState.QUEUED and not status.reason
+        }
         self._end_requests_of_removed_teams()
 
     def _end_requests_of_removed_teams(self) -> None:
@@ -1025,11 +1087,32 @@ class Scheduler:
         journal's lines are, since it holds every request ever made and is written inside a call."""
         # The counters too: the requests and decisions forgotten since must not have their ids given again.
         lines = [json.dumps({"sequence": {"requests": self._seq, "decisions": self._decision_seq}})]
-        lines += [_quota_line(team, quota) for team, quota in self.quotas.items()]
+        # Only the quotas an admin set, as the journal holds them: the others come from the ClusterSpec on restore.
+        lines += [_quota_line(team, quota) for team, quota in self.quotas.items() if team in self._quotas_set]
         lines += [_journal_line("control", control) for control in self.controls.values()]
         lines += [_journal_line("request", status) for status in self.requests.values()]
         lines += [_journal_line("decision", record) for record in self.decisions]
         return lines
+
+
+def _selector_allows(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Whether `selector` allows the nodes of a pool whose nodes all carry `labels`, reading only the keys those
+    labels have."""
+    return all(selector_matches(labels, key, value) for key, value in selector.items() if key in labels)
+
+
+def _per_pool(problems: dict[str, list[str]]) -> str:
+    return "; ".join(f"pool {pool}: {', '.join(over)}" for pool, over in problems.items())
+
+
+def _types_in(gpu_types: quotas.GpuTypesByBundle) -> list[str]:
+    """The GPU types some bundle may use, sorted."""
+    return sorted(set().union(*(types for types in gpu_types if types)))
+
+
+def _ruled_out(candidates: quotas.GpuTypesByBundle, allowed: quotas.GpuTypesByBundle) -> list[str]:
+    """The GPU types some bundle may use among `candidates` but not among `allowed`, sorted."""
+    return sorted(set().union(*(may - left for may, left in zip(candidates, allowed, strict=True) if may)))
 
 
 def _request_state(name: str) -> RequestState:

@@ -9,10 +9,10 @@ import pytest
 
 from cluster.console import UserError
 from cluster.controller import detached
-from cluster.placement.request import Bundle, GangRequest
+from cluster.placement.request import Bundle, Constraint, GangRequest
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
 from cluster.ray_mapping import replica_nodes
-from cluster.requests import RequestState, SubmitRequest, WorkloadKind
+from cluster.requests import RequestState, RequestStatus, SubmitRequest, WorkloadKind
 from cluster.scheduler import Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
 
@@ -226,6 +226,50 @@ def test_a_group_minimum_counts_the_team_own_group_not_another_team_group_of_the
     assert all(scheduler.get(replica).state is RequestState.PLACED for replica in chat)
 
 
+def pinned_to(books: Scheduler, node_name: str, group: str | None = None, **kwargs) -> RequestStatus:
+    """A research request of 4 GPUs placed on `node_name`, in `group` (of group_min 1) if given."""
+    grouped = {"group": group, "group_min": 1} if group else {}
+    on_node = gang("pinned", 1, 4, label_selector={"llmos.io/node": node_name})
+    status = books.submit(SubmitRequest(team="research", gang=on_node, **grouped, **kwargs))
+    books.schedule()
+    assert status.nodes == [node_name]
+    return status
+
+
+def ticking(books: Scheduler) -> None:
+    """Each request placed later than the one before: the most recently placed is the cheapest victim."""
+    ticks = iter(range(1, 1000))
+    books.clock = lambda: float(next(ticks))
+
+
+def test_a_replica_on_a_node_the_request_cannot_use_does_not_spend_its_group_allowance(scheduler: Scheduler):
+    scheduler.set_nodes([n for n in NODES if n.name != "h100-1"])
+    ticking(scheduler)
+    in_way = pinned_to(scheduler, "h100-0", "dep", kind=WorkloadKind.SERVING)
+    training = pinned_to(scheduler, "h100-0", kind=WorkloadKind.TRAINING)
+    elsewhere = pinned_to(scheduler, "a100-0", "dep", kind=WorkloadKind.SERVING)
+    # The A100 replica is the cheapest victim, but preempting it frees nothing an H100 gang can use.
+    urgent = scheduler.submit(SubmitRequest(team="prod", gang=gang("urgent", 1, 8, gpu_types=("H100",))))
+    scheduler.schedule()
+    assert urgent.state is RequestState.PLACED and urgent.nodes == ["h100-0"]
+    assert in_way.state is training.state is RequestState.PREEMPTED
+    assert elsewhere.state is RequestState.PLACED
+
+
+def test_a_victim_not_needed_gives_back_its_group_allowance(scheduler: Scheduler):
+    scheduler.set_nodes([n for n in NODES if n.name != "a100-0"])
+    ticking(scheduler)
+    in_way = pinned_to(scheduler, "h100-0", "dep", kind=WorkloadKind.SERVING)
+    other = pinned_to(scheduler, "h100-0", kind=WorkloadKind.SERVING)
+    kept = pinned_to(scheduler, "h100-1", preemptible=False)
+    cheapest = pinned_to(scheduler, "h100-1", "dep", kind=WorkloadKind.SERVING)
+    # The cheapest replica is taken first and spends its group's allowance, but h100-1 cannot be freed.
+    urgent = scheduler.get(submit(scheduler, "prod", workers=1, gpus=8))
+    assert urgent.state is RequestState.PLACED and urgent.nodes == ["h100-0"]
+    assert in_way.state is other.state is RequestState.PREEMPTED
+    assert cheapest.state is kept.state is RequestState.PLACED
+
+
 def test_a_drain_requeues_work_that_is_not_preemptible_and_an_admin_preemption_ends_it(scheduler: Scheduler):
     pinned = scheduler.get(submit(scheduler, "research", workers=1, gpus=8, preemptible=False))
     drained_node = pinned.nodes[0]
@@ -406,6 +450,41 @@ def test_a_gang_its_typed_quota_leaves_no_gpu_type_for_waits_or_is_rejected_and_
     scheduler.complete(on_h100)
     scheduler.schedule()
     assert scheduler.get(blocked).nodes[0].startswith("h100")
+
+
+def test_a_bundle_that_names_no_gpu_type_may_use_any_beside_one_that_names_one(scheduler: Scheduler):
+    scheduler.set_nodes([n for n in NODES if n.name != "h100-1"])
+    bundles = [Bundle(resources={"CPU": 1, "GPU": 8}, gpu_types=("H100",)), Bundle(resources={"CPU": 1, "GPU": 4})]
+    mixed = scheduler.submit(
+        SubmitRequest(team="research", gang=GangRequest(name="mixed", bundles=bundles, constraint="spread"))
+    )
+    scheduler.schedule()
+    assert mixed.state is RequestState.PLACED and mixed.nodes == ["h100-0", "a100-0"]
+
+
+def test_a_spread_gang_may_cross_gpu_types_whose_typed_quotas_each_hold_part_of_it(scheduler: Scheduler):
+    scheduler.set_quota("research", {"gpu:H100": 4, "gpu:A100-80G": 4})
+    spread_gang = gang("spread", 2, 4).model_copy(update={"constraint": Constraint.SPREAD})
+    spread = scheduler.submit(SubmitRequest(team="research", gang=spread_gang))
+    scheduler.schedule()
+    assert spread.state is RequestState.PLACED
+    assert scheduler.usage["research"]["gpu:H100"] == scheduler.usage["research"]["gpu:A100-80G"] == 4
+    one_pool = scheduler.get(submit(scheduler, "research", workers=2, gpus=4))  # same_pool: one type holds all 8
+    assert one_pool.state is RequestState.REJECTED
+    assert one_pool.reason.startswith("every gpu type this request may use has a typed quota smaller than the 8")
+
+
+def test_an_accelerator_the_cluster_has_no_node_type_for_is_refused_as_never_fitting_not_for_quota():
+    cpu_only = SPEC.model_copy(update={"pools": [SPEC.pool("cpu")]})
+    books = Scheduler(cpu_only, POLICY)
+    books.set_nodes([node("cpu-0", "cpu", 8)])
+    for resources in ({"CPU": 1, "GPU": 1}, {"CPU": 1, "TPU": 4}):
+        request = books.submit(
+            SubmitRequest(team="small", gang=GangRequest(name="g", bundles=[Bundle(resources=resources)]))
+        )
+        books.schedule()
+        assert request.state is RequestState.REJECTED
+        assert request.reason.startswith("can never fit this cluster: bundles[0]: asks for")
 
 
 def test_the_queue_lists_by_arrival_filtered_by_team_and_state(scheduler: Scheduler):
@@ -903,7 +982,10 @@ def test_a_typed_tpu_quota_too_small_for_the_gang_alone_is_refused_at_once():
     never = books.submit(SubmitRequest(team="tiny", gang=slice_gang(4)))
     books.schedule()
     assert never.state is RequestState.REJECTED
-    assert never.reason == "every tpu type this request may use has a typed quota smaller than the 8 it asks"
+    assert never.reason == (
+        "over the team's quota on every TPU pool it may use, even with nothing else running: "
+        "pool tpu: tpu:v5p 0 used + 8 asked > quota 4"
+    )
     assert held.state is RequestState.PLACED and held.preemptions == 0
     within = books.submit(SubmitRequest(team="hi", gang=slice_gang(4)))
     books.schedule()
@@ -942,6 +1024,60 @@ def test_preemption_frees_only_room_the_request_may_use_within_its_typed_quota()
     assert urgent.state is RequestState.PLACED and urgent.nodes[0].startswith("tpu-s0-")
     assert on_v4.state is RequestState.PLACED and on_v4.preemptions == 0
     assert on_v5p.state is RequestState.PREEMPTED
+
+
+def small_and_big_tpu_hosts(quota: dict[str, float]) -> Scheduler:
+    """One-host slices of 4 chips (pool v4) and of 8 chips (pool big), for a team `t` of `quota`."""
+    pools = [
+        {
+            "name": "v4",
+            "accelerator": "tpu",
+            "accelerator_type": "v4",
+            "node": {"cpus": 240, "memory": "400Gi"},
+            "tpu": {"topology": "2x2x1", "chips_per_host": 4, "hosts_per_slice": 1},
+            "slices": {"max": 1},
+        },
+        {
+            "name": "big",
+            "accelerator": "tpu",
+            "accelerator_type": "v5p",
+            "node": {"cpus": 208, "memory": "448Gi"},
+            "tpu": {"topology": "2x2x2", "chips_per_host": 8, "hosts_per_slice": 1},
+            "slices": {"max": 1},
+        },
+    ]
+    spec = ClusterSpec.model_validate({"pools": pools, "teams": [{"name": "t", "quota": quota}]})
+    books = Scheduler(spec, POLICY)
+    books.set_nodes(
+        [
+            node_from_ray(host.name, host.resources, host.labels)
+            for pool in pools
+            for host in replica_nodes(spec.pool(pool["name"]), 0)
+        ]
+    )
+    return books
+
+
+def one_tpu_host(**bundle) -> GangRequest:
+    return GangRequest(name="host", constraint="same_tpu_slice", bundles=[Bundle(resources={"TPU": 4}, **bundle)])
+
+
+def test_a_tpu_slice_gang_lands_on_hosts_whose_chips_its_quota_can_hold():
+    books = small_and_big_tpu_hosts({"tpu": 4})
+    fits_quota = books.submit(SubmitRequest(team="t", gang=one_tpu_host()))
+    books.schedule()
+    assert fits_quota.state is RequestState.PLACED and fits_quota.nodes == ["v4-s0-h0"]  # not the 8-chip host
+    assert books.usage["t"]["tpu"] == 4
+
+
+def test_a_tpu_slice_gang_is_admitted_by_the_smallest_host_it_may_land_on_not_the_cluster_smallest():
+    books = small_and_big_tpu_hosts({"tpu": 4})
+    never = books.submit(SubmitRequest(team="t", gang=one_tpu_host(label_selector={"llmos.io/pool": "big"})))
+    assert never.state is RequestState.REJECTED
+    assert never.reason == (
+        "over the team's quota even with nothing else running: asks 8 tpu, quota 4 "
+        "(a same_tpu_slice gang holds one whole TPU host, 8 chips, per bundle)"
+    )
 
 
 def test_fractional_gpus_summed_as_floats_fill_a_typed_quota_exactly(scheduler: Scheduler):

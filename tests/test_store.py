@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
-from cluster.requests import SubmitRequest
+import pytest
+
+from cluster.console import UserError
+from cluster.requests import RequestState, SubmitRequest
 from cluster.scheduler import Scheduler
+from cluster.spec import ClusterSpec
 from cluster.store import SNAPSHOT, Journal
 from tests.test_scheduler import NODES, POLICY, SPEC, gang
 
@@ -126,3 +131,68 @@ def test_ids_of_requests_forgotten_before_a_compaction_are_not_given_again_after
     following = restored.submit(SubmitRequest(team="small", gang=gang("following", 1, 1)))
     assert following.id not in {older.id, newest.id}
     assert following.submitted_seq == newest.submitted_seq + 1
+
+
+def restarted(spec: ClusterSpec, entries: list[dict]) -> Scheduler:
+    books = Scheduler(spec, POLICY)
+    books.restore(entries)
+    return books
+
+
+def test_a_quota_raised_in_the_cluster_spec_holds_after_a_restart_and_one_set_by_an_admin_too_compacted_or_not():
+    entries: list[dict] = []
+    books = Scheduler(SPEC, POLICY, journal=lambda line: entries.append(json.loads(line)))
+    books.set_nodes(NODES)
+    books.submit(SubmitRequest(team="research", gang=gang("job", 1, 4)))
+    books.schedule()
+    books.set_quota("small", {"gpu": 3})  # `llmos quota set`: holds over the ClusterSpec's
+    books.write_journal()
+    raised = SPEC.model_copy(
+        update={"teams": [team.model_copy(update={"quota": {**team.quota, "gpu": 32}}) for team in SPEC.teams]}
+    )
+    compacted = [json.loads(line) for line in books.checkpoint()]
+    for journaled in (entries, compacted):
+        quotas = restarted(raised, journaled).quotas
+        assert quotas["research"] == {"gpu": 32, "cpu": 64} and quotas["prod"]["gpu"] == 32
+        assert quotas["small"] == {"gpu": 3}
+    # Compacted again after the restart, the admin's quota is still the one kept.
+    again = [json.loads(line) for line in restarted(raised, compacted).checkpoint()]
+    assert restarted(raised, again).quotas == restarted(raised, entries).quotas
+
+
+def test_a_request_not_yet_tried_before_a_restart_is_still_rejected_on_its_first_try_if_it_can_never_fit():
+    entries: list[dict] = []
+    books = Scheduler(SPEC, POLICY, journal=lambda line: entries.append(json.loads(line)))
+    books.set_nodes([])  # no worker node up yet: nothing is tried
+    never = books.submit(SubmitRequest(team="prod", gang=gang("huge", 1, 0, cpus=1000)))
+    books.schedule()
+    books.write_journal()
+    restored = restarted(SPEC, entries)
+    restored.set_nodes(NODES)
+    restored.schedule()
+    assert restored.get(never.id).state is RequestState.REJECTED
+    assert restored.get(never.id).reason.startswith("can never fit this cluster: bundles[0]: asks for 1000 CPUs")
+
+
+def test_a_request_tried_before_a_restart_waits_after_it_even_if_the_nodes_left_can_never_hold_it():
+    entries: list[dict] = []
+    books = Scheduler(SPEC, POLICY, journal=lambda line: entries.append(json.loads(line)))
+    books.set_nodes(NODES)
+    books.submit(SubmitRequest(team="research", gang=gang("first", 2, 8)))
+    waiting = books.submit(SubmitRequest(team="research", gang=gang("second", 2, 8)))  # fits once room is freed
+    books.schedule()
+    books.write_journal()
+    assert books.get(waiting.id).state is RequestState.QUEUED
+    restored = restarted(SPEC, entries)
+    restored.set_nodes([node for node in NODES if node.pool != "h100"])  # the H100 nodes left meanwhile
+    restored.schedule()
+    assert restored.get(waiting.id).state is RequestState.QUEUED  # accepted once, never dropped for nodes leaving
+
+
+@pytest.mark.parametrize("amount", ["8", True, [8]])
+def test_a_quota_amount_that_is_not_a_number_is_refused_naming_the_key_and_nothing_is_journaled(amount):
+    entries: list[str] = []
+    books = Scheduler(SPEC, POLICY, journal=entries.append)
+    with pytest.raises(UserError, match=rf"^quota gpu is {re.escape(repr(amount))}; give a finite number, 0 or more$"):
+        books.set_quota("small", {"gpu": amount})
+    assert books.quotas["small"] == {"gpu": 2} and entries == []
