@@ -330,13 +330,20 @@ def workload_priority_classes(spec: ClusterSpec) -> list[dict[str, Any]]:
 
 
 def kueue_warnings(spec: ClusterSpec) -> list[str]:
-    """What Kueue cannot enforce as written: a typed quota on a GPU type or TPU generation that several pools
-    have caps each of their flavors, not their sum; and pools with the same node selector and taints are one
-    set of nodes to Kubernetes, so a pod of one may run on another's nodes."""
+    """What Kueue cannot enforce as written: a fractional GPU or TPU quota (pods ask for whole devices); a typed
+    quota on a GPU type or TPU generation that several pools have caps each of their flavors, not their sum; and
+    pools with the same node selector and taints are one set of nodes to Kubernetes, so a pod of one may run on
+    another's nodes."""
     warnings = []
     for index, team in enumerate(spec.teams):
         for key, amount in team.quota.items():
             kind, _, type_name = key.partition(":")
+            if kind in ("gpu", "tpu") and amount != int(amount):
+                warnings.append(
+                    f"teams[{index}].quota: {key}: {amount:g} is not a whole number of devices, and a pod asks for "
+                    f"whole ones, so on Kubernetes team {team.name!r} holds at most {int(amount)} (llmos up's "
+                    "controller shares devices and holds the fraction); make it a whole number"
+                )
             pools = [p.name for p in spec.pools if (p.accelerator.value, p.accelerator_type) == (kind, type_name)]
             if len(pools) > 1:
                 warnings.append(

@@ -319,6 +319,15 @@ def test_a_typed_quota_over_several_flavors_and_pools_on_the_same_nodes_are_warn
     assert quota_only == quota
 
 
+def test_a_fractional_gpu_quota_is_warned_about_since_pods_ask_for_whole_devices(spec):
+    def a_half_gpu_more(data):
+        data["teams"][2]["quota"]["gpu"] = 4.5
+
+    [warning] = kueue_warnings(spec_data_with(spec, a_half_gpu_more))
+    assert warning.startswith("teams[2].quota: gpu: 4.5 is not a whole number of devices")
+    assert "team 'interns' holds at most 4" in warning and "make it a whole number" in warning
+
+
 # --- RayJob and RayService ---------------------------------------------------------------------
 
 
