@@ -241,13 +241,13 @@ def node_removal(cluster, admin, team: str, workdir: Path, *, crash: bool = Fals
     restart (a crash must not first be taken for a worker that died on a live node), the replica must
     be placed again and answer, and the books must agree with Ray.
     """
-    fault = "node crash" if crash else "node removal"
     import requests as http
     from ray import serve
 
     from cluster.launcher import free_port
     from serving.deploy import delete, deploy
 
+    fault = "node crash" if crash else "node removal"
     started = time.monotonic()
     (node,) = cluster.add_replica("cpu")
     others = [n.name for n in admin.nodes() if n.pool == "cpu" and n.name != node.name]
