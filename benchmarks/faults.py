@@ -248,6 +248,8 @@ def node_removal(cluster, admin, team: str, workdir: Path, *, crash: bool = Fals
     from serving.deploy import delete, deploy
 
     fault = "node crash" if crash else "node removal"
+    # Names of its own: the other fault's job, trained to its last step in the same workdir, would not train again.
+    name = "on-crashed-node" if crash else "on-removed-node"
     started = time.monotonic()
     (node,) = cluster.add_replica("cpu")
     others = [n.name for n in admin.nodes() if n.pool == "cpu" and n.name != node.name]
@@ -256,14 +258,14 @@ def node_removal(cluster, admin, team: str, workdir: Path, *, crash: bool = Fals
     # at most ~12 steps a second on a free machine, so at most ~250 steps; 60-70 in three runs.
     job = _small_job(
         workdir,
-        "on-removed-node",
+        name,
         team,
         steps=600,
         workers={"min": 1, "max": 2},
         resources={"cpus": 2, "memory": "256Mi"},
         pool="cpu",
     )
-    replica = _small_serve_job(workdir, "on-removed-node-lm", team, route_prefix="/on-removed-node")
+    replica = _small_serve_job(workdir, f"{name}-lm", team, route_prefix=f"/{name}")
     trainer = _Trainer(job, admin)
     deployment = None
     try:
