@@ -33,7 +33,8 @@ def choose_victims(
     """The victims to preempt so `request` fits, or None if no allowed set makes room.
 
     `fits_without(victims)` answers whether the request would be placed were those released;
-    `usable_nodes` are the nodes some bundle of the request may land on: a holder elsewhere frees nothing it can use.
+    `usable_nodes` are the nodes some bundle of the request may land on: another team's holder elsewhere frees
+    nothing it can use.
     """
     # Group names are the team's own (a deployment's name): two teams' groups of one name are two groups.
     placed_in_group = Counter(_group(holder) for holder in holders if holder.request.group)
@@ -52,7 +53,8 @@ def choose_victims(
             for holder in holders
             if holder.request.preemptible
             and holder.priority_value < request.priority_value
-            and not usable_nodes.isdisjoint(holder.nodes)
+            # The request's own team's work frees quota wherever it runs.
+            and (holder.team == request.team or not usable_nodes.isdisjoint(holder.nodes))
         ),
         key=_cost,
     )

@@ -685,21 +685,27 @@ class Scheduler:
             binds += sum(isinstance(effect, Bind) for effect in self.effects[effects_before:])
         return False
 
-    def _try_place(self, status: RequestStatus) -> None:
+    def _try_place(self, status: RequestStatus, *, may_preempt_own: bool = True) -> None:
         self._awaiting_nodes.pop(status.id, None)  # each try decides afresh whether it waits for nodes
         quota, used = self.quotas[status.team], self.usage[status.team]
         demand = self._demand(status)
+
+        def over_quota(reason: str) -> None:
+            if may_preempt_own and self._preempted_own_team_for(status):
+                self._try_place(status, may_preempt_own=False)  # its team's quota holds it now
+            else:
+                self._over_quota_unless_never_fits(status, reason)
+
         over = quotas.exceeded(quota, used, demand)
         if over:
-            self._over_quota_unless_never_fits(status, "over quota: " + "; ".join(over))
+            over_quota("over quota: " + "; ".join(over))
             return
         gpu_types = None
         if demand.get("gpu"):
             gpu_types = quotas.gpu_types_by_bundle(status.request.gang, self._gpu_types_in_cluster, quota, used)
             if frozenset() in gpu_types:
                 candidates = _ruled_out(self._gpu_types_alone(status)[0], gpu_types)
-                no_type_left = f"over quota: no GPU type among {', '.join(candidates)} has typed quota left"
-                self._over_quota_unless_never_fits(status, no_type_left)
+                over_quota(f"over quota: no GPU type among {', '.join(candidates)} has typed quota left")
                 return
         tpu_pools = None
         if demand.get("tpu"):
@@ -708,8 +714,7 @@ class Scheduler:
             tpu_problems = self._tpu_quota_problems(status, used)
             within = {pool for pool, over in tpu_problems.items() if not over}
             if not within:
-                no_pool_left = "over quota on every TPU pool it may use: " + _per_pool(tpu_problems)
-                self._over_quota_unless_never_fits(status, no_pool_left)
+                over_quota("over quota on every TPU pool it may use: " + _per_pool(tpu_problems))
                 return
             tpu_pools = within if len(within) < len(tpu_problems) else None
         gang = self._gang_for_engine(status, gpu_types, tpu_pools)
@@ -862,6 +867,17 @@ class Scheduler:
             status.reason = reason
             self._save(status)
             self._decide(status, DecisionAction.WAITING, reason)
+
+    def _preempted_own_team_for(self, status: RequestStatus) -> bool:
+        """Over its team's quota, a request may preempt its own team's lower priorities to make room within it, as
+        Kueue's `withinClusterQueue: LowerPriority` does on Kubernetes. Looked for only where the team runs such
+        work, so a team's queue of equals costs no trial placements."""
+        if self.engine is None or not any(
+            holder.team == status.team and holder.request.preemptible and holder.priority_value < status.priority_value
+            for holder in self.holders()
+        ):
+            return False
+        return self._preempt_for(status, self._gang_for_engine(status))
 
     def _preempt_for(self, status: RequestStatus, gang: GangRequest) -> bool:
         holders = self.holders()

@@ -1149,3 +1149,28 @@ def test_a_never_fits_verdict_holds_only_for_the_nodes_it_was_reached_on(schedul
     # The same shape, over research's quota now (20 + 8 > 24), is judged on the nodes up now: it waits.
     second = scheduler.get(submit(scheduler, "research", workers=1, gpus=8))
     assert second.state is RequestState.QUEUED and second.reason.startswith("over quota")
+
+
+def test_over_its_quota_a_request_preempts_its_own_teams_lower_priorities_wherever_they_run(scheduler: Scheduler):
+    scheduler.set_quota("research", {"gpu": 8})
+
+    def research(gpus: float, gpu_type: str, priority: str, **kwargs) -> str:
+        on_type = gang(f"{priority}-{gpu_type}", 1, gpus, gpu_types=[gpu_type])
+        status = scheduler.submit(SubmitRequest(team="research", priority=priority, gang=on_type, **kwargs))
+        scheduler.schedule()
+        return status.id
+
+    kept = research(2, "H100", "low", preemptible=False)
+    equal = research(2, "H100", "high")
+    on_a100 = research(2, "A100-80G", "low")
+    assert scheduler.get(on_a100).nodes == ["a100-0"]
+    urgent = research(4, "H100", "high")
+    # 6 of 8 used: only the preemptible low-priority job, on a node the H100 gang cannot use, frees its quota.
+    assert scheduler.get(urgent).state is RequestState.PLACED
+    assert scheduler.get(on_a100).state is RequestState.PREEMPTED
+    assert scheduler.get(on_a100).reason.startswith(f"preempted for {urgent}")
+    assert scheduler.get(kept).state is scheduler.get(equal).state is RequestState.PLACED
+    # Equal priorities wait for the quota; so does work whose team's lower priorities cannot be preempted.
+    waits = scheduler.get(research(2, "H100", "high"))
+    assert waits.state is RequestState.QUEUED and waits.reason.startswith("over quota")
+    assert scheduler.get(kept).state is RequestState.PLACED
