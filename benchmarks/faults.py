@@ -540,14 +540,15 @@ def _training_outcome(job, admin, request_id: str) -> tuple[str, list[str]]:
         ray.kill(driver)
     status = admin.status(request_id)
     seen = status.details.get("step")
-    # Known gap: rank 0's progress reports, sent through a controller handle from before the restart,
-    # stop reaching the controller; the driver's own calls (and so the request's end) do arrive.
+    # Rank 0's reports sent while the controller was down are lost; the driver reports the last step itself.
     ended = f"ran through to step {outcome.get('step')}/{job.steps}; the last step the controller saw: {seen}"
     problems = []
     if "error" in outcome:
         problems.append(f"the training job failed: {outcome['error']}")
     elif outcome["step"] != job.steps or status.state is not RequestState.FINISHED:
         problems.append(f"the training request ended {status.state.value} at step {outcome['step']}")
+    elif seen != job.steps:
+        problems.append(f"the controller's books show step {seen}, not the last, {job.steps}")
     return ended, problems
 
 
@@ -962,8 +963,6 @@ def run(
             "a training job whose driver runs on the head node does not survive a head restart; on one host "
             "`ray job submit` always attaches its driver there (the head restart fault drives training from a "
             "worker node)",
-            "after a head restart, rank 0's progress reports and stop-directive reads go through a stale "
-            "controller handle: the job trains on and finishes, but `llmos request` shows the step from before",
         ],
     }
 

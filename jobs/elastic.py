@@ -41,7 +41,7 @@ from cluster.console import UserError
 from cluster.requests import RequestStatus
 from jobs.admission import WorkerPlacement, admit, gang_request, placement_for
 from jobs.spec import TrainingJob
-from jobs.training_loop import StepReport
+from jobs.training_loop import StepReport, progress_details
 
 # How often the driver looks at its bookings while an attempt runs.
 WATCH_INTERVAL_S = 0.25
@@ -270,6 +270,7 @@ class ElasticRun:
                 bookings = self._settle(failed is not None, at_start)
                 outcome = classify(failed is not None, final, self.job, bookings, at_start)
                 if outcome is Outcome.FINISHED:
+                    self._report_last(final)
                     self._release(failed=False, reason="")
                     return self.request_id, final
                 self._next_attempt(outcome, failed)
@@ -373,6 +374,14 @@ class ElasticRun:
         self._release(failed=False, reason=f"{why}; the job was admitted again")
         counters.replaced.extend(replaced)
         self._admit()
+
+    def _report_last(self, final: StepReport) -> None:
+        """The last step, as the driver knows it: rank 0 reports without a round trip, so what it sends while the
+        controller restarts (with the head node, say) is lost, and a job may end before the controller is back.
+        Best effort: the job is trained either way."""
+        attempt = {"attempt": self.counters.attempts, "restarts": self.counters.restarts}
+        with contextlib.suppress(Exception):
+            self.admin.report(self.request_id, progress_details(final, attempt))
 
     def _release(self, *, failed: bool, reason: str) -> None:
         """Give back every booking and the growth request; best effort, so a failing controller call

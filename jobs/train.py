@@ -64,6 +64,7 @@ from jobs.training_loop import (
     check_resumable,
     finished_report,
     format_report,
+    progress_details,
     report_to_files,
     train,
 )
@@ -143,24 +144,6 @@ def checkpoint_upload_mode(job: TrainingJob) -> CheckpointUploadMode:
     if job.checkpoint_directory.resolve().is_relative_to(job.run_directory.resolve()):
         return CheckpointUploadMode.NO_UPLOAD
     return CheckpointUploadMode.SYNC
-
-
-def progress_details(report: StepReport, attempt: dict[str, Any]) -> dict[str, Any]:
-    """What the controller shows for a training request at a reporting step."""
-    details = {
-        "step": report.step,
-        "steps": report.steps,
-        "loss": round(report.loss, 4),
-        "tokens_per_s": round(report.tokens_per_s, 1),
-        "world_size": report.world_size,
-        "resumed_from_step": report.resumed_from_step,
-        "attempt": attempt.get("attempt"),
-        "restarts": attempt.get("restarts", 0),
-        "reported_at": time.time(),
-    }
-    if report.heldout_loss is not None:
-        details["heldout_loss"] = round(report.heldout_loss, 4)
-    return details
 
 
 class LatestDetails:

@@ -60,6 +60,24 @@ class StepReport:
         return dataclasses.asdict(self)
 
 
+def progress_details(report: StepReport, attempt: dict[str, Any]) -> dict[str, Any]:
+    """What the controller shows for a training request at a reporting step."""
+    details = {
+        "step": report.step,
+        "steps": report.steps,
+        "loss": round(report.loss, 4),
+        "tokens_per_s": round(report.tokens_per_s, 1),
+        "world_size": report.world_size,
+        "resumed_from_step": report.resumed_from_step,
+        "attempt": attempt.get("attempt"),
+        "restarts": attempt.get("restarts", 0),
+        "reported_at": time.time(),
+    }
+    if report.heldout_loss is not None:
+        details["heldout_loss"] = round(report.heldout_loss, 4)
+    return details
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingResult:
     """How an attempt ended: at the last step of the job, or at `stop_at_step`."""

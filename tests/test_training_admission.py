@@ -241,6 +241,21 @@ def answering(node_ids: list[str]):
     return lambda: True
 
 
+def test_the_driver_reports_the_last_step_itself_since_rank_0s_reports_may_be_lost():
+    books = Scheduler(GROWING, "bestfit")
+    books.set_nodes(GROWING_NODES)
+    admin = BooksAdmin(books)
+    training = job(priority=None, workers={"min": 1, "max": 1}, resources={"cpus": 1, "gpus": 8})
+
+    def run_attempt(job_, placement, reporter, details) -> StepReport:
+        return DONE  # none of rank 0's reports reached the controller (it was restarting with the head node)
+
+    request_id, _ = ElasticRun(training, admin, run_attempt, probe_nodes=answering, on_progress=print).run()
+    status = admin.status(request_id)
+    assert status.state is RequestState.FINISHED
+    assert (status.details["step"], status.details["steps"], status.details["attempt"]) == (100, 100, 1)
+
+
 def test_a_failed_attempt_on_nodes_that_answer_restarts_on_the_same_bookings_as_one_failure():
     books = Scheduler(GROWING, "bestfit")
     books.set_nodes(GROWING_NODES)
