@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cluster.console import UserError, at_least, print_table, progress
+from cluster.console import UserError, at_least, output_file, print_table, progress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACE_DIR = REPO_ROOT.parent / "shared" / "data" / "alibaba-gpu-2023"
+
+
+MAX_SEEDS = 1000
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -16,8 +19,11 @@ def parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     try:
         for part in text.split(","):
-            first, _, last = part.strip().partition("-")
-            seeds.extend(range(int(first), int(last or first) + 1))
+            first, dash, last = part.strip().partition("-")
+            first_seed, last_seed = int(first), int(last if dash else first)
+            if last_seed - first_seed >= MAX_SEEDS - len(seeds):
+                raise UserError(f"--seeds {text!r} names more than {MAX_SEEDS} seeds; give fewer")
+            seeds.extend(range(first_seed, last_seed + 1))
     except ValueError:
         raise UserError(f"--seeds {text!r}: write a range like 42-51, a list like 42,43 or one seed") from None
     if not seeds:
@@ -59,8 +65,8 @@ def _register_placement(benchmarks: argparse._SubParsersAction) -> None:
         help="A policy to run; repeat for several. Default: all of them.",
     )
     placement.add_argument("--seeds", default="42-51", help="Seeds: a range (42-51), a list (42,43) or one.")
-    placement.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
-    placement.add_argument("--plot", type=Path, help="Write the allocation-vs-arrived plot (PNG) to this file.")
+    placement.add_argument("--json", type=output_file, help="Write the results as JSON to this file.")
+    placement.add_argument("--plot", type=output_file, help="Write the allocation-vs-arrived plot (PNG) to this file.")
     placement.add_argument(
         "--trace-dir",
         type=Path,
@@ -128,6 +134,7 @@ def _placement(args: argparse.Namespace) -> int:
 
 def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
     from benchmarks.binding import MODES
+    from cluster.placement import POLICIES
 
     binding = benchmarks.add_parser(
         "binding",
@@ -152,10 +159,12 @@ def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
         default=",".join(MODES),
         help=f"Modes, comma-separated, of {', '.join(MODES)} (default both); the headline is batched's when measured.",
     )
-    binding.add_argument("--policy", default="llmos", help="Placement policy of the controller.")
-    binding.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
     binding.add_argument(
-        "--plot", type=Path, help="Write each path's rate against Ray's own, with 95%% intervals (PNG), here."
+        "--policy", default="llmos", choices=list(POLICIES), help="Placement policy of the controller."
+    )
+    binding.add_argument("--json", type=output_file, help="Write the results as JSON to this file.")
+    binding.add_argument(
+        "--plot", type=output_file, help="Write each path's rate against Ray's own, with 95%% intervals (PNG), here."
     )
     binding.set_defaults(func=_binding)
 
@@ -195,8 +204,8 @@ def _register_serve(benchmarks: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--checkpoint", type=Path, help="Checkpoint to serve (default: train a small one first).")
     serve.add_argument("--requests", type=at_least(1), default=64, help="Requests per concurrency level and mode.")
-    serve.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
-    serve.add_argument("--plot", type=Path, help="Write latency and throughput against concurrency (PNG) here.")
+    serve.add_argument("--json", type=output_file, help="Write the results as JSON to this file.")
+    serve.add_argument("--plot", type=output_file, help="Write latency and throughput against concurrency (PNG) here.")
     serve.set_defaults(func=_serve)
 
 
@@ -218,8 +227,8 @@ def _register_train(benchmarks: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--spec", type=Path, default=REPO_ROOT / "examples" / "cluster.yaml", help="ClusterSpec.")
     train.add_argument("--workers", type=at_least(1), default=2, help="Workers for the overhead comparison.")
-    train.add_argument("--json", type=Path, help="Write the results as JSON to this file.")
-    train.add_argument("--plot", type=Path, help="Write the loss curve of the worker-kill run (PNG) here.")
+    train.add_argument("--json", type=output_file, help="Write the results as JSON to this file.")
+    train.add_argument("--plot", type=output_file, help="Write the loss curve of the worker-kill run (PNG) here.")
     train.set_defaults(func=_train)
 
 
@@ -251,7 +260,7 @@ def _register_faults(benchmarks: argparse._SubParsersAction) -> None:
         default=100,
         help="Schemathesis examples per API operation against a deployed completions app (0 skips it).",
     )
-    faults.add_argument("--json", type=Path, help="Write the report as JSON to this file.")
+    faults.add_argument("--json", type=output_file, help="Write the report as JSON to this file.")
     faults.set_defaults(func=_faults)
 
 
@@ -278,8 +287,8 @@ def _report(result: dict, json_path: Path | None) -> int:
 
     from cluster.console import print_json
 
+    print_json(result)  # first: a file that cannot be written after all loses nothing
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
-    print_json(result)
     return 0

@@ -68,6 +68,20 @@ def _current_controller(handle):
     return controller.get() or handle
 
 
+def read_credential_file(path: str, source: str) -> str:
+    """The credential in the file at `path` (named by `source`, a flag or a variable), as a clear error if unreadable
+    or empty."""
+    try:
+        credential = Path(path).read_text().strip()
+    except OSError as error:
+        raise UserError(f"{source}: cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{source}: {path} is not a text file; give the file that holds the credential") from None
+    if not credential:
+        raise UserError(f"{source}: {path} is empty; give the file that holds the credential")
+    return credential
+
+
 class ProgressReporter:
     """Sends a workload's progress to the controller without waiting for it: picklable, for Ray workers.
 
@@ -130,6 +144,9 @@ class Admin:
         the file named by `LLMOS_CREDENTIAL_FILE` is used, else the admin credential the controller
         keeps on this machine (so the cluster's owner needs nothing). It is never printed or logged.
         """
+        # An empty one given is refused, never taken for none given: that would fall back to the admin's.
+        if credential is not None and not credential.strip():
+            raise UserError("the credential given is empty; give a team's or the admin's credential")
         self.address = connect(address)
         handle = controller.get()
         if handle is None:
@@ -137,17 +154,14 @@ class Admin:
                 raise UserError("no llmos controller is running; start one with `llmos controller start`")
             handle = self._start(spec, state_dir, policy, remove_unknown_groups, scale_up)
         self._controller = handle
-        self._credential = credential or self._credential_from_environment()
+        self._credential = credential if credential is not None else self._credential_from_environment()
 
     def _credential_from_environment(self) -> str | None:
         if os.environ.get("LLMOS_CREDENTIAL"):
             return os.environ["LLMOS_CREDENTIAL"]
         path = os.environ.get("LLMOS_CREDENTIAL_FILE")
         if path:
-            try:
-                return Path(path).read_text().strip()
-            except OSError as error:
-                raise UserError(f"LLMOS_CREDENTIAL_FILE: cannot read {path}: {error.strerror}") from None
+            return read_credential_file(path, "LLMOS_CREDENTIAL_FILE")
         local = Path(self._call("ping", authenticated=False)["state_dir"]) / "credentials" / ADMIN
         try:
             return local.read_text().strip()

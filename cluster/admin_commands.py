@@ -5,22 +5,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from cluster.console import UserError, at_least, print_json, print_table, stderr, stdout
+from cluster.placement.policies import POLICIES
 from cluster.requests import RequestState, RequestStatus, SubmitRequest
 from cluster.spec import format_memory, load_yaml, parse_memory, parse_model
 
 
 def _admin(args: argparse.Namespace, start: bool = True):
-    from cluster.admin import Admin
+    from cluster.admin import Admin, read_credential_file
 
     credential = None
-    if getattr(args, "credential_file", None):
-        try:
-            credential = Path(args.credential_file).read_text().strip()
-        except OSError as error:
-            raise UserError(f"--credential-file: cannot read {args.credential_file}: {error.strerror}") from None
+    if getattr(args, "credential_file", None) is not None:
+        credential = read_credential_file(args.credential_file, "--credential-file")
     return Admin(getattr(args, "address", None), start=start, credential=credential)
 
 
@@ -43,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ctl_commands = ctl.add_subparsers(dest="controller_command", metavar="COMMAND", required=False)
     start = _with_json(ctl_commands.add_parser("start", help="Start the controller (refused if one runs)."))
     start.add_argument("--spec", help="ClusterSpec (default: the local cluster's).")
-    start.add_argument("--policy", default=None, help="Placement policy (default llmos).")
+    start.add_argument("--policy", default=None, choices=list(POLICIES), help="Placement policy (default llmos).")
     start.add_argument("--state-dir", help="Where the controller journals its state (on the head node).")
     start.add_argument(
         "--remove-unknown-groups",
@@ -211,7 +208,15 @@ def _submit(args: argparse.Namespace) -> int:
     admin = _admin(args)
     statuses = admin.submit_many(requests)
     if args.wait:
-        statuses = admin.wait_many([status.id for status in statuses], timeout_s=args.wait)
+        ids = ", ".join(status.id for status in statuses)
+        try:
+            statuses = admin.wait_many([status.id for status in statuses], timeout_s=args.wait)
+        except (KeyboardInterrupt, UserError):
+            # Accepted already, and not withdrawn: the ids are what the user needs to follow or cancel them.
+            stderr.print(
+                f"submitted {ids}, not withdrawn: `llmos request ID` shows one, `llmos cancel ID` withdraws it"
+            )
+            raise
     if args.json:
         print_json(statuses)  # a list however many files: a script reads one shape
     else:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,6 +22,22 @@ from rich.table import Table
 # Piped output (CI logs, `| less`) would otherwise be squeezed into 80 columns.
 stdout = Console(highlight=False, markup=False, emoji=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a file to write, checked before any work, so that a long run is not lost to a bad path
+    at its end. Missing folders are made when it is written."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give the name of a file in it")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{folder} is a file, so {text} cannot be written; give another path")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{folder} is not writable; give a path you can write")
+    return path
 
 
 def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.console import at_least, port_number, print_json, print_table, progress, stdout
+from cluster.console import UserError, at_least, port_number, print_json, print_table, progress, stdout
 from serving.spec import load_serve_job
 
 
@@ -106,7 +106,10 @@ def _config(args: argparse.Namespace) -> int:
 
     text = yaml.safe_dump(build_serve_config(load_serve_job(args.job), host=args.host, port=args.port), sort_keys=False)
     if args.output:
-        args.output.write_text(text)
+        try:
+            args.output.write_text(text)
+        except OSError as error:
+            raise UserError(f"-o {args.output}: cannot write it: {error.strerror}") from None
         stdout.print(f"wrote {args.output}; deploy it with `serve deploy {args.output}`")
     else:
         print(text, end="")

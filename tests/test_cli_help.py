@@ -11,7 +11,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from benchmarks import serve_load
-from cluster.cli import build_parser
+from cluster.admin import Admin
+from cluster.cli import build_parser, main
+from cluster.console import UserError
 from jobs import train, training_loop
 
 
@@ -66,6 +68,8 @@ def test_train_refuses_a_wait_timeout_that_is_no_wait_before_it_connects(capsys)
         (["serve", "deploy", "s.yaml", "--port", "0"], "argument --port: '0' is not a TCP port"),
         (["bench", "binding", "--runs", "0"], "argument --runs: 0 is too small; give 1 or more"),
         (["bench", "faults", "--http-examples", "-1"], "argument --http-examples: -1 is too small; give 0 or more"),
+        (["controller", "start", "--policy", "fdg"], "argument --policy: invalid choice: 'fdg' (choose from"),
+        (["bench", "binding", "--policy", "fdg"], "argument --policy: invalid choice: 'fdg' (choose from"),
     ],
 )
 def test_a_number_out_of_range_is_refused_naming_the_flag_and_the_range(argv: list[str], refusal: str, capsys):
@@ -73,3 +77,53 @@ def test_a_number_out_of_range_is_refused_naming_the_flag_and_the_range(argv: li
         build_parser().parse_args(argv)
     assert exited.value.code == 2
     assert refusal in capsys.readouterr().err
+
+
+def test_a_credential_that_is_empty_or_no_text_is_refused_before_connecting(tmp_path, capsys):
+    empty, binary = tmp_path / "empty", tmp_path / "binary"
+    empty.write_text("  \n")
+    binary.write_bytes(b"\xff\xfe")
+    for path, refusal in ((empty, "is empty"), (binary, "is not a text file")):
+        assert main(["queue", "--credential-file", str(path)]) == 2
+        error = capsys.readouterr().err
+        assert f"--credential-file: {path} {refusal}; give the file that holds the credential" in error
+        assert "Traceback" not in error
+    # Never taken for no credential, which would fall back to the environment's or the admin's.
+    with pytest.raises(UserError, match="the credential given is empty"):
+        Admin(credential="")
+
+
+def test_a_serve_config_that_cannot_be_written_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "a-file").touch()
+    assert main(["serve", "config", "examples/serve.yaml", "-o", str(tmp_path / "a-file" / "serve.yaml")]) == 2
+    error = capsys.readouterr().err
+    assert f"-o {tmp_path / 'a-file' / 'serve.yaml'}: cannot write it: Not a directory" in error
+
+
+def test_a_submit_interrupted_while_it_waits_names_the_requests_it_made(tmp_path, capsys, monkeypatch):
+    from cluster import admin_commands
+    from cluster.requests import RequestState, RequestStatus, SubmitRequest
+
+    request = tmp_path / "request.yaml"
+    request.write_text("team: research\ngang: {name: g, bundles: [{resources: {CPU: 1}}]}\n")
+
+    class Interrupted:  # the admin API's answers, up to a Ctrl-C in the wait
+        def submit_many(self, requests: list[SubmitRequest]) -> list[RequestStatus]:
+            return [
+                RequestStatus(
+                    id="research-00007",
+                    request=requests[0],
+                    priority_value=500,
+                    state=RequestState.QUEUED,
+                    submitted_seq=7,
+                    submitted_at=0.0,
+                )
+            ]
+
+        def wait_many(self, request_ids: list[str], timeout_s: float) -> list[RequestStatus]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(admin_commands, "_admin", lambda args, start=True: Interrupted())
+    assert main(["submit", str(request), "--wait", "60"]) == 130
+    error = capsys.readouterr().err
+    assert "submitted research-00007, not withdrawn" in error and "interrupted" in error

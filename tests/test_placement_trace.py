@@ -88,7 +88,27 @@ def test_bad_input_is_a_clean_error(trace_dir: Path, capsys):
     assert "known traces: tiny" in capsys.readouterr().err
     with pytest.raises(UserError, match="42-51"):
         parse_seeds("forty")
+    with pytest.raises(UserError, match="42-51"):
+        parse_seeds("42-")  # not 42 alone
+    with pytest.raises(UserError, match="more than 1000 seeds"):
+        parse_seeds("1-99999999999")
     assert parse_seeds("42-44,50") == [42, 43, 44, 50]
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(trace_dir: Path, tmp_path: Path, capsys):
+    (tmp_path / "a-file").touch()
+    for flag, path, refusal in (
+        ("--json", tmp_path, "is a directory; give the name of a file in it"),
+        ("--plot", tmp_path / "a-file" / "x.png", "is a file, so"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "placement", "--trace", "tiny", "--trace-dir", str(trace_dir), flag, str(path)])
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err
+        assert f"argument {flag}: " in error and refusal in error and "tiny:" not in error  # no run started
+    written = tmp_path / "new" / "folder" / "out.json"
+    assert main(["bench", "placement", "--trace", "tiny", "--trace-dir", str(trace_dir), "--json", str(written)]) == 0
+    assert written.is_file()
 
 
 @pytest.mark.skipif(not DEFAULT_TRACE_DIR.is_dir(), reason="the Alibaba trace is not next to the repo")
