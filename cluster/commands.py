@@ -234,8 +234,9 @@ def _down(args: argparse.Namespace) -> int:
         stdout.print("no local cluster is running")
         return 0
     count = len(cluster.record.nodes)
-    cluster.down(on_progress=progress)
-    stdout.print(f"stopped {count} nodes of {cluster.record.cluster_name}")
+    stopped = cluster.down(on_progress=progress)
+    of = f"{stopped} of {count}" if stopped != count else f"{count}"
+    stdout.print(f"stopped {of} nodes of {cluster.record.cluster_name}")
     return 0
 
 

@@ -2,9 +2,11 @@
 
 Each node is its own process group (started with a new session), declaring the resources and labels
 of its pool from `cluster.ray_mapping`, so Ray's scheduler sees GPUs and TPUs this machine does not
-have. We stop exactly the process groups we started, by pid, never by name. Ray's token
-authentication stays on: the cluster gets its own token file, and every process llmos starts or
-connects with is pointed at it (`RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN_PATH`).
+have. We stop exactly the process groups we started, by pid, never by name, and only while the pid's
+start time and the machine's boot id still match the record: once a cluster dies without `llmos down`,
+its pids go to other processes. Ray's token authentication stays on: the cluster gets its own token file,
+and every process llmos starts or connects with is pointed at it (`RAY_AUTH_MODE=token`,
+`RAY_AUTH_TOKEN_PATH`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class NodeProcess(BaseModel):
     pid: int
     log_path: str
     declaration: dict
+    # What proves `pid` still names this process: its start time (clock ticks since boot, field 22 of
+    # /proc/PID/stat) and the boot it started in. None in records of older llmos, which prove nothing.
+    start_ticks: int | None = None
+    boot_id: str | None = None
 
 
 class LocalClusterRecord(BaseModel):
@@ -98,28 +104,64 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
+def _boot_id() -> str | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (the state) on; None once the pid is gone. Split after the last `)`:
+    the command name before it may hold spaces and parentheses."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22
+
+
+def _own_state(node: NodeProcess) -> str | None:
+    """The state letter (R, S, Z...) of the node's process while its pid provably still names the process
+    llmos started, else None. Once that process has died (OOM kill, reboot) the kernel hands its pid to any
+    new process; only the same boot and the same start time tell ours apart."""
+    if node.start_ticks is None or node.boot_id is None or node.boot_id != _boot_id():
+        return None
+    fields = _stat_fields(node.pid)
+    if fields is None or int(fields[19]) != node.start_ticks:
+        return None
+    return fields[0]
+
+
+def _running(node: NodeProcess) -> bool:
+    # A zombie is still ours, but no longer a running node.
+    return _own_state(node) not in (None, "Z")
+
+
+def _stoppable(node: NodeProcess) -> bool:
+    """Whether signalling the node's process group reaches only processes llmos started: its leader is
+    provably ours, or the leader (recorded in this boot) is gone while its group lives on. Linux hands out
+    no pid that a live process group still has as its id, so those members are the node's own."""
+    if _own_state(node) is not None:
         return True
-    # A zombie still answers kill(0); it is not a running node.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
+    return (
+        node.start_ticks is not None
+        and node.boot_id == _boot_id()
+        and _stat_fields(node.pid) is None
+        and bool(_group_members(node.pid))
+    )
 
 
 def _group_members(pgid: int) -> list[int]:
     members = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and int(fields[2]) == pgid and fields[0] != "Z":
                 members.append(int(entry.name))
     return members
 
@@ -137,19 +179,24 @@ def group_memory_bytes(pgid: int) -> int:
     return total
 
 
-def _stop_groups(pgids: list[int], timeout_s: float) -> None:
-    """SIGTERM each group leader (Ray shuts its children down), then SIGKILL whatever is left."""
-    for pgid in pgids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pgid, signal.SIGTERM)
+def _stop_groups(nodes: list[NodeProcess], timeout_s: float) -> None:
+    """SIGTERM each node's group leader (Ray shuts its children down), then SIGKILL whatever is left of its
+    group: only groups `_stoppable` proves llmos started, so a pid the kernel has handed on is never signalled."""
+    stoppable = [node for node in nodes if _stoppable(node)]
+    for node in stoppable:
+        if _own_state(node) is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(node.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_group_members(pgid) for pgid in pgids):
+    while time.monotonic() < deadline and any(_group_members(node.pid) for node in stoppable):
         time.sleep(0.2)
-    for pgid in pgids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+    for node in stoppable:
+        # Asked again: a group that emptied during the wait frees its id for any new process.
+        if _stoppable(node):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pgid, os.WNOHANG)
+            os.waitpid(node.pid, os.WNOHANG)
 
 
 def _log_tail(path: str, lines: int = 15) -> str:
@@ -246,10 +293,10 @@ class LocalCluster:
         raise UserError(f"no local node named {name!r}; nodes: {names}")
 
     def node_alive(self, name: str) -> bool:
-        return _alive(self.node(name).pid)
+        return _running(self.node(name))
 
     def memory_by_node(self) -> dict[str, int]:
-        return {node.name: group_memory_bytes(node.pid) for node in self.record.nodes if _alive(node.pid)}
+        return {node.name: group_memory_bytes(node.pid) for node in self.record.nodes if _running(node)}
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -276,12 +323,13 @@ class LocalCluster:
         home.mkdir(parents=True, exist_ok=True)
         existing = cls.find(home)
         if existing is not None:
-            if any(_alive(node.pid) for node in existing.record.nodes):
+            if any(_running(node) for node in existing.record.nodes):
                 raise UserError(
                     f"a local cluster ({existing.record.cluster_name}, {len(existing.record.nodes)} nodes) "
                     f"is already running from {home}; stop it with `llmos down` first"
                 )
-            cls.record_path(home).unlink()
+            on_progress(f"the cluster {existing.record.cluster_name} recorded in {home} no longer runs; removing it")
+            existing.down(on_progress=on_progress)
         for host, port, flag in (
             (head_ip, gcs_port, "--port"),
             ("127.0.0.1", dashboard_port, "--dashboard-port"),
@@ -358,7 +406,7 @@ class LocalCluster:
             failure = self._wait_started(node, process)
             if failure is None:
                 return node
-            _stop_groups([node.pid], NODE_STOP_TIMEOUT_S)
+            _stop_groups([node], NODE_STOP_TIMEOUT_S)
             self.record.nodes.remove(node)
             self._save()
             if attempt < attempts:
@@ -442,6 +490,9 @@ class LocalCluster:
             pid=process.pid,
             log_path=str(log_path),
             declaration={"resources": declaration.resources, "labels": declaration.labels},
+            # Read before anything reaps the child: until then its /proc entry stays, even if it exited.
+            start_ticks=_start_ticks(process.pid),
+            boot_id=_boot_id(),
         )
         self.record.nodes.append(node)
         self._save()
@@ -487,10 +538,10 @@ class LocalCluster:
         node = self.node(name)
         if node.pool == "head":
             raise UserError("the head node cannot be removed on its own; use `llmos down` to stop the cluster")
-        if crash:
-            with contextlib.suppress(ProcessLookupError):
+        if crash and _stoppable(node):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(node.pid, signal.SIGKILL)
-        _stop_groups([node.pid], timeout_s)
+        _stop_groups([node], timeout_s)
         self.record.nodes = [n for n in self.record.nodes if n.name != name]
         self._save()
 
@@ -509,9 +560,10 @@ class LocalCluster:
             )
         (head,) = [node for node in self.record.nodes if node.pool == "head"]
         on_progress(f"killing {head.name} (pid group {head.pid})")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(head.pid, signal.SIGKILL)
-        _stop_groups([head.pid], NODE_STOP_TIMEOUT_S)
+        if _stoppable(head):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(head.pid, signal.SIGKILL)
+        _stop_groups([head], NODE_STOP_TIMEOUT_S)
         self.record.nodes = [node for node in self.record.nodes if node is not head]
         # `ray start --head` refuses a port that its temp dir says a running cluster uses, and on one
         # machine the worker raylets' own flags name that address: the new head gets a new temp dir.
@@ -521,18 +573,29 @@ class LocalCluster:
         on_progress(f"starting {head.name} again on {self.gcs_address}")
         return self._start_node(head_declaration(self.spec), head=True)
 
-    def down(self, timeout_s: float = NODE_STOP_TIMEOUT_S, on_progress: Callable[[str], None] = lambda m: None) -> None:
-        """Stop every process group this cluster started: the workers together, then the head."""
-        workers = [node for node in self.record.nodes if node.pool != "head"]
-        heads = [node for node in self.record.nodes if node.pool == "head"]
+    def down(self, timeout_s: float = NODE_STOP_TIMEOUT_S, on_progress: Callable[[str], None] = lambda m: None) -> int:
+        """Stop every process group this cluster started: the workers together, then the head. Nodes whose
+        pids the record cannot prove still name what llmos started are left alone, and said so. Returns how
+        many nodes it stopped."""
+        unproven = [node for node in self.record.nodes if not _stoppable(node)]
+        if unproven:
+            on_progress(
+                f"not signalling {', '.join(f'{node.name} (pid {node.pid})' for node in unproven)}: the record "
+                "is stale, its pids are not provably the processes llmos started (they exited, the machine "
+                "restarted, or an older llmos wrote the record)"
+            )
+        stoppable = [node for node in self.record.nodes if node not in unproven]
+        workers = [node for node in stoppable if node.pool != "head"]
+        heads = [node for node in stoppable if node.pool == "head"]
         for group in (workers, heads):
             if group:
                 on_progress(f"stopping {', '.join(node.name for node in group)}")
-                _stop_groups([node.pid for node in group], timeout_s)
+                _stop_groups(group, timeout_s)
         for temp_dir in (self.record.temp_dir, *self.record.stale_temp_dirs):
             shutil.rmtree(temp_dir, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             self.record_path(self.home).unlink()
+        return len(stoppable)
 
 
 @contextlib.contextmanager

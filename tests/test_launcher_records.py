@@ -1,0 +1,167 @@
+"""A local cluster's record signals only processes llmos provably started.
+
+No Ray runs here: a stand-in `ray` prints Ray's start marker and waits on a child, so each node is a
+process group of two, as `ray start --block` and its raylet would be.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import launcher
+from cluster.console import UserError
+from cluster.launcher import (
+    DEFAULT_HEAD_IP,
+    LocalCluster,
+    LocalClusterRecord,
+    NodeProcess,
+    _boot_id,
+    _group_members,
+    _start_ticks,
+    free_port,
+)
+from cluster.spec import ClusterSpec, load_spec
+
+EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
+SMALL = ClusterSpec.model_validate({"name": "small", "pools": [load_spec(EXAMPLE_SPEC).pool("cpu").model_dump()]})
+FAKE_RAY = """#!/bin/bash
+sleep 300 &
+echo "Ray runtime started."
+wait
+"""
+STOP_S = 0.5  # bash leaves its child running on SIGTERM: SIGKILL of the group has to finish the job
+
+
+@pytest.fixture
+def fake_ray(tmp_path, monkeypatch):
+    """`_spawn_node` runs the `ray` beside `sys.executable`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(FAKE_RAY)
+    (bin_dir / "ray").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+
+
+@pytest.fixture
+def unrelated():
+    """A process of the user's that got a pid a dead cluster's record still names."""
+    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def _up(home: Path, progress: list[str] | None = None) -> LocalCluster:
+    return LocalCluster.up(
+        SMALL,
+        home=home,
+        gcs_port=free_port(DEFAULT_HEAD_IP),
+        dashboard_port=free_port(),
+        on_progress=(progress if progress is not None else []).append,
+    )
+
+
+def _write_record(home: Path, pid: int, **proof) -> str:
+    """A record of a cluster whose head had `pid`; its Ray temp dir."""
+    home.mkdir(parents=True, exist_ok=True)
+    temp_dir = tempfile.mkdtemp(prefix="llmos-")
+    record = LocalClusterRecord(
+        cluster_name=SMALL.name,
+        spec=SMALL.model_dump(mode="json"),
+        head_ip=DEFAULT_HEAD_IP,
+        gcs_port=6380,
+        dashboard_port=8265,
+        temp_dir=temp_dir,
+        token_path=str(home / "auth_token"),
+        object_store_bytes=1,
+        started_at=time.time() - 86400,
+        nodes=[NodeProcess(name="head-0", pool="head", pid=pid, log_path="x", declaration={}, **proof)],
+    )
+    # As an older llmos wrote it when there is no proof: without the fields at all.
+    LocalCluster.record_path(home).write_text(record.model_dump_json(exclude_defaults=True))
+    return temp_dir
+
+
+STALE_PROOFS = {
+    "older llmos": lambda pid: {},
+    "other start time": lambda pid: {"start_ticks": _start_ticks(pid) - 1, "boot_id": _boot_id()},
+    "other boot": lambda pid: {"start_ticks": _start_ticks(pid), "boot_id": "0-before-the-reboot"},
+}
+
+
+@pytest.mark.parametrize("proof", STALE_PROOFS.values(), ids=STALE_PROOFS.keys())
+def test_down_leaves_a_process_that_reused_a_recorded_pid_alone(tmp_path, unrelated, proof):
+    temp_dir = _write_record(tmp_path, unrelated.pid, **proof(unrelated.pid))
+    progress: list[str] = []
+    assert LocalCluster.attach(tmp_path).down(timeout_s=STOP_S, on_progress=progress.append) == 0
+    time.sleep(0.2)  # a signal, had one been sent, lands
+    assert unrelated.poll() is None
+    assert LocalCluster.find(tmp_path) is None and not Path(temp_dir).exists()
+    assert progress[0].startswith(f"not signalling head-0 (pid {unrelated.pid}): the record is stale")
+
+
+def test_up_over_a_stale_record_removes_it_and_starts(tmp_path, fake_ray, unrelated):
+    temp_dir = _write_record(tmp_path, unrelated.pid)
+    progress: list[str] = []
+    cluster = _up(tmp_path, progress)
+    try:
+        assert unrelated.poll() is None and not Path(temp_dir).exists()
+        assert progress[0] == f"the cluster small recorded in {tmp_path} no longer runs; removing it"
+        assert unrelated.pid not in [node.pid for node in cluster.record.nodes]
+        assert all(cluster.node_alive(node.name) for node in cluster.record.nodes)
+    finally:
+        cluster.down(timeout_s=STOP_S)
+
+
+def test_up_over_a_running_cluster_is_refused(tmp_path, fake_ray):
+    cluster = _up(tmp_path)
+    try:
+        with pytest.raises(UserError, match="already running"):
+            _up(tmp_path)
+    finally:
+        cluster.down(timeout_s=STOP_S)
+
+
+def test_down_stops_the_process_groups_it_started(tmp_path, fake_ray):
+    cluster = _up(tmp_path)
+    pids = [node.pid for node in cluster.record.nodes]
+    assert len(pids) == 2 and all(len(_group_members(pid)) == 2 for pid in pids)
+    assert cluster.down(timeout_s=STOP_S) == 2
+    assert all(_group_members(pid) == [] for pid in pids)
+    assert LocalCluster.find(tmp_path) is None
+
+
+def test_down_stops_what_is_left_of_a_group_whose_leader_died(tmp_path, fake_ray):
+    cluster = _up(tmp_path)
+    worker = next(node for node in cluster.record.nodes if node.pool != "head")
+    # As an OOM kill would leave it: the `ray start` process gone (reaped), its raylet running on.
+    os.kill(worker.pid, signal.SIGKILL)
+    os.waitpid(worker.pid, 0)
+    assert not cluster.node_alive(worker.name) and len(_group_members(worker.pid)) == 1
+    cluster.down(timeout_s=STOP_S)
+    assert _group_members(worker.pid) == []
+
+
+@pytest.mark.parametrize("provable", [False, True], ids=["older llmos", "provably ours"])
+def test_down_survives_a_pid_it_may_not_signal(tmp_path, monkeypatch, unrelated, provable):
+    proof = {"start_ticks": _start_ticks(unrelated.pid), "boot_id": _boot_id()} if provable else {}
+    _write_record(tmp_path, unrelated.pid, **proof)
+
+    def refuse(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(launcher.os, "kill", refuse)
+        patch.setattr(launcher.os, "killpg", refuse)
+        LocalCluster.attach(tmp_path).down(timeout_s=STOP_S)
+    assert LocalCluster.find(tmp_path) is None
