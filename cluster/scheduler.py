@@ -132,6 +132,8 @@ class Scheduler:
         # each team's count of such changes, and the count each quota-blocked request last saw.
         self._quota_changes: dict[str, int] = {team.name: 0 for team in spec.teams}
         self._quota_blocked: dict[str, int] = {}
+        # By team, the lowest priority of its preemptible placed work, as of this scheduling pass (None: not read).
+        self._preemptible_floors: dict[str, float] | None = None
         self._demands: dict[str, dict[str, float]] = {}  # request id -> its quota demand (requests are frozen)
         self._awaiting_nodes: dict[str, GangRequest] = {}  # request id -> its gang, that fits once pools grow
         # `_never_fits` verdicts for the live nodes, by gang (as JSON, its name left out) and GPU types: many
@@ -673,6 +675,7 @@ class Scheduler:
         else:
             candidates = [status for status in self.waiting() if status.id in self._untried]
         binds = sum(isinstance(effect, Bind) for effect in self.effects)
+        self._preemptible_floors = None
         for status in candidates:
             if max_binds is not None and binds >= max_binds:
                 self._retry_all = self._retry_all or retry_all  # the rest are tried on the next call
@@ -872,11 +875,19 @@ class Scheduler:
         """Over its team's quota, a request may preempt its own team's lower priorities to make room within it, as
         Kueue's `withinClusterQueue: LowerPriority` does on Kubernetes. Looked for only where the team runs such
         work, so a team's queue of equals costs no trial placements."""
-        if self.engine is None or not any(
-            holder.team == status.team and holder.request.preemptible and holder.priority_value < status.priority_value
-            for holder in self.holders()
-        ):
+        if self.engine is None:
             return False
+        if self._preemptible_floors is None:
+            # Once a pass, not once a request: listing the holders walks every live request. A pass places in
+            # priority order, so what it places meanwhile is never below the request it considers.
+            self._preemptible_floors = {}
+            for holder in self.holders():
+                if holder.request.preemptible:
+                    floor = self._preemptible_floors.get(holder.team, math.inf)
+                    self._preemptible_floors[holder.team] = min(floor, holder.priority_value)
+        if self._preemptible_floors.get(status.team, math.inf) >= status.priority_value:
+            return False
+        self._preemptible_floors = None  # the victims change what their teams hold
         return self._preempt_for(status, self._gang_for_engine(status))
 
     def _preempt_for(self, status: RequestStatus, gang: GangRequest) -> bool:
