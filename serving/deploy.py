@@ -95,7 +95,9 @@ def deploy(
         booked = serving_bundles(placed)
         nodes = [bundle.node for bundle in booked]
         on_progress(f"starting {len(placed)} replica(s) of {job.name} on {', '.join(sorted(set(nodes)))}")
-        serve.start(http_options={"host": host, "port": port})
+        # One proxy, as the RayService config has it: a proxy started on each node with a replica binds the same
+        # port (SO_REUSEPORT), and one that has no routes yet answered 404 to the requests the kernel gave it.
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port})
         started = True
         try:
             run_replicas(job, booked)
