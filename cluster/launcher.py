@@ -470,7 +470,10 @@ class LocalCluster:
         if declaration.reserved_labels:
             # `--labels` refuses keys under ray.io/; Ray reads them from this variable instead.
             env["RAY_OVERRIDE_LABELS"] = json.dumps(declaration.reserved_labels)
-        log_path = Path(self.record.temp_dir) / f"{declaration.name}.log"
+        # In LLMOS_HOME, not Ray's temp dir, which `down` removes: a node that failed to start, and took the
+        # whole cluster's start with it, is explained there.
+        log_path = self.home / "logs" / f"{declaration.name}.log"
+        log_path.parent.mkdir(exist_ok=True)
         # A node started again under an old name (after `remove_node`) starts a fresh log.
         with open(log_path, "wb" if attempt == 1 else "ab") as log:
             started = f"--- llmos: attempt {attempt} to start {declaration.name}, Ray's temp dir {ray_temp_dir}\n"
@@ -630,6 +633,7 @@ def temporary_cluster(
             if ray.is_initialized():
                 ray.shutdown()
             cluster.down()
+            shutil.rmtree(home, ignore_errors=True)  # kept when the start failed: its logs say why
     finally:
         if previous_home is None:
             os.environ.pop("LLMOS_HOME", None)

@@ -165,3 +165,16 @@ def test_down_survives_a_pid_it_may_not_signal(tmp_path, monkeypatch, unrelated,
         patch.setattr(launcher.os, "killpg", refuse)
         LocalCluster.attach(tmp_path).down(timeout_s=STOP_S)
     assert LocalCluster.find(tmp_path) is None
+
+
+def test_a_start_that_fails_names_a_log_that_is_still_there(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text('#!/bin/bash\necho "the reason Ray gave, long before the tail"\nexit 1\n')
+    (bin_dir / "ray").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    with pytest.raises(UserError, match="exited during start") as refused:
+        _up(tmp_path / "home")
+    log = Path(str(refused.value).rsplit("the whole log: ", 1)[1].strip())
+    assert "the reason Ray gave" in log.read_text()
+    assert LocalCluster.find(tmp_path / "home") is None  # the failed start left no record behind
