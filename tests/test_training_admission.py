@@ -200,6 +200,11 @@ GROWING_NODES = [
 WHOLE_NODE_GANG = {"name": "prod", "bundles": [{"resources": {"CPU": 1, "GPU": 8}}]}
 
 
+def whole_node_job(**overrides) -> TrainingJob:
+    """A job of one worker per whole H100 node, at the team's priority."""
+    return job(**{"priority": None, "workers": {"min": 1, "max": 1}, "resources": {"cpus": 1, "gpus": 8}, **overrides})
+
+
 class BooksAdmin:
     """The admin calls the elastic driver makes, answered by the controller's own books in process (a copy of
     each request, as the controller hands back): its decisions, without Ray."""
@@ -207,6 +212,12 @@ class BooksAdmin:
     def __init__(self, books: Scheduler):
         self.books = books
         self.lock = threading.Lock()  # the driver's watcher thread calls too, as on the real controller
+
+    @classmethod
+    def on_two_h100_nodes(cls) -> BooksAdmin:
+        books = Scheduler(GROWING, "bestfit")
+        books.set_nodes(GROWING_NODES)
+        return cls(books)
 
     def _act(self, change, *args, **kwargs) -> RequestStatus:
         with self.lock:
@@ -241,11 +252,22 @@ def answering(node_ids: list[str]):
     return lambda: True
 
 
+def failing_once(nodes: list[list[str]]):
+    """An attempt runner whose first attempt fails (a worker process died) and the next one finishes; it
+    appends each attempt's nodes to `nodes`."""
+
+    def run_attempt(job_, placement, reporter, details) -> StepReport:
+        nodes.append(details["nodes"])
+        if len(nodes) == 1:
+            raise TrainingAttemptFailed("a worker process died")
+        return DONE
+
+    return run_attempt
+
+
 def test_the_driver_reports_the_last_step_itself_since_rank_0s_reports_may_be_lost():
-    books = Scheduler(GROWING, "bestfit")
-    books.set_nodes(GROWING_NODES)
-    admin = BooksAdmin(books)
-    training = job(priority=None, workers={"min": 1, "max": 1}, resources={"cpus": 1, "gpus": 8})
+    admin = BooksAdmin.on_two_h100_nodes()
+    training = whole_node_job()
 
     def run_attempt(job_, placement, reporter, details) -> StepReport:
         return DONE  # none of rank 0's reports reached the controller (it was restarting with the head node)
@@ -257,18 +279,11 @@ def test_the_driver_reports_the_last_step_itself_since_rank_0s_reports_may_be_lo
 
 
 def test_a_failed_attempt_on_nodes_that_answer_restarts_on_the_same_bookings_as_one_failure():
-    books = Scheduler(GROWING, "bestfit")
-    books.set_nodes(GROWING_NODES)
-    admin = BooksAdmin(books)
-    training = job(priority=None, workers={"min": 1, "max": 1}, resources={"cpus": 1, "gpus": 8})
+    admin = BooksAdmin.on_two_h100_nodes()
+    training = whole_node_job()
     nodes: list[list[str]] = []
     asked: list[list[str]] = []
-
-    def run_attempt(job_, placement, reporter, details) -> StepReport:
-        nodes.append(details["nodes"])
-        if len(nodes) == 1:
-            raise TrainingAttemptFailed("a worker process died")
-        return DONE
+    run_attempt = failing_once(nodes)
 
     def probe(node_ids: list[str]):
         asked.append(node_ids)
@@ -285,17 +300,11 @@ def test_a_failed_attempt_on_nodes_that_answer_restarts_on_the_same_bookings_as_
 
 
 def test_a_failed_attempt_whose_node_does_not_answer_waits_for_the_books_and_counts_one_node_loss():
-    books = Scheduler(GROWING, "bestfit")
-    books.set_nodes(GROWING_NODES)
-    admin = BooksAdmin(books)
-    training = job(priority=None, workers={"min": 1, "max": 1}, resources={"cpus": 1, "gpus": 8})
+    admin = BooksAdmin.on_two_h100_nodes()
+    books = admin.books
+    training = whole_node_job()
     nodes: list[list[str]] = []
-
-    def run_attempt(job_, placement, reporter, details) -> StepReport:
-        nodes.append(details["nodes"])
-        if len(nodes) == 1:
-            raise TrainingAttemptFailed("a worker process died")  # with its node, which Ray still lists
-        return DONE
+    run_attempt = failing_once(nodes)  # with its node, which Ray still lists
 
     def crashed_node(node_ids: list[str]):
         checks = itertools.count()
@@ -324,11 +333,10 @@ def test_a_failed_attempt_whose_node_does_not_answer_waits_for_the_books_and_cou
 
 
 def test_a_growth_request_taken_back_before_the_checkpoint_leaves_the_job_running_at_its_size():
-    books = Scheduler(GROWING, "bestfit")
-    books.set_nodes(GROWING_NODES)
-    admin = BooksAdmin(books)
+    admin = BooksAdmin.on_two_h100_nodes()
+    books = admin.books
     holder = admin.submit(SubmitRequest(team="prod", gang=WHOLE_NODE_GANG))
-    training = job(priority=None, workers={"min": 1, "max": 2}, resources={"cpus": 1, "gpus": 8})
+    training = whole_node_job(workers={"min": 1, "max": 2})
     sizes: list[int] = []
 
     def run_attempt(job_, placement, reporter, details) -> StepReport:
@@ -352,10 +360,9 @@ def test_a_growth_request_taken_back_before_the_checkpoint_leaves_the_job_runnin
 
 
 def test_an_attempt_runs_where_the_books_have_its_booking_when_it_starts():
-    books = Scheduler(GROWING, "bestfit")
-    books.set_nodes(GROWING_NODES)
-    admin = BooksAdmin(books)
-    training = job(priority=None, workers={"min": 1, "max": 1}, resources={"cpus": 1, "gpus": 8})
+    admin = BooksAdmin.on_two_h100_nodes()
+    books = admin.books
+    training = whole_node_job()
     taken: list[str] = []
 
     def take_the_node_back(line: str) -> None:
