@@ -49,6 +49,23 @@ def served(local_cluster: LocalCluster, tiny_lm_checkpoint: Path, tmp_path_facto
     admin.stop_controller()
 
 
+def port_of(deployment) -> int:
+    """The port of the Serve proxy a deployment answers on: a second deployment goes behind the same one."""
+    return int(deployment.url.split(":")[2].split("/")[0])
+
+
+def research_job(name: str, checkpoint: Path, pool: str, **fields) -> ServeJob:
+    """A small replica of the research team's, at its own route."""
+    return ServeJob(
+        name=name,
+        team="research",
+        checkpoint=str(checkpoint),
+        pool=pool,
+        route_prefix=f"/{name.removesuffix('-lm')}",
+        **{"resources": {"cpus": 1}, **fields},
+    )
+
+
 def post(url: str, body: dict | bytes | Iterator[bytes], **kwargs) -> requests.Response:
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     return requests.post(url, data=data, headers={"content-type": "application/json"}, timeout=TIMEOUT_S, **kwargs)
@@ -162,15 +179,8 @@ def test_a_deployment_that_can_never_fit_is_rejected_at_once(served, tiny_lm_che
 
 def test_delete_releases_the_bookings(served, tiny_lm_checkpoint):
     admin, _, deployment = served
-    extra = ServeJob(
-        name="extra-lm",
-        team="research",
-        checkpoint=str(tiny_lm_checkpoint),
-        resources={"cpus": 1},
-        pool="cpu",
-        route_prefix="/extra",
-    )
-    port = int(deployment.url.split(":")[2].split("/")[0])
+    extra = research_job("extra-lm", tiny_lm_checkpoint, "cpu")
+    port = port_of(deployment)
     deploy(extra, admin, port=port, wait_s=TIMEOUT_S)
     booked = [s for s in admin.queue() if s.request.group == "extra-lm"]
     assert [s.state for s in booked] == [RequestState.RUNNING]
@@ -200,15 +210,8 @@ def test_a_deployment_serve_cannot_run_in_time_releases_its_bookings_and_leaves_
     holder = CpuHolder.options(num_cpus=h100.free["CPU"], label_selector={POOL_LABEL: "h100"}).remote()
     try:
         ray.get(holder.ready.remote(), timeout=TIMEOUT_S)
-        stuck = ServeJob(
-            name="stuck-lm",
-            team="research",
-            checkpoint=str(tiny_lm_checkpoint),
-            resources={"cpus": 1},
-            pool="h100",
-            route_prefix="/stuck",
-        )
-        port = int(deployment.url.split(":")[2].split("/")[0])
+        stuck = research_job("stuck-lm", tiny_lm_checkpoint, "h100")
+        port = port_of(deployment)
         with pytest.raises(UserError, match=r"Serve did not run stuck-lm within 5s .*the bookings are released"):
             deploy(stuck, admin, port=port, wait_s=5)
         assert not [s for s in admin.queue() if s.request.group == "stuck-lm"]
@@ -241,16 +244,8 @@ def reconciled_replicas(name: str) -> int:
 def test_a_preempted_replica_scales_the_deployment_down_and_it_comes_back(served, tiny_lm_checkpoint):
     admin, _, deployment = served
     # Two replicas of 3 CPUs on cpu-0 (8 CPUs); a prod gang of 5 CPUs can only be placed by taking one.
-    job = ServeJob(
-        name="elastic-lm",
-        team="research",
-        checkpoint=str(tiny_lm_checkpoint),
-        replicas={"min": 1, "max": 2},
-        resources={"cpus": 3},
-        pool="cpu",
-        route_prefix="/elastic",
-    )
-    port = int(deployment.url.split(":")[2].split("/")[0])
+    job = research_job("elastic-lm", tiny_lm_checkpoint, "cpu", replicas={"min": 1, "max": 2}, resources={"cpus": 3})
+    port = port_of(deployment)
     elastic = deploy(job, admin, port=port, wait_s=TIMEOUT_S)
     url = elastic.url
     try:
