@@ -9,7 +9,12 @@ when the journal is opened again, before anything is appended after it.
 
 Compaction writes the whole state as snapshot generation g+1 (temporary file, fsync, rename) and
 starts `journal-<g+1>.jsonl`; loading reads the snapshot and only the journal of its generation, so
-a crash at any point of a compaction leaves one consistent state.
+a crash at any point of a compaction leaves one consistent state. The directory is fsynced after
+each file it gains and each rename, so a power loss cannot keep a later step and lose an earlier one.
+
+A flush that fails (a full disk, an I/O error) leaves the journal as it was before it and raises
+`JournalWriteFailed`: the change it held is in the caller's memory only, so the caller must not
+acknowledge it or act on it (the controller restarts from the journal on disk).
 """
 
 from __future__ import annotations
@@ -23,22 +28,52 @@ SNAPSHOT = "snapshot.json"
 RAY_CLUSTER = "ray-cluster"  # the id of the Ray cluster the books' placements were made in
 
 
+class JournalWriteFailed(RuntimeError):
+    """A flush did not become durable; the journal holds what it held before the flush."""
+
+
+class JournalDamaged(RuntimeError):
+    """A journal line before the last is not an entry: reading on would restore books with changes missing."""
+
+
 class Journal:
     def __init__(self, directory: str | Path, compact_every: int = 20_000):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True)
+            _fsync_directory(self.directory.parent)
         self.compact_every = compact_every
+        self._compact_at = compact_every
         self._pending: list[str] = []
         self._lines_since_compaction = 0
         self.generation, entries = self._read_snapshot()
         # The snapshot's entries as read at start, for the first `load`; None after it or after a
         # compaction (read from disk then), so the controller does not hold a second copy of its books.
         self._snapshot_entries: list[dict] | None = entries
+        self._remove_journals_before(self.generation)
         _cut_torn_tail(self._journal_path(self.generation))
-        self._file = open(self._journal_path(self.generation), "a", encoding="utf-8")  # noqa: SIM115
+        self._fd = self._open_journal(self.generation)
 
     def _journal_path(self, generation: int) -> Path:
         return self.directory / f"journal-{generation}.jsonl"
+
+    def _open_journal(self, generation: int) -> int:
+        """The journal's file, opened to append: unbuffered, so a failed write leaves no bytes behind to be
+        written later."""
+        path = self._journal_path(generation)
+        existed = path.exists()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if not existed:
+            _fsync_directory(self.directory)
+        return fd
+
+    def _remove_journals_before(self, generation: int) -> None:
+        """Journals a crash left between a compaction's rename and its removal of the old journal: the
+        snapshot holds their entries, and loading never reads them."""
+        for path in self.directory.glob("journal-*.jsonl"):
+            number = path.stem.removeprefix("journal-")
+            if number.isdigit() and int(number) < generation:
+                path.unlink(missing_ok=True)
 
     def _read_snapshot(self) -> tuple[int, list[dict]]:
         path = self.directory / SNAPSHOT
@@ -55,25 +90,54 @@ class Journal:
         if not self._pending:
             return
         batch = self._pending[0] if len(self._pending) == 1 else f'{{"batch":[{",".join(self._pending)}]}}'
-        self._file.write(batch + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._lines_since_compaction += len(self._pending)
+        entries = len(self._pending)
         self._pending.clear()
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            _write_all(self._fd, (batch + "\n").encode("utf-8"))
+            os.fsync(self._fd)
+        except OSError as error:
+            # Cut back what reached the file: read at the next start, it would carry out a change that was
+            # never acknowledged. After a failed fsync the kernel may have dropped the pages, so trying the
+            # fsync again proves nothing.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, end)
+                os.fsync(self._fd)
+            journal = self._journal_path(self.generation)
+            raise JournalWriteFailed(f"writing the journal {journal} failed: {error}") from error
+        self._lines_since_compaction += entries
 
     @property
     def needs_compaction(self) -> bool:
-        return self._lines_since_compaction >= self.compact_every
+        return self._lines_since_compaction >= self._compact_at
 
     def load(self) -> list[dict]:
         entries = self._snapshot_entries if self._snapshot_entries is not None else self._read_snapshot()[1]
         self._snapshot_entries = None
         journal = self._journal_path(self.generation)
-        if journal.exists():
-            for line in journal.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(json.JSONDecodeError):
-                    entry = json.loads(line)
-                    entries.extend(entry["batch"] if entry.keys() == {"batch"} else [entry])
+        if not journal.exists():
+            return entries
+        # Lines end at "\n" only: JSON leaves U+2028 and its kin unescaped inside strings, and
+        # `str.splitlines` would break a line there.
+        lines = journal.read_bytes().split(b"\n")
+        read = 0
+        for number, line in enumerate(lines, 1):
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                if number == len(lines):
+                    break  # a last line torn by a kill: it was never acknowledged
+                raise JournalDamaged(
+                    f"{journal} line {number} is not a journal entry ({error}); the lines after it are whole, so "
+                    "the file was damaged, not cut off by a kill. Restore it from a backup, or move it aside to "
+                    "start from the snapshot alone, losing the changes it holds"
+                ) from error
+            batch = entry["batch"] if entry.keys() == {"batch"} else [entry]
+            entries.extend(batch)
+            read += len(batch)
+        self._lines_since_compaction = read  # a controller restarted often still compacts
         return entries
 
     def compact(self, entries: list[str]) -> None:
@@ -81,17 +145,29 @@ class Journal:
         each, as `append` takes them), as the next generation."""
         self.flush()
         generation = self.generation + 1
-        _replace_durably(self.directory / SNAPSHOT, f'{{"generation":{generation},"entries":[{",".join(entries)}]}}')
-        self._file.close()
-        old = self._journal_path(self.generation)
+        snapshot = f'{{"generation":{generation},"entries":[{",".join(entries)}]}}'
+        try:
+            _replace_durably(self.directory / SNAPSHOT, snapshot)
+        except OSError:
+            # Nothing changed: the journal still holds every change. Try again after a tenth of a
+            # compaction's lines, not at each flush, since the whole state is written each time.
+            self._compact_at = self._lines_since_compaction + max(1, self.compact_every // 10)
+            raise
+        # The snapshot is the state now: the journal is started anew whatever fails from here on.
+        old, old_fd = self._journal_path(self.generation), self._fd
         self.generation, self._snapshot_entries = generation, None
-        self._file = open(self._journal_path(generation), "a", encoding="utf-8")  # noqa: SIM115
+        self._lines_since_compaction, self._compact_at = 0, self.compact_every
+        try:
+            self._fd = self._open_journal(generation)
+        except OSError as error:
+            raise JournalWriteFailed(f"starting the journal of generation {generation} failed: {error}") from error
+        finally:
+            os.close(old_fd)
         old.unlink(missing_ok=True)
-        self._lines_since_compaction = 0
 
     def close(self) -> None:
         self.flush()
-        self._file.close()
+        os.close(self._fd)
 
 
 def _cut_torn_tail(journal: Path) -> None:
@@ -110,6 +186,21 @@ def _cut_torn_tail(journal: Path) -> None:
         os.fsync(file.fileno())
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the directory's entries durable: a file created or renamed there survives a power loss."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def read_ray_cluster(directory: str | Path) -> str | None:
     """The id of the Ray cluster the books in `directory` were kept for; None if not recorded."""
     with contextlib.suppress(FileNotFoundError):
@@ -125,8 +216,14 @@ def write_ray_cluster(directory: str | Path, cluster_id: str) -> None:
 def _replace_durably(path: Path, text: str) -> None:
     """`path` holds `text` whole or keeps what it held: a temporary file, fsync, rename."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a partial copy of the whole state, on a disk likely short of room
+        raise
+    _fsync_directory(path.parent)

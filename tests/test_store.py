@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 
 import pytest
 
+from cluster import store
 from cluster.console import UserError
 from cluster.requests import RequestState, SubmitRequest
 from cluster.scheduler import Scheduler
 from cluster.spec import ClusterSpec
-from cluster.store import SNAPSHOT, Journal
+from cluster.store import SNAPSHOT, Journal, JournalDamaged, JournalWriteFailed
 from tests.test_scheduler import NODES, POLICY, SPEC, gang
 
 
@@ -196,3 +198,119 @@ def test_a_quota_amount_that_is_not_a_number_is_refused_naming_the_key_and_nothi
     with pytest.raises(UserError, match=rf"^quota gpu is {re.escape(repr(amount))}; give a finite number, 0 or more$"):
         books.set_quota("small", {"gpu": amount})
     assert books.quotas["small"] == {"gpu": 2} and entries == []
+
+
+def test_a_line_separator_inside_a_reported_value_does_not_split_the_entry_on_restart(tmp_path):
+    journal = Journal(tmp_path)
+    books = Scheduler(SPEC, POLICY, journal=journal.append)
+    books.set_nodes(NODES)
+    job = books.submit(SubmitRequest(team="research", gang=gang("job", 1, 1)))
+    books.schedule()
+    books.report(job.id, {"log": "step 10\u2028loss 0.1\u0085done\u2029"})  # JSON leaves these unescaped
+    books.complete(job.id)
+    books.write_journal()
+    journal.close()
+    restored = restarted(SPEC, Journal(tmp_path).load())
+    assert restored.get(job.id).state is RequestState.FINISHED
+    assert restored.get(job.id).details["log"] == "step 10\u2028loss 0.1\u0085done\u2029"
+    assert restored.usage["research"] == books.usage["research"]
+
+
+def test_a_damaged_line_before_the_last_is_an_error_naming_the_line_not_a_silent_loss(tmp_path):
+    journal = Journal(tmp_path)
+    for line in lines({"a": 1}, {"b": 2}, {"c": 3}):
+        journal.append(line)
+        journal.flush()
+    journal.close()
+    path = tmp_path / "journal-0.jsonl"
+    path.write_bytes(path.read_bytes().replace(b'{"b": 2}', b'{"b": \x00'))
+    with pytest.raises(JournalDamaged, match=r"journal-0\.jsonl line 2 is not a journal entry"):
+        Journal(tmp_path).load()
+
+
+def test_a_failed_flush_raises_and_leaves_the_journal_as_it_was(tmp_path, monkeypatch):
+    journal = Journal(tmp_path)
+    journal.append(json.dumps({"a": 1}))
+    journal.flush()
+    journal.append(json.dumps({"never": "acknowledged"}))
+
+    def disk_error(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store.os, "fsync", disk_error)
+    with pytest.raises(JournalWriteFailed, match="Input/output error"):
+        journal.flush()
+    monkeypatch.undo()
+    assert (tmp_path / "journal-0.jsonl").read_bytes() == b'{"a": 1}\n'
+    journal.flush()  # nothing is left buffered to be written later
+    journal.close()
+    assert Journal(tmp_path).load() == [{"a": 1}]
+
+
+def test_a_failed_compaction_keeps_every_change_leaves_no_partial_snapshot_and_waits_before_trying_again(
+    tmp_path, monkeypatch
+):
+    journal = Journal(tmp_path, compact_every=20)
+    for index in range(20):
+        journal.append(json.dumps({"n": index}))
+    journal.flush()
+    assert journal.needs_compaction
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "replace", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        journal.compact(lines({"state": "all"}))
+    monkeypatch.undo()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["journal-0.jsonl"]
+    assert not journal.needs_compaction and journal.generation == 0
+    journal.append(json.dumps({"n": 20}))
+    journal.flush()
+    assert not journal.needs_compaction
+    journal.append(json.dumps({"n": 21}))
+    journal.flush()
+    assert journal.needs_compaction  # a tenth of compact_every later
+    journal.close()
+    assert Journal(tmp_path).load() == [{"n": index} for index in range(22)]
+
+
+def test_a_controller_restarted_more_often_than_it_compacts_still_compacts(tmp_path):
+    for _ in range(3):
+        journal = Journal(tmp_path, compact_every=5)
+        journal.load()
+        journal.append(json.dumps({"n": 1}))
+        journal.append(json.dumps({"n": 2}))
+        journal.flush()
+        journal.close()
+    assert journal.needs_compaction
+
+
+def test_compaction_makes_the_snapshot_and_the_new_journal_durable_before_removing_the_old_journal(
+    tmp_path, monkeypatch
+):
+    journal = Journal(tmp_path, compact_every=1)
+    journal.append(json.dumps({"a": 1}))
+    journal.flush()
+    synced: list[list[str]] = []
+    fsync_directory = store._fsync_directory
+    monkeypatch.setattr(
+        store,
+        "_fsync_directory",
+        lambda path: (synced.append(sorted(p.name for p in path.iterdir())), fsync_directory(path)),
+    )
+    journal.compact(lines({"state": "a"}))
+    journal.close()
+    assert ["journal-0.jsonl", "journal-1.jsonl", SNAPSHOT] in synced  # both durable while the old one is there
+    assert not (tmp_path / "journal-0.jsonl").exists()
+
+
+def test_a_journal_left_by_a_crash_before_the_old_one_was_removed_is_removed_on_open(tmp_path):
+    journal = Journal(tmp_path, compact_every=1)
+    journal.append(json.dumps({"a": 1}))
+    journal.compact(lines({"state": "a"}))
+    journal.close()
+    (tmp_path / "journal-0.jsonl").write_text('{"a": 1}\n', encoding="utf-8")  # the crash came before its unlink
+    reopened = Journal(tmp_path)
+    assert not (tmp_path / "journal-0.jsonl").exists()
+    assert reopened.load() == [{"state": "a"}]
