@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ BIND_EVERY = 8
 # Creating a placement group waits on a GCS round trip with the GIL released: binder threads overlap
 # those round trips with each other and with the decisions that follow.
 BIND_THREADS = 4
+START_RETRY_S = 60.0
 
 logger = logging.getLogger("llmos.controller")
 
@@ -54,6 +56,21 @@ logger = logging.getLogger("llmos.controller")
 def _freeze_survivors(phase: str, info: dict) -> None:
     if phase == "stop" and info["generation"] == 2:
         gc.freeze()
+
+
+def _retried_while_ray_recovers(read: Callable[[], Any], what: str) -> Any:
+    """`read()`, tried again for up to `START_RETRY_S` while it fails. Ray restarts the controller after its head
+    or its process failed, when the GCS may still refuse calls for a while, and an actor whose constructor raises
+    is not restarted again: one refused call would leave the cluster without a controller."""
+    deadline = time.monotonic() + START_RETRY_S
+    while True:
+        try:
+            return read()
+        except Exception:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("%s failed; trying again", what, exc_info=True)
+            time.sleep(1.0)
 
 
 def freeze_survivors_of_full_collections() -> None:
@@ -89,10 +106,10 @@ class Controller:
         self.state_dir = Path(state_dir) if state_dir else controller_state_dir(llmos_home(), self.spec.name)
         self.journal = Journal(self.state_dir)
         self.scheduler = Scheduler(self.spec, policy, journal=self.journal.append, scale_up=scale_up)
+        self._unpooled_nodes_seen: set[str] = set()  # Ray node ids of workers without a pool label, warned of once
         self.scale_up_requested: dict[str, int] | None = None  # nodes per pool Ray's autoscaler was asked for
         restored = self.journal.load()
         self.scheduler.restore(restored)
-        self._end_books_of_a_stopped_cluster()
         self.node_ids: dict[str, str] = {}
         self.credentials = Credentials(self.state_dir / "credentials", [team.name for team in self.spec.teams])
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
@@ -104,10 +121,8 @@ class Controller:
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         with self._lock:
-            self._apply_inventory(*self._read_inventory())
-            self.state_lost = None if restored else self._groups_without_books()
+            self.state_lost = _retried_while_ray_recovers(lambda: self._read_ray(bool(restored)), "reading Ray's state")
             if self.state_lost is None:
-                self._reconcile()
                 self.scheduler.schedule()
                 try:
                     self._commit()
@@ -122,6 +137,16 @@ class Controller:
 
     # -- side effects ---------------------------------------------------------------------------------
 
+    def _read_ray(self, restored: bool) -> str | None:
+        """Bring the restored books in line with Ray as it is now; why this controller must not act, or None.
+        Each step may be repeated after a failed try: Ray is only read, and what is ended stays ended."""
+        self._end_books_of_a_stopped_cluster()
+        self._apply_inventory(*self._read_inventory())
+        state_lost = None if restored else self._groups_without_books()
+        if state_lost is None:
+            self._reconcile()
+        return state_lost
+
     def _end_books_of_a_stopped_cluster(self) -> None:
         """Books kept for another Ray cluster (this one was stopped and started anew, as `llmos down` and `up`
         do, or re-created on KubeRay with the same state volume) hold requests whose workloads went with
@@ -133,28 +158,40 @@ class Controller:
                 f"the Ray cluster it was booked in ({booked_on[:12]}) stopped, and what ran in it went with it"
             )
             self.scheduler.write_journal()
-            self.journal.flush()
+            self._flush()
             logger.warning("ended %d request(s) of Ray cluster %s: %s", len(ended), booked_on, ", ".join(ended))
         if booked_on != ray_cluster:
             store.write_ray_cluster(self.state_dir, ray_cluster)
 
-    @staticmethod
-    def _read_inventory() -> tuple[list[NodeSnapshot], dict[str, str]]:
+    def _read_inventory(self) -> tuple[list[NodeSnapshot], dict[str, str]]:
         """The nodes Ray reports alive and not draining, and their Ray node ids by llmos name.
 
         A draining node (its raylet got SIGTERM: a Kubernetes pod deleted, a spot VM's notice, an
         autoscaler scale-down) keeps running until its deadline, but it is leaving: taking it out of
         the books now requeues its gangs while their workers can still checkpoint and stop cleanly.
         """
-        nodes = []
+        nodes = {}
         node_ids = {}
         draining = ray._private.state.state.get_draining_nodes()
+        # Oldest first, so that of a node's raylet restarted under its name (both alive until the GCS misses
+        # the old one's heartbeats) the new one is kept.
         for node in ray_node_table(alive_only=True):
-            if node.node_id in draining or node.labels.get(POOL_LABEL, HEAD_POOL) == HEAD_POOL:
+            if node.node_id in draining or node.is_head:
+                continue
+            if POOL_LABEL not in node.labels:
+                if node.node_id not in self._unpooled_nodes_seen:
+                    self._unpooled_nodes_seen.add(node.node_id)
+                    logger.warning(
+                        "node %s (%s) has no %s label, so no pool of the ClusterSpec holds it and nothing is placed "
+                        "there; start it with `llmos up`, or give it the label of a pool",
+                        node.name,
+                        node.address,
+                        POOL_LABEL,
+                    )
                 continue
             node_ids[node.name] = node.node_id
-            nodes.append(node_from_ray(node.name, node.resources_total, node.labels))
-        return nodes, node_ids
+            nodes[node.name] = node_from_ray(node.name, node.resources_total, node.labels)
+        return list(nodes.values()), node_ids
 
     def _apply_inventory(self, nodes: list[NodeSnapshot], node_ids: dict[str, str]) -> None:
         self.node_ids = node_ids
@@ -177,15 +214,20 @@ class Controller:
         )
 
     def _reconcile(self) -> None:
-        """Make Ray's placement groups match the books after a restart."""
+        """Make Ray's placement groups match the books after a restart, from one read of Ray's table: the
+        effects are queued only once it was read, so a failed read queues none and can be tried again."""
+        live = binding.live_groups()
         # A booking made without a group (`bind_placement_group: false`, as training's) has nothing to bind.
         bound = [status for status in self.scheduler.holders() if status.placement_group]
         expected = {status.placement_group for status in bound}
-        for status in bound:
-            if binding.find(status.placement_group) is None:
-                self.scheduler.effects.append(Bind(status.id, status.placement_group, tuple(status.bundles)))
-        for name in sorted(binding.live_groups().keys() - expected):
-            self.scheduler.effects.append(Unbind(name.removeprefix(PLACEMENT_GROUP_PREFIX), name))
+        self.scheduler.effects += [
+            Bind(status.id, status.placement_group, tuple(status.bundles))
+            for status in bound
+            if status.placement_group not in live
+        ]
+        self.scheduler.effects += [
+            Unbind(name.removeprefix(PLACEMENT_GROUP_PREFIX), name) for name in sorted(live.keys() - expected)
+        ]
 
     def _commit(self, wait: bool = True) -> None:
         """Persist first (one write and one fsync for everything the call changed), then act: a crash
@@ -196,7 +238,7 @@ class Controller:
         with `wait` before it answers.
         """
         self.scheduler.write_journal()
-        self.journal.flush()
+        self._flush()
         effects, self.scheduler.effects = self.scheduler.effects, []
         try:
             for effect in effects:
@@ -221,9 +263,28 @@ class Controller:
                 "the controller makes Ray's groups match its books on its next inventory refresh"
             ) from error
         if self.journal.needs_compaction:
-            self.journal.compact(self.scheduler.checkpoint())
+            try:
+                self.journal.compact(self.scheduler.checkpoint())
+            except store.JournalWriteFailed:
+                self._restart_from_disk()
+            except OSError:  # the call's change is durable in the journal; compaction is tried again later
+                logger.exception("compacting the journal in %s failed", self.state_dir)
         if self.scheduler.scale_up:
             self._request_nodes()
+
+    def _flush(self) -> None:
+        try:
+            self.journal.flush()
+        except store.JournalWriteFailed:
+            self._restart_from_disk()
+
+    def _restart_from_disk(self) -> None:
+        """The books in memory hold a change the journal does not: acting on it, or answering, would tell
+        the caller it is saved. The process ends, and Ray restarts the actor from the journal on disk; the
+        caller's `Admin` repeats the call (with its idempotency key), which then meets the books as saved."""
+        logger.critical("the journal could not be written; restarting from what it holds on disk", exc_info=True)
+        logging.shutdown()
+        os._exit(1)
 
     def _request_nodes(self) -> None:
         """Ask Ray's autoscaler for the nodes the gangs waiting on new nodes need: whole nodes of each pool,
@@ -265,8 +326,8 @@ class Controller:
                 with self._lock:
                     self._apply_inventory(*inventory)
                     if self._reconcile_due:
-                        self._reconcile_due = False
                         self._reconcile()
+                        self._reconcile_due = False  # only once it ran: a failed one is tried again next tick
                     self.scheduler.schedule()
                     self._commit()
             except Exception:  # the loop must outlive a failed GCS call; the next tick retries

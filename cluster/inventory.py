@@ -144,13 +144,14 @@ def ray_node_table(alive_only: bool = False) -> list[NodeInfo]:
 
 
 def ray_nodes(infos: Sequence[Any]) -> list[NodeInfo]:
-    """Ray's `GcsNodeInfo` messages as llmos nodes, named by `node_name`. An instance id that several
-    live nodes share (raylets started by hand with one environment) names none of them: a name picks
-    out one node."""
+    """Ray's `GcsNodeInfo` messages as llmos nodes, named by `node_name`, oldest start first. An instance id
+    that several live nodes share (raylets started by hand with one environment) names none of them: a
+    name picks out one node."""
     from ray.core.generated.gcs_pb2 import GcsNodeInfo
 
     alive = GcsNodeInfo.GcsNodeState.ALIVE
     live_ids = Counter(info.instance_id for info in infos if info.state == alive)
+    infos = sorted(infos, key=lambda info: info.start_time_ms)
     return [
         NodeInfo(
             name=node_name(info.labels, info.node_id.hex(), info.instance_id if live_ids[info.instance_id] < 2 else ""),

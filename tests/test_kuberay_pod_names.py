@@ -144,3 +144,18 @@ def test_an_instance_id_that_several_live_nodes_share_names_none_of_them():
     )
     assert [node.name for node in nodes] == ["010101010101", "020202020202", POD_NAME, POD_NAME, "cpu-0"]
     assert [node.alive for node in nodes] == [True, True, True, False, True]
+
+
+def test_of_a_node_restarted_under_its_name_the_newest_raylet_comes_last_so_the_controller_keeps_it():
+    def info(node_id: int, start_time_ms: int) -> GcsNodeInfo:
+        return GcsNodeInfo(
+            node_id=bytes([node_id]) * 28,
+            state=GcsNodeInfo.GcsNodeState.ALIVE,  # the old raylet too, until the GCS misses its heartbeats
+            start_time_ms=start_time_ms,
+            labels={NODE_LABEL: "h100-0"},
+        )
+
+    for listed in ([info(1, 1000), info(2, 2000)], [info(2, 2000), info(1, 1000)]):
+        nodes = ray_nodes(listed)
+        assert [node.name for node in nodes] == ["h100-0", "h100-0"]
+        assert {node.name: node.node_id for node in nodes}["h100-0"] == (bytes([2]) * 28).hex()
