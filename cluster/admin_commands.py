@@ -12,22 +12,31 @@ from cluster.requests import RequestState, RequestStatus, SubmitRequest
 from cluster.spec import format_memory, load_yaml, parse_memory, parse_model
 
 
+def _credential(args: argparse.Namespace) -> str | None:
+    from cluster.admin import read_credential_file
+
+    if getattr(args, "credential_file", None) is None:
+        return None
+    return read_credential_file(args.credential_file, "--credential-file")
+
+
 def _admin(args: argparse.Namespace, start: bool = True):
-    from cluster.admin import Admin, read_credential_file
+    from cluster.admin import Admin
 
-    credential = None
-    if getattr(args, "credential_file", None) is not None:
-        credential = read_credential_file(args.credential_file, "--credential-file")
-    return Admin(getattr(args, "address", None), start=start, credential=credential)
+    return Admin(getattr(args, "address", None), start=start, credential=_credential(args))
 
 
-def _with_json(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--json", action="store_true", help="Machine-readable output.")
-    parser.add_argument("--address", help="GCS address of the cluster (default: the local one).")
+def _with_json(parser: argparse.ArgumentParser, *, under_group: bool = False) -> argparse.ArgumentParser:
+    """The options every admin command takes. `under_group`: a subcommand of a group that takes them too
+    (`llmos controller --address A stop`); its own copies then leave the group's values alone unless given."""
+    inherited = {"default": argparse.SUPPRESS} if under_group else {}
+    parser.add_argument("--json", action="store_true", help="Machine-readable output.", **inherited)
+    parser.add_argument("--address", help="GCS address of the cluster (default: the local one).", **inherited)
     parser.add_argument(
         "--credential-file",
         help="File holding your team's (or the admin's) credential; default: $LLMOS_CREDENTIAL, "
         "$LLMOS_CREDENTIAL_FILE, or the admin credential of a cluster on this machine.",
+        **inherited,
     )
     return parser
 
@@ -38,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ctl.set_defaults(func=_controller_status)
     ctl_commands = ctl.add_subparsers(dest="controller_command", metavar="COMMAND", required=False)
-    start = _with_json(ctl_commands.add_parser("start", help="Start the controller (refused if one runs)."))
+    start = _with_json(
+        ctl_commands.add_parser("start", help="Start the controller (refused if one runs)."), under_group=True
+    )
     start.add_argument("--spec", help="ClusterSpec (default: the local cluster's).")
     start.add_argument("--policy", default=None, choices=list(POLICIES), help="Placement policy (default llmos).")
     start.add_argument("--state-dir", help="Where the controller journals its state (on the head node).")
@@ -55,12 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "come waits for them, and the controller asks the autoscaler for them.",
     )
     start.set_defaults(func=_controller_start)
-    _with_json(ctl_commands.add_parser("stop", help="Stop the controller; placements stay.")).set_defaults(
-        func=_controller_stop
-    )
-    _with_json(ctl_commands.add_parser("status", help="Is it running, with what policy and state.")).set_defaults(
-        func=_controller_status
-    )
+    _with_json(
+        ctl_commands.add_parser("stop", help="Stop the controller; placements stay."), under_group=True
+    ).set_defaults(func=_controller_stop)
+    _with_json(
+        ctl_commands.add_parser("status", help="Is it running, with what policy and state."), under_group=True
+    ).set_defaults(func=_controller_status)
 
     submit = _with_json(
         subparsers.add_parser(
@@ -120,8 +131,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quota = _with_json(subparsers.add_parser("quota", help="Show or change team quotas (alone: show)."))
     quota.set_defaults(func=_quota_show)
     quota_commands = quota.add_subparsers(dest="quota_command", metavar="COMMAND", required=False)
-    _with_json(quota_commands.add_parser("show", help="Quota and use per team.")).set_defaults(func=_quota_show)
-    quota_set = _with_json(quota_commands.add_parser("set", help="Set quota keys: llmos quota set TEAM gpu=8 cpu=-"))
+    _with_json(quota_commands.add_parser("show", help="Quota and use per team."), under_group=True).set_defaults(
+        func=_quota_show
+    )
+    quota_set = _with_json(
+        quota_commands.add_parser("set", help="Set quota keys: llmos quota set TEAM gpu=8 cpu=-"), under_group=True
+    )
     quota_set.add_argument("team")
     quota_set.add_argument("changes", nargs="+", help="key=amount, or key=- to remove the limit.")
     quota_set.set_defaults(func=_quota_set)
@@ -162,6 +177,7 @@ def _controller_start(args: argparse.Namespace) -> int:
         policy=args.policy or DEFAULT_POLICY,
         remove_unknown_groups=args.remove_unknown_groups,
         scale_up=args.scale_up,
+        credential=_credential(args),
     )
     info = admin.ping()
     if args.json:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster import admin_commands
-from cluster.cli import main
+from cluster.cli import build_parser, main
 from cluster.console import print_table, progress
 from cluster.launcher import LocalCluster, LocalClusterRecord
 from cluster.requests import RequestState, RequestStatus, SubmitRequest, TeamUsage
@@ -137,3 +137,25 @@ def test_quota_set_takes_the_forms_the_spec_takes_and_says_how_to_write_one(caps
         assert main(["quota", "set", "research", item]) == 2
         assert f"error: {expected}" in capsys.readouterr().err
     assert len(changes) == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        "controller --address 10.0.0.1:6379 --json --credential-file team.cred stop",
+        "controller stop --address 10.0.0.1:6379 --json --credential-file team.cred",
+        "controller --address 10.0.0.1:6379 --json --credential-file team.cred status",
+        "controller --address 10.0.0.1:6379 --json --credential-file team.cred start",
+        "quota --address 10.0.0.1:6379 --json --credential-file team.cred set research gpu=8",
+        "quota --address 10.0.0.1:6379 set research gpu=8 --json --credential-file team.cred",
+        "quota --address 10.0.0.1:6379 --json --credential-file team.cred show",
+    ],
+)
+def test_options_given_before_or_after_a_group_s_subcommand_both_count(argv):
+    args = build_parser().parse_args(shlex.split(argv))
+    assert (args.address, args.json, args.credential_file) == ("10.0.0.1:6379", True, "team.cred")
+
+
+def test_options_a_group_s_subcommand_is_not_given_keep_their_defaults():
+    args = build_parser().parse_args(["quota", "set", "research", "gpu=8"])
+    assert (args.address, args.json, args.credential_file) == (None, False, None)
