@@ -1,6 +1,9 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv and installs
-# everything itself (torch first from its pinned CPU build, so pip never pulls a CUDA build).
+# everything itself, torch first and pinned. On Linux x86_64 PyPI's torch is the CUDA build: pip takes the
+# CPU wheel where pip's configuration offers one (this project's machines keep it on disk), or from
+# TORCH_INDEX where one is given (make test TORCH_INDEX=https://download.pytorch.org/whl/cpu).
 PYTHON ?= python3.11
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -15,7 +18,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
