@@ -8,8 +8,10 @@ in an error message; the audit log records principals, never tokens.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -18,8 +20,11 @@ from enum import StrEnum
 from pathlib import Path
 
 from cluster.console import UserError
+from cluster.store import write_all
 
 ADMIN = "admin"
+
+logger = logging.getLogger("llmos.audit")
 
 
 class Action(StrEnum):
@@ -93,15 +98,17 @@ class AuditLog:
         self._write_lock = threading.Lock()  # the controller records from several threads at once
 
     def _open(self) -> None:
-        # Open for the controller's life and line-buffered: a record costs one write, not an open and a close.
-        self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        self._size = self.path.stat().st_size
+        # Open for the controller's life and unbuffered: a record costs one write, not an open and a close,
+        # and one that fails leaves nothing behind to be written later.
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._fd).st_size
 
     def _older(self, index: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{index}")
 
     def _rotate(self) -> None:
-        self._file.close()
+        os.close(self._fd)
+        self._fd = None
         self._older(self.files_kept).unlink(missing_ok=True)
         for index in range(self.files_kept - 1, 0, -1):
             if self._older(index).exists():
@@ -115,14 +122,26 @@ class AuditLog:
             entry["reason"] = reason
         line = json.dumps(entry) + "\n"  # ASCII (json's default), so its length is its size in bytes
         with self._write_lock:
-            if self._size and self._size + len(line) > self.rotate_bytes:
-                self._rotate()
-            self._file.write(line)
-            self._size += len(line)
+            try:
+                if self._fd is None:  # a rotation failed part way
+                    self._open()
+                if self._size and self._size + len(line) > self.rotate_bytes:
+                    self._rotate()
+                write_all(self._fd, line.encode("ascii"))
+                self._size += len(line)
+            except OSError:
+                # What was done stays done, and what was refused stays refused, recorded or not: a full disk
+                # must not turn either into an error for the caller. The controller's log says what was missed.
+                logger.exception("the audit log %s could not record: %s", self.path, line.strip())
+                if self._fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, self._size)  # no torn line for `entries` to choke on
 
     def close(self) -> None:
         with self._write_lock:
-            self._file.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def entries(self, limit: int = 0) -> list[dict]:
         """The newest `limit` entries (0: every one kept), oldest first; only the lines returned are parsed."""

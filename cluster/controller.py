@@ -265,26 +265,33 @@ class Controller:
         if self.journal.needs_compaction:
             try:
                 self.journal.compact(self.scheduler.checkpoint())
-            except store.JournalWriteFailed:
-                self._restart_from_disk()
-            except OSError:  # the call's change is durable in the journal; compaction is tried again later
+            except OSError:  # the call's change is durable; the journal is compacted (or started) later
                 logger.exception("compacting the journal in %s failed", self.state_dir)
         if self.scheduler.scale_up:
             self._request_nodes()
 
     def _flush(self) -> None:
+        """Make the books' changes durable; if they cannot be, drop them, as a restart would, and say so."""
         try:
             self.journal.flush()
-        except store.JournalWriteFailed:
-            self._restart_from_disk()
+        except store.JournalWriteFailed as error:
+            logger.exception("the journal could not be written; the books go back to what it holds")
+            self._reload_books()
+            raise UserError(
+                f"the change was not saved, so it was not made: {error}. The books are as the journal holds them "
+                f"(`llmos queue` shows them). Free space under {self.state_dir} on the head node, or fix its disk, "
+                "and try again"
+            ) from error
 
-    def _restart_from_disk(self) -> None:
-        """The books in memory hold a change the journal does not: acting on it, or answering, would tell
-        the caller it is saved. The process ends, and Ray restarts the actor from the journal on disk; the
-        caller's `Admin` repeats the call (with its idempotency key), which then meets the books as saved."""
-        logger.critical("the journal could not be written; restarting from what it holds on disk", exc_info=True)
-        logging.shutdown()
-        os._exit(1)
+    def _reload_books(self) -> None:
+        """The books as the journal holds them. What a failed write left in memory only is dropped, its effects
+        with it, none of which was carried out: Ray's placement groups match these books."""
+        nodes = list(self.scheduler.nodes.values())
+        self.scheduler = Scheduler(
+            self.spec, self.scheduler.policy, journal=self.journal.append, scale_up=self.scheduler.scale_up
+        )
+        self.scheduler.restore(self.journal.load())
+        self.scheduler.set_nodes(nodes)
 
     def _request_nodes(self) -> None:
         """Ask Ray's autoscaler for the nodes the gangs waiting on new nodes need: whole nodes of each pool,

@@ -14,7 +14,7 @@ each file it gains and each rename, so a power loss cannot keep a later step and
 
 A flush that fails (a full disk, an I/O error) leaves the journal as it was before it and raises
 `JournalWriteFailed`: the change it held is in the caller's memory only, so the caller must not
-acknowledge it or act on it (the controller restarts from the journal on disk).
+acknowledge it or act on it (the controller reloads its books from the journal).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Journal:
         self._snapshot_entries: list[dict] | None = entries
         self._remove_journals_before(self.generation)
         _cut_torn_tail(self._journal_path(self.generation))
-        self._fd = self._open_journal(self.generation)
+        self._fd: int | None = self._open_journal(self.generation)
 
     def _journal_path(self, generation: int) -> Path:
         return self.directory / f"journal-{generation}.jsonl"
@@ -92,17 +92,21 @@ class Journal:
         batch = self._pending[0] if len(self._pending) == 1 else f'{{"batch":[{",".join(self._pending)}]}}'
         entries = len(self._pending)
         self._pending.clear()
-        end = os.lseek(self._fd, 0, os.SEEK_END)
+        end = None
         try:
-            _write_all(self._fd, (batch + "\n").encode("utf-8"))
+            if self._fd is None:  # a compaction could not start its journal
+                self._fd = self._open_journal(self.generation)
+            end = os.lseek(self._fd, 0, os.SEEK_END)
+            write_all(self._fd, (batch + "\n").encode("utf-8"))
             os.fsync(self._fd)
         except OSError as error:
             # Cut back what reached the file: read at the next start, it would carry out a change that was
             # never acknowledged. After a failed fsync the kernel may have dropped the pages, so trying the
             # fsync again proves nothing.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, end)
-                os.fsync(self._fd)
+            if end is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, end)
+                    os.fsync(self._fd)
             journal = self._journal_path(self.generation)
             raise JournalWriteFailed(f"writing the journal {journal} failed: {error}") from error
         self._lines_since_compaction += entries
@@ -153,21 +157,25 @@ class Journal:
             # compaction's lines, not at each flush, since the whole state is written each time.
             self._compact_at = self._lines_since_compaction + max(1, self.compact_every // 10)
             raise
-        # The snapshot is the state now: the journal is started anew whatever fails from here on.
-        old, old_fd = self._journal_path(self.generation), self._fd
+        # The snapshot holds the whole state now, durably: the old journal is done with, and a new one that
+        # cannot be started here is started by the next flush.
+        old = self._journal_path(self.generation)
+        self._close_file()
         self.generation, self._snapshot_entries = generation, None
         self._lines_since_compaction, self._compact_at = 0, self.compact_every
         try:
             self._fd = self._open_journal(generation)
-        except OSError as error:
-            raise JournalWriteFailed(f"starting the journal of generation {generation} failed: {error}") from error
         finally:
-            os.close(old_fd)
-        old.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.flush()
-        os.close(self._fd)
+        self._close_file()
+
+    def _close_file(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _cut_torn_tail(journal: Path) -> None:
@@ -186,7 +194,8 @@ def _cut_torn_tail(journal: Path) -> None:
         os.fsync(file.fileno())
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
+    """`os.write` until all of `data` is written: a write may take part of it."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from cluster.auth import AuditLog
@@ -38,3 +41,21 @@ def test_the_log_rotates_by_size_keeps_its_newest_files_and_reads_across_them(tm
     }
     with pytest.raises(UserError, match="limit: -1 is negative"):
         reopened.entries(limit=-1)
+
+
+def test_a_record_the_disk_refuses_is_logged_not_raised_and_leaves_no_torn_line(tmp_path, monkeypatch, caplog):
+    from cluster import auth
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.record("research", "submit", "before", "ok")
+
+    def half_then_full(fd, data):
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(auth, "write_all", half_then_full)
+    log.record("research", "submit", "lost", "ok")  # the submit was done: recording it must not fail it
+    monkeypatch.undo()
+    assert "could not record" in caplog.text and '"target": "lost"' in caplog.text
+    log.record("research", "submit", "after", "ok")
+    assert [entry["target"] for entry in log.entries()] == ["before", "after"]

@@ -5,10 +5,12 @@ shared local cluster, with controllers of this module's own."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,49 @@ def test_books_kept_for_a_ray_cluster_since_stopped_end_and_free_what_they_held(
     finally:
         stop_any_controller()
         binding.unbind_all()  # a group left behind would be one the next module's controller has no books of
+
+
+def test_a_change_a_full_disk_cannot_save_is_refused_saying_so_and_the_controller_goes_on(
+    local_cluster: LocalCluster, tmp_path: Path
+):
+    """The head node's disk fills up: a change the journal cannot hold is not made (not acknowledged, not
+    bound), the caller is told why, and once there is room again the controller carries on."""
+    books = tmp_path / "books"
+    books.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(books)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        admin = Admin(state_dir=books, policy="bestfit")
+        placed, held = place_one_gang(admin)
+        filler = books / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+
+        # A batch, so its journal line outgrows what is left of the journal's last page on the tmpfs.
+        small = {"team": "research", "gang": {"name": "unsaved", "bundles": [{"resources": {"CPU": 0.1}}]}}
+        with pytest.raises(UserError, match=r"the change was not saved, so it was not made: .*No space left on device"):
+            admin.submit_many([small] * 20)
+        assert [status.id for status in admin.queue()] == [placed.id]
+        assert live_llmos_groups() == held  # nothing was bound for them
+        assert admin.status(placed.id).state is RequestState.PLACED
+
+        filler.unlink()
+        saved = admin.submit(small)
+        assert saved.state is RequestState.PLACED
+        stopped(admin)  # what the books say now is what a restart reads
+        admin = Admin(state_dir=books, policy="bestfit")
+        assert {status.id: status.state for status in admin.queue()} == {
+            placed.id: RequestState.PLACED,
+            saved.id: RequestState.PLACED,
+        }
+        # Read whole, though records were refused on the full disk (the controller's log has those).
+        submits = [(entry["target"], entry["outcome"]) for entry in admin.audit_log() if entry["action"] == "submit"]
+        assert submits[-1] == ("unsaved", "ok")
+    finally:
+        stop_any_controller()
+        binding.unbind_all()
+        subprocess.run(["umount", str(books)], capture_output=True)
