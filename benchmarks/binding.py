@@ -36,7 +36,9 @@ paths rotates from round to round.
 
 Each ratio comes with a 95% interval (`ratio_ci95`), bootstrapped over the rounds, and with
 `runs` > 1 over the runs too: each run starts a fresh cluster, and the mean of one run can be off by
-more than its rounds' spread says.
+more than its rounds' spread says. With one run of fewer than 5 rounds the intervals are null and
+`ci_note` says why: a percentile bootstrap over so few rounds is far narrower than the truth (of one
+round, no width at all).
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cluster.console import progress
+from cluster.console import UserError, progress
 from cluster.launcher import temporary_cluster
-from cluster.spec import load_spec
+from cluster.spec import ClusterSpec, load_spec
 from cluster.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +64,12 @@ LLMOS_GROUP_BUNDLES = {"llmos": "per_bundle", "llmos_per_node": "per_node"}  # p
 PATHS = ("ray", "ray_pinned_detached", "ray_pinned_two_nodes", *LLMOS_GROUP_BUNDLES)
 HEADLINE_MODE = "batched"
 BOOTSTRAP_RESAMPLES = 10_000
+# Fewer rounds than this in a single run get no interval: on 3 rounds a nominal 95% one covered the true
+# ratio in about 3 simulated runs of 4 (15% noise a round), and on 1 round it has no width.
+MIN_ROUNDS_FOR_INTERVAL = 5
+WARMUP_GROUPS = 5  # groups per path in the untimed round that warms each one
+CPU_POOL = "cpu"  # the pool whose node every pinned group goes to
+BENCH_TEAM = "research"  # the team the llmos paths' requests belong to
 TARGET_RATIO = 0.7  # the issue's target for llmos against Ray's own rate
 PLOTTED_PATHS = {  # path -> its label in the plot, each drawn against Ray's own rate
     "ray_pinned_detached": "Ray, pinned to the CPU node",
@@ -94,19 +102,21 @@ def _ray_round(size: int, count: int, batched: bool, pin_to: tuple[str, ...] = (
         }
 
     groups = []
-    started = time.perf_counter()
-    if batched:
-        groups = [placement_group([dict(BUNDLE)] * size, **options(index)) for index in range(count)]
-        ray.get([group.ready() for group in groups], timeout=TIMEOUT_S)
-    else:
-        for index in range(count):
-            group = placement_group([dict(BUNDLE)] * size, **options(index))
-            ray.get(group.ready(), timeout=TIMEOUT_S)
-            groups.append(group)
-    elapsed = time.perf_counter() - started
-    nodes = {node for group in groups for node in placement_group_table(group)["bundles_to_node_id"].values()}
-    for group in groups:
-        remove_placement_group(group)
+    try:
+        started = time.perf_counter()
+        if batched:
+            for index in range(count):
+                groups.append(placement_group([dict(BUNDLE)] * size, **options(index)))
+            ray.get([group.ready() for group in groups], timeout=TIMEOUT_S)
+        else:
+            for index in range(count):
+                groups.append(placement_group([dict(BUNDLE)] * size, **options(index)))
+                ray.get(groups[-1].ready(), timeout=TIMEOUT_S)
+        elapsed = time.perf_counter() - started
+        nodes = {node for group in groups for node in placement_group_table(group)["bundles_to_node_id"].values()}
+    finally:  # on a timeout too: a detached group outlives this driver
+        for group in groups:
+            remove_placement_group(group)
     return Round(count / elapsed, len(nodes), tuple(group.id.hex() for group in groups))
 
 
@@ -114,25 +124,27 @@ def _llmos_round(admin, size: int, count: int, batched: bool, group_bundles: str
     import ray
 
     request = {
-        "team": "research",
+        "team": BENCH_TEAM,
         "group_bundles": group_bundles,
         "gang": {"name": "bench", "bundles": [{"resources": BUNDLE}] * size},
     }
-    started = time.perf_counter()
-    if batched:
-        acquired = admin.acquire_many([request] * count)
-        _check_placed(acquired)
-        ray.get([group.ready() for _, group in acquired], timeout=TIMEOUT_S)
-    else:
-        acquired = []
-        for _ in range(count):
-            acquired.append(admin.acquire(request))
-            _check_placed(acquired[-1:])
-            ray.get(acquired[-1][1].ready(), timeout=TIMEOUT_S)
-    elapsed = time.perf_counter() - started
-    nodes = {bundle.node for status, _ in acquired for bundle in status.bundles}
-    for status, _ in acquired:
-        admin.cancel(status.id)
+    acquired = []
+    try:
+        started = time.perf_counter()
+        if batched:
+            acquired = admin.acquire_many([request] * count)
+            _check_placed(acquired)
+            ray.get([group.ready() for _, group in acquired], timeout=TIMEOUT_S)
+        else:
+            for _ in range(count):
+                acquired.append(admin.acquire(request))
+                _check_placed(acquired[-1:])
+                ray.get(acquired[-1][1].ready(), timeout=TIMEOUT_S)
+        elapsed = time.perf_counter() - started
+        nodes = {bundle.node for status, _ in acquired for bundle in status.bundles}
+    finally:  # on an error too, or the controller holds them (and the next round waits behind them)
+        for status, _ in acquired:
+            admin.cancel(status.id)
     return Round(count / elapsed, len(nodes), tuple(group.id.hex() for _, group in acquired))
 
 
@@ -178,10 +190,12 @@ def run(
     from cluster.admin import Admin
     from cluster.inventory import connect
 
+    spec = load_spec(spec_path)
+    check_spec(spec, spec_path, sizes=sizes, count=count)
     collected = []
     for run_index in range(runs):
         on_progress(f"{f'run {run_index + 1}/{runs}: ' if runs > 1 else ''}starting a local cluster for the benchmark")
-        with temporary_cluster(load_spec(spec_path), on_progress=on_progress):
+        with temporary_cluster(spec, on_progress=on_progress):
             connect()
             admin = Admin(policy=policy)
             collected.append(
@@ -189,6 +203,34 @@ def run(
             )
             policy_name = admin.ping()["policy"]
     return summarize(collected, policy_name)
+
+
+def check_spec(spec: ClusterSpec, spec_path: Path, *, sizes: tuple[int, ...], count: int) -> None:
+    """Refuse, before a cluster starts, a spec the benchmark cannot run on: it needs a pool named `cpu`
+    (every pinned group goes to its node), another pool (the second node of the two-node path), the team
+    `research` (the llmos paths' requests), and room on the cpu node, and in the team's cpu quota, for a
+    round's groups at once."""
+    pools = {pool.name: pool for pool in spec.pools}
+    teams = {team.name: team for team in spec.teams}
+    if CPU_POOL not in pools or len(pools) < 2 or BENCH_TEAM not in teams:
+        raise UserError(
+            f"--spec {spec_path}: the binding benchmark needs a pool named {CPU_POOL!r}, another pool for its "
+            f"two-node path, and a team named {BENCH_TEAM!r}; the spec has pools {', '.join(pools)} and teams "
+            f"{', '.join(teams)}"
+        )
+    room = {f"the {CPU_POOL} node's {pools[CPU_POOL].node.cpus} CPUs": float(pools[CPU_POOL].node.cpus)}
+    quota = teams[BENCH_TEAM].quota.get("cpu")
+    if quota is not None:
+        room[f"team {BENCH_TEAM}'s cpu quota of {quota:g}"] = quota
+    groups, size = max(count, WARMUP_GROUPS), max(sizes)
+    bundles_that_fit = int(min(room.values()) / BUNDLE["CPU"] + 1e-6)
+    if groups * size > bundles_that_fit:
+        largest = bundles_that_fit // size
+        fix = f"give --count {largest} or less" if largest >= WARMUP_GROUPS else "give smaller --sizes"
+        raise UserError(
+            f"--count {count}: a round holds {groups} groups of {size} bundles of {BUNDLE['CPU']:g} CPU at once, "
+            f"{groups * size * BUNDLE['CPU']:g} CPUs, more than {' and '.join(room)} in {spec_path}; {fix}"
+        )
 
 
 def measure(
@@ -231,7 +273,7 @@ def collect(
     }
     nodes_used: dict[tuple[str, str, int], int] = {}
     nodes = admin.nodes()
-    cpu_node = next(node for node in nodes if node.pool == "cpu")
+    cpu_node = next(node for node in nodes if node.pool == CPU_POOL)
     roomiest = max((node for node in nodes if node is not cpu_node), key=lambda node: node.capacity.get("CPU", 0))
     pins = {"ray": (), "ray_pinned_detached": (cpu_node.node_id,)}
     pins["ray_pinned_two_nodes"] = (cpu_node.node_id, roomiest.node_id)
@@ -250,7 +292,7 @@ def collect(
     for mode in modes:  # warm every path (worker start-up, first GCS calls)
         for size in sizes:
             for path in PATHS:
-                measure_round(mode, path, size, 5)
+                measure_round(mode, path, size, WARMUP_GROUPS)
     for round_index in range(rounds):
         order = PATHS[round_index % len(PATHS) :] + PATHS[: round_index % len(PATHS)]
         for mode in modes:
@@ -265,8 +307,8 @@ def collect(
 
 
 def summarize(runs: list[Collected], policy: str) -> dict:
-    """Means over every round of every run; each ratio with its 95% interval (`_ratio`). The
-    headline keys are the batched mode's, or the first mode's without it."""
+    """Means over every round of every run; each ratio with its 95% interval (`_ratio`), or None and
+    `ci_note` saying why. The headline keys are the batched mode's, or the first mode's without it."""
     first = runs[0]
     modes, sizes = first.modes, first.sizes
 
@@ -328,25 +370,44 @@ def summarize(runs: list[Collected], policy: str) -> dict:
     # one at a time adds a round trip per group on both sides (figures above).
     headline_mode = HEADLINE_MODE if HEADLINE_MODE in modes else modes[0]
     headline = {key: result[headline_mode][key] for key in ("ray_pgs_per_s", "llmos_pgs_per_s", "ratio", "ratio_ci95")}
+    rounds = len(first.rates[modes[0], "ray", sizes[0]])
     return {
         **headline,
+        "ci_note": _interval_note(len(runs), rounds),
         "headline_mode": headline_mode,
         **result,
         "policy": policy,
         "groups_per_round": first.count,
-        "rounds": len(first.rates[modes[0], "ray", sizes[0]]),
+        "rounds": rounds,
         "runs": len(runs),
     }
 
 
-def _ratio(rates: np.ndarray, baseline_rates: np.ndarray) -> tuple[float, list[float]]:
+def _has_interval(runs: int, rounds: int) -> bool:
+    return runs > 1 or rounds >= MIN_ROUNDS_FOR_INTERVAL
+
+
+def _interval_note(runs: int, rounds: int) -> str | None:
+    """Why the 95% intervals are null, or None when they are not."""
+    if _has_interval(runs, rounds):
+        return None
+    return (
+        f"no 95% intervals (null): a bootstrap over {rounds} round{'s' if rounds > 1 else ''} of one run would be "
+        f"far narrower than the truth; give --rounds {MIN_ROUNDS_FOR_INTERVAL} or more, or --runs 2 or more"
+    )
+
+
+def _ratio(rates: np.ndarray, baseline_rates: np.ndarray) -> tuple[float, list[float] | None]:
     """mean(rates) / mean(baseline_rates), both (runs, rounds) arrays, and its 95% percentile interval,
     bootstrapped at both levels: runs drawn with replacement, then rounds within each. A round's two
     rates are drawn together, since they ran back to back under the same load. With one run the
-    interval shows only the noise from round to round."""
+    interval shows only the noise from round to round, and with fewer than MIN_ROUNDS_FOR_INTERVAL
+    rounds there is none (None)."""
     ratio = round(float(rates.mean() / baseline_rates.mean()), 3)
     paired = np.stack([rates, baseline_rates])  # (2, runs, rounds)
     _, run_count, round_count = paired.shape
+    if not _has_interval(run_count, round_count):
+        return ratio, None
     generator = np.random.default_rng(0)
     run_picks = generator.integers(0, run_count, size=(BOOTSTRAP_RESAMPLES, run_count, 1))
     round_picks = generator.integers(0, round_count, size=(BOOTSTRAP_RESAMPLES, run_count, round_count))
@@ -372,7 +433,8 @@ def plot(result: dict, path: Path) -> None:
         for offset, (path_name, label) in enumerate(PLOTTED_PATHS.items()):
             shares, errors = [], [[], []]
             for size in sizes:
-                share, (low, high) = _ratio(np.array(rounds[path_name][size]), np.array(rounds["ray"][size]))
+                share, interval = _ratio(np.array(rounds[path_name][size]), np.array(rounds["ray"][size]))
+                low, high = interval or (share, share)
                 shares.append(share)
                 errors[0].append(max(share - low, 0.0))
                 errors[1].append(max(high - share, 0.0))
@@ -388,7 +450,8 @@ def plot(result: dict, path: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     runs = f"{result['runs']} runs" if result["runs"] > 1 else "1 run"
-    figure.suptitle(f"Binding: {runs} of {result['rounds']} interleaved rounds, 95% intervals", fontsize=10)
+    intervals = "95% intervals" if _has_interval(result["runs"], result["rounds"]) else "too few rounds for intervals"
+    figure.suptitle(f"Binding: {runs} of {result['rounds']} interleaved rounds, {intervals}", fontsize=10)
     figure.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

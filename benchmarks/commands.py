@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections import Counter
 from pathlib import Path
 
 from cluster.console import UserError, at_least, output_file, print_table, progress
@@ -15,20 +17,31 @@ MAX_SEEDS = 1000
 
 
 def parse_seeds(text: str) -> list[int]:
-    """`42-51`, `42,45,47` or `42`."""
+    """`42-51`, `42,45,47` or `42`; each seed once, each range from low to high."""
     seeds: list[int] = []
     try:
         for part in text.split(","):
             first, dash, last = part.strip().partition("-")
             first_seed, last_seed = int(first), int(last if dash else first)
+            if last_seed < first_seed:
+                raise UserError(
+                    f"--seeds {text!r}: the range {part.strip()} runs backwards; write {last_seed}-{first_seed}"
+                )
             if last_seed - first_seed >= MAX_SEEDS - len(seeds):
                 raise UserError(f"--seeds {text!r} names more than {MAX_SEEDS} seeds; give fewer")
             seeds.extend(range(first_seed, last_seed + 1))
     except ValueError:
         raise UserError(f"--seeds {text!r}: write a range like 42-51, a list like 42,43 or one seed") from None
-    if not seeds:
-        raise UserError(f"--seeds {text!r} names no seed; write e.g. 42-51")
+    # A seed given twice would count twice in every mean.
+    repeated = sorted(seed for seed, times in Counter(seeds).items() if times > 1)
+    if repeated:
+        raise UserError(f"--seeds {text!r} names {', '.join(map(str, repeated))} more than once; give each seed once")
     return seeds
+
+
+def write_json(path: Path, document: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,7 +96,7 @@ def _register_placement(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def _placement(args: argparse.Namespace) -> int:
-    from benchmarks.placement import plot, report, run_policy, write_json
+    from benchmarks.placement import describe_seeds, plot, report, run_policy
     from benchmarks.placement_trace import load_trace
     from cluster.placement import POLICIES
 
@@ -108,28 +121,36 @@ def _placement(args: argparse.Namespace) -> int:
             ),
         )
     document = report(trace, seeds, results)
-    if args.json:
-        write_json(args.json, document)
-        progress(f"wrote {args.json}")
-    if args.plot:
-        plot(args.plot, trace, seeds, results)
-        progress(f"wrote {args.plot}")
+    # The table first: a file that cannot be written after all loses nothing.
     print_table(
-        f"{trace.name}: mean of seeds {args.seeds}",
+        f"{trace.name}: mean of seeds {describe_seeds(seeds)}",
         ["policy", "GPU alloc", "unallocated GPUs", "frag rate @90%", "first failure", "decisions/s"],
         [
             [
                 policy,
                 f"{row['gpu_alloc_ratio']:.2%}",
                 f"{row['unallocated_gpus']:.0f}",
-                f"{row['frag_rate_at_90']:.1%}",
-                f"{row['first_failure_arrived']:.1%}",
+                _share_of_seeds(row["frag_rate_at_90"], row["frag_rate_seeds"], len(seeds), "90% never arrived"),
+                _share_of_seeds(row["first_failure_arrived"], row["first_failure_seeds"], len(seeds), "none failed"),
                 f"{row['decisions_per_s']:,.0f}",
             ]
             for policy, row in document["results"].items()
         ],
     )
+    if args.json:
+        write_json(args.json, document)
+        progress(f"wrote {args.json}")
+    if args.plot:
+        plot(args.plot, trace, seeds, results)
+        progress(f"wrote {args.plot}")
     return 0
+
+
+def _share_of_seeds(mean: float | None, measured: int, seeds: int, when_none: str) -> str:
+    """A mean as a percentage, saying over how many seeds when some had no value."""
+    if mean is None:
+        return when_none
+    return f"{mean:.1%}" if measured == seeds else f"{mean:.1%} ({measured} of {seeds} seeds)"
 
 
 def _register_binding(benchmarks: argparse._SubParsersAction) -> None:
@@ -283,12 +304,9 @@ def _faults(args: argparse.Namespace) -> int:
 
 def _report(result: dict, json_path: Path | None) -> int:
     """Write the benchmark's JSON where asked, and print it for scripts either way."""
-    import json
-
     from cluster.console import print_json
 
     print_json(result)  # first: a file that cannot be written after all loses nothing
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(json_path, result)
     return 0

@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.serve_load import percentile
 from cluster.binding import live_groups
 from cluster.requests import RequestState
 from cluster.waiting import wait_for
@@ -154,22 +155,20 @@ def _pid_or_none(admin) -> int | None:
 
 
 def _small_job(workdir: Path, name: str, team: str, **overrides):
-    """A TrainingJob small enough for a 2-core machine: a 1-layer model, checkpoints every 10 steps."""
-    from jobs.spec import TrainingJob
+    """The training benchmark's job made small enough for a 2-core machine: a 1-layer model, checkpoints
+    every 10 steps, held-out loss once, at the last step."""
+    from benchmarks.train import bench_job
 
-    fields = {
-        "name": name,
-        "team": team,
+    steps = overrides.get("steps", 300)
+    small = {
         "model": {"layers": 1, "d_model": 32, "heads": 2, "context_length": 32},
         "batch_size_per_worker": 4,
-        "steps": 300,
-        "workers": {"min": 2, "max": 2},
+        "steps": steps,
         "checkpoint": {"every_steps": 10, "keep_last": 2},
-        "evaluation": {"every_steps": overrides.get("steps", 300), "batches": 1},
+        "evaluation": {"every_steps": steps, "batches": 1},
         "log_every_steps": 5,
-        "storage_path": str(workdir / "jobs"),
     }
-    return TrainingJob.model_validate({**fields, **overrides})
+    return bench_job(workdir / "jobs", name, team=team, **{**small, **overrides})
 
 
 class _Trainer(threading.Thread):
@@ -200,6 +199,17 @@ class _Trainer(threading.Thread):
             return [f"training ended at step {self.final.step} of {self.job.steps}, details {details}"]
         return []
 
+    def stop(self) -> None:
+        """Cancel the job's requests until this thread ends, or for WAIT_S at most: its driver answers a
+        cancelled booking as a preemption, by asking again, so cancelling once is not enough."""
+        deadline = time.monotonic() + WAIT_S
+        while self.is_alive() and time.monotonic() < deadline:
+            for status in self.admin.queue():
+                if status.request.gang.name == self.job.name:
+                    with contextlib.suppress(Exception):
+                        self.admin.cancel(status.id)
+            self.join(1.0)
+
     def restarted_off(self, node: str) -> list[str]:
         """What is wrong unless the job said its node left and its last attempt ran on other nodes."""
         if self.request_id is None:
@@ -213,23 +223,26 @@ class _Trainer(threading.Thread):
 
 def worker_kill(admin, team: str, workdir: Path) -> Fault:
     """A Ray Train worker process SIGKILLed mid-step: the job restarts from its checkpoint and finishes."""
-    from ray.util.state import list_actors
+    from benchmarks.train import alive_worker_pids
 
     started = time.monotonic()
     job = _small_job(workdir, "worker-killed", team, resources={"cpus": 1, "gpus": 1, "memory": "256Mi"}, pool="h100")
     trainer = _Trainer(job, admin)
     trainer.start()
-    wait_for(lambda: _training_on(admin, job.name, None, at_step=10), WAIT_S, f"{job.name} to reach step 10")
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
-    victim = max(workers, key=lambda actor: actor.pid)
-    os.kill(victim.pid, signal.SIGKILL)
-    trainer.join(TRAINING_WAIT_S)
-    problems = trainer.problems(restarts=1) + books_disagree(admin)
-    lost = int(bool(trainer.error or trainer.is_alive()))
-    detail = f"1 of {len(workers)} workers (pid {victim.pid}) killed at step 10 or later: " + (
-        "; ".join(problems) or f"restarted from its checkpoint and finished all {job.steps} steps; books agree"
-    )
-    return Fault("worker killed mid-step", not problems, detail, lost, time.monotonic() - started)
+    try:
+        wait_for(lambda: _training_on(admin, job.name, None, at_step=10), WAIT_S, f"{job.name} to reach step 10")
+        workers = alive_worker_pids()
+        victim = max(pid for pid, _ in workers)
+        os.kill(victim, signal.SIGKILL)
+        trainer.join(TRAINING_WAIT_S)
+        problems = trainer.problems(restarts=1) + books_disagree(admin)
+        lost = int(bool(trainer.error or trainer.is_alive()))
+        detail = f"1 of {len(workers)} workers (pid {victim}) killed at step 10 or later: " + (
+            "; ".join(problems) or f"restarted from its checkpoint and finished all {job.steps} steps; books agree"
+        )
+        return Fault("worker killed mid-step", not problems, detail, lost, time.monotonic() - started)
+    finally:  # a job still training, or still waiting, would hold its bookings into the next fault
+        trainer.stop()
 
 
 def node_removal(cluster, admin, team: str, workdir: Path, *, crash: bool = False) -> Fault:
@@ -303,6 +316,7 @@ def node_removal(cluster, admin, team: str, workdir: Path, *, crash: bool = Fals
         )
         return Fault(fault, not problems, detail, lost, time.monotonic() - started)
     finally:
+        trainer.stop()
         for other in others:
             with contextlib.suppress(Exception):
                 admin.uncordon(other)
@@ -704,7 +718,6 @@ def load(admin, teams: list[str], total: int, on_progress: Callable[[str], None]
     lost = sum(1 for request_id in submitted if request_id not in known)
     quotas = {usage.team: usage.quota for usage in admin.usage()}
     violations, checked = replay_quotas(log.records, submitted, quotas, gang_demand)
-    ordered = sorted(latencies)
     return {
         "load_requests": len(submitted),
         "load_teams": len(teams),
@@ -713,8 +726,8 @@ def load(admin, teams: list[str], total: int, on_progress: Callable[[str], None]
         "quota_violations": violations,
         "quota_decisions_checked": checked,
         "decision_log_complete": log.complete,
-        "admission_p50_ms": round(statistics.median(ordered), 1) if ordered else None,
-        "admission_p99_ms": round(ordered[int(0.99 * (len(ordered) - 1))], 1) if ordered else None,
+        "admission_p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+        "admission_p99_ms": round(percentile(latencies, 0.99), 1) if latencies else None,
         "controller_rss_mib": _rss_mib(admin.ping()["pid"]),
     }
 
@@ -825,27 +838,29 @@ def http_fuzz(base_url: str, max_examples: int = 50, seed: int = 1) -> tuple[int
 
     The one check is the one that matters to the replica: no 5xx, whatever the body.
     """
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "st"),
-            "run",
-            f"{base_url}/openapi.json",
-            "--url",
-            base_url,
-            "--checks",
-            "not_a_server_error",
-            "--max-examples",
-            str(max_examples),
-            "--seed",
-            str(seed),
-            "--wait-for-schema",
-            "30",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tempfile.mkdtemp(prefix="llmos-schemathesis-"),  # it keeps its example database in the working dir
-    )
+    # Schemathesis keeps its example database in its working dir: a scratch one, removed after.
+    with tempfile.TemporaryDirectory(prefix="llmos-schemathesis-", ignore_cleanup_errors=True) as scratch:
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "st"),
+                "run",
+                f"{base_url}/openapi.json",
+                "--url",
+                base_url,
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                str(max_examples),
+                "--seed",
+                str(seed),
+                "--wait-for-schema",
+                "30",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=scratch,
+        )
     generated = re.search(r"(\d+) generated", result.stdout)
     if generated is None:
         raise RuntimeError(f"schemathesis did not run: {result.stdout[-2000:]}{result.stderr[-2000:]}")
@@ -909,42 +924,47 @@ def run(
     spec = spec_with_teams(teams)
     team_names = [team.name for team in spec.teams]
     faults: list[Fault] = []
-    workdir = Path(tempfile.mkdtemp(prefix="llmos-faults-"))
-    report_http = {"http_fuzz_cases": 0, "http_fuzz_failures": 0, "valid_request_after": None}
-    for name, check in (
-        ("checkpoint write interrupted", lambda: checkpoint_interrupted(workdir, checkpoint_kills)),
-        ("disk full", lambda: disk_full(workdir)),
-    ):
-        on_progress(f"fault: {name}")
-        faults.append(_guarded(name, check))
-    with temporary_cluster(spec, on_progress=on_progress) as cluster:
-        admin = Admin(state_dir=workdir / "controller", policy="llmos")
-        on_progress(f"fault: controller SIGKILL with {placed} placed and {queued} queued")
+    with tempfile.TemporaryDirectory(prefix="llmos-faults-", ignore_cleanup_errors=True) as scratch:
+        workdir = Path(scratch)
+        report_http = {"http_fuzz_cases": 0, "http_fuzz_failures": 0, "valid_request_after": None}
+        for name, check in (
+            ("checkpoint write interrupted", lambda: checkpoint_interrupted(workdir, checkpoint_kills)),
+            ("disk full", lambda: disk_full(workdir)),
+        ):
+            on_progress(f"fault: {name}")
+            faults.append(_guarded(name, check))
+        with temporary_cluster(spec, on_progress=on_progress) as cluster:
+            admin = Admin(state_dir=workdir / "controller", policy="llmos")
+            on_progress(f"fault: controller SIGKILL with {placed} placed and {queued} queued")
+            faults.append(
+                _guarded(
+                    "controller SIGKILL", lambda: controller_kill(admin, team_names[0], placed=placed, queued=queued)
+                )
+            )
+            on_progress("fault: a training worker killed mid-step")
+            faults.append(_guarded("worker killed mid-step", lambda: worker_kill(admin, team_names[0], workdir)))
+            on_progress("fault: node removal under a training gang and a serving replica")
+            faults.append(_guarded("node removal", lambda: node_removal(cluster, admin, team_names[0], workdir)))
+            on_progress("fault: node crash under a training gang and a serving replica")
+            faults.append(
+                _guarded("node crash", lambda: node_removal(cluster, admin, team_names[0], workdir, crash=True))
+            )
+            if http_examples:
+                on_progress(f"fuzz: the serving API from its OpenAPI schema ({http_examples} examples per operation)")
+                try:
+                    report_http = serving_fuzz(admin, workdir, team_names[0], http_examples)
+                except Exception as error:  # reported, counted as a failure, and the rest still runs
+                    report_http = {**report_http, "http_fuzz_failures": 1, "http_fuzz_error": f"{error}"}
+            on_progress(f"load: {load_requests} requests from {teams} teams")
+            report_load = load(admin, team_names, load_requests, on_progress)
+            admin.stop_controller()
+        on_progress("fault: head node restart with the GCS in Redis (a cluster of its own, with its own Redis)")
         faults.append(
-            _guarded("controller SIGKILL", lambda: controller_kill(admin, team_names[0], placed=placed, queued=queued))
+            _guarded(
+                "head restart (GCS in Redis)",
+                lambda: head_restart(spec, workdir, team_names[0], team_names[1], on_progress),
+            )
         )
-        on_progress("fault: a training worker killed mid-step")
-        faults.append(_guarded("worker killed mid-step", lambda: worker_kill(admin, team_names[0], workdir)))
-        on_progress("fault: node removal under a training gang and a serving replica")
-        faults.append(_guarded("node removal", lambda: node_removal(cluster, admin, team_names[0], workdir)))
-        on_progress("fault: node crash under a training gang and a serving replica")
-        faults.append(_guarded("node crash", lambda: node_removal(cluster, admin, team_names[0], workdir, crash=True)))
-        if http_examples:
-            on_progress(f"fuzz: the serving API from its OpenAPI schema ({http_examples} examples per operation)")
-            try:
-                report_http = serving_fuzz(admin, workdir, team_names[0], http_examples)
-            except Exception as error:  # reported, counted as a failure, and the rest still runs
-                report_http = {**report_http, "http_fuzz_failures": 1, "http_fuzz_error": f"{error}"}
-        on_progress(f"load: {load_requests} requests from {teams} teams")
-        report_load = load(admin, team_names, load_requests, on_progress)
-        admin.stop_controller()
-    on_progress("fault: head node restart with the GCS in Redis (a cluster of its own, with its own Redis)")
-    faults.append(
-        _guarded(
-            "head restart (GCS in Redis)",
-            lambda: head_restart(spec, workdir, team_names[0], team_names[1], on_progress),
-        )
-    )
     for fault in faults:
         on_progress(f"{'survived' if fault.survived else 'FAILED  '} {fault.name}: {fault.detail}")
     fuzz_cases, fuzz_failures = fuzz() if run_fuzz else (0, 0)

@@ -9,11 +9,13 @@ is placed once or fails; nothing departs. Reported per policy, as the mean over 
 - frag_rate_at_90: fragmentation (against FGD's target workload) / free GPUs, at 90% arrived;
 - first_failure_arrived: arrived load when the first task failed;
 - decisions_per_s: placement decisions per second of wall time, single process.
+
+A seed where no task failed, or where 90% never arrived, has no figure for it (None): such seeds are
+left out of that mean, and `first_failure_seeds` and `frag_rate_seeds` say how many seeds it covers.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,8 +34,8 @@ CURVE_POINTS = np.round(np.arange(0, ARRIVAL_LIMIT + 1e-9, 0.01), 2)
 @dataclass(frozen=True)
 class SeedRun:
     gpu_alloc_ratio: float
-    frag_rate_at_90: float
-    first_failure_arrived: float
+    frag_rate_at_90: float | None  # None: 90% never arrived
+    first_failure_arrived: float | None  # None: no task failed
     decisions: int
     seconds: float
     curve: np.ndarray  # allocation ratio at each of CURVE_POINTS
@@ -75,8 +77,8 @@ def run_seed(trace: Trace, policy: str, seed: int) -> SeedRun:
     curve = np.where(curve_index >= 0, allocated_at[np.maximum(curve_index, 0)], 0.0)
     return SeedRun(
         gpu_alloc_ratio=engine.state.gpus_allocated() / trace.gpus,
-        frag_rate_at_90=frag_rate if frag_rate is not None else 0.0,
-        first_failure_arrived=first_failure if first_failure is not None else arrived / trace.gpus,
+        frag_rate_at_90=frag_rate,
+        first_failure_arrived=first_failure,
         decisions=len(arrivals),
         seconds=placing,
         curve=curve,
@@ -87,19 +89,44 @@ def run_seed(trace: Trace, policy: str, seed: int) -> SeedRun:
 class PolicyResult:
     gpu_alloc_ratio: float
     unallocated_gpus: float
-    frag_rate_at_90: float
-    first_failure_arrived: float
+    frag_rate_at_90: float | None  # mean over the seeds that have one; None when none has
+    frag_rate_seeds: int
+    first_failure_arrived: float | None
+    first_failure_seeds: int
     decisions_per_s: float
     curve: np.ndarray
 
-    def as_json(self) -> dict[str, float]:
+    @classmethod
+    def of(cls, runs: Sequence[SeedRun], gpus: int) -> PolicyResult:
+        """The mean over seeds; a figure a seed lacks is left out of its mean rather than counted as 0."""
+        alloc = float(np.mean([run.gpu_alloc_ratio for run in runs]))
+        frag_rates = [run.frag_rate_at_90 for run in runs if run.frag_rate_at_90 is not None]
+        first_failures = [run.first_failure_arrived for run in runs if run.first_failure_arrived is not None]
+        return cls(
+            gpu_alloc_ratio=alloc,
+            unallocated_gpus=(1 - alloc) * gpus,
+            frag_rate_at_90=float(np.mean(frag_rates)) if frag_rates else None,
+            frag_rate_seeds=len(frag_rates),
+            first_failure_arrived=float(np.mean(first_failures)) if first_failures else None,
+            first_failure_seeds=len(first_failures),
+            decisions_per_s=sum(run.decisions for run in runs) / sum(run.seconds for run in runs),
+            curve=np.mean([run.curve for run in runs], axis=0),
+        )
+
+    def as_json(self) -> dict[str, float | int | None]:
         return {
             "gpu_alloc_ratio": round(self.gpu_alloc_ratio, 4),
             "unallocated_gpus": round(self.unallocated_gpus, 1),
-            "frag_rate_at_90": round(self.frag_rate_at_90, 4),
-            "first_failure_arrived": round(self.first_failure_arrived, 4),
+            "frag_rate_at_90": _rounded(self.frag_rate_at_90, 4),
+            "frag_rate_seeds": self.frag_rate_seeds,
+            "first_failure_arrived": _rounded(self.first_failure_arrived, 4),
+            "first_failure_seeds": self.first_failure_seeds,
             "decisions_per_s": round(self.decisions_per_s, 1),
         }
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def run_policy(
@@ -111,15 +138,7 @@ def run_policy(
         runs.append(run)
         if on_seed is not None:
             on_seed(seed, run)
-    alloc = float(np.mean([run.gpu_alloc_ratio for run in runs]))
-    return PolicyResult(
-        gpu_alloc_ratio=alloc,
-        unallocated_gpus=(1 - alloc) * trace.gpus,
-        frag_rate_at_90=float(np.mean([run.frag_rate_at_90 for run in runs])),
-        first_failure_arrived=float(np.mean([run.first_failure_arrived for run in runs])),
-        decisions_per_s=sum(run.decisions for run in runs) / sum(run.seconds for run in runs),
-        curve=np.mean([run.curve for run in runs], axis=0),
-    )
+    return PolicyResult.of(runs, trace.gpus)
 
 
 def report(trace: Trace, seeds: Sequence[int], results: dict[str, PolicyResult]) -> dict:
@@ -132,9 +151,15 @@ def report(trace: Trace, seeds: Sequence[int], results: dict[str, PolicyResult])
     }
 
 
-def write_json(path: Path, document: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
+def describe_seeds(seeds: Sequence[int]) -> str:
+    """`42-44, 50` for [42, 43, 44, 50]: runs of consecutive seeds as ranges."""
+    ranges: list[list[int]] = []
+    for seed in seeds:
+        if ranges and seed == ranges[-1][1] + 1:
+            ranges[-1][1] = seed
+        else:
+            ranges.append([seed, seed])
+    return ", ".join(str(first) if first == last else f"{first}-{last}" for first, last in ranges)
 
 
 def plot(path: Path, trace: Trace, seeds: Sequence[int], results: dict[str, PolicyResult]) -> None:
@@ -153,7 +178,7 @@ def plot(path: Path, trace: Trace, seeds: Sequence[int], results: dict[str, Poli
     axes.set_ylabel("GPUs allocated (%)")
     axes.set_xlim(60, ARRIVAL_LIMIT * 100)
     axes.set_ylim(60, 100)
-    axes.set_title(f"{trace.name}: {len(trace.cluster.nodes)} nodes, {trace.gpus} GPUs, seeds {seeds[0]}-{seeds[-1]}")
+    axes.set_title(f"{trace.name}: {len(trace.cluster.nodes)} nodes, {trace.gpus} GPUs, seeds {describe_seeds(seeds)}")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from cluster.console import UserError
 from cluster.placement import UNITS, Bundle, ClusterSnapshot, GangRequest, NodeSnapshot, TargetWorkload, TaskShape
@@ -70,64 +71,111 @@ def pod_list_path(trace: str, trace_dir: Path) -> Path:
     return path
 
 
+NODE_COLUMNS = ("sn", "cpu_milli", "memory_mib", "gpu", "model")
+
+
+def _read_rows(path: Path, columns: tuple[str, ...], what: str) -> list[tuple[int, dict[str, str]]]:
+    """The CSV's rows, each with its line number; refused unless it has a header with `columns` and a row."""
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        rows = [(reader.line_num, row) for row in reader]
+        header = reader.fieldnames or []
+    missing = [column for column in columns if column not in header]
+    if missing or not rows:
+        problem = f"no column {', '.join(missing)}" if missing else "a header but no rows"
+        raise UserError(
+            f"{path}: has {problem}; it needs a header with the columns {', '.join(columns)} and one row per {what}"
+        )
+    return rows
+
+
+def _whole_number(path: Path, line: int, row: dict[str, str | None], column: str) -> int:
+    text = row[column]
+    if text is None:  # DictReader's value for a column a short row lacks
+        raise UserError(f"{path} line {line}: {column} is missing; the row has fewer fields than the header")
+    if not (text.strip().isascii() and text.strip().isdigit()):
+        raise UserError(f"{path} line {line}: {column}={text!r} must be a whole number ≥ 0")
+    return int(text)
+
+
 def load_cluster(trace_dir: Path, nodes: int | None = None) -> ClusterSnapshot:
     """The trace's GPU nodes; with `nodes`, a synthetic cluster of that size cycling through them."""
     path = trace_dir / NODE_LIST
     if not path.is_file():
         raise UserError(f"no {NODE_LIST} in {trace_dir}; point --trace-dir at the alibaba-gpu-2023 folder")
-    with path.open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    if nodes is not None:
-        rows = [{**rows[index % len(rows)], "sn": f"synthetic-node-{index:05d}"} for index in range(nodes)]
-    return ClusterSnapshot(
-        nodes=tuple(
-            NodeSnapshot(
-                name=row["sn"],
-                pool=row["model"] or "cpu",
-                cpus=int(row["cpu_milli"]) / 1000,
-                memory=int(row["memory_mib"]) * MIB,
-                gpus=int(row["gpu"]),
-                gpu_type=row["model"] or None,
+    listed = []
+    for line, row in _read_rows(path, NODE_COLUMNS, "node"):
+        try:
+            listed.append(
+                NodeSnapshot(
+                    name=row["sn"] or "",
+                    pool=row["model"] or "cpu",
+                    cpus=_whole_number(path, line, row, "cpu_milli") / 1000,
+                    memory=_whole_number(path, line, row, "memory_mib") * MIB,
+                    gpus=_whole_number(path, line, row, "gpu"),
+                    gpu_type=row["model"] or None,
+                )
             )
-            for row in rows
-        )
-    )
+        except ValidationError as error:
+            raise UserError(f"{path} line {line}: {_first_problem(error)}") from None
+    if not any(node.gpus for node in listed):
+        raise UserError(f"{path}: no node has a GPU (column gpu); the replay places GPU tasks, so give GPU nodes")
+    if nodes is not None:
+        listed = [
+            listed[index % len(listed)].model_copy(update={"name": f"synthetic-node-{index:05d}"})
+            for index in range(nodes)
+        ]
+    try:
+        return ClusterSnapshot(nodes=tuple(listed))
+    except ValidationError as error:  # a node name listed twice
+        raise UserError(f"{path}: {_first_problem(error)}") from None
 
 
-def _bundle(row: dict[str, str]) -> Bundle:
-    gpus = int(row["num_gpu"])
-    share = int(row["gpu_milli"]) / 1000
-    resources = {"CPU": int(row["cpu_milli"]) / 1000, "memory": int(row["memory_mib"]) * MIB}
+def _first_problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(str(part) for part in first['loc'])}: {message}".removeprefix(": ")
+
+
+def _bundle(path: Path, line: int, row: dict[str, str]) -> Bundle:
+    cpu_milli, memory_mib, gpus, gpu_milli = (_whole_number(path, line, row, column) for column in POD_COLUMNS)
+    share = gpu_milli / 1000
+    resources = {"CPU": cpu_milli / 1000, "memory": memory_mib * MIB}
     if gpus:
         resources["GPU"] = share if gpus == 1 and share < 1 else float(gpus)
     spec = row.get("gpu_spec") or ""
-    return Bundle(resources=resources, gpu_types=tuple(spec.split("|")) if spec else None)
+    try:
+        return Bundle(resources=resources, gpu_types=tuple(spec.split("|")) if spec else None)
+    except ValidationError as error:  # a task that asks for nothing at all
+        raise UserError(f"{path} line {line}: {_first_problem(error)}; fix or remove the row") from None
 
 
 def load_trace(trace: str, trace_dir: Path, nodes: int | None = None) -> Trace:
     path = pod_list_path(trace, trace_dir)
     cluster = load_cluster(trace_dir, nodes)
-    with path.open(newline="") as file:
-        rows = list(csv.DictReader(file))
-    missing = [column for column in POD_COLUMNS if rows and column not in rows[0]]
-    if not rows or missing:
-        raise UserError(f"{path}: needs a header and rows with columns {', '.join(POD_COLUMNS)}; missing {missing}")
-    keys = [(*(row[column] for column in POD_COLUMNS), row.get("gpu_spec") or "") for row in rows]
+    rows = _read_rows(path, POD_COLUMNS, "task")
+    keys = [(*(row[column] for column in POD_COLUMNS), row.get("gpu_spec") or "") for _, row in rows]
     shape_of_key: dict[tuple[str, ...], int] = {}
     requests: list[GangRequest] = []
-    for key, row in zip(keys, rows, strict=True):
+    for key, (line, row) in zip(keys, rows, strict=True):
         if key not in shape_of_key:
             shape_of_key[key] = len(requests)
-            requests.append(GangRequest(name=f"shape-{len(requests)}", bundles=(_bundle(row),)))
+            requests.append(GangRequest(name=f"shape-{len(requests)}", bundles=(_bundle(path, line, row),)))
     task_shape = np.array([shape_of_key[key] for key in keys], dtype=np.int64)
     demands = [request.bundles[0].demand for request in requests]
+    request_gpus = np.array([demand.gpu_total for demand in demands], dtype=np.float64) / UNITS
+    if not request_gpus[task_shape].any():
+        # Tasks arrive until their GPU request reaches 130% of the cluster's GPUs: never, without a GPU task.
+        raise UserError(
+            f"--trace {path}: no task asks for a GPU (num_gpu is 0 on every row); give a pod list with GPU tasks"
+        )
     counts = Counter(TaskShape.of(demands[shape]) for shape in task_shape)
     return Trace(
         name=path.stem.removeprefix(POD_LIST_PREFIX),
         cluster=cluster,
         gpus=sum(node.gpus for node in cluster.nodes),
         requests=tuple(requests),
-        request_gpus=np.array([demand.gpu_total for demand in demands], dtype=np.float64) / UNITS,
+        request_gpus=request_gpus,
         task_shape=task_shape,
         workload=TargetWorkload.from_counts(counts),
     )

@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.console import progress
+from cluster.console import UserError, progress
 from cluster.launcher import free_port, temporary_cluster
 from cluster.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 32
 LOAD_TIMEOUT_S = 600
+STDERR_TAIL_CHARS = 2000  # of a failed load generator's stderr, in the error
 
 
 def _train_checkpoint(directory: Path, on_progress: Callable[[str], None]) -> Path:
@@ -58,27 +59,27 @@ def _direct_tokens_per_s(checkpoint: Path, count: int) -> float:
 
 
 def _load(url: str, model: str, concurrency: int, count: int) -> dict:
-    output = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.serve_load",
-            url,
-            "--model",
-            model,
-            "--concurrency",
-            str(concurrency),
-            "--requests",
-            str(count),
-            "--max-tokens",
-            str(MAX_TOKENS),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=LOAD_TIMEOUT_S,
-        check=True,
-        cwd=REPO,
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.serve_load",
+        url,
+        "--model",
+        model,
+        "--concurrency",
+        str(concurrency),
+        "--requests",
+        str(count),
+        "--max-tokens",
+        str(MAX_TOKENS),
+    ]
+    what = f"the load generator (benchmarks.serve_load) against {url} at concurrency {concurrency}"
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, timeout=LOAD_TIMEOUT_S, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{what} did not finish within {LOAD_TIMEOUT_S} s; give fewer --requests") from None
+    if output.returncode != 0:
+        raise UserError(f"{what} failed (exit {output.returncode}):\n{output.stderr[-STDERR_TAIL_CHARS:].strip()}")
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
@@ -90,6 +91,40 @@ def run(
     plot_path: Path | None = None,
     on_progress: Callable[[str], None] = progress,
 ) -> dict:
+    from serving.app import resolve_checkpoint
+
+    if checkpoint is not None:
+        try:
+            resolve_checkpoint(str(checkpoint))
+        except FileNotFoundError:
+            raise UserError(
+                f"--checkpoint {checkpoint}: no checkpoint there; give a checkpoint folder or a folder of them "
+                "(a job's checkpoints/), or leave --checkpoint out to train a small one"
+            ) from None
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-serve-", ignore_cleanup_errors=True) as workdir:
+        checkpoint = checkpoint or _train_checkpoint(Path(workdir), on_progress)
+        results, direct = _measure(checkpoint, concurrencies, requests_per_level, on_progress)
+
+    def tokens_per_s(batched: bool, concurrency: int) -> float:
+        return next(r["tokens_per_s"] for r in results if r["batched"] is batched and r["concurrency"] == concurrency)
+
+    top = max(concurrencies)
+    report = {
+        f"batched_vs_unbatched_c{top}": round(tokens_per_s(True, top) / tokens_per_s(False, top), 2),
+        "serve_vs_direct": round(tokens_per_s(True, 1) / direct, 3),
+        "direct_tokens_per_s": round(direct, 1),
+        "max_tokens": MAX_TOKENS,
+        "results": results,
+    }
+    if plot_path:
+        plot(results, plot_path)
+    return report
+
+
+def _measure(
+    checkpoint: Path, concurrencies: tuple[int, ...], requests_per_level: int, on_progress: Callable[[str], None]
+) -> tuple[list[dict], float]:
+    """Every load result, and the decoder's own tokens/s in-process."""
     from ray import serve
 
     from cluster.admin import Admin
@@ -97,8 +132,6 @@ def run(
     from serving.deploy import delete, deploy
     from serving.spec import ServeJob
 
-    workdir = Path(tempfile.mkdtemp(prefix="llmos-bench-serve-"))
-    checkpoint = checkpoint or _train_checkpoint(workdir, on_progress)
     on_progress("measuring the decoder in-process (one request at a time)")
     direct = _direct_tokens_per_s(checkpoint, count=16)
 
@@ -132,21 +165,7 @@ def run(
         for name in ("bench-batched", "bench-unbatched"):
             delete(name, admin)
         serve.shutdown()
-
-    def tokens_per_s(batched: bool, concurrency: int) -> float:
-        return next(r["tokens_per_s"] for r in results if r["batched"] is batched and r["concurrency"] == concurrency)
-
-    top = max(concurrencies)
-    report = {
-        f"batched_vs_unbatched_c{top}": round(tokens_per_s(True, top) / tokens_per_s(False, top), 2),
-        "serve_vs_direct": round(tokens_per_s(True, 1) / direct, 3),
-        "direct_tokens_per_s": round(direct, 1),
-        "max_tokens": MAX_TOKENS,
-        "results": results,
-    }
-    if plot_path:
-        plot(results, plot_path)
-    return report
+    return results, direct
 
 
 def plot(results: list[dict], path: Path) -> None:

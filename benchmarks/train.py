@@ -12,8 +12,10 @@ One local cluster (started here on free ports, stopped at the end) runs three me
 - node removal: an elastic job (`workers: {min: 1, max: 2}`) on two cpu nodes, admitted through the
   controller; the raylet of the node hosting the second worker is stopped (SIGTERM, as Kubernetes
   stops a pod); seconds to the first step with fewer workers, steps lost, and after a node is added
-  back, seconds to the first step at full size again; three such cycles in the same job, medians
-  reported with every cycle's figures. llmos restarts both (`jobs.elastic`).
+  back, seconds to the first step at full size again; three such cycles in the same job, every
+  cycle's figures reported, with the median of each time and the most steps any cycle lost (the
+  bound a checkpoint interval promises holds only if it holds in every cycle). llmos restarts both
+  (`jobs.elastic`).
 
 Each report is one line of the job's metrics JSONL (rank 0), timestamped; every figure is read from them.
 """
@@ -24,22 +26,28 @@ import json
 import os
 import signal
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from cluster.console import progress
-from cluster.launcher import LocalCluster, free_port
-from cluster.spec import load_spec
+from cluster.console import UserError, progress
+from cluster.launcher import LocalCluster, temporary_cluster
+from cluster.spec import ClusterSpec, format_memory, load_spec, parse_memory
 from jobs.spec import TrainingJob
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180.0
 OVERHEAD_ROUNDS = 4
 NODE_REMOVAL_CYCLES = 3
+BENCH_TEAM = "research"
+GPU_POOL = "h100"  # the overhead and worker-kill jobs' workers: 1 CPU, 1 GPU and WORKER_MEMORY each
+CPU_POOL = "cpu"  # the node-removal job's workers: NODE_REMOVAL_WORKER_CPUS and WORKER_MEMORY each
+WORKER_MEMORY = "1Gi"
+JOB_WORKERS = 2  # bench_job's, and so the worker-kill job's
+# A cpu node has 8 in examples/cluster.yaml: room for one worker per node, so a removal takes one.
+NODE_REMOVAL_WORKER_CPUS = 6
 NOTE_ELASTIC = (
     "worker kill and node removal run through the controller (jobs.elastic): Ray Train ends an attempt at its "
     "first failure and llmos restarts it; the removed node's raylet gets SIGTERM, Ray marks it draining, the "
@@ -52,14 +60,14 @@ NOTE_ELASTIC = (
 def bench_job(storage: Path, name: str, **overrides) -> TrainingJob:
     data = {
         "name": name,
-        "team": "research",
+        "team": BENCH_TEAM,
         "model": {"layers": 2, "d_model": 128, "heads": 4, "context_length": 128},
         "batch_size_per_worker": 8,
         "steps": 60,
         "schedule": {"warmup_steps": 5},
-        "workers": {"min": 2, "max": 2},
-        "resources": {"cpus": 1, "gpus": 1, "memory": "1Gi"},
-        "pool": "h100",
+        "workers": {"min": JOB_WORKERS, "max": JOB_WORKERS},
+        "resources": {"cpus": 1, "gpus": 1, "memory": WORKER_MEMORY},
+        "pool": GPU_POOL,
         "checkpoint": {"every_steps": 60, "keep_last": 2},
         "evaluation": {"every_steps": 60, "batches": 1},
         "log_every_steps": 10,
@@ -84,13 +92,21 @@ def throughput(job: TrainingJob) -> dict[str, float]:
     return {"step_tokens_per_s": round(step_rate, 1), "wall_tokens_per_s": round(wall, 1)}
 
 
-def wait_record(job: TrainingJob, predicate: Callable[[dict], bool], what: str, timeout_s: float = TIMEOUT_S):
+def wait_record(
+    job: TrainingJob,
+    predicate: Callable[[dict], bool],
+    what: str,
+    on_progress: Callable[[str], None],
+    timeout_s: float = TIMEOUT_S,
+) -> dict | None:
+    """The first report of `job` that `predicate` accepts; None, and said so, after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = next((row for row in records(job) if predicate(row)), None)
         if found is not None:
             return found
         time.sleep(0.2)
+    on_progress(f"{job.name}: no report of {what} within {timeout_s:.0f} s")
     return None
 
 
@@ -179,14 +195,15 @@ def measure_worker_kill(client, storage: Path, on_progress) -> tuple[dict, Train
     )
     result: dict = {"worker_kill_recovery_s": None, "worker_kill_steps_lost": None, "worker_kill_workers_after": None}
     try:
-        if wait_record(job, lambda row: row["step"] >= 25, "step 25") is None:
-            on_progress("worker kill: the submitted job did not reach step 25")
+        if wait_record(job, lambda row: row["step"] >= 25, "step 25", on_progress) is None:
             return result, job
         pid, _ = alive_worker_pids()[-1]
         killed_at, step_at_kill = time.time(), records(job)[-1]["step"]
         os.kill(pid, signal.SIGKILL)
         on_progress(f"worker kill: SIGKILL worker pid {pid} at step {step_at_kill}")
-        resumed = wait_record(job, lambda row: row["resumed_from_step"] is not None, "a step after the resume")
+        resumed = wait_record(
+            job, lambda row: row["resumed_from_step"] is not None, "a step after the resume", on_progress
+        )
         if resumed is not None:
             result = {
                 "worker_kill_recovery_s": round(resumed["time"] - killed_at, 2),
@@ -205,7 +222,8 @@ def measure_node_removal(
 ) -> dict:
     """`cycles` times in one elastic job: remove the node of the second worker, time the resume on
     the node left, add a node back, time the regrowth. Each cycle's figures are kept; the headline
-    ones are medians, since one recovery on this shared 2-core machine varies by several seconds."""
+    times are medians, since one recovery on this shared 2-core machine varies by several seconds, and
+    the headline steps lost is the most any cycle lost."""
     job = bench_job(
         storage,
         "node-removal",
@@ -213,8 +231,8 @@ def measure_node_removal(
         batch_size_per_worker=4,
         steps=5000,
         workers={"min": 1, "max": 2},
-        resources={"cpus": 6, "memory": "1Gi"},  # a cpu node has 8: one worker per node
-        pool="cpu",
+        resources={"cpus": NODE_REMOVAL_WORKER_CPUS, "memory": WORKER_MEMORY},
+        pool=CPU_POOL,
         checkpoint={"every_steps": 10, "keep_last": 2},
         evaluation={"every_steps": 5000, "batches": 1},
         log_every_steps=1,
@@ -228,10 +246,12 @@ def measure_node_removal(
         steady_from = 25
         for cycle in range(1, cycles + 1):
             full = wait_record(
-                job, lambda row, at=steady_from: row["world_size"] == 2 and row["step"] >= at, "2 workers"
+                job,
+                lambda row, at=steady_from: row["world_size"] == 2 and row["step"] >= at,
+                f"step {steady_from} with 2 workers (cycle {cycle}/{cycles})",
+                on_progress,
             )
             if full is None:
-                on_progress(f"node removal {cycle}/{cycles}: the job did not reach step {steady_from} with 2 workers")
                 break
             run = _remove_and_regrow(job, cluster, cycle, cycles, on_progress)
             runs.append(run)
@@ -244,7 +264,8 @@ def measure_node_removal(
 
 
 def _remove_and_regrow(job: TrainingJob, cluster: LocalCluster, cycle: int, cycles: int, on_progress) -> dict:
-    victim = next(node.name for node in cluster.record.nodes if node.pool == "cpu" and node.name != "cpu-0")
+    # The node added for the second worker; the cpu node the cluster started with stays.
+    victim = [node.name for node in cluster.record.nodes if node.pool == CPU_POOL][-1]
     run: dict = dict.fromkeys(
         ("recovery_s", "steps_lost", "workers_before", "workers_after", "regrow_s", "grown_at_step")
     )
@@ -252,7 +273,9 @@ def _remove_and_regrow(job: TrainingJob, cluster: LocalCluster, cycle: int, cycl
     last_before = records(job)[-1]
     cluster.remove_node(victim)
     on_progress(f"node removal {cycle}/{cycles}: stopped {victim} at step {last_before['step']}")
-    shrunk = wait_record(job, lambda row: row["time"] > removed_at and row["world_size"] == 1, "1 worker")
+    shrunk = wait_record(
+        job, lambda row: row["time"] > removed_at and row["world_size"] == 1, "a step with 1 worker", on_progress
+    )
     if shrunk is None:
         return run
     # The last step the 2-worker attempt reported (it may go on for a moment after the removal).
@@ -269,8 +292,10 @@ def _remove_and_regrow(job: TrainingJob, cluster: LocalCluster, cycle: int, cycl
     )
     on_progress(f"node removal {cycle}/{cycles}: resumed with 1 worker after {run['recovery_s']} s; adding a node back")
     added_at = time.time()
-    cluster.add_replica("cpu", on_progress)
-    grown = wait_record(job, lambda row: row["time"] > added_at and row["world_size"] == 2, "2 workers again")
+    cluster.add_replica(CPU_POOL, on_progress)
+    grown = wait_record(
+        job, lambda row: row["time"] > added_at and row["world_size"] == 2, "2 workers again", on_progress
+    )
     if grown is not None:
         run.update(regrow_s=round(grown["time"] - added_at, 2), grown_at_step=grown["step"])
         on_progress(f"node removal {cycle}/{cycles}: 2 workers again after {run['regrow_s']} s")
@@ -278,6 +303,8 @@ def _remove_and_regrow(job: TrainingJob, cluster: LocalCluster, cycle: int, cycl
 
 
 def _node_removal_summary(runs: list[dict], checkpoint_interval: int) -> dict:
+    """The median of each time over the cycles, and the most steps one cycle lost."""
+
     def median(key: str) -> float | None:
         values = [run[key] for run in runs if run[key] is not None]
         return round(statistics.median(values), 2) if values else None
@@ -323,23 +350,15 @@ def run(
     from ray.job_submission import JobSubmissionClient
 
     from cluster.admin import Admin
-    from cluster.inventory import connect, disconnect
+    from cluster.inventory import connect
     from jobs.metrics import plot_loss_curve
 
-    home = Path(tempfile.mkdtemp(prefix="llmos-bench-train-"))
-    storage = home / "jobs"
-    storage.mkdir()
-    previous_home = os.environ.get("LLMOS_HOME")
-    os.environ["LLMOS_HOME"] = str(home)
+    spec = load_spec(spec_path)
+    check_spec(spec, spec_path, workers)
     on_progress("starting a local cluster for the benchmark")
-    cluster = LocalCluster.up(
-        load_spec(spec_path),
-        home=home,
-        gcs_port=free_port("127.0.0.2"),
-        dashboard_port=free_port(),
-        on_progress=on_progress,
-    )
-    try:
+    with temporary_cluster(spec, on_progress=on_progress) as cluster:
+        storage = cluster.home / "jobs"
+        storage.mkdir()
         connect()
         admin = Admin()
         client = JobSubmissionClient(cluster.dashboard_url)
@@ -352,19 +371,44 @@ def run(
         kill, kill_job = measure_worker_kill(client, storage, on_progress)
         result.update(kill)
         on_progress(f"worker kill: {json.dumps(kill)}")
-        cluster.add_replica("cpu", on_progress)
+        cluster.add_replica(CPU_POOL, on_progress)
         removal = measure_node_removal(client, cluster, storage, on_progress)
         result.update(removal)
         on_progress(f"node removal: {json.dumps(removal)}")
         if plot_path is not None and kill_job.metrics_file.exists():
             plot_path.parent.mkdir(parents=True, exist_ok=True)
             plot_loss_curve(kill_job.metrics_file, plot_path, title="worker killed mid-run: loss continues")
-    finally:
-        disconnect()
-        cluster.down()
-        if previous_home is None:
-            os.environ.pop("LLMOS_HOME", None)
-        else:
-            os.environ["LLMOS_HOME"] = previous_home
     result.update(workers=workers, note=NOTE_ELASTIC)
     return result
+
+
+def check_spec(spec: ClusterSpec, spec_path: Path, workers: int) -> None:
+    """Refuse, before a cluster starts, a spec the benchmark cannot run on, saying what it needs and what it has."""
+    gpu_workers = max(workers, JOB_WORKERS)
+    memory = parse_memory(WORKER_MEMORY)
+    pools = {pool.name: pool.node for pool in spec.pools}
+    teams = [team.name for team in spec.teams]
+    needs = []
+    gpu_node = pools.get(GPU_POOL)
+    if gpu_node is None or min(gpu_node.cpus, gpu_node.gpus, gpu_node.memory // memory) < gpu_workers:
+        more = f", or fewer --workers than {workers}" if workers > JOB_WORKERS else ""
+        needs.append(
+            f"a pool {GPU_POOL!r} whose node holds {gpu_workers} workers of 1 CPU, 1 GPU and {WORKER_MEMORY}{more}"
+        )
+    cpu_node = pools.get(CPU_POOL)
+    if cpu_node is None or not NODE_REMOVAL_WORKER_CPUS <= cpu_node.cpus < 2 * NODE_REMOVAL_WORKER_CPUS:
+        needs.append(
+            f"a pool {CPU_POOL!r} whose nodes have {NODE_REMOVAL_WORKER_CPUS} to {2 * NODE_REMOVAL_WORKER_CPUS - 1} "
+            f"CPUs (room for one node-removal worker of {NODE_REMOVAL_WORKER_CPUS} CPUs a node)"
+        )
+    if BENCH_TEAM not in teams:
+        needs.append(f"a team {BENCH_TEAM!r}")
+    if needs:
+        has = ", ".join(
+            f"{name} ({node.cpus} CPUs, {node.gpus} GPUs, {format_memory(node.memory)} a node)"
+            for name, node in pools.items()
+        )
+        raise UserError(
+            f"--spec {spec_path}: the training benchmark needs {'; '.join(needs)}; "
+            f"the spec has pools {has} and teams {', '.join(teams)}"
+        )

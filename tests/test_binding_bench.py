@@ -54,11 +54,9 @@ def test_measure_runs_only_the_modes_and_sizes_asked_for(bench_admin):
     [ray_rates] = result["one_at_a_time"]["rounds_pgs_per_s"]["ray"]["2"]
     assert len(llmos_rates) == len(ray_rates) == 2
     assert result["one_at_a_time"]["ratio_by_run"]["2"] == [result["ratio"]["2"]]
-    low, high = result["ratio_ci95"]["2"]
-    ratios = [llmos / ray_rate for llmos, ray_rate in zip(llmos_rates, ray_rates, strict=True)]
-    assert low <= result["ratio"]["2"] <= high
-    # A resample's ratio of means weighs the rounds' ratios, so it stays within them.
-    assert min(ratios) - 0.01 <= low and high <= max(ratios) + 0.01
+    # Two rounds of one run are too few for an interval: none, and the note says what to give.
+    assert result["ratio_ci95"]["2"] is None
+    assert "--rounds 5" in result["ci_note"]
 
 
 def _collected(rates_by_run: dict[str, list[list[float]]]) -> binding.Collected:
@@ -92,7 +90,7 @@ def test_ratio_interval_resamples_whole_rounds():
 def test_ratio_interval_over_runs_covers_the_spread_between_runs():
     """Two runs, each steady within itself but at a different level: the rounds alone would make the
     interval narrow; drawing the runs too spans both levels."""
-    ray_rates = [300.0, 310.0, 290.0, 305.0]
+    ray_rates = [300.0, 310.0, 290.0, 305.0, 295.0]
     runs = _runs(
         {
             "ray": [ray_rates, ray_rates],
@@ -100,12 +98,40 @@ def test_ratio_interval_over_runs_covers_the_spread_between_runs():
         }
     )
     both = binding.summarize(runs, "llmos")
-    assert both["runs"] == 2 and both["rounds"] == 4
+    assert both["runs"] == 2 and both["rounds"] == 5
     assert both["ratio"] == {"8": 0.71}
     assert both["batched"]["ratio_by_run"] == {"8": [0.66, 0.76]}
     assert both["ratio_ci95"]["8"] == pytest.approx([0.66, 0.76], abs=1e-3)
     one = binding.summarize(runs[:1], "llmos")
     assert one["ratio_ci95"]["8"] == pytest.approx([0.66, 0.66], abs=1e-3)
+
+
+@pytest.mark.parametrize("rounds", [1, 3, 4])
+def test_one_run_of_few_rounds_reports_no_interval_and_says_why(rounds: int):
+    ray_rates = [300.0, 200.0, 250.0, 280.0][:rounds]
+    result = binding.summarize(_runs({"ray": [ray_rates], "llmos": [[0.7 * rate for rate in ray_rates]]}), "llmos")
+    assert result["ratio"] == {"8": 0.7}
+    for key in ("ratio_ci95", "ratio_to_pinned_detached_ci95", "ratio_per_node_ci95"):
+        assert result["batched"][key] == {"8": None}
+    assert result["ratio_ci95"] == {"8": None}
+    assert "--rounds 5 or more, or --runs 2 or more" in result["ci_note"]
+
+
+@pytest.mark.parametrize(("runs", "rounds"), [(1, 5), (2, 2)])
+def test_five_rounds_or_two_runs_report_an_interval(runs: int, rounds: int):
+    ray_rates = [300.0, 200.0, 250.0, 280.0, 260.0][:rounds]
+    llmos = [[share * rate for rate in ray_rates] for share in (0.6, 0.8)[:runs]]
+    result = binding.summarize(_runs({"ray": [ray_rates] * runs, "llmos": llmos}), "llmos")
+    low, high = result["ratio_ci95"]["8"]
+    assert low <= result["ratio"]["8"] <= high
+    assert result["ci_note"] is None
+
+
+def test_a_result_without_intervals_is_still_drawn(tmp_path):
+    ray_rates = [300.0, 310.0]
+    result = binding.summarize(_runs({"ray": [ray_rates], "llmos": [[0.7 * rate for rate in ray_rates]]}), "llmos")
+    binding.plot(result, tmp_path / "binding.png")
+    assert (tmp_path / "binding.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_plot_draws_a_saved_result(tmp_path):
