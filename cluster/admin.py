@@ -157,11 +157,14 @@ class Admin:
         self._credential = credential if credential is not None else self._credential_from_environment()
 
     def _credential_from_environment(self) -> str | None:
-        if os.environ.get("LLMOS_CREDENTIAL"):
-            return os.environ["LLMOS_CREDENTIAL"]
-        path = os.environ.get("LLMOS_CREDENTIAL_FILE")
-        if path:
-            return read_credential_file(path, "LLMOS_CREDENTIAL_FILE")
+        # Set but empty is an error, never none given: `LLMOS_CREDENTIAL=$(cat missing)` must not make an admin.
+        for variable in ("LLMOS_CREDENTIAL", "LLMOS_CREDENTIAL_FILE"):
+            if variable in os.environ and not os.environ[variable].strip():
+                raise UserError(f"{variable} is set but empty; set it to a credential (or its file), or unset it")
+        if "LLMOS_CREDENTIAL" in os.environ:
+            return os.environ["LLMOS_CREDENTIAL"].strip()
+        if "LLMOS_CREDENTIAL_FILE" in os.environ:
+            return read_credential_file(os.environ["LLMOS_CREDENTIAL_FILE"], "LLMOS_CREDENTIAL_FILE")
         local = Path(self._call("ping", authenticated=False)["state_dir"]) / "credentials" / ADMIN
         try:
             return local.read_text().strip()

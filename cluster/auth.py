@@ -18,17 +18,21 @@ import threading
 import time
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from cluster.console import UserError
 from cluster.store import write_all
 
 ADMIN = "admin"
+UNKNOWN = "unknown"  # the principal the audit log names for a caller whose credential was not recognized
+RESERVED_PRINCIPALS = (ADMIN, UNKNOWN)  # never a team's name: a team so named would share their records
 
 logger = logging.getLogger("llmos.audit")
 
 
 class Action(StrEnum):
     READ_OWN = "read"  # status, queue, decisions, usage of one's own requests
+    READ_AUDIT = "read_audit"
     SUBMIT = "submit"
     CANCEL = "cancel"
     REPORT = "report"  # a workload's progress, running and completion
@@ -39,7 +43,7 @@ class Action(StrEnum):
     SHUTDOWN = "shutdown"
 
 
-ADMIN_ONLY = {Action.CORDON, Action.DRAIN, Action.SET_QUOTA, Action.PREEMPT, Action.SHUTDOWN}
+ADMIN_ONLY = {Action.CORDON, Action.DRAIN, Action.SET_QUOTA, Action.PREEMPT, Action.SHUTDOWN, Action.READ_AUDIT}
 
 
 def authorize(principal: str, action: Action, team: str | None = None) -> None:
@@ -66,10 +70,18 @@ class Credentials:
                 descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(descriptor, "w") as out:
                     out.write(secrets.token_urlsafe(32))
+            elif path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+                logger.warning(
+                    "the credential file %s was readable by others; it is owner-only now. Whoever read it holds %s's "
+                    "credential: delete the file and restart the controller to make a new one",
+                    path,
+                    principal,
+                )
             self._tokens[principal] = path.read_text().strip()
 
-    def principal(self, credential: str | None) -> str:
-        if credential:
+    def principal(self, credential: Any) -> str:
+        if credential and isinstance(credential, str):
             for principal, token in self._tokens.items():
                 if hmac.compare_digest(credential.encode(), token.encode()):
                     return principal
@@ -100,7 +112,8 @@ class AuditLog:
     def _open(self) -> None:
         # Open for the controller's life and unbuffered: a record costs one write, not an open and a close,
         # and one that fails leaves nothing behind to be written later.
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(self._fd, 0o600)  # one an earlier version made readable by everyone
         self._size = os.fstat(self._fd).st_size
 
     def _older(self, index: int) -> Path:

@@ -27,7 +27,7 @@ import ray
 from ray.autoscaler.sdk import request_resources
 
 from cluster import binding, store
-from cluster.auth import ADMIN, Action, AuditLog, Credentials, authorize
+from cluster.auth import ADMIN, UNKNOWN, Action, AuditLog, Credentials, authorize
 from cluster.console import UserError
 from cluster.inventory import declared_pools, ray_cluster_id, ray_node_table
 from cluster.launcher import controller_state_dir, llmos_home
@@ -359,7 +359,7 @@ class Controller:
         try:
             principal = self.credentials.principal(credential)
         except UserError as refusal:
-            self.audit.record("unknown", action.value, target, "refused", str(refusal))
+            self.audit.record(UNKNOWN, action.value, target, "refused", str(refusal))
             raise
         try:
             authorize(principal, action, team)
@@ -378,7 +378,8 @@ class Controller:
         return result
 
     def _owned(self, credential: str | None, action: Action, request_id: str) -> tuple[str, RequestStatus]:
-        self._refuse_if_state_lost(action)  # before the lookup: with no books, every id is unknown
+        # The caller is named before the lookup: an unknown one learns nothing of which ids exist.
+        self._allow(credential, action, request_id)
         with self._lock:
             status = self.scheduler.get(request_id)
         return self._allow(credential, action, request_id, status.team), status
@@ -572,8 +573,9 @@ class Controller:
             return [self.scheduler.team_usage(team) for team in self.scheduler.quotas if principal in (ADMIN, team)]
 
     def nodes(self, credential: str | None) -> list[dict]:
-        """Each schedulable node with the controller's books: capacity, allocated, controls."""
-        self._allow(credential, Action.READ_OWN)
+        """Each schedulable node with the controller's books: capacity, allocated, controls; a team sees only
+        its own requests there."""
+        principal = self._allow(credential, Action.READ_OWN)
         with self._lock:
             allocated: dict[str, dict[str, float]] = {name: {} for name in self.scheduler.nodes}
             requests: dict[str, list[str]] = {name: [] for name in self.scheduler.nodes}
@@ -581,7 +583,7 @@ class Controller:
                 for bundle in status.bundles:
                     for key, amount in bundle.resources.items():
                         allocated[bundle.node][key] = allocated[bundle.node].get(key, 0.0) + amount
-                    if status.id not in requests[bundle.node]:
+                    if status.id not in requests[bundle.node] and principal in (ADMIN, status.team):
                         requests[bundle.node].append(status.id)
             rows = []
             for name, snapshot in sorted(self.scheduler.nodes.items()):
@@ -619,7 +621,7 @@ class Controller:
         return records[-limit:] if limit else records
 
     def audit_log(self, credential: str | None, limit: int = 100) -> list[dict]:
-        self._allow(credential, Action.SHUTDOWN)
+        self._allow(credential, Action.READ_AUDIT)
         return self.audit.entries(limit)
 
     def shutdown(self, credential: str | None) -> None:

@@ -376,8 +376,10 @@ class LocalCluster:
 
     def _node_env(self) -> dict[str, str]:
         venv_bin = str(Path(sys.executable).parent)
+        # The caller's llmos credential stays with the caller: every job on every node would inherit it.
+        inherited = {key: value for key, value in os.environ.items() if not key.startswith("LLMOS_CREDENTIAL")}
         return {
-            **os.environ,
+            **inherited,
             # Jobs submitted to this cluster run the `python` on the raylet's PATH: the project's venv.
             "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
             "RAY_AUTH_MODE": "token",

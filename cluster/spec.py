@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from cluster.auth import RESERVED_PRINCIPALS
+
 _QUANTITY_SUFFIXES = {
     "": 1,
     "k": 1000,
@@ -436,6 +438,15 @@ class Team(StrictModel):
     priority: str = Field("normal", description="Default priority class of the team's requests.")
     namespace: NamespaceName | None = Field(None, description="Kubernetes namespace; defaults to the team name.")
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_reserved_principal(cls, name: str) -> str:
+        if name in RESERVED_PRINCIPALS:
+            raise ValueError(
+                f"{name!r} is reserved: the admin API names its admin and unrecognized callers so; choose another"
+            )
+        return name
+
     @field_validator("quota", mode="before")
     @classmethod
     def _memory_quota_as_bytes(cls, quota: Any) -> Any:
@@ -586,6 +597,11 @@ class KubernetesOptions(StrictModel):
     )
     network_policy: bool = Field(
         True, description="A NetworkPolicy per namespace admitting only the cluster's own pods and KubeRay."
+    )
+    operator_namespace: Name = Field(
+        "default",
+        description="Namespace the KubeRay operator runs in (where `helm install` put it): the NetworkPolicy admits "
+        "the operator's pods from there only, on the dashboard port.",
     )
     idle_timeout_seconds: Annotated[NonNegativeInt, Int32] = Field(
         60, description="Seconds an idle worker waits before the autoscaler removes it."

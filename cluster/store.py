@@ -42,6 +42,9 @@ class Journal:
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True)
             _fsync_directory(self.directory.parent)
+        # Every team's requests, and the credentials, are in here: the controller's user alone reads them.
+        with contextlib.suppress(PermissionError):  # a directory of someone else's, such as a volume's root
+            os.chmod(self.directory, 0o700)
         self.compact_every = compact_every
         self._compact_at = compact_every
         self._pending: list[str] = []
@@ -62,8 +65,10 @@ class Journal:
         written later."""
         path = self._journal_path(generation)
         existed = path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if not existed:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if existed:
+            os.fchmod(fd, 0o600)  # one an earlier version made readable by everyone
+        else:
             _fsync_directory(self.directory)
         return fd
 
@@ -226,7 +231,7 @@ def _replace_durably(path: Path, text: str) -> None:
     """`path` holds `text` whole or keeps what it held: a temporary file, fsync, rename."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as out:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())

@@ -1,4 +1,4 @@
-"""The audit log: rotated by size, so it stays bounded, and read from its newest end."""
+"""The audit log (rotated by size, so it stays bounded, and read from its newest end) and the credentials."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cluster.auth import AuditLog
+from cluster.auth import AuditLog, Credentials
 from cluster.console import UserError
 
 
@@ -59,3 +59,21 @@ def test_a_record_the_disk_refuses_is_logged_not_raised_and_leaves_no_torn_line(
     assert "could not record" in caplog.text and '"target": "lost"' in caplog.text
     log.record("research", "submit", "after", "ok")
     assert [entry["target"] for entry in log.entries()] == ["before", "after"]
+
+
+def test_a_credential_that_is_no_string_is_refused_as_unknown_not_a_crash(tmp_path):
+    credentials = Credentials(tmp_path / "credentials", ["research"])
+    for credential in (12345, b"bytes", ["list"], None, ""):
+        with pytest.raises(UserError, match="the credential is missing or unknown"):
+            credentials.principal(credential)
+
+
+def test_a_credential_file_readable_by_others_is_made_owner_only_and_said_so(tmp_path, caplog):
+    Credentials(tmp_path / "credentials", ["research"])
+    loose = tmp_path / "credentials" / "research"
+    loose.chmod(0o644)
+    token = loose.read_text().strip()
+    credentials = Credentials(tmp_path / "credentials", ["research"])
+    assert oct(loose.stat().st_mode)[-3:] == "600"
+    assert "was readable by others" in caplog.text and token not in caplog.text
+    assert credentials.principal(token) == "research"

@@ -93,6 +93,14 @@ def test_a_credential_that_is_empty_or_no_text_is_refused_before_connecting(tmp_
         Admin(credential="")
 
 
+@pytest.mark.parametrize("variable", ["LLMOS_CREDENTIAL", "LLMOS_CREDENTIAL_FILE"])
+def test_a_credential_variable_set_but_empty_is_refused_not_taken_for_the_admins(variable, monkeypatch):
+    monkeypatch.setenv(variable, " ")  # as `LLMOS_CREDENTIAL=$(cat a-missing-file)` leaves it
+    unconnected = Admin.__new__(Admin)  # the refusal comes before the controller is asked anything
+    with pytest.raises(UserError, match=f"{variable} is set but empty"):
+        unconnected._credential_from_environment()
+
+
 def test_a_serve_config_that_cannot_be_written_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "a-file").touch()
     assert main(["serve", "config", "examples/serve.yaml", "-o", str(tmp_path / "a-file" / "serve.yaml")]) == 2

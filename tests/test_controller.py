@@ -388,6 +388,8 @@ def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the
         (lambda: research.audit_log(), "needs the admin credential"),
         (lambda: research.stop_controller(), "needs the admin credential"),
         (lambda: Admin(credential="guessed-token").queue(), "credential is missing or unknown"),
+        # Named before the lookup: a wrong credential learns nothing of which request ids exist.
+        (lambda: Admin(credential="guessed-token").status("research-99999"), "credential is missing or unknown"),
     ]
     for attempt, message in refusals:
         with pytest.raises(UserError) as caught:
@@ -398,11 +400,21 @@ def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the
     assert [s.id for s in research.queue()] == [mine.id] and interns.queue() == []
     assert [s.id for s in research.queue(team="research", states=["placed"])] == [mine.id]
     assert [u.team for u in interns.usage()] == ["interns"]
+    # Every team sees every node's capacity and allocation, but only its own requests on them.
+    assert mine.id in {request for node in research.nodes() for request in node.requests}
+    assert mine.id not in {request for node in interns.nodes() for request in node.requests}
+    assert mine.id in {request for node in admin.nodes() for request in node.requests}
     research.cancel(mine.id)
     audit = admin.audit_log(limit=500)
     assert any(e["principal"] == "research" and e["action"] == "cordon" and e["outcome"] == "refused" for e in audit)
     assert any(e["principal"] == "research" and e["action"] == "cancel" and e["outcome"] == "ok" for e in audit)
     assert any(e["principal"] == "unknown" and e["outcome"] == "refused" for e in audit)
+    assert {"principal": "research", "action": "read_audit", "outcome": "refused"}.items() <= next(
+        e for e in audit if e["action"] == "read_audit"
+    ).items()
+    state_dir = Path(admin.ping()["state_dir"])
+    for private in [state_dir, *state_dir.glob("journal-*.jsonl"), state_dir / "audit.jsonl"]:
+        assert oct(private.stat().st_mode)[-3:] in ("700", "600"), private
     assert not any(token in json.dumps(audit) for token in tokens.values())
 
 

@@ -178,3 +178,16 @@ def test_a_start_that_fails_names_a_log_that_is_still_there(tmp_path, monkeypatc
     log = Path(str(refused.value).rsplit("the whole log: ", 1)[1].strip())
     assert "the reason Ray gave" in log.read_text()
     assert LocalCluster.find(tmp_path / "home") is None  # the failed start left no record behind
+
+
+def test_the_callers_llmos_credential_is_not_handed_to_the_nodes(tmp_path, fake_ray, monkeypatch):
+    monkeypatch.setenv("LLMOS_CREDENTIAL", "team-secret")
+    monkeypatch.setenv("LLMOS_CREDENTIAL_FILE", str(tmp_path / "team.cred"))
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+    cluster = _up(tmp_path / "home")
+    try:
+        env = cluster._node_env()
+        assert not [key for key in env if key.startswith("LLMOS_CREDENTIAL")]
+        assert env["LLMOS_HOME"] == str(tmp_path)  # the rest of the caller's environment goes along
+    finally:
+        cluster.down()

@@ -123,6 +123,13 @@ def test_token_auth_and_network_policy_are_on_by_default_and_can_be_switched_off
     policies = files["network-policies.yaml"]
     assert [p["metadata"]["namespace"] for p in policies] == ["llmos", "research", "prod", "interns"]
     assert policies[0]["spec"]["podSelector"] == {"matchLabels": {"llmos.io/cluster": "llmos-demo"}}
+    # The operator only from its own namespace: a pod label alone anyone who may create a pod could set.
+    (operator,) = policies[0]["spec"]["ingress"][1]["from"]
+    assert operator["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "default"}}
+    moved = render_cluster(spec_with(spec, operator_namespace="ray-system"))["network-policies.yaml"]
+    assert moved[0]["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "ray-system"
+    }
 
     relaxed = render_cluster(spec_with(spec, token_auth=False, network_policy=False))
     assert relaxed["raycluster.yaml"][0]["spec"]["authOptions"] == {"mode": "disabled"}

@@ -503,3 +503,10 @@ def test_a_route_prefix_is_one_ray_serve_takes(route_prefix, expected):
     assert (
         parse_model(ServeJob, serve | {"route_prefix": "/v1/stdlib-lm"}, "serve.yaml").route_prefix == "/v1/stdlib-lm"
     )
+
+
+@pytest.mark.parametrize("name", ["admin", "unknown"])
+def test_a_team_may_not_take_a_name_the_admin_api_gives_its_admin_or_an_unknown_caller(example, name):
+    example["teams"][0]["name"] = name
+    (problem,) = problems_of(example)
+    assert problem.startswith("teams[0].name:") and f"'{name}' is reserved" in problem
