@@ -139,8 +139,8 @@ class Journal:
                 if number == len(lines):
                     break  # a last line torn by a kill: it was never acknowledged
                 raise JournalDamaged(
-                    f"{journal} line {number} is not a journal entry ({error}); the lines after it are whole, so "
-                    "the file was damaged, not cut off by a kill. Restore it from a backup, or move it aside to "
+                    f"{journal} line {number} is not a journal entry ({error}); it ends in a newline, so it is no "
+                    "write cut off by a kill: the file was damaged. Restore it from a backup, or move it aside to "
                     "start from the snapshot alone, losing the changes it holds"
                 ) from error
             batch = entry["batch"] if entry.keys() == {"batch"} else [entry]
