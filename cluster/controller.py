@@ -532,10 +532,13 @@ class Controller:
         )
 
     def mark_running(self, credential: str | None, request_id: str, details: dict | None = None) -> RequestStatus:
-        self._owned(credential, Action.REPORT, request_id)
-        return self._act(self.scheduler.mark_running, request_id, details)
+        principal, _ = self._owned(credential, Action.REPORT, request_id)
+        return self._audited(
+            principal, Action.REPORT, request_id, lambda: self.scheduler.mark_running(request_id, details)
+        )
 
     def report(self, credential: str | None, request_id: str, details: dict) -> RequestStatus:
+        # Not audited when allowed: a workload reports at every logged step, and the books keep the last report.
         self._owned(credential, Action.REPORT, request_id)
         return self._act(self.scheduler.report, request_id, details)
 

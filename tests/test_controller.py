@@ -404,10 +404,13 @@ def test_teams_see_and_change_only_their_own_requests_and_admin_actions_need_the
     assert mine.id in {request for node in research.nodes() for request in node.requests}
     assert mine.id not in {request for node in interns.nodes() for request in node.requests}
     assert mine.id in {request for node in admin.nodes() for request in node.requests}
+    research.reporter(mine.id).mark_running({"step": 0})  # a state change: audited, as a report is not
     research.cancel(mine.id)
     audit = admin.audit_log(limit=500)
     assert any(e["principal"] == "research" and e["action"] == "cordon" and e["outcome"] == "refused" for e in audit)
     assert any(e["principal"] == "research" and e["action"] == "cancel" and e["outcome"] == "ok" for e in audit)
+    running = {"principal": "research", "action": "report", "target": mine.id, "outcome": "ok"}
+    assert any(e == {**e, **running} for e in audit)
     assert any(e["principal"] == "unknown" and e["outcome"] == "refused" for e in audit)
     assert {"principal": "research", "action": "read_audit", "outcome": "refused"}.items() <= next(
         e for e in audit if e["action"] == "read_audit"
