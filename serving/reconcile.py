@@ -7,6 +7,13 @@ any time. A detached actor per deployment (`llmos-serve-<name>` in the `llmos` n
 those requests and makes Serve run exactly one replica per request that holds a node, pinned to
 the booked nodes: it scales the deployment down when a replica is preempted, so Ray frees the
 resources the controller gave to someone else, and back up when a replica is placed again.
+
+Serve, not the reconciler, picks which replica a smaller deployment stops: one on the node with the
+fewest replicas, which need not be the node whose booking went. Nor does Ray place a new replica
+by the books: any booked node with room will do. So once Serve runs what it was asked, the
+reconciler compares where the replicas run with where they are booked, and stops one on a node
+running more than its bookings while another runs fewer: Ray frees what that node's new holder
+waits for, and Serve starts the replica again where a booking has room.
 """
 
 from __future__ import annotations
@@ -14,17 +21,23 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import ray
 
 from cluster.admin import ProgressReporter
 from cluster.requests import BundleBinding, RequestState, RequestStatus
-from serving.config import replica_actor_options
+from serving.config import DEPLOYMENT, replica_actor_options
 from serving.spec import ServeJob
 
 RECONCILE_INTERVAL_S = 1.0
+# How often the replicas' nodes are compared with the bookings, and the least time after a replica is stopped
+# for that before another may be: Serve needs a health check (every 10 s) to see it gone and start it again.
+PLACEMENT_CHECK_S = 5.0
+MOVE_PAUSE_S = 30.0
 NAMESPACE = "llmos"
+SERVE_NAMESPACE = "serve"
 
 
 def reconciler_name(deployment: str) -> str:
@@ -45,6 +58,37 @@ def changed_bookings(statuses: list[RequestStatus], pins: list[dict[str, str]]) 
     if not booked or [bundle.pin for bundle in booked] == pins:
         return None
     return booked
+
+
+def misplaced_replica(booked: list[BundleBinding], running: list[tuple[str, str]]) -> str | None:
+    """Of the replicas Serve runs (`running`: actor name, Ray node id), one to stop because its node runs more
+    replicas than are booked there while another booked node runs fewer; None when each node runs what is
+    booked there, or the books lack Ray's node ids."""
+    wanted = Counter(bundle.node_id for bundle in booked)
+    if "" in wanted:
+        return None
+    have = Counter(node for _, node in running)
+    if all(have[node] >= count for node, count in wanted.items()):
+        return None
+    return next((name for name, node in running if have[node] > wanted[node]), None)
+
+
+def serve_running(deployment: str) -> list[tuple[str, str]] | None:
+    """The deployment's replicas as (actor name, Ray node id), once Serve runs every replica it was asked for;
+    None while it starts or stops any."""
+    from ray import serve
+    from ray.util.state import list_actors
+
+    application = serve.status().applications.get(deployment)
+    if application is None or application.status.value != "RUNNING" or DEPLOYMENT not in application.deployments:
+        return None
+    states = application.deployments[DEPLOYMENT].replica_states
+    alive = list_actors(
+        filters=[("class_name", "=", f"ServeReplica:{deployment}:{DEPLOYMENT}"), ("state", "=", "ALIVE")]
+    )
+    if set(states) != {"RUNNING"} or states["RUNNING"] != len(alive):
+        return None
+    return [(actor.name, actor.node_id) for actor in alive]
 
 
 def run_replicas(job: ServeJob, booked: list[BundleBinding]) -> None:
@@ -75,6 +119,7 @@ class ReplicaReconciler:
         self.pins = [bundle.pin for bundle in booked]
         self.changes: list[dict[str, Any]] = []
         self.last_error = ""
+        self._next_placement_check = 0.0  # time.monotonic() of the next comparison of nodes with bookings
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True, name="llmos-serve-sync")
         self._thread.start()
@@ -98,6 +143,21 @@ class ReplicaReconciler:
         for reporter, status in zip(self.reporters, statuses, strict=True):
             if status.state is RequestState.PLACED:
                 reporter.mark_running({"deployment": self.job.name})
+        if booked is None and time.monotonic() >= self._next_placement_check:
+            self._next_placement_check = time.monotonic() + PLACEMENT_CHECK_S
+            self._move_a_misplaced_replica(serving_bundles(statuses))
+
+    def _move_a_misplaced_replica(self, booked: list[BundleBinding]) -> None:
+        """Stop one replica running where it is not booked (see the module doc); Serve starts it again."""
+        running = serve_running(self.job.name) if booked else None
+        victim = misplaced_replica(booked, running) if running is not None else None
+        if victim is None:
+            return
+        node = dict(running)[victim]
+        with contextlib.suppress(ValueError):  # gone already: Serve replaces it either way
+            ray.kill(ray.get_actor(victim, namespace=SERVE_NAMESPACE), no_restart=True)
+        self.changes.append({"time": time.time(), "stopped_misplaced": victim, "node_id": node})
+        self._next_placement_check = time.monotonic() + MOVE_PAUSE_S
 
     def state(self) -> dict[str, Any]:
         return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,7 +55,7 @@ def port_of(deployment) -> int:
     return int(deployment.url.split(":")[2].split("/")[0])
 
 
-def research_job(name: str, checkpoint: Path, pool: str, **fields) -> ServeJob:
+def research_job(name: str, checkpoint: Path, pool: str | None, **fields) -> ServeJob:
     """A small replica of the research team's, at its own route."""
     return ServeJob(
         name=name,
@@ -280,3 +281,56 @@ def test_a_preempted_replica_scales_the_deployment_down_and_it_comes_back(served
         released = delete(job.name, admin)
     assert sorted(released) == sorted(elastic.requests)
     assert serve_replicas(job.name) == 0
+
+
+def replicas_by_node(name: str, admin: Admin) -> dict[str, int]:
+    """How many of the application's replica actors run on each node, by llmos node name."""
+    names = {node.node_id: node.name for node in admin.nodes()}
+    alive = list_actors(filters=[("class_name", "=", f"ServeReplica:{name}:CompletionServer"), ("state", "=", "ALIVE")])
+    return dict(Counter(names.get(actor.node_id, actor.node_id) for actor in alive))
+
+
+def test_replicas_running_where_they_are_not_booked_are_moved_to_the_books(served, tiny_lm_checkpoint):
+    """A gang takes one of two replica bookings on cpu-0 and the replica is booked again on h100-0. Serve picks
+    the replica it stops by its own rule (on the node with the fewest), and Ray places the one it starts on any
+    booked node with room: the reconciler stops a replica where it is not booked until they match, Ray hands
+    the CPUs to the gang, and Serve starts the replica again where a booking has room."""
+    admin, _, deployment = served
+    job = research_job("spread-lm", tiny_lm_checkpoint, None, replicas={"min": 1, "max": 3}, resources={"cpus": 3})
+    admin.cordon("a100-0")  # two replicas on cpu-0 (8 CPUs), the third on h100-0, the next smallest fit
+    blocker = None
+    try:
+        spread = deploy(job, admin, port=port_of(deployment), wait_s=TIMEOUT_S)
+        assert sorted(spread.nodes) == ["cpu-0", "cpu-0", "h100-0"]
+        wait_for(lambda: replicas_by_node(job.name, admin) == {"cpu-0": 2, "h100-0": 1}, what="three replicas")
+        blocker = admin.submit(
+            {
+                "team": "prod",
+                "priority": "high",
+                "kind": "training",
+                "gang": {
+                    "name": "blocker",
+                    "bundles": [{"resources": {"CPU": 5}, "label_selector": {POOL_LABEL: "cpu"}}],
+                },
+            }
+        )
+        assert blocker.state is RequestState.PLACED, blocker.reason
+        # The replica taken off cpu-0 is booked again on h100-0 (bestfit's next smallest fit) once tried again.
+        wait_for(lambda: all(admin.status(i).state.holding for i in spread.requests), what="it to be booked again")
+        booked = Counter(node for request_id in spread.requests for node in admin.status(request_id).nodes)
+        assert booked == {"cpu-0": 1, "h100-0": 2}
+        wait_for(
+            lambda: replicas_by_node(job.name, admin) == booked and serve_replicas(job.name) == 3,
+            90,
+            "the replicas to run where they are booked",
+        )
+        ray.get(admin.placement_group(blocker.id).ready(), timeout=TIMEOUT_S)
+        # Moved by the reconciler, not by Serve: at the start too if Ray put a replica where none is booked.
+        changes = ray.get(find_reconciler(job.name).state.remote(), timeout=TIMEOUT_S)["changes"]
+        assert any("stopped_misplaced" in change for change in changes)
+        assert post(spread.url, {"model": job.name, "prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        admin.uncordon("a100-0")
+        if blocker is not None:
+            admin.cancel(blocker.id)
+        delete(job.name, admin)

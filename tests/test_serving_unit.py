@@ -17,7 +17,7 @@ from jobs.spec import ModelSize
 from serving.api import ApiError, parse_completion
 from serving.config import build_serve_config, replica_actor_options
 from serving.decoding import BatchDecoder, Generation
-from serving.reconcile import changed_bookings
+from serving.reconcile import changed_bookings, misplaced_replica
 from serving.spec import Limits, ServeJob, load_serve_job
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "serve.yaml"
@@ -203,3 +203,19 @@ def test_replicas_follow_a_node_that_came_back_under_its_old_name_with_a_new_ray
     assert [bundle.pin for bundle in changed_bookings([after], pins)] == [{"ray.io/node-id": "id-after"}]
     # Every replica off its node: Serve keeps what it has until one is placed again.
     assert changed_bookings([booked_replica("cpu-0", "id-after", RequestState.PREEMPTED)], pins) is None
+
+
+def test_the_replica_to_move_is_one_on_a_node_running_more_than_its_bookings_while_another_runs_fewer():
+    def booked(*nodes: str) -> list[BundleBinding]:
+        return [bundle for node in nodes for bundle in booked_replica(node, f"id-{node}").bundles]
+
+    # Serve shrank 3 -> 2 by stopping h100-0's replica, while cpu-0 lost the booking.
+    running = [("r1", "id-cpu-0"), ("r2", "id-cpu-0")]
+    assert misplaced_replica(booked("cpu-0", "h100-0"), running) in {"r1", "r2"}
+    assert misplaced_replica(booked("cpu-0", "h100-0"), [("r1", "id-cpu-0"), ("r3", "id-h100-0")]) is None
+    assert misplaced_replica(booked("cpu-0", "cpu-0"), running) is None
+    # A replica on a node with no booking at all is misplaced too.
+    assert misplaced_replica(booked("cpu-0", "h100-0"), [("r1", "id-cpu-0"), ("r4", "id-a100-0")]) == "r4"
+    # Books without Ray's node ids cannot be compared with where Ray runs the replicas.
+    without_ids = [bundle.model_copy(update={"node_id": ""}) for bundle in booked("cpu-0", "h100-0")]
+    assert misplaced_replica(without_ids, running) is None
