@@ -598,7 +598,7 @@ class KubernetesOptions(StrictModel):
     network_policy: bool = Field(
         True, description="A NetworkPolicy per namespace admitting only the cluster's own pods and KubeRay."
     )
-    operator_namespace: Name = Field(
+    operator_namespace: NamespaceName = Field(
         "default",
         description="Namespace the KubeRay operator runs in (where `helm install` put it): the NetworkPolicy admits "
         "the operator's pods from there only, on the dashboard port.",
