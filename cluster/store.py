@@ -41,7 +41,7 @@ class Journal:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True)
-            _fsync_directory(self.directory.parent)
+            fsync_path(self.directory.parent)
         # Every team's requests, and the credentials, are in here: the controller's user alone reads them.
         with contextlib.suppress(PermissionError):  # a directory of someone else's, such as a volume's root
             os.chmod(self.directory, 0o700)
@@ -69,7 +69,7 @@ class Journal:
         if existed:
             os.fchmod(fd, 0o600)  # one an earlier version made readable by everyone
         else:
-            _fsync_directory(self.directory)
+            fsync_path(self.directory)
         return fd
 
     def _remove_journals_before(self, generation: int) -> None:
@@ -206,9 +206,10 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the directory's entries durable: a file created or renamed there survives a power loss."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Make a file's contents, or a directory's entries, durable: of a directory, a file created or renamed there
+    then survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -240,4 +241,4 @@ def _replace_durably(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)  # a partial copy of the whole state, on a disk likely short of room
         raise
-    _fsync_directory(path.parent)
+    fsync_path(path.parent)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from cluster.store import fsync_path
 from jobs.data import VOCAB_SIZE
 from jobs.model import TransformerLM
 from jobs.spec import ModelSize
@@ -33,14 +33,6 @@ _IN_PROGRESS_PREFIX = ".incomplete-"
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:09d}"
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -119,8 +111,8 @@ def _save_checkpoint(
         torch.save(state, staging / STATE_FILE)
         (staging / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=2, default=str))
         for file in (STATE_FILE, META_FILE):
-            _fsync(staging / file)
-        _fsync(staging)
+            fsync_path(staging / file)
+        fsync_path(staging)
         if final.exists():
             # Re-saving a step (a run resumed from an older checkpoint) replaces it whole.
             replaced = Path(tempfile.mkdtemp(prefix=f"{_IN_PROGRESS_PREFIX}replaced-", dir=directory))
@@ -129,7 +121,7 @@ def _save_checkpoint(
             shutil.rmtree(replaced)
         else:
             staging.rename(final)
-        _fsync(directory)
+        fsync_path(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

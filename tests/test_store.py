@@ -293,11 +293,11 @@ def test_compaction_makes_the_snapshot_and_the_new_journal_durable_before_removi
     journal.append(json.dumps({"a": 1}))
     journal.flush()
     synced: list[list[str]] = []
-    fsync_directory = store._fsync_directory
+    fsync_path = store.fsync_path
     monkeypatch.setattr(
         store,
-        "_fsync_directory",
-        lambda path: (synced.append(sorted(p.name for p in path.iterdir())), fsync_directory(path)),
+        "fsync_path",
+        lambda path: (synced.append(sorted(p.name for p in path.iterdir())), fsync_path(path)),
     )
     journal.compact(lines({"state": "a"}))
     journal.close()
