@@ -890,9 +890,7 @@ TPU_SPEC = {
 def test_a_tpu_pool_grows_by_whole_slices():
     one_tpu_pool = {**TPU_SPEC["pools"][1], "slices": {"max": 3}}
     spec = ClusterSpec.model_validate({"pools": [one_tpu_pool], "teams": [{"name": "research", "quota": {"tpu": 64}}]})
-    pool = spec.pool("tpu")
-    live = [node_from_ray(host.name, host.resources, host.labels) for host in replica_nodes(pool, 0)]
-    books = growing(live, spec)
+    books = growing(first_nodes(spec, "tpu"), spec)
     slice_gang = GangRequest(
         name="slice", constraint="same_tpu_slice", bundles=[Bundle(resources={"CPU": 1, "TPU": 4})] * 2
     )
@@ -945,11 +943,16 @@ def test_a_gang_that_no_longer_waits_for_nodes_stops_asking_for_them():
     assert books.scale_up_demand() == {}
 
 
+def first_nodes(spec: ClusterSpec, *pools: str) -> list[NodeSnapshot]:
+    """The nodes of each pool's first replica (a TPU pool's first slice), as the controller reads them from Ray."""
+    hosts = [host for pool in pools for host in replica_nodes(spec.pool(pool), 0)]
+    return [node_from_ray(host.name, host.resources, host.labels) for host in hosts]
+
+
 def tpu_books(teams: list[dict]) -> Scheduler:
     spec = ClusterSpec.model_validate({**TPU_SPEC, "teams": teams})
     books = Scheduler(spec, POLICY)
-    hosts = [node_from_ray(host.name, host.resources, host.labels) for host in replica_nodes(spec.pool("tpu"), 0)]
-    books.set_nodes([node("cpu-0", "cpu", 8), *hosts])
+    books.set_nodes([node("cpu-0", "cpu", 8), *first_nodes(spec, "tpu")])
     return books
 
 
@@ -1004,13 +1007,7 @@ def test_preemption_frees_only_room_the_request_may_use_within_its_typed_quota()
     teams = [{"name": "lo", "priority": "low"}, {"name": "hi", "priority": "high", "quota": {"tpu:v4": 0}}]
     spec = ClusterSpec.model_validate({**TPU_SPEC, "pools": [*TPU_SPEC["pools"], v4], "teams": teams})
     books = Scheduler(spec, POLICY)
-    books.set_nodes(
-        [
-            node_from_ray(host.name, host.resources, host.labels)
-            for pool in ("tpu", "tpu-v4")
-            for host in replica_nodes(spec.pool(pool), 0)
-        ]
-    )
+    books.set_nodes(first_nodes(spec, "tpu", "tpu-v4"))
     on_v5p = books.submit(SubmitRequest(team="lo", gang=slice_gang(4)))
     books.schedule()
     one_host = GangRequest(name="host", constraint="same_tpu_slice", bundles=[Bundle(resources={"TPU": 4})])
@@ -1048,13 +1045,7 @@ def small_and_big_tpu_hosts(quota: dict[str, float]) -> Scheduler:
     ]
     spec = ClusterSpec.model_validate({"pools": pools, "teams": [{"name": "t", "quota": quota}]})
     books = Scheduler(spec, POLICY)
-    books.set_nodes(
-        [
-            node_from_ray(host.name, host.resources, host.labels)
-            for pool in pools
-            for host in replica_nodes(spec.pool(pool["name"]), 0)
-        ]
-    )
+    books.set_nodes(first_nodes(spec, *(pool["name"] for pool in pools)))
     return books
 
 

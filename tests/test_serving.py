@@ -242,6 +242,15 @@ def reconciled_replicas(name: str) -> int:
     return ray.get(find_reconciler(name).state.remote(), timeout=TIMEOUT_S)["replicas"]
 
 
+# A prod training gang of 5 CPUs on the cpu pool: on cpu-0 (8 CPUs) beside replicas of 3, it takes one's booking.
+CPU_BLOCKER = {
+    "team": "prod",
+    "priority": "high",
+    "kind": "training",
+    "gang": {"name": "blocker", "bundles": [{"resources": {"CPU": 5}, "label_selector": {POOL_LABEL: "cpu"}}]},
+}
+
+
 def test_a_preempted_replica_scales_the_deployment_down_and_it_comes_back(served, tiny_lm_checkpoint):
     admin, _, deployment = served
     # Two replicas of 3 CPUs on cpu-0 (8 CPUs); a prod gang of 5 CPUs can only be placed by taking one.
@@ -252,17 +261,7 @@ def test_a_preempted_replica_scales_the_deployment_down_and_it_comes_back(served
     try:
         assert elastic.replicas == 2
         wait_for(lambda: serve_replicas(job.name) == 2, what="two running replicas")
-        blocker = admin.submit(
-            {
-                "team": "prod",
-                "priority": "high",
-                "kind": "training",
-                "gang": {
-                    "name": "blocker",
-                    "bundles": [{"resources": {"CPU": 5}, "label_selector": {POOL_LABEL: "cpu"}}],
-                },
-            }
-        )
+        blocker = admin.submit(CPU_BLOCKER)
         assert blocker.state is RequestState.PLACED, blocker.reason
         replicas = [admin.status(request_id) for request_id in elastic.requests]
         assert sorted(status.state.value for status in replicas) == ["preempted", "running"]
@@ -303,17 +302,7 @@ def test_replicas_running_where_they_are_not_booked_are_moved_to_the_books(serve
         spread = deploy(job, admin, port=port_of(deployment), wait_s=TIMEOUT_S)
         assert sorted(spread.nodes) == ["cpu-0", "cpu-0", "h100-0"]
         wait_for(lambda: replicas_by_node(job.name, admin) == {"cpu-0": 2, "h100-0": 1}, what="three replicas")
-        blocker = admin.submit(
-            {
-                "team": "prod",
-                "priority": "high",
-                "kind": "training",
-                "gang": {
-                    "name": "blocker",
-                    "bundles": [{"resources": {"CPU": 5}, "label_selector": {POOL_LABEL: "cpu"}}],
-                },
-            }
-        )
+        blocker = admin.submit(CPU_BLOCKER)
         assert blocker.state is RequestState.PLACED, blocker.reason
         # The replica taken off cpu-0 is booked again on h100-0 (bestfit's next smallest fit) once tried again.
         wait_for(lambda: all(admin.status(i).state.holding for i in spread.requests), what="it to be booked again")
