@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.console import UserError
-from cluster.store import write_all
+from cluster.store import open_to_append, write_all
 
 ADMIN = "admin"
 UNKNOWN = "unknown"  # the principal the audit log names for a caller whose credential was not recognized
@@ -110,10 +110,8 @@ class AuditLog:
         self._write_lock = threading.Lock()  # the controller records from several threads at once
 
     def _open(self) -> None:
-        # Open for the controller's life and unbuffered: a record costs one write, not an open and a close,
-        # and one that fails leaves nothing behind to be written later.
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.fchmod(self._fd, 0o600)  # one an earlier version made readable by everyone
+        # Open for the controller's life: a record costs one write, not an open and a close.
+        self._fd: int | None = open_to_append(self.path)
         self._size = os.fstat(self._fd).st_size
 
     def _older(self, index: int) -> Path:

@@ -105,11 +105,9 @@ class Controller:
         self.spec = ClusterSpec.model_validate(spec)
         self.state_dir = Path(state_dir) if state_dir else controller_state_dir(llmos_home(), self.spec.name)
         self.journal = Journal(self.state_dir)
-        self.scheduler = Scheduler(self.spec, policy, journal=self.journal.append, scale_up=scale_up)
         self._unpooled_nodes_seen: set[str] = set()  # Ray node ids of workers without a pool label, warned of once
         self.scale_up_requested: dict[str, int] | None = None  # nodes per pool Ray's autoscaler was asked for
-        restored = self.journal.load()
-        self.scheduler.restore(restored)
+        restored = self._load_books(policy, scale_up)
         self.node_ids: dict[str, str] = {}
         self.credentials = Credentials(self.state_dir / "credentials", [team.name for team in self.spec.teams])
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
@@ -283,14 +281,18 @@ class Controller:
                 "and try again"
             ) from error
 
+    def _load_books(self, policy: str, scale_up: bool) -> list[dict]:
+        """The books as the journal holds them; the entries they were restored from."""
+        self.scheduler = Scheduler(self.spec, policy, journal=self.journal.append, scale_up=scale_up)
+        entries = self.journal.load()
+        self.scheduler.restore(entries)
+        return entries
+
     def _reload_books(self) -> None:
         """The books as the journal holds them. What a failed write left in memory only is dropped, its effects
         with it, none of which was carried out: Ray's placement groups match these books."""
         nodes = list(self.scheduler.nodes.values())
-        self.scheduler = Scheduler(
-            self.spec, self.scheduler.policy, journal=self.journal.append, scale_up=self.scheduler.scale_up
-        )
-        self.scheduler.restore(self.journal.load())
+        self._load_books(self.scheduler.policy, self.scheduler.scale_up)
         self.scheduler.set_nodes(nodes)
 
     def _request_nodes(self) -> None:
@@ -355,18 +357,25 @@ class Controller:
 
     def _allow(self, credential: str | None, action: Action, target: str = "", team: str | None = None) -> str:
         """The caller's principal, if it may take `action`; a refusal is audited and changes nothing."""
+        principal = self._principal(credential, action, target)
+        self._authorize(principal, action, target, team)
+        return principal
+
+    def _principal(self, credential: str | None, action: Action, target: str) -> str:
+        """Whom `credential` names; an unknown one is refused, audited."""
         self._refuse_if_state_lost(action)
         try:
-            principal = self.credentials.principal(credential)
+            return self.credentials.principal(credential)
         except UserError as refusal:
             self.audit.record(UNKNOWN, action.value, target, "refused", str(refusal))
             raise
+
+    def _authorize(self, principal: str, action: Action, target: str, team: str | None) -> None:
         try:
             authorize(principal, action, team)
         except UserError as refusal:
             self.audit.record(principal, action.value, target, "refused", str(refusal))
             raise
-        return principal
 
     def _audited(self, principal: str, action: Action, target: str, change, *args) -> Any:
         try:
@@ -379,10 +388,11 @@ class Controller:
 
     def _owned(self, credential: str | None, action: Action, request_id: str) -> tuple[str, RequestStatus]:
         # The caller is named before the lookup: an unknown one learns nothing of which ids exist.
-        self._allow(credential, action, request_id)
+        principal = self._principal(credential, action, request_id)
         with self._lock:
             status = self.scheduler.get(request_id)
-        return self._allow(credential, action, request_id, status.team), status
+        self._authorize(principal, action, request_id, status.team)
+        return principal, status
 
     # -- the API: every call but ping names its caller with a credential -------------------------------
 

@@ -61,14 +61,11 @@ class Journal:
         return self.directory / f"journal-{generation}.jsonl"
 
     def _open_journal(self, generation: int) -> int:
-        """The journal's file, opened to append: unbuffered, so a failed write leaves no bytes behind to be
-        written later."""
+        """The journal's file, opened to append (`open_to_append`)."""
         path = self._journal_path(generation)
         existed = path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        if existed:
-            os.fchmod(fd, 0o600)  # one an earlier version made readable by everyone
-        else:
+        fd = open_to_append(path)
+        if not existed:
             fsync_path(self.directory)
         return fd
 
@@ -197,6 +194,14 @@ def _cut_torn_tail(journal: Path) -> None:
         file.truncate(file.read().rfind(b"\n") + 1)
         file.flush()
         os.fsync(file.fileno())
+
+
+def open_to_append(path: Path) -> int:
+    """A file descriptor appending to `path`, created if missing; owner-only, made so if an earlier version left
+    it readable by everyone. Unbuffered: a failed write leaves no bytes behind to be written later."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
 
 
 def write_all(fd: int, data: bytes) -> None:
