@@ -226,7 +226,7 @@ NamespaceName = Annotated[str, AfterValidator(_check_namespace)]
 ResourceName = Annotated[str, AfterValidator(_check_resource_name)]
 LabelKey = Annotated[str, _refused_if(label_key_problem)]
 LabelValue = Annotated[str, BeforeValidator(_label_value_is_text), _refused_if(label_value_problem)]
-Int32 = AfterValidator(_fits_int32)  # for a count KubeRay keeps in an int32 field (replicas, numOfHosts)
+Int32 = AfterValidator(_fits_int32)  # for a count KubeRay keeps in an int32 field (replicas), or a user id
 
 
 class MinMaxBounds(StrictModel):
@@ -532,6 +532,19 @@ class ControllerState(StrictModel):
     )
 
 
+class PodSecurity(StrictModel):
+    """The securityContext of every Ray pod llmos renders: Kubernetes' restricted Pod Security Standard
+    (a non-root user, no privilege escalation, no capabilities, the runtime's default seccomp profile).
+    Ray needs none of what it takes away; the defaults are the Ray image's user `ray` and group `users`."""
+
+    run_as_user: Annotated[PositiveInt, Int32] = Field(
+        1000, description="User id the Ray containers run as; the image's files must be readable by it."
+    )
+    run_as_group: Annotated[NonNegativeInt, Int32] = Field(
+        100, description="Group id of the containers, and the group that owns the volumes they mount (fsGroup)."
+    )
+
+
 class SharedStorage(StrictModel):
     """A ReadWriteMany volume every Ray pod llmos renders mounts at one path: where training writes its
     checkpoints and metrics (a job's storage_path) and serving reads them. A pod's own disk is neither
@@ -616,6 +629,11 @@ class KubernetesOptions(StrictModel):
         default_factory=ControllerState,
         description="Where the controller journals on the head pod: a PersistentVolumeClaim (the default), or "
         "None for the pod's own disk, lost when the pod is replaced.",
+    )
+    pod_security: PodSecurity | None = Field(
+        default_factory=PodSecurity,
+        description="The pods' securityContext; None leaves them as the image runs them (for an image that must "
+        "run as root, or a TPU node pool older than GKE 1.28, which needs privileged containers).",
     )
     shared_storage: SharedStorage | None = Field(
         None,

@@ -217,6 +217,7 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
     if (body.get("authOptions") or {}).get("mode") == "disabled":
         kubernetes["token_auth"] = False
     kubernetes["shared_storage"] = _shared_storage(head, head_container)
+    kubernetes["pod_security"] = _pod_security(head)
     head_cpus, head_cpus_field = _amount(head, "spec.headGroupSpec", "CPU", "num-cpus", "cpu")
     head_memory, head_memory_field = _amount(head, "spec.headGroupSpec", "memory", "memory", "memory")
     sources = {
@@ -227,6 +228,8 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
         "kubernetes.namespace": "metadata.namespace",
         "kubernetes.ray_version": "spec.rayVersion",
         "kubernetes.shared_storage": "spec.headGroupSpec.template.spec.volumes",
+        "kubernetes.pod_security.run_as_user": "spec.headGroupSpec.template.spec.securityContext.runAsUser",
+        "kubernetes.pod_security.run_as_group": "spec.headGroupSpec.template.spec.securityContext.runAsGroup",
     }
     pools = []
     for index, group in kept:
@@ -241,7 +244,7 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
         "name": meta.get("name", "llmos"),
         "head": {"cpus": math.floor(head_cpus), "memory": int(head_memory) or "8Gi"},
         "pools": pools,
-        "kubernetes": {k: v for k, v in kubernetes.items() if v is not None},
+        "kubernetes": {k: v for k, v in kubernetes.items() if v is not None or k == "pod_security"},
     }
     spec = _parse_imported(data, source, sources)
     overrides = _placement_overrides(spec, [group for _, group in kept])
@@ -280,6 +283,18 @@ def _shared_storage(head: dict[str, Any], container: dict[str, Any]) -> dict[str
     if not claims or not claims[0] or not mounts:
         return None
     return {"mount_path": mounts[0], "claim": claims[0].get("claimName")}
+
+
+def _pod_security(head: dict[str, Any]) -> dict[str, Any] | None:
+    """The head pod's user and group as kubernetes.pod_security; None where its containers run as the image's user,
+    which may be root: rendering the spec must not make them another user."""
+    context = ((head.get("template") or {}).get("spec") or {}).get("securityContext") or {}
+    if not context.get("runAsUser"):
+        return None
+    security = {"run_as_user": context["runAsUser"]}
+    if context.get("runAsGroup") is not None:
+        security["run_as_group"] = context["runAsGroup"]
+    return security
 
 
 def spec_to_yaml(spec: ClusterSpec) -> str:

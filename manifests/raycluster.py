@@ -103,6 +103,7 @@ def head_group(
             {"name": CONTROLLER_STATE_VOLUME, "persistentVolumeClaim": {"claimName": controller_state_claim_name(spec)}}
         )
         container["env"] = [{"name": "LLMOS_HOME", "value": CONTROLLER_STATE_PATH}]
+    _restrict(spec, container, pod_spec)
     _mount_volumes(spec, container, pod_spec, pod_volumes, mounts)
     return {
         "rayStartParams": {},
@@ -135,9 +136,31 @@ def _mount_volumes(
     if not mounts:
         return
     if any("persistentVolumeClaim" in volume for volume in pod_volumes):
-        pod_spec["securityContext"] = {"fsGroup": RAY_IMAGE_GROUP}  # a fresh volume is root's otherwise
+        # A fresh volume is root's otherwise.
+        security = spec.kubernetes.pod_security
+        pod_spec.setdefault("securityContext", {})["fsGroup"] = security.run_as_group if security else RAY_IMAGE_GROUP
     container["volumeMounts"] = mounts
     pod_spec["volumes"] = pod_volumes
+
+
+def _container_security() -> dict[str, Any]:
+    """A container's part of the restricted Pod Security Standard (a fresh dict: YAML would alias a shared one)."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _restrict(spec: ClusterSpec, container: dict[str, Any], pod_spec: dict[str, Any]) -> None:
+    """The securityContext of kubernetes.pod_security on the pod and its Ray container, if the spec has one."""
+    security = spec.kubernetes.pod_security
+    if security is None:
+        return
+    pod_spec["securityContext"] = {
+        # runAsUser too: the kubelet cannot tell that an image's named user (`ray`) is not root.
+        "runAsNonRoot": True,
+        "runAsUser": security.run_as_user,
+        "runAsGroup": security.run_as_group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container["securityContext"] = _container_security()
 
 
 def worker_group(spec: ClusterSpec, size: GroupSize) -> dict[str, Any]:
@@ -148,6 +171,7 @@ def worker_group(spec: ClusterSpec, size: GroupSize) -> dict[str, Any]:
         "resources": container_resources(pool.node.cpus, pool.node.memory, devices_per_pool_pod(pool)),
     }
     pod_spec: dict[str, Any] = {}
+    _restrict(spec, container, pod_spec)
     _mount_volumes(spec, container, pod_spec, [], [])
     selector = node_selector(spec, pool)
     if selector:
@@ -211,6 +235,8 @@ def ray_cluster_spec(
             "upscalingMode": "Default",
             "idleTimeoutSeconds": spec.kubernetes.idle_timeout_seconds,
         }
+        if spec.kubernetes.pod_security is not None:
+            body["autoscalerOptions"]["securityContext"] = _container_security()
     body["headGroupSpec"] = head_group(spec, head_volumes, controller_state=shared_cluster)
     body["workerGroupSpecs"] = [worker_group(spec, size) for size in groups]
     return body

@@ -137,6 +137,69 @@ def test_token_auth_and_network_policy_are_on_by_default_and_can_be_switched_off
     assert validate_documents(relaxed["raycluster.yaml"]) == []
 
 
+def pod_templates(ray_cluster_body: dict) -> list[dict]:
+    """The pod spec of the head and of every worker group."""
+    groups = [ray_cluster_body["headGroupSpec"], *ray_cluster_body["workerGroupSpecs"]]
+    return [group["template"]["spec"] for group in groups]
+
+
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def test_every_ray_pod_runs_under_the_restricted_pod_security_standard_unless_switched_off(spec):
+    job = Job(name="lm", team="prod", pool="h100", workers=Count(min=2, max=2), resources=Resources(gpus=4))
+    serve = Serve(name="lm", team="prod", pool="a100", replicas=Count(min=1, max=2), resources=Resources(gpus=1))
+
+    def bodies(spec: ClusterSpec) -> list[dict]:
+        return [
+            render_cluster(spec)["raycluster.yaml"][0]["spec"],
+            ray_job(spec, job, "name: lm\n")[1]["spec"]["rayClusterSpec"],
+            ray_service(spec, serve, SERVE_CONFIG)["spec"]["rayClusterConfig"],
+        ]
+
+    for body in bodies(spec):
+        for pod in pod_templates(body):
+            context = pod["securityContext"]
+            assert {k: context[k] for k in ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile")} == {
+                "runAsNonRoot": True,
+                "runAsUser": 1000,
+                "runAsGroup": 100,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            }
+            assert context["fsGroup"] == 100  # every pod mounts the shared storage's claim
+            (container,) = pod["containers"]
+            assert container["securityContext"] == RESTRICTED_CONTAINER
+    assert bodies(spec)[0]["autoscalerOptions"]["securityContext"] == RESTRICTED_CONTAINER
+
+    own_user = spec_with(spec, pod_security={"run_as_user": 2000, "run_as_group": 3000})
+    for pod in pod_templates(bodies(own_user)[0]):
+        context = pod["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (2000, 3000, 3000)
+
+    as_the_image_runs = spec_with(spec, pod_security=None)
+    for body in bodies(as_the_image_runs):
+        assert "securityContext" not in body.get("autoscalerOptions", {})
+        for pod in pod_templates(body):
+            assert pod["securityContext"] == {"fsGroup": 100}  # the Ray image's group may still write its volumes
+            assert "securityContext" not in pod["containers"][0]
+    assert validate_documents(render_cluster(own_user)["raycluster.yaml"]) == []
+    assert validate_documents(render_cluster(as_the_image_runs)["raycluster.yaml"]) == []
+
+
+@pytest.mark.parametrize(
+    ("pod_security", "message"),
+    [
+        ({"run_as_user": 0}, r"kubernetes\.pod_security\.run_as_user: .*greater than 0"),
+        ({"run_as_user": 2**31}, r"kubernetes\.pod_security\.run_as_user: 2147483648 is more than Kubernetes takes"),
+        ({"run_as_group": -1}, r"kubernetes\.pod_security\.run_as_group: .*greater than or equal to 0"),
+        ({"user": 1000}, r"kubernetes\.pod_security\.user: unknown field; known fields here: run_as_user, run_as_gr"),
+    ],
+)
+def test_pod_security_errors_name_the_field(spec, pod_security, message):
+    with pytest.raises(SpecError, match=message):
+        spec_with(spec, pod_security=pod_security)
+
+
 def test_gcs_fault_tolerance_renders_kuberays_redis_options(spec):
     assert "gcsFaultToleranceOptions" not in render_cluster(spec)["raycluster.yaml"][0]["spec"]
     tolerant = spec_with(
@@ -171,7 +234,7 @@ def test_the_controller_journals_on_a_claim_the_head_pod_keeps_across_restarts(s
         {"name": "llmos-shared", "mountPath": "/tmp/llmos"},
     ]
     assert {"name": "LLMOS_HOME", "value": "/home/ray/llmos"} in container["env"]
-    assert pod["securityContext"] == {"fsGroup": 100}
+    assert pod["securityContext"]["fsGroup"] == 100
 
     sized = render_cluster(spec_with(spec, controller_state={"size": "5Gi", "storage_class": "premium-rwo"}))
     assert sized["raycluster.yaml"][1]["spec"]["storageClassName"] == "premium-rwo"
@@ -541,7 +604,7 @@ def mounts_of(cluster_spec: dict) -> list[dict[str, str]]:
         (container,) = pod["containers"]
         [volume] = [v for v in pod.get("volumes", []) if v["name"] == "llmos-shared"]
         [mount] = [m for m in container.get("volumeMounts", []) if m["name"] == "llmos-shared"]
-        assert pod["securityContext"] == {"fsGroup": 100}
+        assert pod["securityContext"]["fsGroup"] == 100
         found.append({"claim": volume["persistentVolumeClaim"]["claimName"], "path": mount["mountPath"]})
     return found
 
@@ -576,7 +639,7 @@ def test_every_ray_pod_mounts_the_shared_storage_and_each_namespace_has_a_claim(
     own_disks = render_cluster(spec_with(spec, shared_storage=None))
     assert "shared-storage.yaml" not in own_disks
     worker_pod = own_disks["raycluster.yaml"][0]["spec"]["workerGroupSpecs"][0]["template"]["spec"]
-    assert "volumes" not in worker_pod and "securityContext" not in worker_pod
+    assert "volumes" not in worker_pod and "fsGroup" not in worker_pod["securityContext"]
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,7 @@ def test_import_of_render_gives_back_the_spec():
     shared = again.kubernetes.shared_storage
     assert (shared.mount_path, shared.claim) == ("/tmp/llmos", "llmos-demo-shared")
     assert ray_cluster(again) == ray_cluster(spec)
+    assert again.kubernetes.pod_security == spec.kubernetes.pod_security
     assert yaml.safe_load(spec_to_yaml(again))["pools"][1]["node"]["memory"] == "200Gi"
 
 
@@ -224,6 +225,20 @@ def test_import_errors_name_the_manifest_field_not_the_cluster_spec_field(change
     manifest = kuberay_manifest()
     change(manifest["spec"]["workerGroupSpecs"])
     with pytest.raises(ManifestError, match=message):
+        import_ray_cluster(manifest, "test")
+
+
+def test_import_keeps_the_user_the_pods_run_as():
+    assert import_ray_cluster(kuberay_manifest(), "test").kubernetes.pod_security is None  # the image's user
+    manifest = kuberay_manifest()
+    head_pod = manifest["spec"]["headGroupSpec"]["template"]["spec"]
+    head_pod["securityContext"] = {"runAsUser": 1500, "runAsGroup": 1500}
+    security = import_ray_cluster(manifest, "test").kubernetes.pod_security
+    assert (security.run_as_user, security.run_as_group) == (1500, 1500)
+    head_pod["securityContext"] = {"runAsUser": "ray"}
+    with pytest.raises(
+        ManifestError, match=r"^spec\.headGroupSpec\.template\.spec\.securityContext\.runAsUser: .*valid integer"
+    ):
         import_ray_cluster(manifest, "test")
 
 
