@@ -16,6 +16,9 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,19 @@ class Credentials:
 
 AUDIT_ROTATE_BYTES = 16 * 2**20
 AUDIT_FILES_KEPT = 4
+AUDIT_UNSUCCESSFUL_PER_MINUTE = 60  # refused or failed calls recorded one by one, per principal
+SUPPRESSED = "suppressed"  # the outcome of a record that counts the unsuccessful calls not recorded one by one
+
+
+@dataclass
+class _Flood:
+    """One principal's unsuccessful calls in the current minute, and those beyond the limit, by action."""
+
+    window_start: float
+    recorded: int = 0
+    suppressed: Counter[str] = field(default_factory=Counter)
+    first_suppressed: float = 0.0
+    last_suppressed: float = 0.0
 
 
 class AuditLog:
@@ -100,12 +116,25 @@ class AuditLog:
 
     Rotated by size so a controller that runs for months keeps a bounded log: past `rotate_bytes`
     the file becomes `audit.jsonl.1`, the older ones shift up, and the oldest beyond `files_kept` goes.
+    A principal's refused and failed calls beyond `unsuccessful_per_minute` in a minute are counted, not
+    recorded one by one, so a caller that loops on a refused call cannot rotate the history away: one
+    `suppressed` record per principal and minute says how many there were, of which actions, when.
     """
 
-    def __init__(self, path: Path, rotate_bytes: int = AUDIT_ROTATE_BYTES, files_kept: int = AUDIT_FILES_KEPT):
+    def __init__(
+        self,
+        path: Path,
+        rotate_bytes: int = AUDIT_ROTATE_BYTES,
+        files_kept: int = AUDIT_FILES_KEPT,
+        unsuccessful_per_minute: int = AUDIT_UNSUCCESSFUL_PER_MINUTE,
+        clock: Callable[[], float] = time.time,
+    ):
         self.path = path
         self.rotate_bytes = rotate_bytes
         self.files_kept = files_kept
+        self.unsuccessful_per_minute = unsuccessful_per_minute
+        self._clock = clock
+        self._floods: dict[str, _Flood] = {}
         self._open()
         self._write_lock = threading.Lock()  # the controller records from several threads at once
 
@@ -128,28 +157,74 @@ class AuditLog:
         self._open()
 
     def record(self, principal: str, action: str, target: str, outcome: str, reason: str = "") -> None:
-        entry = {"time": time.time(), "principal": principal, "action": action, "target": target, "outcome": outcome}
+        now = self._clock()
+        entry = {"time": now, "principal": principal, "action": action, "target": target, "outcome": outcome}
         if reason:
             entry["reason"] = reason
-        line = json.dumps(entry) + "\n"  # ASCII (json's default), so its length is its size in bytes
         with self._write_lock:
-            try:
-                if self._fd is None:  # a rotation failed part way
-                    self._open()
-                if self._size and self._size + len(line) > self.rotate_bytes:
-                    self._rotate()
-                write_all(self._fd, line.encode("ascii"))
-                self._size += len(line)
-            except OSError:
-                # What was done stays done, and what was refused stays refused, recorded or not: a full disk
-                # must not turn either into an error for the caller. The controller's log says what was missed.
-                logger.exception("the audit log %s could not record: %s", self.path, line.strip())
-                if self._fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(self._fd, self._size)  # no torn line for `entries` to choke on
+            self._flush_suppressed(now, ended_only=True)
+            if outcome != "ok" and not self._within_limit(principal, action, now):
+                return
+            self._write(entry)
+
+    def _within_limit(self, principal: str, action: str, now: float) -> bool:
+        """Whether this unsuccessful call of `principal` is recorded one by one; counts it if not."""
+        flood = self._floods.get(principal)
+        if flood is None or now - flood.window_start >= 60:
+            flood = self._floods[principal] = _Flood(window_start=now)
+        if flood.recorded < self.unsuccessful_per_minute:
+            flood.recorded += 1
+            return True
+        if not flood.suppressed:
+            flood.first_suppressed = now
+        flood.suppressed[action] += 1
+        flood.last_suppressed = now
+        return False
+
+    def _flush_suppressed(self, now: float, *, ended_only: bool = False) -> None:
+        """A `suppressed` record for each principal with calls counted, in minutes that ended or in all."""
+        for principal, flood in self._floods.items():
+            if flood.suppressed and (not ended_only or now - flood.window_start >= 60):
+                self._write_suppressed(principal, flood, now)
+
+    def _write_suppressed(self, principal: str, flood: _Flood, now: float) -> None:
+        count = sum(flood.suppressed.values())
+        by_action = ", ".join(f"{action} {n}" for action, n in flood.suppressed.most_common())
+        self._write(
+            {
+                "time": now,  # the file stays in time order; the reason says when the calls came
+                "principal": principal,
+                "action": ",".join(sorted(flood.suppressed)),
+                "target": "",
+                "outcome": SUPPRESSED,
+                "count": count,
+                "reason": f"{count} more refused or failed calls between {_utc(flood.first_suppressed)} and "
+                f"{_utc(flood.last_suppressed)}, beyond {self.unsuccessful_per_minute} a minute, not recorded one "
+                f"by one ({by_action})",
+            }
+        )
+        flood.suppressed.clear()
+
+    def _write(self, entry: dict) -> None:
+        line = json.dumps(entry) + "\n"  # ASCII (json's default), so its length is its size in bytes
+        try:
+            if self._fd is None:  # a rotation failed part way
+                self._open()
+            if self._size and self._size + len(line) > self.rotate_bytes:
+                self._rotate()
+            write_all(self._fd, line.encode("ascii"))
+            self._size += len(line)
+        except OSError:
+            # What was done stays done, and what was refused stays refused, recorded or not: a full disk
+            # must not turn either into an error for the caller. The controller's log says what was missed.
+            logger.exception("the audit log %s could not record: %s", self.path, line.strip())
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)  # no torn line for `entries` to choke on
 
     def close(self) -> None:
         with self._write_lock:
+            self._flush_suppressed(self._clock())
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -158,6 +233,8 @@ class AuditLog:
         """The newest `limit` entries (0: every one kept), oldest first; only the lines returned are parsed."""
         if limit < 0:
             raise UserError(f"limit: {limit} is negative; ask for 1 or more entries, or 0 for all")
+        with self._write_lock:
+            self._flush_suppressed(self._clock())  # the reader hears of the calls counted so far
         lines: list[str] = []
         for path in [self.path, *(self._older(index) for index in range(1, self.files_kept + 1))]:
             if limit and len(lines) >= limit:
@@ -165,3 +242,7 @@ class AuditLog:
             if path.exists():
                 lines = [line for line in path.read_text().splitlines() if line.strip()] + lines
         return [json.loads(line) for line in lines[-limit:]]
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

@@ -61,6 +61,50 @@ def test_a_record_the_disk_refuses_is_logged_not_raised_and_leaves_no_torn_line(
     assert [entry["target"] for entry in log.entries()] == ["before", "after"]
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_flood_of_refused_calls_is_counted_not_recorded_one_by_one_so_history_is_not_rotated_away(tmp_path):
+    clock = FakeClock()
+    log = AuditLog(tmp_path / "audit.jsonl", rotate_bytes=20_000, files_kept=1, unsuccessful_per_minute=5, clock=clock)
+    log.record("admin", "set_quota", "research", "ok")
+    for index in range(3000):  # a team looping on calls it may not make: ~500 KB of records one by one
+        clock.now += 0.01
+        log.record("research", "cordon" if index % 3 else "drain", "cpu-0", "refused", "needs the admin credential")
+        if index == 1000:
+            log.record("prod", "submit", "lm", "ok")  # others' work goes on being recorded
+            log.record("prod", "cancel", "nope", "failed", "no request nope")
+    entries = log.entries()
+    assert entries[0]["action"] == "set_quota"  # the history before the flood is still there
+    assert ("prod", "submit", "ok") in [(e["principal"], e["action"], e["outcome"]) for e in entries]
+    assert ("prod", "cancel", "failed") in [(e["principal"], e["action"], e["outcome"]) for e in entries]
+    research = [e for e in entries if e["principal"] == "research"]
+    one_by_one = [e for e in research if e["outcome"] == "refused"]
+    counted = [e for e in research if e["outcome"] == "suppressed"]
+    # 30 s of calls: one minute, so its first 5 are recorded and the rest counted; reading flushed the count.
+    assert len(one_by_one) == 5 and len(counted) == 1
+    assert counted[0]["count"] == 2995 and counted[0]["action"] == "cordon,drain"
+    assert "2995 more refused or failed calls between" in counted[0]["reason"]
+    assert "beyond 5 a minute" in counted[0]["reason"] and "(cordon 1997, drain 998)" in counted[0]["reason"]
+
+    clock.now += 5  # the same minute: counted again, and said when the minute ends
+    for _ in range(4):
+        log.record("research", "drain", "cpu-0", "refused", "needs the admin credential")
+    clock.now += 60
+    log.record("admin", "cordon", "cpu-1", "ok")
+    *_, late_count, admin_call = log.entries()
+    assert (late_count["outcome"], late_count["count"], admin_call["action"]) == ("suppressed", 4, "cordon")
+    log.record("research", "drain", "cpu-0", "refused", "needs the admin credential")  # a new minute
+    assert log.entries(limit=1)[0]["outcome"] == "refused"
+    assert [entry["time"] for entry in log.entries()] == sorted(entry["time"] for entry in log.entries())
+    log.close()
+
+
 def test_a_credential_that_is_no_string_is_refused_as_unknown_not_a_crash(tmp_path):
     credentials = Credentials(tmp_path / "credentials", ["research"])
     for credential in (12345, b"bytes", ["list"], None, ""):
