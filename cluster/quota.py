@@ -3,7 +3,8 @@
 Keys are `cpu`, `memory` (bytes), `gpu`, `tpu` (chips) and typed keys `gpu:<model>` /
 `tpu:<generation>` that only count usage on that accelerator type. A typed key can only be checked
 once the accelerator type is known, so admission narrows each GPU bundle's allowed types to those whose
-typed quota still has room, and the engine then only picks among those.
+typed quota still has room, and the engine then only picks among those; a spread gang's bundles, which may
+land on several types, are also held to what each type's quota leaves for all of them together.
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ def allowed_types(
         if key not in quota or used.get(key, 0.0) + amount <= quota[key] + EPSILON:
             allowed.add(accelerator_type)
     return allowed
+
+
+def gpu_room(quota: Mapping[str, float], used: Mapping[str, float]) -> dict[str, float]:
+    """Per GPU type with a typed quota, the GPUs the team may still hold on it: the limit a spread gang, whose
+    bundles may cross types, is placed within (`PlacementEngine.place`)."""
+    return {key[len("gpu:") :]: quota[key] - used.get(key, 0.0) for key in quota if key.startswith("gpu:")}
 
 
 def gpu_types_by_bundle(

@@ -724,7 +724,7 @@ class Scheduler:
         if self.engine is None:  # no worker node is up yet: only nodes to come can hold it
             decision = Rejection(gang.name, self.policy, RejectionReason.NEVER_FITS, "no worker node is up")
         else:
-            decision = self.engine.place(gang)
+            decision = self.engine.place(gang, gpu_room=quotas.gpu_room(quota, used))
         if (
             isinstance(decision, Rejection)
             and decision.reason is RejectionReason.NEVER_FITS
@@ -750,7 +750,8 @@ class Scheduler:
             if not self._preempt_for(status, gang):
                 self._wait(status, decision.message)
                 return
-            decision = self.engine.place(gang)
+            # Victims of its own team gave back typed quota too.
+            decision = self.engine.place(gang, gpu_room=quotas.gpu_room(quota, used))
             if isinstance(decision, Rejection):
                 self._wait(status, decision.message)
                 return
@@ -900,10 +901,11 @@ class Scheduler:
                 trial.release(_placement_of(victim))
                 if victim.team == status.team:
                     quotas.add_usage(used, self._request_usage(victim), sign=-1)
-            decision = trial.place(gang)
+            quota = self.quotas[status.team]
+            decision = trial.place(gang, gpu_room=quotas.gpu_room(quota, used))
             # Room the request could not use within its quota is no reason to preempt anyone.
             return not isinstance(decision, Rejection) and not quotas.exceeded(
-                self.quotas[status.team], used, self._placed_usage(decision)
+                quota, used, self._placed_usage(decision)
             )
 
         victims = choose_victims(status, holders, fits_without, self._nodes_suiting(gang))

@@ -197,6 +197,48 @@ class TestWhereBundlesGo:
             "c",
         ]
 
+    @pytest.mark.parametrize("policy", sorted(POLICIES))
+    def test_a_spread_gang_holds_no_more_gpus_of_a_type_than_its_room(self, policy):
+        small = [node(f"a{i}", gpus=4, gpu_type="A100") for i in range(3)]
+        big = [node(f"h{i}", gpus=8, gpu_type="H100") for i in range(3)]
+        spread = gang(*[{"GPU": 2}] * 4, constraint="spread")
+        for room in ({"A100": 2}, {"H100": 2, "A100": 6}, {"H100": 4, "A100": 4}):
+            engine = PlacementEngine(cluster(*small, *big), policy, workload=HALF_AND_WHOLE)
+            placement = placed(engine.place(spread, gpu_room=room))
+            held: dict[str, float] = {}
+            for bundle in placement.bundles:
+                gpu_type = "A100" if bundle.node.startswith("a") else "H100"
+                held[gpu_type] = held.get(gpu_type, 0) + bundle.resources["GPU"]
+            assert all(held.get(gpu_type, 0) <= limit for gpu_type, limit in room.items()), (room, held)
+            assert len(set(placement.nodes)) == 4
+        engine = PlacementEngine(cluster(*small, *big), policy, workload=HALF_AND_WHOLE)
+        rejection = engine.place(spread, gpu_room={"A100": 2, "H100": 4})  # 6 of the 8 GPUs fit the room
+        assert isinstance(rejection, Rejection) and rejection.reason is RejectionReason.NO_ROOM_NOW
+        assert engine.snapshot() == PlacementEngine(cluster(*small, *big), policy).snapshot()  # nothing held
+        # Room on a type the cluster lacks, and room for another constraint's gang, which sits on one type, limit
+        # nothing.
+        assert placed(engine.place(spread, gpu_room={"L4": 0}))
+        assert placed(engine.place(gang(*[{"GPU": 2}] * 2), gpu_room={"H100": 0, "A100": 0}))
+
+    def test_the_spread_matching_fallback_keeps_to_the_room(self):
+        # Bundle by bundle, bestfit gives a 4-GPU bundle h2, the one H100 node with the CPUs the H100-only bundle
+        # needs; the matching that follows must then keep the 4-GPU bundles off H100 when the room says so.
+        snapshot = cluster(
+            node("h0", cpus=2, gpus=8, gpu_type="H100"),
+            node("a1", cpus=8, gpus=8, gpu_type="A100"),
+            node("h2", cpus=8, gpus=4, gpu_type="H100"),
+            node("a3", cpus=2, gpus=8, gpu_type="A100"),
+        )
+        anywhere = Bundle(resources={"GPU": 4, "CPU": 1})
+        on_h100 = Bundle(resources={"GPU": 1, "CPU": 4}, gpu_types=("H100",))
+        spread = GangRequest(name="job", bundles=[anywhere, anywhere, on_h100], constraint="spread")
+        unlimited = placed(PlacementEngine(snapshot, "bestfit").place(spread))
+        assert unlimited.nodes[2] == "h2" and "h0" in unlimited.nodes  # the matching's first answer: 5 H100 GPUs
+        within = placed(PlacementEngine(snapshot, "bestfit").place(spread, gpu_room={"H100": 4}))
+        assert sorted(within.nodes) == ["a1", "a3", "h2"]
+        refused = PlacementEngine(snapshot, "bestfit").place(spread, gpu_room={"H100": 4, "A100": 4})
+        assert isinstance(refused, Rejection)
+
     def test_tpu_gang_takes_whole_hosts_of_the_smallest_slice_that_fits(self):
         hosts = [node(f"big{i}", tpu_chips=4, tpu_slice="big") for i in range(4)]
         hosts += [node(f"small{i}", tpu_chips=4, tpu_slice="small") for i in range(2)]

@@ -474,6 +474,23 @@ def test_a_spread_gang_may_cross_gpu_types_whose_typed_quotas_each_hold_part_of_
     assert one_pool.reason.startswith("every gpu type this request may use has a typed quota smaller than the 8")
 
 
+@pytest.mark.parametrize("policy", ["bestfit", "fgd", "llmos"])
+def test_a_spread_gang_is_placed_within_its_typed_quotas_not_offered_the_same_overfull_placement_again(policy):
+    books = Scheduler(SPEC, policy)
+    books.set_nodes([*NODES, node("a100-1", "a100", 16, 4, "A100-80G"), node("a100-2", "a100", 16, 4, "A100-80G")])
+    books.set_quota("research", {"gpu:A100-80G": 2})
+    spread = books.submit(
+        SubmitRequest(team="research", gang=gang("spread", 3, 1).model_copy(update={"constraint": Constraint.SPREAD}))
+    )
+    books.schedule()
+    # Each bundle alone fits the A100 quota, all three do not: before, the engine put all three on the three A100
+    # nodes (the best fit for 1 GPU), the placement was refused as over quota, and the same one came each time.
+    assert spread.state is RequestState.PLACED, spread.reason
+    assert len(set(spread.nodes)) == 3
+    assert books.usage["research"]["gpu:A100-80G"] <= 2
+    assert books.usage["research"].get("gpu:H100", 0) >= 1
+
+
 def test_an_accelerator_the_cluster_has_no_node_type_for_is_refused_as_never_fitting_not_for_quota():
     cpu_only = SPEC.model_copy(update={"pools": [SPEC.pool("cpu")]})
     books = Scheduler(cpu_only, POLICY)

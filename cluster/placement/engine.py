@@ -16,7 +16,7 @@ decision costs a few vector operations plus scoring the handful of nodes the las
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -187,15 +187,21 @@ class _Planner:
             range(len(demands)), key=lambda index: (_largest_first(demands[index]), -suiting[index]), reverse=True
         )
 
-    def plan(self, demands: Sequence[Demand], constraint: Constraint) -> list[_Choice] | None:
-        """Allocates every bundle on the state and returns the choices, or returns None untouched."""
+    def plan(
+        self, demands: Sequence[Demand], constraint: Constraint, gpu_room: np.ndarray | None = None
+    ) -> list[_Choice] | None:
+        """Allocates every bundle on the state and returns the choices, or returns None untouched.
+        `gpu_room`: per GPU type code, the GPU units a spread gang may hold on that type in all (one bundle alone
+        is held to its type's room before the engine is asked)."""
         order = self._order(demands)
         if constraint is Constraint.SAME_TPU_SLICE:
             return self._plan_tpu_slice(demands, order)
         if len(demands) == 1:
             return self._place(demands, order, None, distinct=False)
         if constraint is Constraint.SPREAD:
-            return self._place(demands, order, None, distinct=True) or self._spread_by_matching(demands)
+            return self._place(demands, order, None, distinct=True, gpu_room=gpu_room) or self._spread_by_matching(
+                demands, gpu_room
+            )
         if constraint is Constraint.SAME_NODE:
             for node in self._nodes_for_whole_gang(demands, order):
                 only = np.zeros(self.state.size, dtype=bool)
@@ -215,24 +221,38 @@ class _Planner:
             self.state.release(choice.node, choice.reserved, choice.devices)
 
     def _place(
-        self, demands: Sequence[Demand], order: list[int], allowed: np.ndarray | None, distinct: bool
+        self,
+        demands: Sequence[Demand],
+        order: list[int],
+        allowed: np.ndarray | None,
+        distinct: bool,
+        gpu_room: np.ndarray | None = None,
     ) -> list[_Choice] | None:
         if self.policy.packs_gangs and not distinct and len(demands) > 1:
             return self._pack(demands, order, allowed)
         placed: list[_Choice] = []
         used = np.zeros(self.state.size, dtype=bool)
+        room = None if gpu_room is None else gpu_room.copy()
         for index in order:
+            demand = demands[index]
             mask = allowed
             if distinct:
                 mask = ~used if allowed is None else allowed & ~used
-            choice = self._choose_in_gang(demands[index], mask) if len(demands) > 1 else self.choose(demands[index])
+            if room is not None and demand.gpu_count:
+                # Nodes of GPU types with room left for this bundle (a node without GPUs has code -1, but
+                # suits no bundle that asks for GPUs).
+                with_room = room[self.state.gpu_type_of] >= demand.gpu_total
+                mask = with_room if mask is None else mask & with_room
+            choice = self._choose_in_gang(demand, mask) if len(demands) > 1 else self.choose(demand)
             if choice is None:
                 self.undo(placed)
                 return None
             node, devices = choice
-            self.state.allocate(node, demands[index], devices)
-            placed.append(_Choice(index, node, demands[index], devices))
+            self.state.allocate(node, demand, devices)
+            placed.append(_Choice(index, node, demand, devices))
             used[node] = True
+            if room is not None and demand.gpu_count:
+                room[self.state.gpu_type_of[node]] -= demand.gpu_total
         return placed
 
     def _pack(self, demands: Sequence[Demand], order: list[int], allowed: np.ndarray | None) -> list[_Choice] | None:
@@ -262,11 +282,28 @@ class _Planner:
             closed[node] = True
         return placed
 
-    def _spread_by_matching(self, demands: Sequence[Demand]) -> list[_Choice] | None:
-        """When the policy's bundle-by-bundle choices dead-end, any distinct nodes with room will do."""
+    def _spread_by_matching(self, demands: Sequence[Demand], gpu_room: np.ndarray | None) -> list[_Choice] | None:
+        """When the policy's bundle-by-bundle choices dead-end, any distinct nodes with room will do, within
+        `gpu_room`. A limit several bundles share is no matching constraint: a matching past it is tried again
+        with the nodes of the GPU types it overfilled last in every bundle's preference, once per such type."""
         everywhere = np.arange(self.state.size)
         candidates = [self._gang_preference([demand], demand, everywhere) for demand in demands]
         nodes = _distinct_nodes(candidates)
+        demoted = np.zeros(len(self.state.gpu_types), dtype=bool)
+        while nodes is not None and gpu_room is not None:
+            held = np.zeros_like(gpu_room)
+            for demand, node in zip(demands, nodes, strict=True):
+                if demand.gpu_count:
+                    held[self.state.gpu_type_of[node]] += demand.gpu_total
+            over = held > gpu_room
+            if not over.any():
+                break
+            if (over & ~demoted).sum() == 0:
+                return None
+            demoted |= over
+            type_of = self.state.gpu_type_of
+            candidates = [c[np.argsort(demoted[type_of[c]] & (type_of[c] >= 0), kind="stable")] for c in candidates]
+            nodes = _distinct_nodes(candidates)
         if nodes is None:
             return None
         placed = [
@@ -414,10 +451,16 @@ class PlacementEngine:
         self._planner = _Planner(self.state, self.policy, tie_rank)
         self._empty_planner: _Planner | None = None
 
-    def place(self, request: GangRequest) -> Decision:
+    def place(self, request: GangRequest, *, gpu_room: Mapping[str, float] | None = None) -> Decision:
+        """`gpu_room`: the GPUs a spread gang may hold in all on each GPU type named (what its team's typed
+        quotas leave); other types, and gangs of other constraints, which sit on one type, are not limited."""
         demands = [bundle.demand for bundle in request.bundles]
         self._learn(demands)
-        placed = self._planner.plan(demands, request.constraint)
+        room = None
+        if gpu_room and request.constraint is Constraint.SPREAD and self.state.gpu_types:
+            unlimited = sum(demand.gpu_total for demand in demands)
+            room = np.array([to_units(gpu_room.get(name, unlimited / UNITS)) for name in self.state.gpu_types])
+        placed = self._planner.plan(demands, request.constraint, room)
         if placed is None:
             return self._reject(request, demands)
         return Placement(
