@@ -131,3 +131,20 @@ def never_admissible(
         for kind, amount in typed_short.items()
     ]
     return "; ".join(short) or None
+
+
+def spread_over_typed_quotas(quota: Mapping[str, float], gpus: float, types: Iterable[str]) -> str | None:
+    """Why a spread gang asking `gpus` in all, whose bundles may use `types`, is over its team's typed quotas even
+    with nothing else running: together they hold less than it asks. None where one of the types has no typed
+    quota or they hold enough; whether they hold the bundles as they come is for placement to find."""
+    keys = [f"gpu:{name}" for name in types]
+    if not keys or any(key not in quota for key in keys):
+        return None
+    room = sum(quota[key] for key in keys)
+    if room + EPSILON >= gpus:
+        return None
+    typed = ", ".join(f"{key} quota {quota[key]:g}" for key in keys)
+    return (
+        f"over the team's typed quota even with nothing else running: asks {gpus:g} gpu, and the GPU types its "
+        f"spread bundles may use hold {room:g} together ({typed})"
+    )

@@ -26,7 +26,7 @@ from cluster import quota as quotas
 from cluster.console import UserError
 from cluster.placement.decision import BundlePlacement, Placement, Rejection, RejectionReason
 from cluster.placement.engine import PlacementEngine
-from cluster.placement.request import GangRequest
+from cluster.placement.request import Constraint, GangRequest
 from cluster.placement.snapshot import ClusterSnapshot, NodeSnapshot, node_from_ray
 from cluster.placement.state import selector_matches
 from cluster.preemption import choose_victims
@@ -472,6 +472,8 @@ class Scheduler:
             if short:
                 typed_short["gpu"] = max(short)
         never = quotas.never_admissible(quota, demand, typed_short)
+        if not never and demand.get("gpu") and gang.constraint is Constraint.SPREAD:
+            never = quotas.spread_over_typed_quotas(quota, demand["gpu"], _types_in(alone))
         if never and demand.get("tpu", 0.0) > quotas.gang_demand(gang).get("tpu", 0.0):
             never += f" (a same_tpu_slice gang holds one whole TPU host, {host_chips} chips, per bundle)"
         if demand.get("tpu") and not never:
@@ -721,10 +723,11 @@ class Scheduler:
                 return
             tpu_pools = within if len(within) < len(tpu_problems) else None
         gang = self._gang_for_engine(status, gpu_types, tpu_pools)
+        room = quotas.gpu_room(quota, used)
         if self.engine is None:  # no worker node is up yet: only nodes to come can hold it
             decision = Rejection(gang.name, self.policy, RejectionReason.NEVER_FITS, "no worker node is up")
         else:
-            decision = self.engine.place(gang, gpu_room=quotas.gpu_room(quota, used))
+            decision = self.engine.place(gang, gpu_room=room)
         if (
             isinstance(decision, Rejection)
             and decision.reason is RejectionReason.NEVER_FITS
@@ -732,7 +735,7 @@ class Scheduler:
         ):
             return
         if isinstance(decision, Rejection):
-            growth = self._growth_for(gang)
+            growth = self._growth_for(gang, room)
             if growth:
                 # Nodes on the way cost no one anything; preempting for a gang they would hold costs work.
                 self._awaiting_nodes[status.id] = gang
@@ -748,7 +751,7 @@ class Scheduler:
                     self._wait(status, decision.message)
                 return
             if not self._preempt_for(status, gang):
-                self._wait(status, decision.message)
+                self._wait(status, self._over_typed_room(gang, room) or decision.message)
                 return
             # Victims of its own team gave back typed quota too.
             decision = self.engine.place(gang, gpu_room=quotas.gpu_room(quota, used))
@@ -838,13 +841,29 @@ class Scheduler:
             f"cannot hold it; it is placed once {when}"
         )
 
-    def _growth_for(self, gang: GangRequest) -> str:
-        """The nodes yet to come that would let `gang` fit the cluster as it is now, in words; "" if none would."""
+    def _over_typed_room(self, gang: GangRequest, room: dict[str, float]) -> str:
+        """Why a spread gang the cluster has room for now waits: the GPU types with room enough under its team's
+        typed quotas cannot hold its bundles together; "" if that is not why."""
+        if gang.constraint is not Constraint.SPREAD or not room or self.engine is None:
+            return ""
+        decision = self.engine.place(gang)
+        if isinstance(decision, Rejection):
+            return ""
+        self.engine.release(decision)
+        left = ", ".join(f"gpu:{name} {amount:g} left" for name, amount in sorted(room.items()))
+        return (
+            f"over quota: its bundles fit the cluster now, but not together on the GPU types its team's typed "
+            f"quotas leave room on ({left}); it is placed once the team's use falls or a type it may use frees up"
+        )
+
+    def _growth_for(self, gang: GangRequest, room: dict[str, float]) -> str:
+        """The nodes yet to come that would let `gang` fit the cluster as it is now (within the typed GPU `room`),
+        in words; "" if none would."""
         snapshot = self._with_unborn_nodes(self._live_nodes(), len(gang.bundles))
         unborn = {node.name: node for node in snapshot.nodes if node.name.startswith(UNBORN_PREFIX)}
         if not unborn:
             return ""
-        decision = self._trial_engine(snapshot).place(gang)
+        decision = self._trial_engine(snapshot).place(gang, gpu_room=room)
         if isinstance(decision, Rejection):
             return ""
         used = {bundle.node for bundle in decision.bundles if bundle.node in unborn}

@@ -491,6 +491,36 @@ def test_a_spread_gang_is_placed_within_its_typed_quotas_not_offered_the_same_ov
     assert books.usage["research"].get("gpu:H100", 0) >= 1
 
 
+def test_a_spread_gang_its_typed_quotas_cannot_hold_together_waits_or_is_rejected_and_says_why(scheduler: Scheduler):
+    scheduler.set_nodes([*NODES, node("a100-1", "a100", 16, 4, "A100-80G")])
+    scheduler.set_quota("research", {"gpu:A100-80G": 1, "gpu:H100": 2})
+    spread_gang = gang("spread", 3, 1).model_copy(update={"constraint": Constraint.SPREAD})
+    held = scheduler.submit(SubmitRequest(team="research", gang=gang("on-h100", 1, 1, gpu_types=("H100",))))
+    scheduler.schedule()
+    assert held.state is RequestState.PLACED
+    waiting = scheduler.submit(SubmitRequest(team="research", gang=spread_gang))
+    scheduler.schedule()
+    assert waiting.state is RequestState.QUEUED
+    assert waiting.reason == (
+        "over quota: its bundles fit the cluster now, but not together on the GPU types its team's typed quotas "
+        "leave room on (gpu:A100-80G 1 left, gpu:H100 1 left); it is placed once the team's use falls or a type it "
+        "may use frees up"
+    )
+    scheduler.complete(held.id)
+    scheduler.schedule()
+    assert waiting.state is RequestState.PLACED
+    assert scheduler.usage["research"] == {"cpu": 3, "gpu": 3, "gpu:A100-80G": 1, "gpu:H100": 2}
+
+    scheduler.complete(waiting.id)
+    scheduler.set_quota("research", {"gpu:H100": 1})  # with A100-80G's 1: 2 GPUs of the types there are
+    never = scheduler.submit(SubmitRequest(team="research", gang=spread_gang.model_copy(update={"name": "never"})))
+    assert never.state is RequestState.REJECTED
+    assert never.reason == (
+        "over the team's typed quota even with nothing else running: asks 3 gpu, and the GPU types its spread "
+        "bundles may use hold 2 together (gpu:A100-80G quota 1, gpu:H100 quota 1)"
+    )
+
+
 def test_an_accelerator_the_cluster_has_no_node_type_for_is_refused_as_never_fitting_not_for_quota():
     cpu_only = SPEC.model_copy(update={"pools": [SPEC.pool("cpu")]})
     books = Scheduler(cpu_only, POLICY)
