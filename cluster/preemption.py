@@ -3,7 +3,8 @@
 Cheapest victims first: the lowest priority; at equal priority serving replicas before training
 gangs (a replica restarts in seconds, a gang loses the steps since its last checkpoint); then the
 fewest GPUs; then the most recently placed (least work lost). The greedy set is then pruned of any
-victim the request does not actually need.
+victim the request does not actually need. Where the greedy set would take a deployment below its
+`group_min`, every candidate is pruned instead, the members of such groups first.
 """
 
 from __future__ import annotations
@@ -70,7 +71,18 @@ def choose_victims(
             needed = _without_unneeded(with_candidate, fits_without)
             if keeps_group_min(needed):
                 return needed
-    return None
+    # Cheaper members of a group spent its allowance before the one the request needs came, and it was passed
+    # over: from every candidate, let go first of the members of groups taken past their minimum.
+    if not candidates or not fits_without(candidates):
+        return None
+    taken = Counter(_group(candidate) for candidate in candidates if candidate.request.group)
+
+    def over_minimum(victim: RequestStatus) -> bool:
+        group = _group(victim)
+        return bool(victim.request.group) and placed_in_group[group] - taken[group] < victim.request.group_min
+
+    needed = _without_unneeded(sorted(candidates, key=over_minimum), fits_without)
+    return needed if keeps_group_min(needed) else None
 
 
 def _group(holder: RequestStatus) -> tuple[str, str | None]:
@@ -80,7 +92,7 @@ def _group(holder: RequestStatus) -> tuple[str, str | None]:
 def _without_unneeded(
     victims: list[RequestStatus], fits_without: Callable[[list[RequestStatus]], bool]
 ) -> list[RequestStatus]:
-    """`victims` less each one, costliest first, that the request fits without."""
+    """`victims` less each one, last first (the costliest, in cost order), that the request fits without."""
     for victim in reversed(list(victims)):
         fewer = [other for other in victims if other is not victim]
         if fewer and fits_without(fewer):

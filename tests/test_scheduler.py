@@ -270,6 +270,21 @@ def test_a_victim_not_needed_gives_back_its_group_allowance(scheduler: Scheduler
     assert cheapest.state is kept.state is RequestState.PLACED
 
 
+def test_a_group_member_passed_over_for_a_cheaper_one_is_taken_when_only_it_frees_the_node(scheduler: Scheduler):
+    scheduler.set_nodes([n for n in NODES if n.name != "a100-0"])
+    ticking(scheduler)
+    needed = pinned_to(scheduler, "h100-0", "dep", kind=WorkloadKind.SERVING)
+    beside_it = pinned_to(scheduler, "h100-0", kind=WorkloadKind.TRAINING)
+    kept = pinned_to(scheduler, "h100-1", preemptible=False)
+    cheapest = pinned_to(scheduler, "h100-1", "dep", kind=WorkloadKind.SERVING)
+    # Cheapest first: the h100-1 replica spends the group's allowance of one, so the h100-0 replica is passed
+    # over, and the training gang after it frees nothing on its own; only the h100-0 pair frees a node.
+    urgent = scheduler.get(submit(scheduler, "prod", workers=1, gpus=8))
+    assert urgent.state is RequestState.PLACED and urgent.nodes == ["h100-0"]
+    assert needed.state is beside_it.state is RequestState.PREEMPTED
+    assert cheapest.state is kept.state is RequestState.PLACED
+
+
 def test_a_drain_requeues_work_that_is_not_preemptible_and_an_admin_preemption_ends_it(scheduler: Scheduler):
     pinned = scheduler.get(submit(scheduler, "research", workers=1, gpus=8, preemptible=False))
     drained_node = pinned.nodes[0]
