@@ -3,8 +3,8 @@
 Cheapest victims first: the lowest priority; at equal priority serving replicas before training
 gangs (a replica restarts in seconds, a gang loses the steps since its last checkpoint); then the
 fewest GPUs; then the most recently placed (least work lost). The greedy set is then pruned of any
-victim the request does not actually need. Where the greedy set would take a deployment below its
-`group_min`, every candidate is pruned instead, the members of such groups first.
+victim the request does not actually need. Where no greedy set leaves every deployment its `group_min`, a
+bounded search goes down from every candidate, letting go of members of groups taken past their minimum.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence, Set
 
 from cluster.requests import RequestStatus, WorkloadKind
+
+VICTIM_SEARCH_TRIALS = 64  # placements tried in search of victims that leave every group its minimum
 
 
 def _cost(victim: RequestStatus) -> tuple:
@@ -72,17 +74,10 @@ def choose_victims(
             if keeps_group_min(needed):
                 return needed
     # Cheaper members of a group spent its allowance before the one the request needs came, and it was passed
-    # over: from every candidate, let go first of the members of groups taken past their minimum.
+    # over: search down from every candidate instead.
     if not candidates or not fits_without(candidates):
         return None
-    taken = Counter(_group(candidate) for candidate in candidates if candidate.request.group)
-
-    def over_minimum(victim: RequestStatus) -> bool:
-        group = _group(victim)
-        return bool(victim.request.group) and placed_in_group[group] - taken[group] < victim.request.group_min
-
-    needed = _without_unneeded(sorted(candidates, key=over_minimum), fits_without)
-    return needed if keeps_group_min(needed) else None
+    return _within_group_minimums(candidates, fits_without, placed_in_group)
 
 
 def _group(holder: RequestStatus) -> tuple[str, str | None]:
@@ -98,3 +93,43 @@ def _without_unneeded(
         if fewer and fits_without(fewer):
             victims = fewer
     return victims
+
+
+def _within_group_minimums(
+    victims: list[RequestStatus],
+    fits_without: Callable[[list[RequestStatus]], bool],
+    placed_in_group: Counter,
+) -> list[RequestStatus] | None:
+    """Victims among `victims` (with which the request fits) that leave every group its `group_min`, or None.
+
+    Depth first: a group taken past its minimum lets go of one member the request can do without, costliest first,
+    then the next such group; each set tried once, at most VICTIM_SEARCH_TRIALS placements tried in all. Letting go
+    of a victim never frees more, so a member the request cannot do without is in every answer below."""
+    trials = VICTIM_SEARCH_TRIALS
+    seen: set[frozenset[int]] = set()
+
+    def over_minimum(victims: list[RequestStatus]) -> list[RequestStatus]:
+        taken = Counter(_group(victim) for victim in victims if victim.request.group)
+        for victim in victims:
+            group = _group(victim)
+            if victim.request.group and placed_in_group[group] - taken[group] < victim.request.group_min:
+                return [other for other in victims if _group(other) == group]
+        return []
+
+    def search(victims: list[RequestStatus]) -> list[RequestStatus] | None:
+        nonlocal trials
+        members = over_minimum(victims)
+        if not members:
+            return _without_unneeded(victims, fits_without)  # letting go keeps every group within its minimum
+        for member in reversed(members):
+            fewer = [victim for victim in victims if victim is not member]
+            key = frozenset(map(id, fewer))
+            if key in seen or trials <= 0:
+                continue
+            seen.add(key)
+            trials -= 1
+            if fits_without(fewer) and (found := search(fewer)) is not None:
+                return found
+        return None
+
+    return search(victims)
