@@ -21,8 +21,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -38,6 +40,7 @@ DEFAULT_OBJECT_STORE_MB = 128
 RAY_MIN_OBJECT_STORE_MB = 75  # Ray refuses to start a node with less (78,643,200 bytes)
 NODE_START_TIMEOUT_S = 90.0
 WORKER_START_ATTEMPTS = 3
+PARALLEL_NODE_STARTS = 4
 NODE_STOP_TIMEOUT_S = 20.0
 _STARTED_MARKER = "Ray runtime started"
 
@@ -212,6 +215,7 @@ class LocalCluster:
     def __init__(self, home: Path, record: LocalClusterRecord):
         self.home = home
         self.record = record
+        self._record_lock = threading.Lock()  # nodes start from several threads at once
 
     # -- finding and describing -------------------------------------------------------------
 
@@ -314,7 +318,7 @@ class LocalCluster:
         redis_address: str | None = None,
         on_progress: Callable[[str], None] = lambda message: None,
     ) -> LocalCluster:
-        """Start the head, then every node of the spec's pools one by one.
+        """Start the head, then every node of the spec's pools, several at once.
 
         With `redis_address` the head's GCS keeps its tables in that Redis server (Ray's GCS fault
         tolerance, what KubeRay's `gcsFaultToleranceOptions` sets up), so `restart_head` keeps the cluster.
@@ -365,10 +369,8 @@ class LocalCluster:
             workers = local_cluster_nodes(spec, replicas_per_pool)
             on_progress(f"starting head node on {cluster.gcs_address} (dashboard {cluster.dashboard_url})")
             cluster._start_node(head_declaration(spec), head=True)
-            # Ray races when several raylets join one session dir at once, so nodes join one by one.
-            for index, declaration in enumerate(workers, start=1):
-                on_progress(f"starting node {index}/{len(workers)}: {declaration.name} (pool {declaration.pool})")
-                cluster._start_node(declaration, head=False, on_progress=on_progress)
+            on_progress(f"starting {len(workers)} nodes: {', '.join(d.name for d in workers)}")
+            cluster._start_workers(workers, on_progress)
         except BaseException:
             cluster.down()
             raise
@@ -388,6 +390,26 @@ class LocalCluster:
             # Each train.report() waits on a controller poll; 2 s by default makes small runs crawl.
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
         }
+
+    def _start_workers(self, declarations: list[NodeDeclaration], on_progress: Callable[[str], None]) -> None:
+        """Start worker nodes, several at once (each in a Ray temp dir of its own). On a failure, or an interrupt,
+        the starts not yet begun are dropped and those under way run out before it is raised: the caller stops
+        every node the record names, and a node still starting then would be missed."""
+        started = 0
+
+        def start(declaration: NodeDeclaration) -> None:
+            nonlocal started
+            self._start_node(declaration, head=False, on_progress=on_progress)
+            with self._record_lock:
+                started += 1
+                on_progress(f"node {declaration.name} (pool {declaration.pool}) joined: {started}/{len(declarations)}")
+
+        starts = ThreadPoolExecutor(max_workers=PARALLEL_NODE_STARTS, thread_name_prefix="llmos-up")
+        try:
+            for outcome in [starts.submit(start, declaration) for declaration in declarations]:
+                outcome.result()
+        finally:
+            starts.shutdown(wait=True, cancel_futures=True)
 
     def _start_node(
         self,
@@ -409,8 +431,9 @@ class LocalCluster:
             if failure is None:
                 return node
             _stop_groups([node], NODE_STOP_TIMEOUT_S)
-            self.record.nodes.remove(node)
-            self._save()
+            with self._record_lock:
+                self.record.nodes.remove(node)
+                self._save()
             if attempt < attempts:
                 on_progress(f"{failure}; starting it again (attempt {attempt + 1} of {attempts})")
         tried = f" (attempt {attempts} of {attempts})" if attempts > 1 else ""
@@ -499,8 +522,9 @@ class LocalCluster:
             start_ticks=_start_ticks(process.pid),
             boot_id=_boot_id(),
         )
-        self.record.nodes.append(node)
-        self._save()
+        with self._record_lock:
+            self.record.nodes.append(node)
+            self._save()
         return node, process
 
     @staticmethod

@@ -180,6 +180,80 @@ def test_a_start_that_fails_names_a_log_that_is_still_there(tmp_path, monkeypatc
     assert LocalCluster.find(tmp_path / "home") is None  # the failed start left no record behind
 
 
+def _ray_script(tmp_path: Path, monkeypatch, body: str) -> None:
+    """A stand-in `ray` beside `sys.executable` running `body`; `$TIMES` is a file for it to write to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(f"#!/bin/bash\nTIMES={tmp_path / 'times'}\n{body}")
+    (bin_dir / "ray").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+
+
+def test_worker_nodes_start_several_at_once(tmp_path, monkeypatch):
+    # Each worker says when its start began and when it was done (a second later); the head starts first, alone.
+    _ray_script(
+        tmp_path,
+        monkeypatch,
+        'name=$(echo "$@" | grep -o "llmos.io/node=[a-z0-9-]*" | cut -d= -f2)\n'
+        'echo "$name begin $(date +%s.%N)" >> "$TIMES"\nsleep 1\necho "$name end $(date +%s.%N)" >> "$TIMES"\n'
+        'sleep 300 &\necho "Ray runtime started."\nwait\n',
+    )
+    progress: list[str] = []
+    cluster = LocalCluster.up(
+        SMALL,
+        home=tmp_path / "home",
+        replicas_per_pool=4,
+        gcs_port=free_port(DEFAULT_HEAD_IP),
+        dashboard_port=free_port(),
+        on_progress=progress.append,
+    )
+    try:
+        times: dict[str, dict[str, float]] = {}
+        for line in (tmp_path / "times").read_text().splitlines():
+            name, event, at = line.split()
+            times.setdefault(name, {})[event] = float(at)
+        workers = [f"cpu-{index}" for index in range(4)]
+        assert sorted(times) == sorted(["head-0", *workers])
+        assert all(times["head-0"]["end"] <= times[name]["begin"] for name in workers)
+        overlapping = [
+            (a, b)
+            for a in workers
+            for b in workers
+            if a < b and times[a]["begin"] < times[b]["end"] and times[b]["begin"] < times[a]["end"]
+        ]
+        assert overlapping  # a one-by-one start overlaps none
+        assert sorted(node.name for node in cluster.record.nodes) == sorted(["head-0", *workers])
+        assert sum("joined" in message for message in progress) == 4 and any("4/4" in m for m in progress)
+    finally:
+        cluster.down(timeout_s=STOP_S)
+
+
+def test_a_worker_that_never_starts_takes_down_the_nodes_started_beside_it(tmp_path, monkeypatch):
+    _ray_script(
+        tmp_path,
+        monkeypatch,
+        'if echo "$@" | grep -q "llmos.io/node=cpu-2"; then echo "cpu-2 cannot start"; exit 1; fi\n'
+        # `ray start --block` ends its raylet on SIGTERM; bash alone would leave the child for the SIGKILL.
+        'sleep 300 &\nchild=$!\necho $child >> "$TIMES"\ntrap "kill $child; exit 0" TERM\n'
+        'echo "Ray runtime started."\nwait\n',
+    )
+    with pytest.raises(UserError, match=r"node cpu-2 exited during start \(code 1\) \(attempt 3 of 3\)"):
+        LocalCluster.up(
+            SMALL,
+            home=tmp_path / "home",
+            replicas_per_pool=4,
+            gcs_port=free_port(DEFAULT_HEAD_IP),
+            dashboard_port=free_port(),
+        )
+    assert LocalCluster.find(tmp_path / "home") is None
+    children = [int(pid) for pid in (tmp_path / "times").read_text().split()]
+    assert len(children) == 4  # the head and the three workers that started
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+
+
 def test_the_callers_llmos_credential_is_not_handed_to_the_nodes(tmp_path, fake_ray, monkeypatch):
     monkeypatch.setenv("LLMOS_CREDENTIAL", "team-secret")
     monkeypatch.setenv("LLMOS_CREDENTIAL_FILE", str(tmp_path / "team.cred"))
@@ -190,4 +264,4 @@ def test_the_callers_llmos_credential_is_not_handed_to_the_nodes(tmp_path, fake_
         assert not [key for key in env if key.startswith("LLMOS_CREDENTIAL")]
         assert env["LLMOS_HOME"] == str(tmp_path)  # the rest of the caller's environment goes along
     finally:
-        cluster.down()
+        cluster.down(timeout_s=STOP_S)
