@@ -101,10 +101,24 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
+PORTS_REMEMBERED = 4096
+_ports_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    """A port free now and not handed out before by this process: nodes starting at once each take a few, and
+    the kernel may offer a port again once its probe is closed, before the node that got it binds it."""
+    with _ports_lock:
+        if len(_ports_handed_out) > PORTS_REMEMBERED:
+            _ports_handed_out.clear()  # long since bound by their nodes, or given back
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
+            if port not in _ports_handed_out:
+                _ports_handed_out.add(port)
+                return port
 
 
 def _boot_id() -> str | None:

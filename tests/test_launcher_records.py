@@ -265,3 +265,8 @@ def test_the_callers_llmos_credential_is_not_handed_to_the_nodes(tmp_path, fake_
         assert env["LLMOS_HOME"] == str(tmp_path)  # the rest of the caller's environment goes along
     finally:
         cluster.down(timeout_s=STOP_S)
+
+
+def test_free_port_never_hands_out_a_port_twice_while_nodes_start_at_once():
+    ports = [free_port() for _ in range(2000)]
+    assert len(set(ports)) == len(ports)
