@@ -558,7 +558,8 @@ class Scheduler:
         unborn = {node.name: node for node in trial.snapshot().nodes if node.name.startswith(UNBORN_PREFIX)}
         used = set()
         for status in waiting:
-            decision = trial.place(self._awaiting_nodes[status.id])
+            room = quotas.gpu_room(self.quotas[status.team], self.usage[status.team])
+            decision = trial.place(self._awaiting_nodes[status.id], gpu_room=room)
             if not isinstance(decision, Rejection):
                 used |= {bundle.node for bundle in decision.bundles if bundle.node in unborn}
         return {

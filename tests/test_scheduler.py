@@ -906,6 +906,24 @@ def test_a_gang_that_fits_only_on_nodes_to_come_waits_for_them_and_lands_when_th
     assert books.scale_up_demand() == {}
 
 
+def test_a_spread_gang_waits_for_nodes_of_the_types_its_typed_quotas_leave_room_on():
+    data = SPEC.model_dump(mode="json")
+    data["pools"][2]["nodes"] = {"min": 0, "max": 3}
+    more_a100 = ClusterSpec.model_validate(data)
+    books = growing([NODES[1], NODES[3]], more_a100)  # h100-0 and a100-0 up; h100 may grow to 2, a100 to 3
+    books.set_quota("research", {"gpu:A100-80G": 4})
+    spread_gang = gang("spread", 3, 4).model_copy(update={"constraint": Constraint.SPREAD})
+    spread = books.submit(SubmitRequest(team="research", gang=spread_gang))
+    books.schedule()
+    # Two more A100 nodes would hold it best, but its quota holds one bundle on A100: it needs another H100 node.
+    assert spread.state is RequestState.QUEUED
+    assert spread.reason == "waiting for the cluster to scale up: 1 more node of pool h100"
+    assert books.scale_up_demand() == {"h100": 2}
+    books.set_nodes([NODES[1], NODES[2], NODES[3]])  # the autoscaler's node joins
+    books.schedule()
+    assert spread.state is RequestState.PLACED and sorted(spread.nodes) == ["a100-0", "h100-0", "h100-1"]
+
+
 def test_gangs_waiting_for_nodes_are_summed_and_a_cancelled_one_no_longer_counts():
     books = growing([NODES[0], NODES[3]])  # no H100 node up yet: the pool may grow to 2
     first = submit(books, "research", workers=1, gpus=8)
