@@ -239,6 +239,34 @@ class TestWhereBundlesGo:
         refused = PlacementEngine(snapshot, "bestfit").place(spread, gpu_room={"H100": 4, "A100": 4})
         assert isinstance(refused, Rejection)
 
+    def test_the_room_holds_a_one_bundle_spread_gang_and_limits_no_gpu_node_of_no_type(self):
+        snapshot = cluster(node("h0", gpus=8, gpu_type="H100"), node("u0", gpus=8, gpu_type=None))
+        one = gang({"GPU": 4}, constraint="spread")
+        assert placed(PlacementEngine(snapshot, "bestfit").place(one, gpu_room={"H100": 2})).nodes == ("u0",)
+        snapshot = cluster(node("h0", gpus=8, gpu_type="H100"), node("u0", gpus=8, gpu_type=None, cpus=1))
+        assert isinstance(
+            PlacementEngine(snapshot, "bestfit").place(
+                gang({"GPU": 4, "CPU": 2}, constraint="spread"), gpu_room={"H100": 2}
+            ),
+            Rejection,
+        )
+        two = gang({"GPU": 2}, {"GPU": 2}, constraint="spread")
+        assert sorted(placed(PlacementEngine(snapshot, "bestfit").place(two, gpu_room={"H100": 2})).nodes) == [
+            "h0",
+            "u0",
+        ]
+
+    def test_a_spread_gang_within_its_room_is_found_where_the_bundles_must_trade_nodes(self):
+        # Bundle by bundle, bestfit puts the 1-GPU bundle on c0, where the room allows no GPU; within the room,
+        # a1 takes the 0.5-GPU, 4-CPU bundle and a2 (2 CPUs) the other: a choice the matching alone does not make.
+        snapshot = cluster(
+            node("c0", cpus=8, gpus=2, gpu_type="C"),
+            node("a1", cpus=8, gpus=1, gpu_type="A"),
+            node("a2", cpus=2, gpus=2, gpu_type="A"),
+        )
+        spread = gang({"GPU": 0.5, "CPU": 4}, {"GPU": 1, "CPU": 1}, constraint="spread")
+        assert placed(PlacementEngine(snapshot, "bestfit").place(spread, gpu_room={"C": 0})).nodes == ("a1", "a2")
+
     def test_tpu_gang_takes_whole_hosts_of_the_smallest_slice_that_fits(self):
         hosts = [node(f"big{i}", tpu_chips=4, tpu_slice="big") for i in range(4)]
         hosts += [node(f"small{i}", tpu_chips=4, tpu_slice="small") for i in range(2)]

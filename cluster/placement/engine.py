@@ -29,6 +29,8 @@ from cluster.placement.snapshot import ClusterSnapshot
 from cluster.placement.state import ClusterState
 from cluster.placement.workload import TargetWorkload, WorkloadEstimator
 
+SPREAD_SEARCH_STEPS = 20_000  # nodes tried in search of distinct nodes for a spread gang within its typed GPU room
+
 # Below this many stale nodes, finding the distinct node states costs more than it saves.
 DISTINCT_STATES_ABOVE = 64
 
@@ -191,13 +193,13 @@ class _Planner:
         self, demands: Sequence[Demand], constraint: Constraint, gpu_room: np.ndarray | None = None
     ) -> list[_Choice] | None:
         """Allocates every bundle on the state and returns the choices, or returns None untouched.
-        `gpu_room`: per GPU type code, the GPU units a spread gang may hold on that type in all (one bundle alone
-        is held to its type's room before the engine is asked)."""
+        `gpu_room`: per GPU type code, the GPU units a spread gang may hold on that type in all, and last, for
+        nodes of no GPU type (code -1), more than it asks."""
         order = self._order(demands)
         if constraint is Constraint.SAME_TPU_SLICE:
             return self._plan_tpu_slice(demands, order)
         if len(demands) == 1:
-            return self._place(demands, order, None, distinct=False)
+            return self._place(demands, order, None, distinct=False, gpu_room=gpu_room)
         if constraint is Constraint.SPREAD:
             return self._place(demands, order, None, distinct=True, gpu_room=gpu_room) or self._spread_by_matching(
                 demands, gpu_room
@@ -239,11 +241,10 @@ class _Planner:
             if distinct:
                 mask = ~used if allowed is None else allowed & ~used
             if room is not None and demand.gpu_count:
-                # Nodes of GPU types with room left for this bundle (a node without GPUs has code -1, but
-                # suits no bundle that asks for GPUs).
+                # Nodes of GPU types with room left for this bundle.
                 with_room = room[self.state.gpu_type_of] >= demand.gpu_total
                 mask = with_room if mask is None else mask & with_room
-            choice = self._choose_in_gang(demand, mask) if len(demands) > 1 else self.choose(demand)
+            choice = self._choose_in_gang(demand, mask) if len(demands) > 1 else self.choose(demand, mask)
             if choice is None:
                 self.undo(placed)
                 return None
@@ -284,26 +285,15 @@ class _Planner:
 
     def _spread_by_matching(self, demands: Sequence[Demand], gpu_room: np.ndarray | None) -> list[_Choice] | None:
         """When the policy's bundle-by-bundle choices dead-end, any distinct nodes with room will do, within
-        `gpu_room`. A limit several bundles share is no matching constraint: a matching past it is tried again
-        with the nodes of the GPU types it overfilled last in every bundle's preference, once per such type."""
+        `gpu_room`: a limit several bundles share is no matching constraint, so with one the assignment is a
+        bounded search instead."""
         everywhere = np.arange(self.state.size)
         candidates = [self._gang_preference([demand], demand, everywhere) for demand in demands]
-        nodes = _distinct_nodes(candidates)
-        demoted = np.zeros(len(self.state.gpu_types), dtype=bool)
-        while nodes is not None and gpu_room is not None:
-            held = np.zeros_like(gpu_room)
-            for demand, node in zip(demands, nodes, strict=True):
-                if demand.gpu_count:
-                    held[self.state.gpu_type_of[node]] += demand.gpu_total
-            over = held > gpu_room
-            if not over.any():
-                break
-            if (over & ~demoted).sum() == 0:
-                return None
-            demoted |= over
-            type_of = self.state.gpu_type_of
-            candidates = [c[np.argsort(demoted[type_of[c]] & (type_of[c] >= 0), kind="stable")] for c in candidates]
-            nodes = _distinct_nodes(candidates)
+        nodes = (
+            _distinct_nodes(candidates)
+            if gpu_room is None
+            else self._distinct_nodes_within(demands, candidates, gpu_room)
+        )
         if nodes is None:
             return None
         placed = [
@@ -313,6 +303,43 @@ class _Planner:
         for choice in placed:
             self.state.allocate(choice.node, choice.reserved, choice.devices)
         return placed
+
+    def _distinct_nodes_within(
+        self, demands: Sequence[Demand], candidates: Sequence[np.ndarray], gpu_room: np.ndarray
+    ) -> list[int] | None:
+        """A different node for every bundle, each from its candidates (best first), with the GPUs on each type
+        within `gpu_room`; depth first, the bundle with the fewest candidates first, at most SPREAD_SEARCH_STEPS
+        nodes tried, then None."""
+        type_of = self.state.gpu_type_of
+        order = sorted(range(len(demands)), key=lambda index: len(candidates[index]))
+        nodes = [0] * len(demands)
+        taken: set[int] = set()
+        left = gpu_room.copy()
+        steps = SPREAD_SEARCH_STEPS
+
+        def assign(position: int) -> bool:
+            nonlocal steps
+            if position == len(order):
+                return True
+            index = order[position]
+            needs = demands[index].gpu_total if demands[index].gpu_count else 0
+            for node in map(int, candidates[index]):
+                gpu_type = type_of[node]
+                if node in taken or (needs and left[gpu_type] < needs):
+                    continue
+                steps -= 1
+                if steps < 0:
+                    return False
+                taken.add(node)
+                left[gpu_type] -= needs
+                nodes[index] = node
+                if assign(position + 1):
+                    return True
+                taken.discard(node)
+                left[gpu_type] += needs
+            return False
+
+        return nodes if assign(0) else None
 
     def _static_for_all(self, demands: Sequence[Demand]) -> np.ndarray:
         mask = np.ones(self.state.size, dtype=bool)
@@ -457,9 +484,15 @@ class PlacementEngine:
         demands = [bundle.demand for bundle in request.bundles]
         self._learn(demands)
         room = None
-        if gpu_room and request.constraint is Constraint.SPREAD and self.state.gpu_types:
+        if gpu_room and request.constraint is Constraint.SPREAD:
             unlimited = sum(demand.gpu_total for demand in demands)
-            room = np.array([to_units(gpu_room.get(name, unlimited / UNITS)) for name in self.state.gpu_types])
+            # Indexed by GPU type code; the last entry, for nodes of no type (code -1), limits nothing.
+            room = np.array(
+                [
+                    *(to_units(gpu_room[name]) if name in gpu_room else unlimited for name in self.state.gpu_types),
+                    unlimited,
+                ]
+            )
         placed = self._planner.plan(demands, request.constraint, room)
         if placed is None:
             return self._reject(request, demands)
