@@ -104,7 +104,8 @@ def _within_group_minimums(
 
     Depth first: a group taken past its minimum lets go of one member the request can do without, costliest first,
     then the next such group; each set tried once, at most VICTIM_SEARCH_TRIALS placements tried in all. Letting go
-    of a victim never frees more, so a member the request cannot do without is in every answer below."""
+    of a victim never frees more, so a member the request cannot do without is in every answer below, and is not
+    tried again there."""
     trials = VICTIM_SEARCH_TRIALS
     seen: set[frozenset[int]] = set()
 
@@ -116,20 +117,24 @@ def _within_group_minimums(
                 return [other for other in victims if _group(other) == group]
         return []
 
-    def search(victims: list[RequestStatus]) -> list[RequestStatus] | None:
+    def search(victims: list[RequestStatus], needed: frozenset[int]) -> list[RequestStatus] | None:
         nonlocal trials
         members = over_minimum(victims)
         if not members:
             return _without_unneeded(victims, fits_without)  # letting go keeps every group within its minimum
         for member in reversed(members):
+            if id(member) in needed:
+                continue
             fewer = [victim for victim in victims if victim is not member]
             key = frozenset(map(id, fewer))
             if key in seen or trials <= 0:
                 continue
             seen.add(key)
             trials -= 1
-            if fits_without(fewer) and (found := search(fewer)) is not None:
+            if not fits_without(fewer):
+                needed |= {id(member)}  # in every set below this one too
+            elif (found := search(fewer, needed)) is not None:
                 return found
         return None
 
-    return search(victims)
+    return search(victims, frozenset())

@@ -88,3 +88,46 @@ def test_victims_are_found_whenever_an_allowed_set_makes_room_and_are_always_all
             # None of them is needless: the request fits without none of them.
             assert all(not fits_without([other for other in victims if other is not v]) for v in victims)
     assert found > 200  # the instances are not mostly hopeless
+
+
+def test_a_large_deployment_gives_up_the_replicas_the_request_needs_within_the_search_budget():
+    # 20 replicas of which 3 may go (group_min 17); the request fits once the 3 oldest go. Greedy takes the 3
+    # cheapest (the newest) first and stops at the group's minimum; the search must let go of 17 others without
+    # trying the 3 it cannot do without again at every level.
+    replicas = [
+        RequestStatus(
+            id=f"research-{index:05d}",
+            request=SubmitRequest(
+                team="research",
+                gang=GangRequest(name=f"r{index}", bundles=[Bundle(resources={"GPU": 1})]),
+                kind=WorkloadKind.SERVING,
+                group="chat",
+                group_min=17,
+            ),
+            priority_value=100,
+            state=RequestState.PLACED,
+            bundles=[BundleBinding(bundle_index=0, node="n", pool="p", resources={"GPU": 1}, group_bundle_index=0)],
+            submitted_seq=index,
+            submitted_at=float(index),
+            placed_at=float(index),
+        )
+        for index in range(20)
+    ]
+    oldest = {replica.id for replica in replicas[:3]}
+    tried = []
+
+    def fits_without(victims: list[RequestStatus]) -> bool:
+        tried.append(len(victims))
+        return oldest <= {victim.id for victim in victims}
+
+    request = RequestStatus(
+        id="prod-00001",
+        request=SubmitRequest(team="prod", gang=GangRequest(name="urgent", bundles=[Bundle(resources={"GPU": 8})])),
+        priority_value=REQUEST_PRIORITY,
+        state=RequestState.QUEUED,
+        submitted_seq=0,
+        submitted_at=0.0,
+    )
+    victims = choose_victims(request, replicas, fits_without, {"n"})
+    assert victims is not None and {victim.id for victim in victims} == oldest
+    assert len(tried) < 64
