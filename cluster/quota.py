@@ -9,6 +9,7 @@ land on several types, are also held to what each type's quota leaves for all of
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -133,18 +134,61 @@ def never_admissible(
     return "; ".join(short) or None
 
 
-def spread_over_typed_quotas(quota: Mapping[str, float], gpus: float, types: Iterable[str]) -> str | None:
-    """Why a spread gang asking `gpus` in all, whose bundles may use `types`, is over its team's typed quotas even
-    with nothing else running: together they hold less than it asks. None where one of the types has no typed
-    quota or they hold enough; whether they hold the bundles as they come is for placement to find."""
-    keys = [f"gpu:{name}" for name in types]
-    if not keys or any(key not in quota for key in keys):
+SHARE_SEARCH_STEPS = 100_000  # bundle-to-type assignments tried before a spread gang is given the benefit of the doubt
+
+
+def spread_over_typed_quotas(quota: Mapping[str, float], bundles: Sequence[tuple[float, frozenset[str]]]) -> str | None:
+    """Why a spread gang is over its team's typed quotas even with nothing else running, or None.
+
+    `bundles`: each GPU bundle's GPUs and the types it may use. Bundles come whole, so it is over when no share of
+    them among their types keeps every typed quota (a type without one takes any number); nodes aside, which are
+    for placement. None too when the search runs past SHARE_SEARCH_STEPS: only a sure answer rejects."""
+    keys = sorted({f"gpu:{name}" for _, types in bundles for name in types})
+    if not any(key in quota for key in keys):
         return None
-    room = sum(quota[key] for key in keys)
-    if room + EPSILON >= gpus:
+    gpus = sum(amount for amount, _ in bundles)
+    typed = ", ".join(f"{key} quota {quota[key]:g}" for key in keys if key in quota)
+    room = sum(quota.get(key, math.inf) for key in keys)
+    if room + EPSILON < gpus:
+        return (
+            f"over the team's typed quota even with nothing else running: asks {gpus:g} gpu, and the GPU types its "
+            f"spread bundles may use hold {room:g} together ({typed})"
+        )
+    if _shares_out(quota, sorted(bundles, key=lambda bundle: -bundle[0])):
         return None
-    typed = ", ".join(f"{key} quota {quota[key]:g}" for key in keys)
     return (
-        f"over the team's typed quota even with nothing else running: asks {gpus:g} gpu, and the GPU types its "
-        f"spread bundles may use hold {room:g} together ({typed})"
+        f"over the team's typed quota even with nothing else running: its {len(bundles)} spread bundles "
+        f"({', '.join(f'{amount:g}' for amount, _ in bundles)} gpu) cannot be shared out among the GPU types they "
+        f"may use without passing one's quota ({typed})"
     )
+
+
+def _shares_out(quota: Mapping[str, float], bundles: Sequence[tuple[float, frozenset[str]]]) -> bool:
+    """Whether the bundles (largest first) can each go to one of their types within the typed quotas; True also
+    when the search runs past SHARE_SEARCH_STEPS."""
+    left = {key: quota.get(key, math.inf) for _, types in bundles for key in (f"gpu:{name}" for name in types)}
+    steps = SHARE_SEARCH_STEPS
+    tried: set[tuple[int, tuple[float, ...]]] = set()
+
+    def share(index: int) -> bool:
+        nonlocal steps
+        if index == len(bundles):
+            return True
+        state = (index, tuple(round(left[key], 6) for key in sorted(left)))
+        if state in tried:
+            return False
+        tried.add(state)
+        steps -= 1
+        if steps < 0:
+            return True
+        amount, types = bundles[index]
+        for key in sorted(f"gpu:{name}" for name in types):
+            if left[key] + EPSILON >= amount:
+                left[key] -= amount
+                found = share(index + 1)
+                left[key] += amount
+                if found:
+                    return True
+        return False
+
+    return share(0)

@@ -473,7 +473,12 @@ class Scheduler:
                 typed_short["gpu"] = max(short)
         never = quotas.never_admissible(quota, demand, typed_short)
         if not never and demand.get("gpu") and gang.constraint is Constraint.SPREAD:
-            never = quotas.spread_over_typed_quotas(quota, demand["gpu"], _types_in(alone))
+            gpu_bundles = [
+                (bundle.resources["GPU"], types)
+                for bundle, types in zip(gang.bundles, alone, strict=True)
+                if types is not None
+            ]
+            never = quotas.spread_over_typed_quotas(quota, gpu_bundles)
         if never and demand.get("tpu", 0.0) > quotas.gang_demand(gang).get("tpu", 0.0):
             never += f" (a same_tpu_slice gang holds one whole TPU host, {host_chips} chips, per bundle)"
         if demand.get("tpu") and not never:
@@ -752,7 +757,7 @@ class Scheduler:
                     self._wait(status, decision.message)
                 return
             if not self._preempt_for(status, gang):
-                self._wait(status, self._over_typed_room(gang, room) or decision.message)
+                self._wait(status, self._over_typed_room(gang, room, quota) or decision.message)
                 return
             # Victims of its own team gave back typed quota too.
             decision = self.engine.place(gang, gpu_room=quotas.gpu_room(quota, used))
@@ -842,7 +847,7 @@ class Scheduler:
             f"cannot hold it; it is placed once {when}"
         )
 
-    def _over_typed_room(self, gang: GangRequest, room: dict[str, float]) -> str:
+    def _over_typed_room(self, gang: GangRequest, room: dict[str, float], quota: dict[str, float]) -> str:
         """Why a spread gang the cluster has room for now waits: the GPU types with room enough under its team's
         typed quotas cannot hold its bundles together; "" if that is not why."""
         if gang.constraint is not Constraint.SPREAD or not room or self.engine is None:
@@ -852,9 +857,13 @@ class Scheduler:
             return ""
         self.engine.release(decision)
         left = ", ".join(f"gpu:{name} {amount:g} left" for name, amount in sorted(room.items()))
+        in_use = any(amount + quotas.EPSILON < quota[f"gpu:{name}"] for name, amount in room.items())
+        when = (
+            "the team's use of those types falls or nodes of them free up" if in_use else "nodes of those types free up"
+        )
         return (
             f"over quota: its bundles fit the cluster now, but not together on the GPU types its team's typed "
-            f"quotas leave room on ({left}); it is placed once the team's use falls or a type it may use frees up"
+            f"quotas leave room on ({left}); it is placed once {when}"
         )
 
     def _growth_for(self, gang: GangRequest, room: dict[str, float]) -> str:

@@ -518,8 +518,8 @@ def test_a_spread_gang_its_typed_quotas_cannot_hold_together_waits_or_is_rejecte
     assert waiting.state is RequestState.QUEUED
     assert waiting.reason == (
         "over quota: its bundles fit the cluster now, but not together on the GPU types its team's typed quotas "
-        "leave room on (gpu:A100-80G 1 left, gpu:H100 1 left); it is placed once the team's use falls or a type it "
-        "may use frees up"
+        "leave room on (gpu:A100-80G 1 left, gpu:H100 1 left); it is placed once the team's use of those types "
+        "falls or nodes of them free up"
     )
     scheduler.complete(held.id)
     scheduler.schedule()
@@ -533,6 +533,17 @@ def test_a_spread_gang_its_typed_quotas_cannot_hold_together_waits_or_is_rejecte
     assert never.reason == (
         "over the team's typed quota even with nothing else running: asks 3 gpu, and the GPU types its spread "
         "bundles may use hold 2 together (gpu:A100-80G quota 1, gpu:H100 quota 1)"
+    )
+    # Enough in all, but bundles come whole: one 2-GPU bundle on each type, and the third passes a quota.
+    scheduler.set_quota("research", {"gpu:H100": 3, "gpu:A100-80G": 3})
+    whole = scheduler.submit(
+        SubmitRequest(team="research", gang=gang("whole", 3, 2).model_copy(update={"constraint": Constraint.SPREAD}))
+    )
+    assert whole.state is RequestState.REJECTED
+    assert whole.reason == (
+        "over the team's typed quota even with nothing else running: its 3 spread bundles (2, 2, 2 gpu) cannot be "
+        "shared out among the GPU types they may use without passing one's quota (gpu:A100-80G quota 3, gpu:H100 "
+        "quota 3)"
     )
 
 
