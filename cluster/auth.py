@@ -118,7 +118,8 @@ class AuditLog:
     the file becomes `audit.jsonl.1`, the older ones shift up, and the oldest beyond `files_kept` goes.
     A principal's refused and failed calls beyond `unsuccessful_per_minute` in a minute are counted, not
     recorded one by one, so a caller that loops on a refused call cannot rotate the history away: one
-    `suppressed` record per principal and minute says how many there were, of which actions, when.
+    `suppressed` record per principal and minute says how many there were, of which actions, when; a read
+    shows the counts of minutes not yet over without writing them.
     """
 
     def __init__(
@@ -181,29 +182,32 @@ class AuditLog:
         flood.last_suppressed = now
         return False
 
+    def flush_ended(self) -> None:
+        """Write the `suppressed` record of every minute that is over (the controller calls this every tick)."""
+        with self._write_lock:
+            self._flush_suppressed(self._clock(), ended_only=True)
+
     def _flush_suppressed(self, now: float, *, ended_only: bool = False) -> None:
         """A `suppressed` record for each principal with calls counted, in minutes that ended or in all."""
         for principal, flood in self._floods.items():
             if flood.suppressed and (not ended_only or now - flood.window_start >= 60):
-                self._write_suppressed(principal, flood, now)
+                self._write(self._suppressed_entry(principal, flood, now))
+                flood.suppressed.clear()
 
-    def _write_suppressed(self, principal: str, flood: _Flood, now: float) -> None:
+    def _suppressed_entry(self, principal: str, flood: _Flood, now: float) -> dict:
         count = sum(flood.suppressed.values())
         by_action = ", ".join(f"{action} {n}" for action, n in flood.suppressed.most_common())
-        self._write(
-            {
-                "time": now,  # the file stays in time order; the reason says when the calls came
-                "principal": principal,
-                "action": ",".join(sorted(flood.suppressed)),
-                "target": "",
-                "outcome": SUPPRESSED,
-                "count": count,
-                "reason": f"{count} more refused or failed calls between {_utc(flood.first_suppressed)} and "
-                f"{_utc(flood.last_suppressed)}, beyond {self.unsuccessful_per_minute} a minute, not recorded one "
-                f"by one ({by_action})",
-            }
-        )
-        flood.suppressed.clear()
+        return {
+            "time": now,  # the file stays in time order; the reason says when the calls came
+            "principal": principal,
+            "action": ",".join(sorted(flood.suppressed)),
+            "target": "",
+            "outcome": SUPPRESSED,
+            "count": count,
+            "reason": f"{count} more refused or failed calls between {_utc(flood.first_suppressed)} and "
+            f"{_utc(flood.last_suppressed)}, beyond {self.unsuccessful_per_minute} a minute, not recorded one "
+            f"by one ({by_action})",
+        }
 
     def _write(self, entry: dict) -> None:
         line = json.dumps(entry) + "\n"  # ASCII (json's default), so its length is its size in bytes
@@ -234,14 +238,23 @@ class AuditLog:
         if limit < 0:
             raise UserError(f"limit: {limit} is negative; ask for 1 or more entries, or 0 for all")
         with self._write_lock:
-            self._flush_suppressed(self._clock())  # the reader hears of the calls counted so far
+            now = self._clock()
+            self._flush_suppressed(now, ended_only=True)
+            # The counts of minutes not yet over are shown, not written: a reader polling during a flood must not
+            # add a record a read.
+            pending = [
+                {**self._suppressed_entry(principal, flood, now), "pending": True}
+                for principal, flood in self._floods.items()
+                if flood.suppressed
+            ]
         lines: list[str] = []
         for path in [self.path, *(self._older(index) for index in range(1, self.files_kept + 1))]:
             if limit and len(lines) >= limit:
                 break
             if path.exists():
                 lines = [line for line in path.read_text().splitlines() if line.strip()] + lines
-        return [json.loads(line) for line in lines[-limit:]]
+        entries = [json.loads(line) for line in lines[-limit:]] + pending
+        return entries[-limit:]
 
 
 def _utc(timestamp: float) -> str:

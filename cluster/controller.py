@@ -328,6 +328,7 @@ class Controller:
 
     def _poll(self, interval_s: float) -> None:
         while not self._stopping.wait(interval_s):
+            self.audit.flush_ended()  # a flood's count is written once its minute is over, however quiet after
             try:
                 # Ray is asked outside the lock: a GCS busy making placement groups answers slowly,
                 # and the calls that made them must not wait behind it.
