@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -230,6 +230,9 @@ class LocalCluster:
         self.home = home
         self.record = record
         self._record_lock = threading.Lock()  # nodes start from several threads at once
+        # Set when the cluster goes down, or when a start failed or was interrupted: no node starts after it.
+        self._stopping = threading.Event()
+        self._down = False
 
     # -- finding and describing -------------------------------------------------------------
 
@@ -298,6 +301,8 @@ class LocalCluster:
         }
 
     def _save(self) -> None:
+        if self._down:
+            return  # `down` removed the record; a start it stopped must not write it back
         path = self.record_path(self.home)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(self.record.model_dump_json(indent=2))
@@ -406,24 +411,37 @@ class LocalCluster:
         }
 
     def _start_workers(self, declarations: list[NodeDeclaration], on_progress: Callable[[str], None]) -> None:
-        """Start worker nodes, several at once (each in a Ray temp dir of its own). On a failure, or an interrupt,
-        the starts not yet begun are dropped and those under way run out before it is raised: the caller stops
-        every node the record names, and a node still starting then would be missed."""
+        """Start worker nodes, several at once (each in a Ray temp dir of its own). On the first failure, or an
+        interrupt, no further start begins and those under way stop; the first failure is raised."""
         started = 0
+        failures: list[BaseException] = []
 
         def start(declaration: NodeDeclaration) -> None:
             nonlocal started
-            self._start_node(declaration, head=False, on_progress=on_progress)
+            try:
+                self._start_node(declaration, head=False, on_progress=on_progress)
+            except BaseException as failure:
+                with self._record_lock:
+                    if not self._stopping.is_set():
+                        failures.append(failure)  # the first: those it stops fail after it
+                self._stopping.set()
+                raise
             with self._record_lock:
                 started += 1
                 on_progress(f"node {declaration.name} (pool {declaration.pool}) joined: {started}/{len(declarations)}")
 
         starts = ThreadPoolExecutor(max_workers=PARALLEL_NODE_STARTS, thread_name_prefix="llmos-up")
         try:
-            for outcome in [starts.submit(start, declaration) for declaration in declarations]:
-                outcome.result()
+            wait([starts.submit(start, declaration) for declaration in declarations], return_when=FIRST_EXCEPTION)
+        except BaseException:  # interrupted: the starts under way stop, and the caller takes the cluster down
+            self._stopping.set()
+            raise
         finally:
+            if self._stopping.is_set():
+                on_progress("stopping the node starts under way")
             starts.shutdown(wait=True, cancel_futures=True)
+        if failures:
+            raise failures[0]
 
     def _start_node(
         self,
@@ -448,6 +466,8 @@ class LocalCluster:
             with self._record_lock:
                 self.record.nodes.remove(node)
                 self._save()
+            if self._stopping.is_set():
+                raise UserError(failure)
             if attempt < attempts:
                 on_progress(f"{failure}; starting it again (attempt {attempt + 1} of {attempts})")
         tried = f" (attempt {attempts} of {attempts})" if attempts > 1 else ""
@@ -513,6 +533,24 @@ class LocalCluster:
         # whole cluster's start with it, is explained there.
         log_path = self.home / "logs" / f"{declaration.name}.log"
         log_path.parent.mkdir(exist_ok=True)
+        # Under the lock `down` takes: a node is either in the record it stops, or never started.
+        with self._record_lock:
+            if self._stopping.is_set():
+                raise UserError(f"node {declaration.name} not started: the cluster is stopping")
+            node, process = self._popen_node(declaration, args, env, log_path, ray_temp_dir, attempt)
+            self.record.nodes.append(node)
+            self._save()
+        return node, process
+
+    def _popen_node(
+        self,
+        declaration: NodeDeclaration,
+        args: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        ray_temp_dir: str,
+        attempt: int,
+    ) -> tuple[NodeProcess, subprocess.Popen]:
         # A node started again under an old name (after `remove_node`) starts a fresh log.
         with open(log_path, "wb" if attempt == 1 else "ab") as log:
             started = f"--- llmos: attempt {attempt} to start {declaration.name}, Ray's temp dir {ray_temp_dir}\n"
@@ -536,16 +574,14 @@ class LocalCluster:
             start_ticks=_start_ticks(process.pid),
             boot_id=_boot_id(),
         )
-        with self._record_lock:
-            self.record.nodes.append(node)
-            self._save()
         return node, process
 
-    @staticmethod
-    def _wait_started(node: NodeProcess, process: subprocess.Popen) -> str | None:
+    def _wait_started(self, node: NodeProcess, process: subprocess.Popen) -> str | None:
         """None once the node runs, else why it did not."""
         deadline = time.monotonic() + NODE_START_TIMEOUT_S
         while time.monotonic() < deadline:
+            if self._stopping.is_set():
+                return f"the start of node {node.name} was stopped"
             if process.poll() is not None:
                 return f"node {node.name} exited during start (code {process.returncode})"
             if _STARTED_MARKER in Path(node.log_path).read_text(errors="replace"):
@@ -620,14 +656,18 @@ class LocalCluster:
         """Stop every process group this cluster started: the workers together, then the head. Nodes whose
         pids the record cannot prove still name what llmos started are left alone, and said so. Returns how
         many nodes it stopped."""
-        unproven = [node for node in self.record.nodes if not _stoppable(node)]
+        with self._record_lock:
+            self._down = True
+            self._stopping.set()
+            nodes = list(self.record.nodes)
+        unproven = [node for node in nodes if not _stoppable(node)]
         if unproven:
             on_progress(
                 f"not signalling {', '.join(f'{node.name} (pid {node.pid})' for node in unproven)}: the record "
                 "is stale, its pids are not provably the processes llmos started (they exited, the machine "
                 "restarted, or an older llmos wrote the record)"
             )
-        stoppable = [node for node in self.record.nodes if node not in unproven]
+        stoppable = [node for node in nodes if node not in unproven]
         workers = [node for node in stoppable if node.pool != "head"]
         heads = [node for node in stoppable if node.pool == "head"]
         for group in (workers, heads):

@@ -254,6 +254,35 @@ def test_a_worker_that_never_starts_takes_down_the_nodes_started_beside_it(tmp_p
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
 
 
+def test_after_a_failed_start_no_further_start_begins_and_those_under_way_stop(tmp_path, monkeypatch):
+    # cpu-1 fails at once, three times; the others would take 5 s to start. Four start at a time: once cpu-1 has
+    # failed for good, cpu-4 to cpu-7 must never begin, and cpu-0, cpu-2 and cpu-3 are stopped mid-start.
+    _ray_script(
+        tmp_path,
+        monkeypatch,
+        'name=$(echo "$@" | grep -o "llmos.io/node=[a-z0-9-]*" | cut -d= -f2)\necho "$name" >> "$TIMES"\n'
+        'if [ "$name" = cpu-1 ]; then exit 1; fi\n'
+        # As `ray start --block` ends its children on SIGTERM.
+        "sleep 300 &\ntrap 'kill $(jobs -p); exit 0' TERM\n"
+        'if [ "$name" != head-0 ]; then sleep 5 & wait $!; fi\necho "Ray runtime started."\nwait\n',
+    )
+    progress: list[str] = []
+    with pytest.raises(UserError, match=r"node cpu-1 exited during start \(code 1\) \(attempt 3 of 3\)"):
+        LocalCluster.up(
+            SMALL,
+            home=tmp_path / "home",
+            replicas_per_pool=8,
+            gcs_port=free_port(DEFAULT_HEAD_IP),
+            dashboard_port=free_port(),
+            on_progress=progress.append,
+        )
+    begun = (tmp_path / "times").read_text().split()
+    assert sorted(set(begun)) == ["cpu-0", "cpu-1", "cpu-2", "cpu-3", "head-0"] and begun.count("cpu-1") == 3
+    assert "stopping the node starts under way" in progress
+    assert not any("joined" in message for message in progress)
+    assert LocalCluster.find(tmp_path / "home") is None
+
+
 def test_the_callers_llmos_credential_is_not_handed_to_the_nodes(tmp_path, fake_ray, monkeypatch):
     monkeypatch.setenv("LLMOS_CREDENTIAL", "team-secret")
     monkeypatch.setenv("LLMOS_CREDENTIAL_FILE", str(tmp_path / "team.cred"))
