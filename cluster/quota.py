@@ -135,6 +135,7 @@ def never_admissible(
 
 
 SHARE_SEARCH_STEPS = 100_000  # bundle-to-type assignments tried before a spread gang is given the benefit of the doubt
+SHARE_SEARCH_BUNDLES = 256  # and the most GPU bundles it is tried for
 
 
 def spread_over_typed_quotas(quota: Mapping[str, float], bundles: Sequence[tuple[float, frozenset[str]]]) -> str | None:
@@ -165,7 +166,9 @@ def spread_over_typed_quotas(quota: Mapping[str, float], bundles: Sequence[tuple
 
 def _shares_out(quota: Mapping[str, float], bundles: Sequence[tuple[float, frozenset[str]]]) -> bool:
     """Whether the bundles (largest first) can each go to one of their types within the typed quotas; True also
-    when the search runs past SHARE_SEARCH_STEPS."""
+    when the search runs past SHARE_SEARCH_STEPS or there are more than SHARE_SEARCH_BUNDLES."""
+    if len(bundles) > SHARE_SEARCH_BUNDLES:
+        return True  # one level of recursion a bundle
     left = {key: quota.get(key, math.inf) for _, types in bundles for key in (f"gpu:{name}" for name in types)}
     steps = SHARE_SEARCH_STEPS
     tried: set[tuple[int, tuple[float, ...]]] = set()

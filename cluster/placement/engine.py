@@ -30,6 +30,7 @@ from cluster.placement.state import ClusterState
 from cluster.placement.workload import TargetWorkload, WorkloadEstimator
 
 SPREAD_SEARCH_STEPS = 20_000  # nodes tried in search of distinct nodes for a spread gang within its typed GPU room
+SPREAD_SEARCH_BUNDLES = 256  # bundles of the largest spread gang that search is tried for
 
 # Below this many stale nodes, finding the distinct node states costs more than it saves.
 DISTINCT_STATES_ABOVE = 64
@@ -309,7 +310,9 @@ class _Planner:
     ) -> list[int] | None:
         """A different node for every bundle, each from its candidates (best first), with the GPUs on each type
         within `gpu_room`; depth first, the bundle with the fewest candidates first, at most SPREAD_SEARCH_STEPS
-        nodes tried, then None."""
+        nodes tried and for at most SPREAD_SEARCH_BUNDLES bundles, else None."""
+        if len(demands) > SPREAD_SEARCH_BUNDLES:
+            return None  # one level of recursion a bundle
         type_of = self.state.gpu_type_of
         order = sorted(range(len(demands)), key=lambda index: len(candidates[index]))
         nodes = [0] * len(demands)
