@@ -267,13 +267,14 @@ def node_removal(cluster, admin, team: str, workdir: Path, *, crash: bool = Fals
     (node,) = cluster.add_replica("cpu")
     others = [n.name for n in admin.nodes() if n.pool == "cpu" and n.name != node.name]
     # Long enough to be mid-run when the node goes, or it never needs to resume: the node's raylet is
-    # gone within NODE_STOP_TIMEOUT_S (SIGKILL after 20 s) and its workers with it, and this job trains
-    # at most ~12 steps a second on a free machine, so at most ~250 steps; 60-70 in three runs.
+    # gone within NODE_STOP_TIMEOUT_S (SIGKILL after 20 s; a SIGTERMed raylet under a running job can take
+    # all of it) and its workers with it, and this job trains up to ~38 steps a second here on a fast day
+    # (256 tokens a step), so at most ~800 steps: 600 were all done before the node went on such a day.
     job = _small_job(
         workdir,
         name,
         team,
-        steps=600,
+        steps=1500,
         workers={"min": 1, "max": 2},
         resources={"cpus": 2, "memory": "256Mi"},
         pool="cpu",
