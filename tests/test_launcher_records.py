@@ -61,10 +61,11 @@ def unrelated():
         process.wait()
 
 
-def _up(home: Path, progress: list[str] | None = None) -> LocalCluster:
+def _up(home: Path, progress: list[str] | None = None, replicas_per_pool: int = 1) -> LocalCluster:
     return LocalCluster.up(
         SMALL,
         home=home,
+        replicas_per_pool=replicas_per_pool,
         gcs_port=free_port(DEFAULT_HEAD_IP),
         dashboard_port=free_port(),
         on_progress=(progress if progress is not None else []).append,
@@ -199,14 +200,7 @@ def test_worker_nodes_start_several_at_once(tmp_path, monkeypatch):
         'sleep 300 &\necho "Ray runtime started."\nwait\n',
     )
     progress: list[str] = []
-    cluster = LocalCluster.up(
-        SMALL,
-        home=tmp_path / "home",
-        replicas_per_pool=4,
-        gcs_port=free_port(DEFAULT_HEAD_IP),
-        dashboard_port=free_port(),
-        on_progress=progress.append,
-    )
+    cluster = _up(tmp_path / "home", progress, replicas_per_pool=4)
     try:
         times: dict[str, dict[str, float]] = {}
         for line in (tmp_path / "times").read_text().splitlines():
@@ -238,13 +232,7 @@ def test_a_worker_that_never_starts_takes_down_the_nodes_started_beside_it(tmp_p
         'echo "Ray runtime started."\nwait\n',
     )
     with pytest.raises(UserError, match=r"node cpu-2 exited during start \(code 1\) \(attempt 3 of 3\)"):
-        LocalCluster.up(
-            SMALL,
-            home=tmp_path / "home",
-            replicas_per_pool=4,
-            gcs_port=free_port(DEFAULT_HEAD_IP),
-            dashboard_port=free_port(),
-        )
+        _up(tmp_path / "home", replicas_per_pool=4)
     assert LocalCluster.find(tmp_path / "home") is None
     children = [int(pid) for pid in (tmp_path / "times").read_text().split()]
     assert len(children) == 4  # the head and the three workers that started
@@ -268,14 +256,7 @@ def test_after_a_failed_start_no_further_start_begins_and_those_under_way_stop(t
     )
     progress: list[str] = []
     with pytest.raises(UserError, match=r"node cpu-1 exited during start \(code 1\) \(attempt 3 of 3\)"):
-        LocalCluster.up(
-            SMALL,
-            home=tmp_path / "home",
-            replicas_per_pool=8,
-            gcs_port=free_port(DEFAULT_HEAD_IP),
-            dashboard_port=free_port(),
-            on_progress=progress.append,
-        )
+        _up(tmp_path / "home", progress, replicas_per_pool=8)
     begun = (tmp_path / "times").read_text().split()
     assert sorted(set(begun)) == ["cpu-0", "cpu-1", "cpu-2", "cpu-3", "head-0"] and begun.count("cpu-1") == 3
     assert "stopping the node starts under way" in progress

@@ -13,27 +13,42 @@ from cluster.requests import BundleBinding, RequestState, RequestStatus, SubmitR
 REQUEST_PRIORITY = 500
 
 
-def holder(index: int, rng: random.Random) -> RequestStatus:
-    group = rng.choice([None, "chat", "embed"])
-    gpus = rng.choice([1, 4])
-    request = SubmitRequest(
-        team="research",
-        gang=GangRequest(name=f"h{index}", bundles=[Bundle(resources={"GPU": gpus})]),
-        kind=rng.choice([WorkloadKind.SERVING, WorkloadKind.TRAINING]),
-        preemptible=rng.random() < 0.9,
-        group=group,
-        group_min=rng.randint(0, 2) if group else 0,
-    )
+def placed_request(index: int, request: SubmitRequest, priority_value: int) -> RequestStatus:
+    """`request` placed on node n, the `index`-th to be placed (the later, the cheaper to preempt)."""
+    gpus = request.gang.bundles[0].resources["GPU"]
     return RequestStatus(
         id=f"research-{index:05d}",
         request=request,
-        priority_value=rng.choice([100, 500]),  # 500: the request's own, which never preempts its equal
+        priority_value=priority_value,
         state=RequestState.PLACED,
         bundles=[BundleBinding(bundle_index=0, node="n", pool="p", resources={"GPU": gpus}, group_bundle_index=0)],
         submitted_seq=index,
         submitted_at=float(index),
         placed_at=float(index),
     )
+
+
+def holder(index: int, rng: random.Random) -> RequestStatus:
+    group = rng.choice([None, "chat", "embed"])
+    request = SubmitRequest(
+        team="research",
+        gang=GangRequest(name=f"h{index}", bundles=[Bundle(resources={"GPU": rng.choice([1, 4])})]),
+        kind=rng.choice([WorkloadKind.SERVING, WorkloadKind.TRAINING]),
+        preemptible=rng.random() < 0.9,
+        group=group,
+        group_min=rng.randint(0, 2) if group else 0,
+    )
+    return placed_request(index, request, rng.choice([100, 500]))  # 500: the request's own, never preempted
+
+
+URGENT = RequestStatus(
+    id="prod-00001",
+    request=SubmitRequest(team="prod", gang=GangRequest(name="urgent", bundles=[Bundle(resources={"GPU": 8})])),
+    priority_value=REQUEST_PRIORITY,
+    state=RequestState.QUEUED,
+    submitted_seq=0,
+    submitted_at=0.0,
+)
 
 
 def allowed(victims: tuple[RequestStatus, ...], holders: list[RequestStatus]) -> bool:
@@ -61,21 +76,13 @@ def fits_once_one_of_taken(freeing: list[set[str]]):
 
 def test_victims_are_found_whenever_an_allowed_set_makes_room_and_are_always_allowed():
     rng = random.Random(7)
-    request = RequestStatus(
-        id="prod-00001",
-        request=SubmitRequest(team="prod", gang=GangRequest(name="urgent", bundles=[Bundle(resources={"GPU": 8})])),
-        priority_value=REQUEST_PRIORITY,
-        state=RequestState.QUEUED,
-        submitted_seq=0,
-        submitted_at=0.0,
-    )
     found = 0
     for _ in range(1500):
         holders = [holder(index, rng) for index in range(rng.randint(1, 6))]
         ids = [status.id for status in holders]
         freeing = [set(rng.sample(ids, rng.randint(1, len(ids)))) for _ in range(rng.randint(1, 2))]
         fits_without = fits_once_one_of_taken(freeing)
-        victims = choose_victims(request, holders, fits_without, {"n"})
+        victims = choose_victims(URGENT, holders, fits_without, {"n"})
         possible = any(
             fits_without(subset) and allowed(subset, holders)
             for size in range(1, len(holders) + 1)
@@ -94,25 +101,14 @@ def test_a_large_deployment_gives_up_the_replicas_the_request_needs_within_the_s
     # 20 replicas of which 3 may go (group_min 17); the request fits once the 3 oldest go. Greedy takes the 3
     # cheapest (the newest) first and stops at the group's minimum; the search must let go of 17 others without
     # trying the 3 it cannot do without again at every level.
-    replicas = [
-        RequestStatus(
-            id=f"research-{index:05d}",
-            request=SubmitRequest(
-                team="research",
-                gang=GangRequest(name=f"r{index}", bundles=[Bundle(resources={"GPU": 1})]),
-                kind=WorkloadKind.SERVING,
-                group="chat",
-                group_min=17,
-            ),
-            priority_value=100,
-            state=RequestState.PLACED,
-            bundles=[BundleBinding(bundle_index=0, node="n", pool="p", resources={"GPU": 1}, group_bundle_index=0)],
-            submitted_seq=index,
-            submitted_at=float(index),
-            placed_at=float(index),
-        )
-        for index in range(20)
-    ]
+    replica = SubmitRequest(
+        team="research",
+        gang=GangRequest(name="chat", bundles=[Bundle(resources={"GPU": 1})]),
+        kind=WorkloadKind.SERVING,
+        group="chat",
+        group_min=17,
+    )
+    replicas = [placed_request(index, replica, priority_value=100) for index in range(20)]
     oldest = {replica.id for replica in replicas[:3]}
     tried = []
 
@@ -120,14 +116,6 @@ def test_a_large_deployment_gives_up_the_replicas_the_request_needs_within_the_s
         tried.append(len(victims))
         return oldest <= {victim.id for victim in victims}
 
-    request = RequestStatus(
-        id="prod-00001",
-        request=SubmitRequest(team="prod", gang=GangRequest(name="urgent", bundles=[Bundle(resources={"GPU": 8})])),
-        priority_value=REQUEST_PRIORITY,
-        state=RequestState.QUEUED,
-        submitted_seq=0,
-        submitted_at=0.0,
-    )
-    victims = choose_victims(request, replicas, fits_without, {"n"})
+    victims = choose_victims(URGENT, replicas, fits_without, {"n"})
     assert victims is not None and {victim.id for victim in victims} == oldest
     assert len(tried) < 64
