@@ -922,6 +922,7 @@ class Scheduler:
 
     def _preempt_for(self, status: RequestStatus, gang: GangRequest) -> bool:
         holders = self.holders()
+        quota = self.quotas[status.team]
 
         def fits_without(victims: list[RequestStatus]) -> bool:
             trial = self._trial_engine(self.engine.snapshot())
@@ -930,7 +931,6 @@ class Scheduler:
                 trial.release(_placement_of(victim))
                 if victim.team == status.team:
                     quotas.add_usage(used, self._request_usage(victim), sign=-1)
-            quota = self.quotas[status.team]
             decision = trial.place(gang, gpu_room=quotas.gpu_room(quota, used))
             # Room the request could not use within its quota is no reason to preempt anyone.
             return not isinstance(decision, Rejection) and not quotas.exceeded(
