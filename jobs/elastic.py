@@ -212,8 +212,9 @@ class AttemptWatcher(threading.Thread):
             self.growth = None
 
     def _direct(self, when: StopWhen, why: str) -> None:
-        self.directive = when
+        # Recorded once the controller has it: a failed report leaves it to the next poll to send again.
         self.admin.report(self.bookings[0].id, stop_directive(self.attempt, when, why))
+        self.directive = when
         where = "reporting" if when is StopWhen.NOW else "checkpoint"
         self.on_progress(f"stopping attempt {self.attempt} at its next {where} step: {why}")
 

@@ -387,3 +387,30 @@ def test_an_attempt_runs_where_the_books_have_its_booking_when_it_starts():
     assert nodes[0] != taken, f"the attempt ran on {nodes[0]}, the node prod took"
     status = admin.status(request_id)
     assert status.state is RequestState.FINISHED and status.preemptions == 1
+
+
+def test_a_stop_directive_the_controller_did_not_take_is_sent_again():
+    class RestartingOnce(BooksAdmin):
+        refused = False
+
+        def report(self, request_id: str, details: dict) -> RequestStatus:
+            if "stop" in details and not self.refused:
+                self.refused = True
+                raise ConnectionError("the controller is restarting")
+            return super().report(request_id, details)
+
+    admin = RestartingOnce.on_two_h100_nodes()
+    holder = admin.submit(SubmitRequest(team="prod", gang=WHOLE_NODE_GANG))
+    training = whole_node_job(workers={"min": 1, "max": 2})
+    sizes: list[int] = []
+
+    def run_attempt(job_, placement, reporter, details) -> StepReport:
+        sizes.append(placement.max_workers)
+        if len(sizes) == 1:
+            admin.complete(holder.id)  # the growth request gets the node: the driver asks for a checkpoint
+            wait_for(lambda: admin.status(details["requests"][0]).details.get("stop"), 10, "the stop directive")
+            return dataclasses.replace(DONE, step=50, world_size=1)
+        return dataclasses.replace(DONE, world_size=placement.max_workers)
+
+    ElasticRun(training, admin, run_attempt, probe_nodes=answering, on_progress=print).run()
+    assert admin.refused and sizes == [1, 2]
