@@ -50,29 +50,32 @@ class Admission:
         return self.status.id
 
 
-def worker_bundle(job: TrainingJob) -> Bundle:
-    """One worker's bundle: the job's resources, on its pool or on any pool of its accelerator type."""
+def worker_bundle(job: TrainingJob, pool: str | None = None) -> Bundle:
+    """One worker's bundle: the job's resources, on `pool` (else the job's own) or on any pool of its
+    accelerator type."""
     resources = {"CPU": job.resources.cpus, "memory": float(job.resources.memory)}
     if job.resources.gpus:
         resources["GPU"] = job.resources.gpus
-    if job.pool is not None:
-        return Bundle(resources=resources, label_selector={POOL_LABEL: job.pool})
+    pool = pool or job.pool
+    if pool is not None:
+        return Bundle(resources=resources, label_selector={POOL_LABEL: pool})
     if job.accelerator_type is not None:
         return Bundle(resources=resources, gpu_types=(job.accelerator_type,))
     return Bundle(resources=resources)
 
 
-def gang_request(job: TrainingJob, workers: int, name: str | None = None) -> SubmitRequest:
+def gang_request(job: TrainingJob, workers: int, name: str | None = None, pool: str | None = None) -> SubmitRequest:
     """A books-only training gang of `workers` bundles in one pool, charged to the job's team.
 
-    `name` tells the gang apart from the job's main one (the elastic driver's growth request).
+    `name` tells the gang apart from the job's main one, and `pool` holds it to the pool that one runs in
+    (the elastic driver's growth request: a gang is one pool, grown or not).
     """
     return SubmitRequest(
         team=job.team,
         priority=job.priority,
         kind=WorkloadKind.TRAINING,
         gang=GangRequest(
-            name=name or job.name, bundles=(worker_bundle(job),) * workers, constraint=Constraint.SAME_POOL
+            name=name or job.name, bundles=(worker_bundle(job, pool),) * workers, constraint=Constraint.SAME_POOL
         ),
         bind_placement_group=False,
     )

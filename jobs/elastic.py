@@ -199,7 +199,8 @@ class AttemptWatcher(threading.Thread):
         if missing <= 0 or self.directive is not None:
             return
         if self.growth is None:
-            self.growth = self.admin.submit(gang_request(self.job, missing, name=f"{self.job.name}-grow"))
+            pool = self.bookings[0].bundles[0].pool
+            self.growth = self.admin.submit(gang_request(self.job, missing, name=f"{self.job.name}-grow", pool=pool))
             self.on_progress(
                 f"running {self.workers} of {self.job.workers.max} workers: growth request {self.growth.id} queued"
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+import time
 
 from waiting import wait_for
 
@@ -17,6 +18,7 @@ from cluster.scheduler import Scheduler
 from cluster.spec import ClusterSpec
 from jobs.admission import WorkerPlacement, gang_request, placement_for, rejection_message, sizes_to_try
 from jobs.elastic import (
+    WATCH_INTERVAL_S,
     ElasticRun,
     Outcome,
     StopWhen,
@@ -414,3 +416,39 @@ def test_a_stop_directive_the_controller_did_not_take_is_sent_again():
 
     ElasticRun(training, admin, run_attempt, probe_nodes=answering, on_progress=print).run()
     assert admin.refused and sizes == [1, 2]
+
+
+def test_a_job_grows_only_within_the_pool_it_runs_in():
+    two_pools = GROWING.model_copy(
+        update={
+            "pools": [
+                GROWING.pools[0].model_copy(
+                    update={"name": name, "nodes": GROWING.pools[0].nodes.model_copy(update={"max": 1})}
+                )
+                for name in ("h100", "h100-b")
+            ]
+        }
+    )
+    nodes = [
+        node.model_copy(update={"pool": pool, "labels": {**node.labels, "llmos.io/pool": pool}})
+        for node, pool in zip(GROWING_NODES, ("h100", "h100-b"), strict=True)
+    ]
+    books = Scheduler(two_pools, "bestfit")
+    books.set_nodes(nodes)
+    admin = BooksAdmin(books)
+    training = whole_node_job(pool=None, accelerator_type="H100", workers={"min": 1, "max": 2})
+    pools: list[set[str]] = []
+
+    def run_attempt(job_, placement, reporter, details) -> StepReport:
+        wait_for(
+            lambda: any(s.request.gang.name == "lm-grow" for s in books.requests.values()), 10, "the growth request"
+        )
+        time.sleep(4 * WATCH_INTERVAL_S)  # a few more polls, in which a growth placed elsewhere would stop the attempt
+        pools.append({books.requests[request_id].bundles[0].pool for request_id in details["requests"]})
+        return dataclasses.replace(DONE, world_size=placement.max_workers)
+
+    ElasticRun(training, admin, run_attempt, probe_nodes=answering, on_progress=print).run()
+    (growth,) = [s for s in books.requests.values() if s.request.gang.name == "lm-grow"]
+    assert pools == [pools[0]] and len(pools[0]) == 1
+    assert growth.request.gang.bundles[0].label_selector == {"llmos.io/pool": next(iter(pools[0]))}
+    assert growth.state is RequestState.CANCELLED and not growth.bundles, "the other pool's node is not the job's"
