@@ -303,6 +303,7 @@ def _save(job, step, model, optimizer, schedule, scaler, batches, world_size) ->
     meta = {
         "job": job.name,
         "model": job.model.model_dump(mode="json"),
+        "data": job.data.model_dump(mode="json"),
         "world_size": world_size,
         "precision": job.precision.value,
         "data_position": batches.position,
@@ -314,8 +315,8 @@ def _save(job, step, model, optimizer, schedule, scaler, batches, world_size) ->
 def _restore(path: Path, job, model, optimizer, schedule, scaler, batches) -> int:
     """Load a checkpoint into freshly built training objects; returns the step it was taken at."""
     state = checkpoints.load_checkpoint(path)
-    if state["job"]["model"] != job.model.model_dump(mode="json"):
-        raise _model_mismatch(job, path, state["job"]["model"])
+    if conflict := _resume_conflict(job, path, state["job"]):
+        raise conflict
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["lr_schedule"])
@@ -334,21 +335,30 @@ def _restore(path: Path, job, model, optimizer, schedule, scaler, batches) -> in
     return state["step"]
 
 
-def _model_mismatch(job: TrainingJob, path: Path, saved_model: dict) -> SpecError:
-    return SpecError(
-        f"training job {job.name!r}",
-        [f"model: the checkpoint {path} holds a model of size {saved_model}; resume with that size"],
-    )
+def _resume_conflict(job: TrainingJob, path: Path, saved: dict) -> SpecError | None:
+    """What a resume from the checkpoint at `path` cannot change, changed by this job: the model's size, and
+    the data (its seed and split fix which windows come, in what order). `saved` is the job the checkpoint
+    names (its meta, or the job saved in its state); a field it lacks (older checkpoints) is not compared."""
+    problems = []
+    if "model" in saved and saved["model"] != job.model.model_dump(mode="json"):
+        problems.append(f"model: the checkpoint {path} holds a model of size {saved['model']}; resume with that size")
+    data = job.data.model_dump(mode="json")
+    for key, value in data.items():
+        if key in saved.get("data", {}) and saved["data"][key] != value:
+            problems.append(
+                f"data.{key}: the checkpoint {path} was trained with {saved['data'][key]!r}, not {value!r}; resume "
+                "with that, or train afresh under a new checkpoint.directory"
+            )
+    return SpecError(f"training job {job.name!r}", problems) if problems else None
 
 
 def check_resumable(job: TrainingJob) -> None:
-    """Refuse a job whose newest checkpoint holds a model of another size, before any worker starts: in a
-    worker, every attempt would fail on it and be retried first. Checkpoints whose meta does not name
-    their model (written before it did) are checked when a worker loads them."""
+    """Refuse a job that changes what its newest checkpoint cannot be resumed without, before any worker
+    starts: in a worker, every attempt would fail on it and be retried first. Checkpoints whose meta does
+    not name their model or data (written before it did) are checked when a worker loads them."""
     newest = checkpoints.latest_checkpoint(job.checkpoint_directory)
-    saved_model = checkpoints.load_meta(newest).get("model") if newest is not None else None
-    if saved_model is not None and saved_model != job.model.model_dump(mode="json"):
-        raise _model_mismatch(job, newest, saved_model)
+    if newest is not None and (conflict := _resume_conflict(job, newest, checkpoints.load_meta(newest))):
+        raise conflict
 
 
 def format_report(report: StepReport) -> str:

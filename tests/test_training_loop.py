@@ -96,21 +96,32 @@ def test_a_resume_with_a_new_peak_learning_rate_follows_the_new_schedule(tmp_pat
     assert after[-1].learning_rate == pytest.approx(learning_rate(29, lowered.schedule, lowered.steps))
 
 
-def test_a_job_of_another_model_size_than_its_checkpoint_is_refused_before_it_starts(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"model": {"d_model": 128}}, "model: the checkpoint"),
+        ({"data": {"seed": 1}}, "data.seed: the checkpoint"),
+        ({"data": {"heldout_fraction": 0.05}}, "data.heldout_fraction: the checkpoint"),
+    ],
+)
+def test_a_job_that_changes_what_its_checkpoint_was_trained_on_is_refused_before_it_starts(
+    tmp_path, capsys, change, named
+):
     import yaml
 
     from jobs import train as ray_train_entrypoint
 
     job = tiny_job(tmp_path, steps=10, checkpoint={"every_steps": 5, "keep_last": 2})
     run_bare(job, stop_at_step=5, echo=False)
-    wider = job.model_copy(update={"model": job.model.model_copy(update={"d_model": 128})})
-    job_file = tmp_path / "wider.yaml"
-    job_file.write_text(yaml.safe_dump(wider.model_dump(mode="json")))
+    ((section, fields),) = change.items()
+    changed = job.model_copy(update={section: getattr(job, section).model_copy(update=fields)})
+    job_file = tmp_path / "changed.yaml"
+    job_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
     # Before admission and before any worker: no controller, no Ray, no attempt to retry.
     for main in (ray_train_entrypoint.main, training_loop_main):
         assert main([str(job_file)]) == 2
         error = capsys.readouterr().err
-        assert "model: the checkpoint" in error and "step-000000005" in error and "resume with that size" in error
+        assert named in error and "step-000000005" in error and "resume with" in error, error
     assert finished_report(job) is None and read_records(job.metrics_file)[-1]["step"] == 5
 
 
