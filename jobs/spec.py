@@ -181,6 +181,17 @@ class TrainingJob(StrictModel):
                 "precision: fp16 needs a CUDA GPU (loss-scaled autocast) and resources.gpus is 0; use precision: "
                 "bf16 (or fp32) on CPU, or give the workers gpus"
             )
+        for field_name, path in (
+            ("storage_path", self.storage_path),
+            ("checkpoint.directory", self.checkpoint.directory),
+            ("metrics_path", self.metrics_path),
+        ):
+            if path is not None and not Path(path).expanduser().is_absolute():
+                # Ray Train refuses a relative storage path, and the driver and each worker would read it
+                # from their own working directories.
+                raise ValueError(
+                    f"{field_name}: {path} is relative; give an absolute path (or one under ~) that every node mounts"
+                )
         if self.schedule.warmup_steps >= self.steps:
             raise ValueError(
                 f"schedule.warmup_steps: {self.schedule.warmup_steps} is not below steps ({self.steps}); "

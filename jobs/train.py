@@ -61,6 +61,7 @@ from jobs.training_loop import (
     StepReport,
     StopCheck,
     already_trained,
+    check_data,
     check_resumable,
     finished_report,
     format_report,
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     # bookings back, or they stay held for a driver that is gone.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        check_data(job)
         check_resumable(job)
         if args.without_controller:
             placement = placement_from_spec(job)

@@ -33,7 +33,7 @@ from cluster.launcher import free_port
 from cluster.spec import SpecError
 from jobs import checkpoint as checkpoints
 from jobs import precision
-from jobs.data import VOCAB_SIZE, TrainingBatches, heldout_batches
+from jobs.data import VOCAB_SIZE, TrainingBatches, data_problems, heldout_batches
 from jobs.metrics import append_record, plot_loss_curve, read_records
 from jobs.model import TransformerLM
 from jobs.spec import LearningRateSchedule, TrainingJob, load_training_job
@@ -352,6 +352,13 @@ def _resume_conflict(job: TrainingJob, path: Path, saved: dict) -> SpecError | N
     return SpecError(f"training job {job.name!r}", problems) if problems else None
 
 
+def check_data(job: TrainingJob) -> None:
+    """Refuse data settings this machine's stdlib holds too little text for, before any worker starts: in a
+    worker, every attempt would fail on them and be retried first."""
+    if problems := data_problems(job.data.heldout_fraction, job.model.context_length):
+        raise SpecError(f"training job {job.name!r}", problems)
+
+
 def check_resumable(job: TrainingJob) -> None:
     """Refuse a job that changes what its newest checkpoint cannot be resumed without, before any worker
     starts: in a worker, every attempt would fail on it and be retried first. Checkpoints whose meta does
@@ -536,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         job = load_training_job(args.job)
+        check_data(job)
         if args.fresh:
             if (kept := checkpoints.latest_checkpoint(job.checkpoint_directory)) is not None:
                 # Step 0's checkpoints would sort below the kept ones and be pruned as soon as they are written.

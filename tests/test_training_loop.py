@@ -125,6 +125,30 @@ def test_a_job_that_changes_what_its_checkpoint_was_trained_on_is_refused_before
     assert finished_report(job) is None and read_records(job.metrics_file)[-1]["step"] == 5
 
 
+@pytest.mark.parametrize(
+    ("change", "fix"),
+    [
+        ({"data": {"heldout_fraction": 1e-6}}, "raise data.heldout_fraction"),
+        ({"model": {"context_length": 600_000}}, "raise data.heldout_fraction or lower model.context_length"),
+    ],
+)
+def test_data_settings_this_machine_has_too_little_text_for_are_refused_before_it_starts(tmp_path, capsys, change, fix):
+    import yaml
+
+    from jobs import train as ray_train_entrypoint
+
+    job = tiny_job(tmp_path, steps=10)
+    ((section, fields),) = change.items()
+    changed = job.model_copy(update={section: getattr(job, section).model_copy(update=fields)})
+    job_file = tmp_path / "changed.yaml"
+    job_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+    for main in (ray_train_entrypoint.main, training_loop_main):
+        assert main([str(job_file)]) == 2
+        error = capsys.readouterr().err
+        assert "held-out tokens on this machine" in error and fix in error, error
+    assert not job.metrics_file.exists()
+
+
 def test_only_a_directory_named_exactly_like_a_checkpoint_is_one(tmp_path):
     for name in ("step-000000010", "step-000000020\n", "step-000000030.old"):
         (tmp_path / name).mkdir()

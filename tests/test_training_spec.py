@@ -106,6 +106,24 @@ def test_warmup_not_below_steps_names_the_field():
     assert problem.startswith("schedule.warmup_steps: 30 is not below steps (1)"), problem
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"storage_path": "rel/jobs"}, "storage_path: rel/jobs"),
+        ({"checkpoint": {"directory": "ckpt"}}, "checkpoint.directory: ckpt"),
+        ({"metrics_path": "./metrics.jsonl"}, "metrics_path: ./metrics.jsonl"),
+    ],
+)
+def test_a_relative_storage_path_is_refused_naming_the_field(change, named):
+    [problem] = problems_of(job_data(**change))
+    assert problem.startswith(f"{named} is relative; give an absolute path"), problem
+
+
+def test_storage_paths_may_be_absolute_or_under_home():
+    job = parse_model(TrainingJob, job_data(storage_path="~/llmos/jobs", metrics_path="/tmp/m.jsonl"), "job.yaml")
+    assert job.run_directory == Path.home() / "llmos" / "jobs" / "tiny"
+
+
 def test_a_worker_fits_on_a_tpu_host_by_its_cpus_and_memory():
     cluster = load_spec(EXAMPLES / "cluster.yaml")  # tpu-v5p hosts: 208 CPUs, 448Gi, no GPUs
     on_tpu = parse_model(TrainingJob, job_data(pool="tpu-v5p", resources={"cpus": 1, "memory": "2Gi"}), "job.yaml")
