@@ -318,7 +318,11 @@ def _restore(path: Path, job, model, optimizer, schedule, scaler, batches) -> in
     if conflict := _resume_conflict(job, path, state["job"]):
         raise conflict
     model.load_state_dict(state["model"])
+    # The saved groups carry the decay they were built with; a resume follows the job's, as for the rate.
+    decays = [group["weight_decay"] for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, decay in zip(optimizer.param_groups, decays, strict=True):
+        group["weight_decay"] = decay
     schedule.load_state_dict(state["lr_schedule"])
     # The saved state keeps the peak it was built with as its base; a resume follows this job's schedule
     # (a lower peak after a loss spike, say): rebase, and take the restored step's rate again.

@@ -96,6 +96,15 @@ def test_a_resume_with_a_new_peak_learning_rate_follows_the_new_schedule(tmp_pat
     assert after[-1].learning_rate == pytest.approx(learning_rate(29, lowered.schedule, lowered.steps))
 
 
+def test_a_resume_with_a_new_weight_decay_decays_by_it(tmp_path):
+    train(tiny_job(tmp_path, steps=30), stop_at_step=20)
+    no_decay = tiny_job(tmp_path, steps=30, optimizer={"weight_decay": 0.0})
+    train(no_decay, resume_from=checkpoints.latest_checkpoint(no_decay.checkpoint_directory))
+    state = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(no_decay.checkpoint_directory))
+    assert state["step"] == 30
+    assert [group["weight_decay"] for group in state["optimizer"]["param_groups"]] == [0.0, 0.0]
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
