@@ -67,6 +67,7 @@ from jobs.training_loop import (
     format_report,
     progress_details,
     report_to_files,
+    set_aside_earlier_metrics,
     train,
 )
 
@@ -400,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_data(job)
         check_resumable(job)
+        set_aside_earlier_metrics(job, on_progress=lambda line: print(line, flush=True))
         if args.without_controller:
             placement = placement_from_spec(job)
             print(f"training {job.name} without admission on {describe(placement)}", flush=True)

@@ -415,6 +415,21 @@ def finished_report(job: TrainingJob) -> StepReport | None:
     )
 
 
+def set_aside_earlier_metrics(job: TrainingJob, on_progress: Callable[[str], None]) -> Path | None:
+    """Move an earlier run's metrics aside when this one starts at step 0 (no checkpoint to resume): a new
+    checkpoint.directory, or deleted checkpoints, under the same metrics file would otherwise draw one curve
+    from two runs. Returns where they went, None when there were none."""
+    metrics = job.metrics_file
+    if checkpoints.latest_checkpoint(job.checkpoint_directory) is not None or not metrics.is_file():
+        return None
+    if not read_records(metrics):
+        return None
+    aside = metrics.with_name(f"{metrics.stem}-before-{time.strftime('%Y%m%dT%H%M%S')}{metrics.suffix}")
+    metrics.rename(aside)
+    on_progress(f"{job.name} starts at step 0: the metrics already in {metrics} are moved to {aside}")
+    return aside
+
+
 def already_trained(job: TrainingJob, report: StepReport) -> str:
     return (
         f"{job.name} is already trained: its newest checkpoint {report.checkpoint} is at step {report.step} of "
@@ -562,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(already_trained(job, finished) + " (or run with --fresh)")
                 return 0
             check_resumable(job)
+        set_aside_earlier_metrics(job, on_progress=lambda line: print(line, flush=True))
         if args.workers == 1:
             torch.set_num_threads(max(1, int(job.resources.cpus)))
         result = run_bare(job, args.workers, resume=not args.fresh)

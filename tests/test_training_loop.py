@@ -158,6 +158,27 @@ def test_data_settings_this_machine_has_too_little_text_for_are_refused_before_i
     assert not job.metrics_file.exists()
 
 
+def test_a_run_that_starts_at_step_0_sets_an_earlier_runs_metrics_aside(tmp_path, capsys):
+    import yaml
+
+    job = tiny_job(tmp_path, steps=10, checkpoint={"every_steps": 5, "keep_last": 1})
+    run_bare(job, stop_at_step=10, echo=False)
+    earlier = read_records(job.metrics_file)
+    # Trained again under a new checkpoint directory, as `already trained` advises, with the same metrics file.
+    again = job.model_copy(
+        update={"checkpoint": job.checkpoint.model_copy(update={"directory": str(tmp_path / "new")})}
+    )
+    job_file = tmp_path / "again.yaml"
+    job_file.write_text(yaml.safe_dump(again.model_dump(mode="json")))
+    assert training_loop_main([str(job_file)]) == 0
+    (aside,) = tmp_path.glob("tiny/metrics-before-*.jsonl")
+    assert f"moved to {aside}" in capsys.readouterr().out
+    assert read_records(aside) == earlier
+    again_records = read_records(job.metrics_file)
+    assert [record["step"] for record in again_records] == [record["step"] for record in earlier]
+    assert min(record["time"] for record in again_records) > max(record["time"] for record in earlier)
+
+
 def test_only_a_directory_named_exactly_like_a_checkpoint_is_one(tmp_path):
     for name in ("step-000000010", "step-000000020\n", "step-000000030.old"):
         (tmp_path / name).mkdir()
