@@ -72,15 +72,17 @@ def save_checkpoint(
     except (OSError, RuntimeError) as error:
         # torch.save reports a full disk as a RuntimeError from its zip writer, not as ENOSPC.
         if getattr(error, "errno", None) == errno.ENOSPC or _too_little_space(directory, state):
-            problem = "no space left on the device"
+            code, problem = errno.ENOSPC, "no space left on the device"
+            fix = "Free space there or set checkpoint.directory to a larger volume"
         elif getattr(error, "errno", None) in (errno.EACCES, errno.EROFS, errno.EPERM):
-            problem = "the directory is not writable"
+            code, problem = error.errno, "the directory is not writable"
+            fix = "Let the job's user write there (mount it read-write), or set checkpoint.directory to a folder it can"
         else:
             raise
         raise CheckpointError(
-            errno.ENOSPC if problem.startswith("no space") else error.errno,
+            code,
             f"checkpoint of step {step} not written: {problem} under {directory}; the previous checkpoints are "
-            "intact. Free space there or set checkpoint.directory to a larger volume",
+            f"intact. {fix}",
         ) from error
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -177,6 +179,26 @@ def test_a_run_that_starts_at_step_0_sets_an_earlier_runs_metrics_aside(tmp_path
     again_records = read_records(job.metrics_file)
     assert [record["step"] for record in again_records] == [record["step"] for record in earlier]
     assert min(record["time"] for record in again_records) > max(record["time"] for record in earlier)
+
+
+@pytest.mark.parametrize(
+    ("code", "problem", "fix"),
+    [
+        (errno.ENOSPC, "no space left on the device", "Free space there"),
+        (errno.EROFS, "the directory is not writable", "mount it read-write"),
+        (errno.EACCES, "the directory is not writable", "Let the job's user write there"),
+    ],
+)
+def test_a_checkpoint_that_cannot_be_written_says_why_and_the_fix_for_that(tmp_path, monkeypatch, code, problem, fix):
+    def refuse(state, path):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(checkpoints.torch, "save", refuse)
+    with pytest.raises(checkpoints.CheckpointError) as raised:
+        checkpoints.save_checkpoint(tmp_path, 5, {"step": 5}, {})
+    assert raised.value.errno == code
+    assert problem in str(raised.value) and fix in str(raised.value), raised.value
+    assert not list(tmp_path.iterdir()), "a failed write cleans up after itself"
 
 
 def test_only_a_directory_named_exactly_like_a_checkpoint_is_one(tmp_path):
