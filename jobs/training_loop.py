@@ -479,6 +479,8 @@ def run_bare(
     else:
         if on_report is not None:
             raise ValueError("on_report runs in this process; with several workers read the metrics file")
+        # The workers run on this machine: refused here, the job gets the field and the fix, not their exit codes.
+        precision.check_supported(job.precision, default_device(), source=f"training job {job.name!r}")
         result = _run_processes(job, workers, resume_from, stop_at_step, echo)
     plot_loss_curve(job.metrics_file, job.loss_curve_file, title=job.name)
     return result

@@ -10,7 +10,7 @@ import torch
 from cluster.spec import SpecError, load_spec, parse_model, workload_problems
 from jobs import precision
 from jobs.spec import Precision, TrainingJob, load_training_job
-from jobs.training_loop import train
+from jobs.training_loop import run_bare, train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -84,6 +84,15 @@ def test_fp16_without_gpus_is_refused_at_load_and_on_a_cpu_worker_when_run(tmp_p
     assert problem.startswith("precision: fp16 needs a CUDA GPU") and "use precision: bf16" in problem
     with pytest.raises(SpecError, match="precision: fp16"):
         train(job, device=torch.device("cpu"))
+    assert not job.run_directory.exists(), "refused before doing any work"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where CUDA is")
+def test_fp16_in_bare_worker_processes_on_a_cpu_machine_is_refused_before_they_start(tmp_path):
+    fields = job_data(precision="fp16", resources={"gpus": 1}, storage_path=str(tmp_path))
+    job = parse_model(TrainingJob, fields, "job.yaml")
+    with pytest.raises(SpecError, match="precision: fp16 needs a CUDA GPU"):
+        run_bare(job, workers=2)
     assert not job.run_directory.exists(), "refused before doing any work"
 
 
