@@ -820,6 +820,10 @@ class SpecError(ValueError):
         self.kind = kind  # what the file should have been: ClusterSpec, TrainingJob, ...
         super().__init__(f"{source}: " + "; ".join(problems))
 
+    def __reduce__(self):
+        # Raised in a Ray worker, it reaches the driver pickled; the default rebuilds it from its message alone.
+        return type(self), (self.source, self.problems, self.kind)
+
     def __str__(self) -> str:
         lines = "\n".join(f"  - {problem}" for problem in self.problems)
         return f"{self.source} is not a valid {self.kind}:\n{lines}"

@@ -126,8 +126,8 @@ class CheckpointPolicy(StrictModel):
 class RestartBudget(StrictModel):
     """Restarts from the last checkpoint allowed before the run fails, counted separately."""
 
-    failures: NonNegativeInt = Field(3, description="Restarts after a worker or node failure.")
-    preemptions: NonNegativeInt = Field(10, description="Restarts after a preemption or node removal.")
+    failures: NonNegativeInt = Field(3, description="Restarts after a worker failure or a booked node leaving.")
+    preemptions: NonNegativeInt = Field(10, description="Restarts after a preemption (a higher priority, a drain).")
 
 
 class Evaluation(StrictModel):

@@ -309,7 +309,20 @@ def run_attempt(
     try:
         return fit(job, placement, reporter, attempt)
     except (TrainingFailedError, RayError) as error:
+        if (refusal := worker_refusal(error)) is not None:
+            raise refusal from error  # the same job fails the same way on every attempt: not retried
         raise TrainingAttemptFailed(one_line(error)) from error
+
+
+def worker_refusal(error: BaseException) -> SpecError | None:
+    """The SpecError a worker refused the job with (fp16 on a worker without CUDA, say), if that is why the
+    attempt failed."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        # Ray Train hands back a worker's exception wrapped with its traceback.
+        cause = getattr(failure, "_base_exc", failure)
+        if isinstance(cause, SpecError):
+            return cause
+    return None
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -129,6 +130,20 @@ def test_job_that_can_never_fit_is_refused_naming_the_fields(admin: Admin, tmp_p
     error = capsys.readouterr().err
     assert "quota" in error and "interns" in error and "Traceback" not in error
     assert not [s for s in admin.queue() if s.request.gang.name in ("too-big", "over-quota")]
+
+
+def test_a_job_its_workers_refuse_fails_at_its_first_attempt_naming_the_field(admin: Admin, tmp_path: Path, capsys):
+    # The spec takes fp16 with GPUs asked for; the local cluster's GPU pools have no CUDA, so each worker refuses.
+    job = tiny_job(tmp_path, "fp16-on-cpu", precision="fp16", workers={"min": 1, "max": 1})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    assert ray_train.main([str(path)]) == 2
+    out, error = capsys.readouterr()
+    assert "precision: fp16 needs a CUDA GPU" in error and "Traceback" not in error, error
+    (request_id,) = re.findall(r"request (\S+) placed", out)
+    status = admin.status(request_id)
+    assert status.state is RequestState.FAILED and "precision: fp16" in status.reason
+    assert status.details["attempt"] == 1, "refused by its workers: not tried again"
 
 
 def submit_training(local_cluster: LocalCluster, job: TrainingJob, tmp_path: Path):
