@@ -44,6 +44,7 @@ _QUANTITY_SUFFIXES = {
     "Gi": 1024**3,
     "Ti": 1024**4,
 }
+MAX_MEMORY_BYTES = 2**63
 _QUANTITY = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(Ki|Mi|Gi|Ti|k|M|G|T|)\s*")
 
 
@@ -52,14 +53,21 @@ def parse_memory(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("memory must be a number of bytes or a quantity like 32Gi")
     if isinstance(value, int | float):
+        if value != value:  # NaN
+            raise ValueError("memory must be a number of bytes or a quantity like 32Gi, not NaN")
         if value < 0:
             raise ValueError("memory cannot be negative")
-        return int(value)
-    if isinstance(value, str):
-        match = _QUANTITY.fullmatch(value)
-        if match:
-            return int(float(match.group(1)) * _QUANTITY_SUFFIXES[match.group(2)])
-    raise ValueError(f"{value!r} is not a memory size; write bytes or a quantity like 32Gi, 512Mi or 4G")
+        num_bytes = value
+    elif isinstance(value, str) and (match := _QUANTITY.fullmatch(value)):
+        num_bytes = float(match.group(1)) * _QUANTITY_SUFFIXES[match.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a memory size; write bytes or a quantity like 32Gi, 512Mi or 4G")
+    # Kubernetes and Ray hold memory as a signed 64-bit count of bytes.
+    if not num_bytes < MAX_MEMORY_BYTES:
+        raise ValueError(
+            f"{value!r} is more memory than Kubernetes or Ray can count; the most is {MAX_MEMORY_BYTES - 1}"
+        )
+    return int(num_bytes)
 
 
 def format_memory(num_bytes: int) -> str:

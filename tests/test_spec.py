@@ -217,6 +217,16 @@ def test_memory_quantities_round_trip():
         parse_memory("12 parsecs")
 
 
+@pytest.mark.parametrize("memory", [".inf", "-.inf", ".nan", "9" * 400 + "Gi", 2**63])
+def test_memory_no_node_can_have_is_refused_naming_the_field(tmp_path, capsys, example, memory):
+    example["pools"][0]["node"]["memory"] = yaml.safe_load(memory) if isinstance(memory, str) else memory
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(example))
+    assert main(["spec", "validate", str(bad), "--json"]) == 1
+    (problem,) = json.loads(capsys.readouterr().out)["problems"]
+    assert problem.startswith("pools[0].node.memory: "), problem
+
+
 def test_cli_spec_validate_prints_ok_or_problems(tmp_path, capsys, example):
     assert main(["spec", "validate", str(EXAMPLE)]) == 0
     assert capsys.readouterr().out.strip() == "ok: a ClusterSpec"
