@@ -144,9 +144,11 @@ def _error_problems(error: jsonschema.ValidationError) -> list[Problem]:
     return [Problem(format_path(path), message)]
 
 
-def _schema_problems(schema: dict[str, Any], obj: dict[str, Any]) -> list[Problem]:
-    validator = _CrdValidator(schema, format_checker=_FORMATS)
-    return [problem for error in validator.iter_errors(obj) for problem in _error_problems(error)]
+def _schema_problems(schema: dict[str, Any], obj: dict[str, Any]) -> tuple[list[Problem], bool]:
+    """The schema's problems with `obj`, and whether any is a value of the wrong type (a list for a mapping)."""
+    errors = list(_CrdValidator(schema, format_checker=_FORMATS).iter_errors(obj))
+    wrong_type = any(error.validator == "type" for error in errors)
+    return [problem for error in errors for problem in _error_problems(error)], wrong_type
 
 
 def _unknown_fields(schema: dict[str, Any], value: Any, path: list[Any], problems: list[Problem]) -> None:
@@ -320,6 +322,15 @@ def validate_object(obj: Any, schemas_dir: Path = SCHEMAS_DIR) -> list[Problem]:
     missing = [Problem(field, "required field is missing") for field in ("apiVersion", "kind") if not obj.get(field)]
     if missing:
         return missing
+    not_text = [
+        Problem(field, f"{obj[field]!r} is not a string")
+        for field in ("apiVersion", "kind")
+        if not isinstance(obj[field], str)
+    ]
+    if not isinstance(obj.get("metadata", {}), dict):
+        not_text.append(Problem("metadata", f"expected a mapping, got {type(obj['metadata']).__name__}"))
+    if not_text:
+        return not_text
     obj = _without_nulls(obj)
     group, _, version = str(obj["apiVersion"]).rpartition("/")
     problems = _label_problems((obj.get("metadata") or {}).get("labels"), "metadata.labels")
@@ -335,8 +346,11 @@ def validate_object(obj: Any, schemas_dir: Path = SCHEMAS_DIR) -> list[Problem]:
         schema = crd_schema(group, version, obj["kind"], schemas_dir)
     except KeyError as error:
         return [*problems, Problem("apiVersion", str(error.args[0]))]
-    problems.extend(_schema_problems(schema, obj))
+    schema_problems, wrong_type = _schema_problems(schema, obj)
+    problems.extend(schema_problems)
     _unknown_fields(schema, obj, [], problems)
+    if wrong_type:
+        return problems  # the rules below read the object in the schema's shape
     defaulted = copy.deepcopy(obj)
     _apply_defaults(schema, defaulted)
     _cel_rules(schema, defaulted, [], problems)
@@ -346,9 +360,10 @@ def validate_object(obj: Any, schemas_dir: Path = SCHEMAS_DIR) -> list[Problem]:
 
 
 def describe(obj: Any) -> str:
-    if isinstance(obj, dict):
-        return f"{obj.get('kind', '?')}/{(obj.get('metadata') or {}).get('name', '?')}"
-    return "document"
+    if not isinstance(obj, dict):
+        return "document"
+    metadata = obj.get("metadata")
+    return f"{obj.get('kind', '?')}/{metadata.get('name', '?') if isinstance(metadata, dict) else '?'}"
 
 
 def validate_documents(objects: Iterable[Any], schemas_dir: Path = SCHEMAS_DIR) -> list[str]:

@@ -11,7 +11,7 @@ from cluster.spec import load_spec
 from manifests.kueue import cluster_queue, resource_flavor
 from manifests.raycluster import ray_cluster
 from manifests.security import namespace, network_policy
-from manifests.validate import SchemaError, crd_schema, validate_object
+from manifests.validate import SchemaError, crd_schema, validate_documents, validate_object
 
 EXAMPLE_SPEC = Path(__file__).resolve().parents[1] / "examples" / "cluster.yaml"
 SPEC = load_spec(EXAMPLE_SPEC)
@@ -167,6 +167,21 @@ CASES = {
         "served versions: v1, v1alpha1",
     ),
     "missing kind": (broken(POLICY, lambda o: o.pop("kind")), "kind", "required field is missing"),
+    # Objects of the wrong shape: each is named, where the operator's rules would have read into it.
+    "kind not a string": (broken(RAY_CLUSTER, lambda o: o.update(kind=5)), "kind", "5 is not a string"),
+    "core apiVersion not a string": (broken(NAMESPACE, lambda o: o.update(apiVersion=5)), "apiVersion", "not a string"),
+    "metadata a list": (broken(RAY_CLUSTER, lambda o: o.update(metadata=["a"])), "metadata", "expected a mapping"),
+    "spec a list": (broken(RAY_CLUSTER, lambda o: o.update(spec=[1])), "spec", "not of type 'object'"),
+    "worker group a string": (
+        broken(RAY_CLUSTER, lambda o: o["spec"].update(workerGroupSpecs=["oops"])),
+        "spec.workerGroupSpecs[0]",
+        "not of type 'object'",
+    ),
+    "pod spec a list": (
+        broken(RAY_CLUSTER, lambda o: worker(o)["template"].update(spec=[1])),
+        "spec.workerGroupSpecs[1].template.spec",
+        "not of type 'object'",
+    ),
 }
 
 
@@ -175,6 +190,11 @@ def test_broken_manifest_is_rejected_with_the_path_of_the_field(case):
     obj, path, message = CASES[case]
     problems = validate_object(obj)
     assert any(p.path == path and message in p.message for p in problems), [str(p) for p in problems]
+
+
+def test_each_problem_names_its_object_even_one_whose_metadata_is_no_mapping():
+    (problem,) = validate_documents([CASES["metadata a list"][0]])
+    assert problem == "RayCluster/?: metadata: expected a mapping, got list"
 
 
 @pytest.mark.parametrize("obj", [RAY_CLUSTER, CLUSTER_QUEUE, FLAVOR, POLICY, NAMESPACE])
