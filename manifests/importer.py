@@ -32,6 +32,7 @@ from manifests.nodes import (
 )
 from manifests.objects import ManifestError, parse_quantity
 from manifests.storage import SHARED_STORAGE_VOLUME
+from manifests.validate import wrong_types
 
 _RESERVED_LABEL_PREFIXES = ("ray.io/", "llmos.io/")
 # First Ray name wins where GKE uses one name for two (nvidia-tesla-a100: A100 and A100-40G).
@@ -199,6 +200,8 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
     if not isinstance(manifest, dict) or manifest.get("kind") != "RayCluster":
         kind = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
         raise ManifestError(f"kind is {kind!r}; llmos pools import reads a KubeRay RayCluster")
+    if shape := wrong_types(manifest):
+        raise ManifestError("; ".join(str(problem) for problem in shape))
     body = manifest.get("spec") or {}
     meta = manifest.get("metadata") or {}
     groups = body.get("workerGroupSpecs") or []

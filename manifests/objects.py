@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -85,14 +86,15 @@ _QUANTITY_FACTORS = {
 def parse_quantity(value: Any, field: str) -> float:
     """The number a Kubernetes quantity (`500m`, `8`, `32Gi`, `1e3`) stands for."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    match = _QUANTITY.fullmatch(str(value).strip())
-    if not match:
+        quantity = float(value)
+    elif match := _QUANTITY.fullmatch(str(value).strip()):
+        number, suffix = match.group(1), match.group(2) or ""
+        quantity = float(number + suffix) if suffix[:1] in ("e", "E") else float(number) * _QUANTITY_FACTORS[suffix]
+    else:
         raise ManifestError(f"{field}: {value!r} is not a Kubernetes quantity; write e.g. 500m, 8 or 32Gi")
-    number, suffix = match.group(1), match.group(2) or ""
-    if suffix[:1] in ("e", "E"):
-        return float(number + suffix)
-    return float(number) * _QUANTITY_FACTORS[suffix]
+    if not math.isfinite(quantity):
+        raise ManifestError(f"{field}: {value!r} is not a finite quantity; write e.g. 500m, 8 or 32Gi")
+    return quantity
 
 
 def read_documents(path: str | Path) -> list[Any]:

@@ -151,6 +151,18 @@ def _schema_problems(schema: dict[str, Any], obj: dict[str, Any]) -> tuple[list[
     return [problem for error in errors for problem in _error_problems(error)], wrong_type
 
 
+def wrong_types(obj: dict[str, Any], schemas_dir: Path = SCHEMAS_DIR) -> list[Problem]:
+    """The fields of a custom resource that hold a value of the wrong type for its CRD (a list where a mapping
+    goes), for code that reads it field by field; none where its CRD schema is not at hand."""
+    group, _, version = str(obj.get("apiVersion", "")).rpartition("/")
+    try:
+        schema = crd_schema(group, version, str(obj.get("kind")), schemas_dir)
+    except (KeyError, SchemaError):
+        return []
+    errors = _CrdValidator(schema, format_checker=_FORMATS).iter_errors(_without_nulls(obj))
+    return [problem for error in errors if error.validator == "type" for problem in _error_problems(error)]
+
+
 def _unknown_fields(schema: dict[str, Any], value: Any, path: list[Any], problems: list[Problem]) -> None:
     """Keys the schema does not know, as `kubectl apply --validate=strict` would reject them."""
     if isinstance(value, list) and isinstance(schema.get("items"), dict):

@@ -191,6 +191,33 @@ def test_import_of_render_gives_back_the_spec():
             lambda m: m["spec"]["workerGroupSpecs"][2]["resources"].update(memory="lots"),
             r"workerGroupSpecs\[2\]\.resources\.memory: 'lots' is not a Kubernetes quantity",
         ),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"].update(
+                limits={"cpu": 4, "memory": float("inf")}
+            ),
+            r"workerGroupSpecs\[0\]\.template\.spec\.containers\[0\]\.resources\.limits\.memory: inf is not a finite",
+        ),
+        (
+            lambda m: m["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"].update(
+                memory=float("nan")
+            ),
+            r"headGroupSpec\.template\.spec\.containers\[0\]\.resources\.limits\.memory: nan is not a finite",
+        ),
+        # Of the wrong shape: said of the field, not a traceback from reading into it.
+        (lambda m: m.update(metadata=["x"]), r"^metadata: \['x'\] is not of type 'object'"),
+        (lambda m: m.update(spec=[1]), r"^spec: \[1\] is not of type 'object'"),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"].append("oops"),
+            r"^spec\.workerGroupSpecs\[4\]: 'oops' is not of type 'object'",
+        ),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][0].update(labels=["a"]),
+            r"^spec\.workerGroupSpecs\[0\]\.labels: \['a'\] is not of type 'object'",
+        ),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][1]["template"]["spec"].update(tolerations=["oops"]),
+            r"^spec\.workerGroupSpecs\[1\]\.template\.spec\.tolerations\[0\]: 'oops' is not of type",
+        ),
     ],
 )
 def test_import_errors_name_the_group_and_the_fix(change, message):
@@ -237,7 +264,7 @@ def test_import_keeps_the_user_the_pods_run_as():
     assert (security.run_as_user, security.run_as_group) == (1500, 1500)
     head_pod["securityContext"] = {"runAsUser": "ray"}
     with pytest.raises(
-        ManifestError, match=r"^spec\.headGroupSpec\.template\.spec\.securityContext\.runAsUser: .*valid integer"
+        ManifestError, match=r"^spec\.headGroupSpec\.template\.spec\.securityContext\.runAsUser: 'ray' is not of type"
     ):
         import_ray_cluster(manifest, "test")
 
