@@ -30,10 +30,12 @@ from manifests.nodes import (
     node_taints,
     tolerations,
 )
-from manifests.objects import ManifestError, parse_quantity
+from manifests.objects import CLUSTER_LABEL, ManifestError, parse_quantity
+from manifests.raycluster import CONTROLLER_STATE_VOLUME
 from manifests.storage import SHARED_STORAGE_VOLUME
 from manifests.validate import wrong_types
 
+_REDIS_SECRET_FIELD = "spec.gcsFaultToleranceOptions.redisPassword.valueFrom.secretKeyRef"
 _RESERVED_LABEL_PREFIXES = ("ray.io/", "llmos.io/")
 # First Ray name wins where GKE uses one name for two (nvidia-tesla-a100: A100 and A100-40G).
 _GPU_BY_GKE_NAME = {gke: ray for ray, gke in reversed(GKE_GPU_NAMES.items())}
@@ -168,7 +170,7 @@ def _pool(group: dict[str, Any], at: str) -> tuple[dict[str, Any], dict[str, str
     return pool, sources
 
 
-def _placement_overrides(spec: ClusterSpec, groups: list[dict[str, Any]]) -> dict[str, Any]:
+def _placement_overrides(spec: ClusterSpec, groups: list[dict[str, Any]], rendered_by_llmos: bool) -> dict[str, Any]:
     """Node selectors and taints of groups that differ from what llmos renders by default."""
     overrides: dict[str, Any] = {}
     for pool, group in zip(spec.pools, groups, strict=True):
@@ -181,14 +183,18 @@ def _placement_overrides(spec: ClusterSpec, groups: list[dict[str, Any]]) -> dic
         placement: dict[str, Any] = {}
         if selector != default_selector:
             placement["node_selector"] = selector
-        # No tolerations is no news: GKE adds them to pods that ask for GPUs or TPUs.
         given = [t for t in pod_spec.get("tolerations") or [] if t.get("key")]
+        default_taints = tolerations(node_taints(spec, pool))
         if given and [(t["key"], t.get("effect", "NoSchedule")) for t in given] != [
-            (t["key"], t["effect"]) for t in tolerations(node_taints(spec, pool))
+            (t["key"], t["effect"]) for t in default_taints
         ]:
             placement["node_taints"] = [
                 {"key": t["key"], "value": t.get("value"), "effect": t.get("effect", "NoSchedule")} for t in given
             ]
+        elif not given and default_taints and rendered_by_llmos:
+            # llmos writes the tolerations of every taint it knows of: none written means untainted nodes. In a
+            # manifest written by hand, none is no news: GKE adds them to pods that ask for GPUs or TPUs.
+            placement["node_taints"] = []
         if placement:
             overrides[pool.name] = placement
     return overrides
@@ -221,8 +227,19 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
         kubernetes["token_auth"] = False
     kubernetes["shared_storage"] = _shared_storage(head, head_container)
     kubernetes["pod_security"] = _pod_security(head)
+    idle_timeout = (body.get("autoscalerOptions") or {}).get("idleTimeoutSeconds")
+    if idle_timeout is not None:
+        kubernetes["idle_timeout_seconds"] = idle_timeout
+    if body.get("gcsFaultToleranceOptions"):
+        kubernetes["gcs_fault_tolerance"] = _gcs_fault_tolerance(body["gcsFaultToleranceOptions"])
+    rendered_by_llmos = CLUSTER_LABEL in (meta.get("labels") or {})
+    if rendered_by_llmos and not _has_volume(head, CONTROLLER_STATE_VOLUME):
+        kubernetes["controller_state"] = None  # rendered with controller_state: null
     head_cpus, head_cpus_field = _amount(head, "spec.headGroupSpec", "CPU", "num-cpus", "cpu")
     head_memory, head_memory_field = _amount(head, "spec.headGroupSpec", "memory", "memory", "memory")
+    head_pod_cpus = _head_pod_cpus(head_container, math.floor(head_cpus))
+    if head_pod_cpus is not None:
+        kubernetes["head_pod_cpus"] = head_pod_cpus
     sources = {
         "name": "metadata.name",
         "head.cpus": head_cpus_field,
@@ -233,6 +250,10 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
         "kubernetes.shared_storage": "spec.headGroupSpec.template.spec.volumes",
         "kubernetes.pod_security.run_as_user": "spec.headGroupSpec.template.spec.securityContext.runAsUser",
         "kubernetes.pod_security.run_as_group": "spec.headGroupSpec.template.spec.securityContext.runAsGroup",
+        "kubernetes.idle_timeout_seconds": "spec.autoscalerOptions.idleTimeoutSeconds",
+        "kubernetes.gcs_fault_tolerance.redis_address": "spec.gcsFaultToleranceOptions.redisAddress",
+        "kubernetes.gcs_fault_tolerance.redis_password_secret": _REDIS_SECRET_FIELD,
+        "kubernetes.head_pod_cpus": "spec.headGroupSpec.template.spec.containers[0].resources",
     }
     pools = []
     for index, group in kept:
@@ -247,10 +268,12 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
         "name": meta.get("name", "llmos"),
         "head": {"cpus": math.floor(head_cpus), "memory": int(head_memory) or "8Gi"},
         "pools": pools,
-        "kubernetes": {k: v for k, v in kubernetes.items() if v is not None or k == "pod_security"},
+        "kubernetes": {
+            k: v for k, v in kubernetes.items() if v is not None or k in ("pod_security", "controller_state")
+        },
     }
     spec = _parse_imported(data, source, sources)
-    overrides = _placement_overrides(spec, [group for _, group in kept])
+    overrides = _placement_overrides(spec, [group for _, group in kept], rendered_by_llmos)
     if overrides:
         data["kubernetes"]["pools"] = overrides
         spec = _parse_imported(data, source, sources)
@@ -286,6 +309,37 @@ def _shared_storage(head: dict[str, Any], container: dict[str, Any]) -> dict[str
     if not claims or not claims[0] or not mounts:
         return None
     return {"mount_path": mounts[0], "claim": claims[0].get("claimName")}
+
+
+def _has_volume(group: dict[str, Any], name: str) -> bool:
+    volumes = ((group.get("template") or {}).get("spec") or {}).get("volumes") or []
+    return any(volume.get("name") == name for volume in volumes)
+
+
+def _head_pod_cpus(container: dict[str, Any], ray_cpus: int) -> int | None:
+    """The head pod's CPUs beyond those Ray offers to user work (kubernetes.head_pod_cpus), where the head
+    container asks for a whole number of CPUs more than Ray's; None to keep the default."""
+    resources = container.get("resources") or {}
+    cpu = (resources.get("limits") or {}).get("cpu", (resources.get("requests") or {}).get("cpu"))
+    if cpu is None:
+        return None
+    extra = parse_quantity(cpu, "spec.headGroupSpec.template.spec.containers[0].resources.limits.cpu") - ray_cpus
+    return int(extra) if extra >= 1 and float(extra).is_integer() else None
+
+
+def _gcs_fault_tolerance(options: dict[str, Any]) -> dict[str, Any]:
+    """KubeRay's gcsFaultToleranceOptions as kubernetes.gcs_fault_tolerance."""
+    tolerance: dict[str, Any] = {"redis_address": options.get("redisAddress")}
+    password = options.get("redisPassword")
+    if password:
+        secret = (password.get("valueFrom") or {}).get("secretKeyRef") or {}
+        if not secret.get("name") or secret.get("key") != "password":
+            raise ManifestError(
+                f"{_REDIS_SECRET_FIELD}: llmos reads Redis's password from the key `password` of a Secret; store it "
+                "there and name the Secret in spec.gcsFaultToleranceOptions.redisPassword.valueFrom.secretKeyRef"
+            )
+        tolerance["redis_password_secret"] = secret["name"]
+    return tolerance
 
 
 def _pod_security(head: dict[str, Any]) -> dict[str, Any] | None:

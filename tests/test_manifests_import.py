@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from cluster.cli import main
-from cluster.spec import load_spec
+from cluster.spec import ClusterSpec, load_spec
 from manifests.importer import import_ray_cluster, spec_to_yaml
 from manifests.objects import ManifestError, parse_quantity
 from manifests.raycluster import ray_cluster
@@ -165,6 +165,41 @@ def test_import_of_render_gives_back_the_spec():
     assert ray_cluster(again) == ray_cluster(spec)
     assert again.kubernetes.pod_security == spec.kubernetes.pod_security
     assert yaml.safe_load(spec_to_yaml(again))["pools"][1]["node"]["memory"] == "200Gi"
+
+
+def test_import_of_render_keeps_the_cluster_settings_the_raycluster_carries():
+    data = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    data["kubernetes"].update(
+        head_pod_cpus=6,
+        idle_timeout_seconds=300,
+        controller_state=None,
+        gcs_fault_tolerance={"redis_address": "redis:6379", "redis_password_secret": "redis-pw"},
+        pools={"h100": {"node_taints": []}},  # untainted nodes: llmos writes no tolerations for them
+    )
+    spec = ClusterSpec.model_validate(data)
+    again = import_ray_cluster(ray_cluster(spec), "test")
+    assert ray_cluster(again) == ray_cluster(spec)
+    for setting in ("head_pod_cpus", "idle_timeout_seconds", "controller_state", "gcs_fault_tolerance"):
+        assert getattr(again.kubernetes, setting) == getattr(spec.kubernetes, setting), setting
+    assert again.kubernetes.pools["h100"].node_taints == []
+    # Written by hand, a GPU group without tolerations is the GKE way: GKE adds them, the nodes keep their taints.
+    assert import_ray_cluster(kuberay_manifest(), "test").kubernetes.pools.get("a100") is None
+
+
+def test_import_refuses_a_redis_password_it_cannot_render_back():
+    manifest = ray_cluster(
+        ClusterSpec.model_validate(
+            {
+                **yaml.safe_load(EXAMPLE_SPEC.read_text()),
+                "kubernetes": {"gcs_fault_tolerance": {"redis_address": "r:6379"}},
+            }
+        )
+    )
+    manifest["spec"]["gcsFaultToleranceOptions"]["redisPassword"] = {"value": "hunter2"}
+    with pytest.raises(
+        ManifestError, match=r"^spec\.gcsFaultToleranceOptions\.redisPassword\.valueFrom\.secretKeyRef: llmos"
+    ):
+        import_ray_cluster(manifest, "test")
 
 
 @pytest.mark.parametrize(
