@@ -69,6 +69,18 @@ def _ray_container(group: dict[str, Any], at: str) -> dict[str, Any]:
     return containers[0]
 
 
+def _refuse_other_devices(group: dict[str, Any], at: str) -> None:
+    """A device llmos cannot render (an AMD or Intel GPU) would otherwise import as a pool without it."""
+    resources = _ray_container(group, at).get("resources") or {}
+    for section in ("limits", "requests"):
+        for name in resources.get(section) or {}:
+            if "/" in name and name not in (GPU_RESOURCE, TPU_RESOURCE) and name.split("/", 1)[1] in ("gpu", "tpu"):
+                raise ManifestError(
+                    f"{at}.template.spec.containers[0].resources.{section}.{name}: llmos pools have NVIDIA GPUs "
+                    f"({GPU_RESOURCE}) or Google TPUs ({TPU_RESOURCE}); leave this group out of the manifest to import"
+                )
+
+
 def _whole(value: float, field: str) -> int:
     if not float(value).is_integer():
         raise ManifestError(f"{field}: {value:g} is not a whole number; llmos pools have whole CPUs and devices")
@@ -120,6 +132,7 @@ def _pool(group: dict[str, Any], at: str) -> tuple[dict[str, Any], dict[str, str
     name = group.get("groupName")
     if not name:
         raise ManifestError(f"{at}.groupName: missing; each worker group needs a name")
+    _refuse_other_devices(group, at)
     cpus, cpus_field = _amount(group, at, "CPU", "num-cpus", "cpu")
     memory, memory_field = _amount(group, at, "memory", "memory", "memory")
     gpus, gpus_field = _amount(group, at, "GPU", "num-gpus", GPU_RESOURCE)

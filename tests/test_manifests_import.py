@@ -238,6 +238,12 @@ def test_import_refuses_a_redis_password_it_cannot_render_back():
             ),
             r"headGroupSpec\.template\.spec\.containers\[0\]\.resources\.limits\.memory: nan is not a finite",
         ),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+                "limits"
+            ].update({"amd.com/gpu": 8}),
+            r"workerGroupSpecs\[0\]\.template\.spec\.containers\[0\]\.resources\.limits\.amd\.com/gpu: llmos pools",
+        ),
         # Of the wrong shape: said of the field, not a traceback from reading into it.
         (lambda m: m.update(metadata=["x"]), r"^metadata: \['x'\] is not of type 'object'"),
         (lambda m: m.update(spec=[1]), r"^spec: \[1\] is not of type 'object'"),
