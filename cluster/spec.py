@@ -598,6 +598,16 @@ class SharedStorage(StrictModel):
 LLMOS_IMAGE = "llmos:0.1.0"  # what `make image` tags: the Dockerfile's Ray image with this version of llmos
 
 
+# The first Ray whose clusters KubeRay can put under token auth.
+MIN_TOKEN_AUTH_RAY = (2, 52, 0)
+
+
+def ray_version_parts(text: Any) -> tuple[int, ...] | None:
+    """(major, minor, patch) of a Ray version such as 2.60.0 (or 2.60); None for text that is none."""
+    match = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", str(text or ""))
+    return tuple(int(part or 0) for part in match.groups()) if match else None
+
+
 class KubernetesOptions(StrictModel):
     """How `llmos manifests render` writes this cluster for KubeRay and Kueue."""
 
@@ -649,6 +659,13 @@ class KubernetesOptions(StrictModel):
         "RayServices need it. None: pods have only their own disks.",
     )
 
+    @field_validator("ray_version")
+    @classmethod
+    def _a_version(cls, version: str) -> str:
+        if not re.fullmatch(r"\d+\.\d+\.\d+", version):
+            raise ValueError(f"{version!r} is not a Ray version like 2.60.0; give the Ray version of kubernetes.image")
+        return version
+
 
 class ClusterSpec(StrictModel):
     """Pools, teams and priorities of one llmos cluster."""
@@ -665,6 +682,18 @@ class ClusterSpec(StrictModel):
     kubernetes: KubernetesOptions = Field(
         default_factory=KubernetesOptions, description="KubeRay and Kueue rendering (llmos manifests)."
     )
+
+    @model_validator(mode="after")
+    def _token_auth_needs_a_recent_ray(self) -> ClusterSpec:
+        options = self.kubernetes
+        if options.token_auth and ray_version_parts(options.ray_version) < MIN_TOKEN_AUTH_RAY:
+            oldest = ".".join(map(str, MIN_TOKEN_AUTH_RAY))
+            raise ValueError(
+                f"kubernetes.ray_version: {options.ray_version} is older than {oldest}, the first Ray KubeRay runs "
+                f"with token auth; give the image a Ray of {oldest} or later, or set kubernetes.token_auth: false on a "
+                "trusted network"
+            )
+        return self
 
     @model_validator(mode="after")
     def _kubernetes_pools_exist(self) -> ClusterSpec:

@@ -32,7 +32,7 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, schema_contents
 from referencing import Registry, Resource
 
-from cluster.spec import label_key_problem, label_value_problem
+from cluster.spec import MIN_TOKEN_AUTH_RAY, label_key_problem, label_value_problem, ray_version_parts
 
 KUBERNETES_VERSION = "1.35.0"
 SCHEMAS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "schemas"
@@ -40,7 +40,6 @@ CRD_GROUPS = {"ray.io": "kuberay", "kueue.x-k8s.io": "kueue"}
 _OBJECT_META_REF = "https://kubernetes.io/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
-_MIN_TOKEN_AUTH_RAY = (2, 52, 0)
 
 
 @dataclass(frozen=True)
@@ -253,11 +252,6 @@ def _label_problems(labels: Any, path: str) -> list[Problem]:
     return problems
 
 
-def _ray_version(text: Any) -> tuple[int, ...] | None:
-    match = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", str(text or ""))
-    return tuple(int(part or 0) for part in match.groups()) if match else None
-
-
 def _kuberay_problems(body: dict[str, Any], at: str) -> list[Problem]:
     """Rules the KubeRay operator (v1.7) checks when it reconciles a RayClusterSpec."""
     problems = []
@@ -286,8 +280,8 @@ def _kuberay_problems(body: dict[str, Any], at: str) -> list[Problem]:
         if isinstance(low, int) and isinstance(high, int) and low > high:
             problems.append(Problem(f"{path}.minReplicas", f"{low} is above maxReplicas {high}"))
     if (body.get("authOptions") or {}).get("mode") == "token":
-        version = _ray_version(body.get("rayVersion"))
-        if version is None or version < _MIN_TOKEN_AUTH_RAY:
+        version = ray_version_parts(body.get("rayVersion"))
+        if version is None or version < MIN_TOKEN_AUTH_RAY:
             problems.append(
                 Problem(f"{at}.rayVersion", "authOptions.mode token needs rayVersion 2.52.0 or later; set rayVersion")
             )

@@ -227,6 +227,25 @@ def test_memory_no_node_can_have_is_refused_naming_the_field(tmp_path, capsys, e
     assert problem.startswith("pools[0].node.memory: "), problem
 
 
+@pytest.mark.parametrize(
+    ("kubernetes", "problem"),
+    [
+        ({"ray_version": "latest"}, "kubernetes.ray_version: 'latest' is not a Ray version like 2.60.0"),
+        ({"ray_version": ""}, "kubernetes.ray_version: '' is not a Ray version"),
+        ({"ray_version": "2.9.0"}, "kubernetes.ray_version: 2.9.0 is older than 2.52.0, the first Ray KubeRay runs"),
+    ],
+)
+def test_a_ray_version_kuberay_cannot_run_is_refused_naming_the_field(example, kubernetes, problem):
+    example["kubernetes"].update(kubernetes)
+    (found,) = problems_of(example)
+    assert found.startswith(problem), found
+
+
+def test_a_ray_older_than_token_auth_runs_with_token_auth_off(example):
+    example["kubernetes"].update(ray_version="2.9.0", token_auth=False)
+    assert ClusterSpec.model_validate(example).kubernetes.ray_version == "2.9.0"
+
+
 def test_cli_spec_validate_prints_ok_or_problems(tmp_path, capsys, example):
     assert main(["spec", "validate", str(EXAMPLE)]) == 0
     assert capsys.readouterr().out.strip() == "ok: a ClusterSpec"
