@@ -127,6 +127,9 @@ KNOWN_GPU_TYPES = (
 # (AxBxC), v5e and v6e chips in 2 (AxB).
 TPU_TOPOLOGY_DIMENSIONS = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
 KNOWN_TPU_GENERATIONS = tuple(TPU_TOPOLOGY_DIMENSIONS)
+# Chips on one host (VM) of each generation, by GKE's machine types: v4 and v5p hosts have 4
+# (ct4p-hightpu-4t, ct5p-hightpu-4t); v5e and v6e hosts 1, 4 or 8 (ct5lp-hightpu-1t/4t/8t, ct6e-standard-1t/4t/8t).
+TPU_CHIPS_PER_HOST = {"v4": (4,), "v5e": (1, 4, 8), "v5p": (4,), "v6e": (1, 4, 8)}
 # Matched with fullmatch: `$` also matches before a final newline, which let "cpu\n" through as a name.
 _ACCELERATOR_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")
@@ -373,6 +376,13 @@ class Pool(StrictModel):
                 raise ValueError(
                     f"tpu.topology {self.tpu.topology} does not fit {self.accelerator_type}, whose slices have "
                     f"{dimensions}-dimensional topologies ({shape}, e.g. {example})"
+                )
+            host_sizes = TPU_CHIPS_PER_HOST[self.accelerator_type]
+            if self.tpu.chips_per_host not in host_sizes:
+                raise ValueError(
+                    f"tpu.chips_per_host {self.tpu.chips_per_host} is not a {self.accelerator_type} host, which has "
+                    f"{' or '.join(map(str, host_sizes))} chips; set chips_per_host to one of those (and "
+                    "hosts_per_slice to match the topology)"
                 )
             if self.nodes is not None:
                 raise ValueError("a tpu pool is sized in whole slices; write slices: {min: 0, max: 2}")

@@ -1128,9 +1128,9 @@ def small_and_big_tpu_hosts(quota: dict[str, float]) -> Scheduler:
         {
             "name": "big",
             "accelerator": "tpu",
-            "accelerator_type": "v5p",
-            "node": {"cpus": 208, "memory": "448Gi"},
-            "tpu": {"topology": "2x2x2", "chips_per_host": 8, "hosts_per_slice": 1},
+            "accelerator_type": "v5e",
+            "node": {"cpus": 224, "memory": "384Gi"},
+            "tpu": {"topology": "2x4", "chips_per_host": 8, "hosts_per_slice": 1},
             "slices": {"max": 1},
         },
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
@@ -499,6 +500,27 @@ def test_chips_per_host_must_divide_the_chips_of_a_slice(example):
         "pools[3].tpu: topology 2x2x1 has 4 chips, which chips_per_host (3) does not divide; chips_per_host must "
         "divide the chip count, as every host of a slice holds as many chips"
     ]
+
+
+@pytest.mark.parametrize(
+    ("generation", "topology", "chips_per_host", "hosts"),
+    [
+        ("v5p", "2x2x2", 8, "4"),
+        ("v4", "2x2x1", 1, "4"),
+        ("v5e", "2x4", 2, "1 or 4 or 8"),
+        ("v6e", "4x4", 16, "1 or 4 or 8"),
+    ],
+)
+def test_chips_per_host_must_be_a_host_of_the_generation(example, generation, topology, chips_per_host, hosts):
+    hosts_per_slice = math.prod(map(int, topology.split("x"))) // chips_per_host
+    example["pools"][3] |= {
+        "accelerator_type": generation,
+        "tpu": {"topology": topology, "chips_per_host": chips_per_host, "hosts_per_slice": hosts_per_slice},
+    }
+    (problem,) = problems_of(example)
+    assert problem.startswith(
+        f"pools[3]: tpu.chips_per_host {chips_per_host} is not a {generation} host, which has {hosts} chips"
+    ), problem
 
 
 def test_a_cluster_spec_with_many_broken_fields_is_still_reported_as_a_cluster_spec(tmp_path, capsys):
