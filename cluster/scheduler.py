@@ -798,6 +798,7 @@ class Scheduler:
         if never is None:
             return False
         status.state, status.reason = RequestState.REJECTED, never
+        self._forget_pending(status)
         self._save(status)
         self._decide(status, DecisionAction.REJECTED, never)
         return True
@@ -1138,7 +1139,9 @@ class Scheduler:
             reason = f"its team {status.team!r} is no longer in the ClusterSpec"
             self._finish(status, RequestState.FAILED, reason, DecisionAction.RELEASED)
         for team in {status.team for status in removed}:
-            del self.usage[team], self._quota_changes[team]
+            # A team that only had requests waiting holds no usage entry.
+            self.usage.pop(team, None)
+            del self._quota_changes[team]
 
     def checkpoint(self) -> list[str]:
         """The whole state as journal lines, for compacting the journal; written by pydantic as the

@@ -1221,6 +1221,24 @@ def test_requests_of_a_team_taken_out_of_the_spec_end_when_the_books_are_restore
     assert restored.get(kept).state is RequestState.PLACED and restored.usage["research"]["gpu"] == 1
 
 
+def test_a_team_taken_out_of_the_spec_with_only_waiting_requests_restores(scheduler: Scheduler, journal):
+    scheduler.set_nodes([])
+    waiting = submit(scheduler, "small", workers=1, gpus=1)  # no worker node is up: it waits, holding nothing
+    scheduler.write_journal()
+    assert scheduler.get(waiting).state is RequestState.QUEUED
+    without_small = SPEC.model_copy(update={"teams": [team for team in SPEC.teams if team.name != "small"]})
+    restored = Scheduler(without_small, POLICY)
+    restored.restore(journal)
+    assert restored.get(waiting).state is RequestState.FAILED
+    assert set(restored.usage) == set(restored.quotas) == {"research", "prod"}
+
+
+def test_a_request_rejected_on_its_first_try_leaves_nothing_pending(scheduler: Scheduler):
+    never = scheduler.get(submit(scheduler, "research", workers=1, gpus=9))  # no node has 9 GPUs
+    assert never.state is RequestState.REJECTED
+    assert never.id not in scheduler._demands and never.id not in scheduler._untried
+
+
 def test_a_never_fits_verdict_holds_only_for_the_nodes_it_was_reached_on(scheduler: Scheduler):
     scheduler.set_nodes([n for n in NODES if not n.name.startswith("h100")])
     first = scheduler.get(submit(scheduler, "research", workers=1, gpus=8))
