@@ -198,12 +198,14 @@ class Scheduler:
         The caller calls this, then makes the journal durable, before it acknowledges any change.
         Returns how many requests were written.
         """
-        changed, self._changed = self._changed, {}
-        for status in changed.values():
+        written = 0
+        for request_id, status in list(self._changed.items()):
             self.journal(_journal_line("request", status))
+            del self._changed[request_id]  # one by one: if a line fails, the rest are still to be written
+            written += 1
         # Only now: a request forgotten before its final state was journaled would come back live.
         self._forget_oldest_finished()
-        return len(changed)
+        return written
 
     def _decide(self, status: RequestStatus, action: DecisionAction, reason: str = "", nodes=()) -> None:
         self._decision_seq += 1
@@ -654,6 +656,7 @@ class Scheduler:
         status = self.get(request_id)
         if not status.state.holding:
             raise UserError(f"request {request_id} is {status.state.value}, not placed; it cannot run")
+        _check_details(details or {})
         status.state = RequestState.RUNNING
         status.details.update(details or {})
         self._save(status)
@@ -661,6 +664,7 @@ class Scheduler:
 
     def report(self, request_id: str, details: dict) -> RequestStatus:
         status = self.get(request_id)
+        _check_details(details)
         status.details.update(details)
         self._save(status)
         return status
@@ -1193,6 +1197,20 @@ def _remember(status: RequestStatus, operation_key: str | None) -> None:
     """Keep the key of the call about to change `status`, journaled with it, so that a retry is not applied."""
     if operation_key:
         status.operation_keys = [*status.operation_keys, operation_key][-OPERATION_KEYS_KEPT:]
+
+
+def _check_details(details: object) -> None:
+    """Refuse details the journal cannot hold, before they are taken: a journal line that fails to write would
+    leave the change it records undone on a restart."""
+    if not isinstance(details, dict):
+        raise UserError(f"details: {type(details).__name__} is not a mapping; report {{name: value, ...}}")
+    try:
+        json.dumps(details)
+    except (TypeError, ValueError) as error:
+        raise UserError(
+            f"details: {error}; report plain numbers, text, lists and mappings "
+            "(convert numpy or torch values with float() or int())"
+        ) from None
 
 
 def _journal_line(kind: str, record: BaseModel) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 
 import pytest
 
@@ -1219,6 +1220,35 @@ def test_requests_of_a_team_taken_out_of_the_spec_end_when_the_books_are_restore
     restored.set_nodes(NODES)
     restored.schedule()
     assert restored.get(kept).state is RequestState.PLACED and restored.usage["research"]["gpu"] == 1
+
+
+def test_details_the_journal_cannot_hold_are_refused_and_change_nothing(scheduler: Scheduler, journal):
+    running = scheduler.get(submit(scheduler, "research", workers=1, gpus=1))
+    scheduler.write_journal()
+    for details in ({"loss": Fraction(1, 2)}, {"step": {1, 2}}, 5):
+        with pytest.raises(UserError, match=r"^details: .*(not JSON serializable|is not a mapping)"):
+            scheduler.report(running.id, details)
+        with pytest.raises(UserError, match=r"^details: "):
+            scheduler.mark_running(running.id, details)
+    assert running.state is RequestState.PLACED and running.details == {}
+    assert scheduler.write_journal() == 0
+    scheduler.report(running.id, {"loss": float("nan"), "step": 3})  # a diverged loss is still a report
+    assert scheduler.write_journal() == 1
+
+
+def test_a_journal_line_that_fails_to_write_leaves_the_rest_to_the_next_write(scheduler: Scheduler, journal):
+    first, second = (scheduler.get(submit(scheduler, "research", workers=1, gpus=1)) for _ in range(2))
+    written = scheduler.journal
+
+    def disk_full_once(line: str) -> None:
+        scheduler.journal = written
+        raise OSError(28, "No space left on device")
+
+    scheduler.journal = disk_full_once
+    with pytest.raises(OSError):
+        scheduler.write_journal()
+    assert scheduler.write_journal() == 2
+    assert [line["request"]["id"] for line in journal if "request" in line][-2:] == [first.id, second.id]
 
 
 def test_a_team_taken_out_of_the_spec_with_only_waiting_requests_restores(scheduler: Scheduler, journal):
