@@ -19,6 +19,7 @@ waits for, and Serve starts the replica again where a booking has room.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections import Counter
@@ -91,6 +92,11 @@ def serve_running(deployment: str) -> list[tuple[str, str]] | None:
     return [(actor.name, actor.node_id) for actor in alive]
 
 
+def deployment_version(job: ServeJob) -> str:
+    """The same for the same job, so that deploying it again keeps the replicas that still fit."""
+    return hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:16]
+
+
 def run_replicas(job: ServeJob, booked: list[BundleBinding]) -> None:
     """Deploy (or update) the application with one replica per booked bundle, pinned to those nodes.
 
@@ -101,9 +107,12 @@ def run_replicas(job: ServeJob, booked: list[BundleBinding]) -> None:
 
     from serving.app import CompletionServer
 
-    application = CompletionServer.options(
+    deployment = CompletionServer.options(
         num_replicas=len(booked), ray_actor_options=replica_actor_options(job, booked)
-    ).bind(job.model_dump(mode="json"))
+    )
+    # Serve gives a deployment deployed without a version a new one each time, and replaces every replica: one
+    # booking taken back would restart them all. Versioned by the job, a new count only scales the deployment.
+    application = deployment.options(version=deployment_version(job), _internal=True).bind(job.model_dump(mode="json"))
     target = serve.RunTarget(application, name=job.name, route_prefix=job.route_prefix)
     serve.run_many([target], wait_for_applications_running=False)
 
