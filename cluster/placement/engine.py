@@ -451,6 +451,11 @@ class _Planner:
         return assignment
 
 
+# Constraints whose gangs each policy packs greedily, bundle by bundle: the others are placed exactly (spread
+# and TPU-slice gangs fall back to a matching).
+_PACKED = (Constraint.SAME_NODE, Constraint.SAME_POOL)
+
+
 class PlacementEngine:
     """Places gangs on one cluster with one policy and keeps the books of what is free.
 
@@ -480,6 +485,7 @@ class PlacementEngine:
             tie_rank = np.array([position.get(name, len(position)) for name in self.state.names])
         self._planner = _Planner(self.state, self.policy, tie_rank)
         self._empty_planner: _Planner | None = None
+        self._best_fit_planner: _Planner | None = None
 
     def place(self, request: GangRequest, *, gpu_room: Mapping[str, float] | None = None) -> Decision:
         """`gpu_room`: the GPUs a spread gang may hold in all on each GPU type named (what its team's typed
@@ -497,6 +503,8 @@ class PlacementEngine:
                 ]
             )
         placed = self._planner.plan(demands, request.constraint, room)
+        if placed is None and len(demands) > 1 and request.constraint in _PACKED:
+            placed = self._packed_by_best_fit(demands, request.constraint)
         if placed is None:
             return self._reject(request, demands)
         return Placement(
@@ -504,6 +512,16 @@ class PlacementEngine:
             policy=self.policy.name,
             bundles=tuple(self._describe(choice) for choice in sorted(placed, key=lambda c: c.bundle_index)),
         )
+
+    def _packed_by_best_fit(self, demands: list[Demand], constraint: Constraint) -> list[_Choice] | None:
+        """Best-fit packing of a gang the policy's own greedy packing missed, on the live state. Never-fits is
+        judged by best-fit packing on the empty cluster: without this, a gang that fits the idle cluster by that
+        judge could wait for a release that never comes."""
+        if self.policy.name == "bestfit":
+            return None
+        if self._best_fit_planner is None:
+            self._best_fit_planner = _Planner(self.state, make_policy("bestfit"), self._planner.tie_rank)
+        return self._best_fit_planner.plan(demands, constraint)
 
     def release(self, placement: Placement) -> None:
         for bundle in placement.bundles:
