@@ -680,25 +680,32 @@ class Scheduler:
         """
         if self.engine is None and not self.scale_up:
             return False  # nothing to place on, and no node will come unless one is started
-        retry_all = self._retry_all
-        if retry_all:
-            self._retry_all = False
-            candidates = self.waiting()
-        else:
-            candidates = [status for status in self.waiting() if status.id in self._untried]
         binds = sum(isinstance(effect, Bind) for effect in self.effects)
         self._preemptible_floors = None
-        for status in candidates:
-            if max_binds is not None and binds >= max_binds:
-                self._retry_all = self._retry_all or retry_all  # the rest are tried on the next call
-                return True
-            if self._quota_blocked.get(status.id) == self._quota_changes[status.team]:
-                continue  # still over its team's quota: nothing that team holds was freed since
-            effects_before = len(self.effects)
-            self._try_place(status)
-            self._untried.discard(status.id)
-            binds += sum(isinstance(effect, Bind) for effect in self.effects[effects_before:])
-        return False
+        retry_all = False
+        while True:
+            retry_all = retry_all or self._retry_all
+            if retry_all:
+                self._retry_all = False
+                candidates = self.waiting()
+            else:
+                candidates = [status for status in self.waiting() if status.id in self._untried]
+            for status in candidates:
+                if max_binds is not None and binds >= max_binds:
+                    self._retry_all = self._retry_all or retry_all  # the rest are tried on the next call
+                    return True
+                if self._quota_blocked.get(status.id) == self._quota_changes[status.team]:
+                    continue  # still over its team's quota: nothing that team holds was freed since
+                effects_before = len(self.effects)
+                self._try_place(status)
+                self._untried.discard(status.id)
+                binds += sum(isinstance(effect, Bind) for effect in self.effects[effects_before:])
+                if self._retry_all and not retry_all:
+                    # Room freed mid-pass (a preemption): it goes to the waiting requests in order, older ones
+                    # included, not to whichever new request comes next.
+                    break
+            else:
+                return False
 
     def _try_place(self, status: RequestStatus, *, may_preempt_own: bool = True) -> None:
         self._awaiting_nodes.pop(status.id, None)  # each try decides afresh whether it waits for nodes

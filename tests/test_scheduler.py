@@ -13,7 +13,7 @@ from cluster.controller import detached
 from cluster.placement.request import Bundle, Constraint, GangRequest
 from cluster.placement.snapshot import NodeSnapshot, node_from_ray
 from cluster.ray_mapping import replica_nodes
-from cluster.requests import RequestState, RequestStatus, SubmitRequest, WorkloadKind
+from cluster.requests import DecisionAction, RequestState, RequestStatus, SubmitRequest, WorkloadKind
 from cluster.scheduler import Bind, Scheduler, Unbind, team_of
 from cluster.spec import ClusterSpec
 
@@ -707,6 +707,31 @@ def test_each_changed_request_is_journaled_once_per_commit_in_its_latest_state(s
     assert scheduler.write_journal() == 0  # nothing changed since
 
 
+def test_room_a_preemption_frees_goes_to_the_waiting_in_order_not_to_the_next_new_request():
+    spec = ClusterSpec.model_validate(
+        {
+            "pools": [SPEC.pools[1].model_copy(update={"nodes": SPEC.pools[1].nodes.model_copy(update={"max": 1})})],
+            "teams": [{"name": name} for name in ("a", "b", "c")],
+        }
+    )
+    books = Scheduler(spec, POLICY)
+    books.set_nodes([node for node in NODES if node.name == "h100-0"])
+
+    def request(team: str, gpus: int, priority: str) -> SubmitRequest:
+        return SubmitRequest(team=team, priority=priority, gang=gang(f"{team}-{priority}", 1, gpus))
+
+    whole_node = books.submit(request("a", 8, "normal"))
+    books.schedule()
+    waiting = books.submit(request("b", 4, "normal"))  # no room: waits its turn
+    books.schedule()
+    # One batch: an urgent gang preempts the whole-node holder and uses half the node; the other half is for the
+    # request that waited, not for the batch's next gang, of the same priority but later.
+    urgent, later = books.submit_many([request("c", 4, "high"), request("c", 4, "normal")])
+    books.schedule()
+    assert urgent.state is RequestState.PLACED and whole_node.state is RequestState.PREEMPTED
+    assert waiting.state is RequestState.PLACED and later.state is RequestState.QUEUED
+
+
 def test_submit_many_is_all_or_nothing_and_each_gang_keeps_to_its_quota(scheduler: Scheduler, journal):
     bad = [
         SubmitRequest(team="small", gang=gang("a", 1, 1)),
@@ -1298,7 +1323,8 @@ def test_over_its_quota_a_request_preempts_its_own_teams_lower_priorities_wherev
     # 6 of 8 used: only the preemptible low-priority job, on a node the H100 gang cannot use, frees its quota.
     assert scheduler.get(urgent).state is RequestState.PLACED
     assert scheduler.get(on_a100).state is RequestState.PREEMPTED
-    assert scheduler.get(on_a100).reason.startswith(f"preempted for {urgent}")
+    (preempted,) = [d for d in scheduler.decisions if d.request_id == on_a100 and d.action is DecisionAction.PREEMPTED]
+    assert preempted.reason.startswith(f"preempted for {urgent}")
     assert scheduler.get(kept).state is scheduler.get(equal).state is RequestState.PLACED
     # Equal priorities wait for the quota; so does work whose team's lower priorities cannot be preempted.
     waits = scheduler.get(research(2, "H100", "high"))
