@@ -713,10 +713,14 @@ class Scheduler:
         demand = self._demand(status)
 
         def over_quota(reason: str) -> None:
-            if may_preempt_own and self._preempted_own_team_for(status):
-                self._try_place(status, may_preempt_own=False)  # its team's quota holds it now
-            else:
+            if not (may_preempt_own and self._runs_lower_own_priorities(status)):
                 self._over_quota_unless_never_fits(status, reason)
+            elif self._preempt_for(status, self._gang_for_engine(status)):
+                self._try_place(status, may_preempt_own=False)  # its team's quota holds it now
+            elif not self._rejected_on_first_try(status):
+                # Not held until its team's use changes: its own lower priorities would make room within the
+                # quota, and room another team frees may be what they lacked.
+                self._wait(status, reason)
 
         over = quotas.exceeded(quota, used, demand)
         if over:
@@ -913,10 +917,10 @@ class Scheduler:
             self._save(status)
             self._decide(status, DecisionAction.WAITING, reason)
 
-    def _preempted_own_team_for(self, status: RequestStatus) -> bool:
+    def _runs_lower_own_priorities(self, status: RequestStatus) -> bool:
         """Over its team's quota, a request may preempt its own team's lower priorities to make room within it, as
-        Kueue's `withinClusterQueue: LowerPriority` does on Kubernetes. Looked for only where the team runs such
-        work, so a team's queue of equals costs no trial placements."""
+        Kueue's `withinClusterQueue: LowerPriority` does on Kubernetes: whether its team holds such preemptible
+        work. Looked for before any victim search, so a team's queue of equals costs no trial placements."""
         if self.engine is None:
             return False
         if self._preemptible_floors is None:
@@ -929,8 +933,8 @@ class Scheduler:
                     self._preemptible_floors[holder.team] = min(floor, holder.priority_value)
         if self._preemptible_floors.get(status.team, math.inf) >= status.priority_value:
             return False
-        self._preemptible_floors = None  # the victims change what their teams hold
-        return self._preempt_for(status, self._gang_for_engine(status))
+        self._preemptible_floors = None  # the victims it may take change what their teams hold
+        return True
 
     def _preempt_for(self, status: RequestStatus, gang: GangRequest) -> bool:
         holders = self.holders()

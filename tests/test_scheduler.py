@@ -732,6 +732,28 @@ def test_room_a_preemption_frees_goes_to_the_waiting_in_order_not_to_the_next_ne
     assert waiting.state is RequestState.PLACED and later.state is RequestState.QUEUED
 
 
+def test_over_its_quota_a_request_that_lacked_room_to_preempt_its_own_is_tried_when_another_team_frees_it():
+    spec = ClusterSpec.model_validate(
+        {"pools": [SPEC.pools[1]], "teams": [{"name": "team", "quota": {"gpu": 8}}, {"name": "other"}]}
+    )
+    books = Scheduler(spec, POLICY)
+    books.set_nodes([node for node in NODES if node.pool == "h100"])
+
+    def run(team: str, name: str, gpus: int, priority: str, **kwargs) -> RequestStatus:
+        status = books.submit(SubmitRequest(team=team, priority=priority, gang=gang(name, 1, gpus), **kwargs))
+        books.schedule()
+        return status
+
+    # Each H100 node: 4 GPUs of the other team's, 4 of the team's low-priority work.
+    other, low = run("other", "x", 4, "high", preemptible=False), run("team", "l1", 4, "low")
+    run("other", "y", 4, "high", preemptible=False), run("team", "l2", 4, "low")
+    whole_node = run("team", "h", 8, "normal")  # over the team's quota of 8; preempting its own frees no whole node
+    assert whole_node.state is RequestState.QUEUED and whole_node.reason.startswith("over quota")
+    books.complete(other.id)  # the other team frees half a node: with the team's low work there, a whole one
+    books.schedule()
+    assert whole_node.state is RequestState.PLACED and low.state is RequestState.PREEMPTED
+
+
 def test_submit_many_is_all_or_nothing_and_each_gang_keeps_to_its_quota(scheduler: Scheduler, journal):
     bad = [
         SubmitRequest(team="small", gang=gang("a", 1, 1)),
