@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -553,3 +554,67 @@ def test_every_policy_places_a_gang_that_fits_the_idle_cluster():
             if isinstance(decision, Rejection) and decision.reason is RejectionReason.NO_ROOM_NOW:
                 missed.append((policy, gang.constraint.value, nodes, bundles))
     assert not missed, missed[:3]
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_gangs_greedy_packing_misses_are_packed_on_the_idle_cluster_not_refused(policy):
+    # 4+3+3 on each of two 10-CPU nodes; GPU shares .5+.25+.25 and .4+.3+.3 on the two devices of one node.
+    # Largest first, best fit puts both 4s on one node and .5 and .4 on one device, and then has no room.
+    two_cpu_nodes = [
+        NodeSnapshot(name=f"cpu-{i}", pool="cpu", labels={"pool": "cpu"}, cpus=10, memory=32 * GIB) for i in range(2)
+    ]
+    gpu_node = NodeSnapshot(name="gpu-0", pool="gpu", cpus=32, memory=64 * GIB, gpus=2, gpu_type="H100")
+    snapshot = ClusterSnapshot(nodes=(*two_cpu_nodes, gpu_node))
+    cpus = GangRequest(
+        name="cpus",
+        constraint="same_pool",
+        bundles=[Bundle(resources={"CPU": c}, label_selector={"pool": "cpu"}) for c in (4, 4, 3, 3, 3, 3)],
+    )
+    shares = GangRequest(
+        name="shares",
+        constraint="same_node",
+        bundles=[Bundle(resources={"CPU": 1, "GPU": x}) for x in (0.5, 0.4, 0.3, 0.3, 0.25, 0.25)],
+    )
+    for gang in (cpus, shares):
+        engine = PlacementEngine(snapshot, policy, seed=1)
+        assert isinstance(engine.place(gang), Placement), gang.name
+
+
+def _packs(
+    nodes: list[NodeSnapshot], sizes: list[tuple[int, int]], constraint: str, assignment: tuple[int, ...]
+) -> bool:
+    """Whether bundles of (CPUs, GiB) put on nodes by `assignment` (a node index per bundle) fit and keep the
+    constraint."""
+    used = [nodes[i] for i in set(assignment)]
+    if (constraint == "same_node" and len(used) > 1) or len({node.pool for node in used}) > 1:
+        return False
+    return all(
+        sum(sizes[b][0] for b, n in enumerate(assignment) if n == i) <= node.cpus
+        and sum(sizes[b][1] for b, n in enumerate(assignment) if n == i) * GIB <= node.memory
+        for i, node in enumerate(nodes)
+    )
+
+
+def test_a_packed_gang_is_refused_as_never_fitting_exactly_when_no_assignment_exists():
+    """Brute force over every assignment of CPU and memory bundles to nodes, against the engine's verdict on
+    the empty cluster: 'never fits' only when none exists, and otherwise a placement."""
+    rng = random.Random(7)
+    for _ in range(400):
+        nodes = [
+            NodeSnapshot(name=f"n{i}", pool=rng.choice(["a", "b"]), cpus=rng.choice([4, 6, 10]), memory=16 * GIB)
+            for i in range(rng.randint(1, 3))
+        ]
+        sizes = [(rng.choice([1, 2, 3, 4, 5]), rng.choice([1, 4, 8])) for _ in range(rng.randint(2, 5))]
+        constraint = rng.choice(["same_pool", "same_node"])
+        gang = GangRequest(
+            name="g",
+            constraint=constraint,
+            bundles=[Bundle(resources={"CPU": cpu, "memory": memory * GIB}) for cpu, memory in sizes],
+        )
+
+        assignments = itertools.product(range(len(nodes)), repeat=len(sizes))
+        exists = any(_packs(nodes, sizes, constraint, assignment) for assignment in assignments)
+        decision = PlacementEngine(ClusterSnapshot(nodes=tuple(nodes)), "llmos", seed=0).place(gang)
+        assert isinstance(decision, Placement) == exists, (nodes, sizes, constraint, decision)
+        if not exists:
+            assert decision.reason is RejectionReason.NEVER_FITS

@@ -31,6 +31,8 @@ from cluster.placement.workload import TargetWorkload, WorkloadEstimator
 
 SPREAD_SEARCH_STEPS = 20_000  # nodes tried in search of distinct nodes for a spread gang within its typed GPU room
 SPREAD_SEARCH_BUNDLES = 256  # bundles of the largest spread gang that search is tried for
+PACK_SEARCH_STEPS = 20_000  # placements tried in search of a packing of a same_node or same_pool gang
+PACK_SEARCH_BUNDLES = 64  # bundles of the largest packed gang that search is tried for
 
 # Below this many stale nodes, finding the distinct node states costs more than it saves.
 DISTINCT_STATES_ABOVE = 64
@@ -344,6 +346,76 @@ class _Planner:
 
         return nodes if assign(0) else None
 
+    def pack_exhaustively(self, demands: Sequence[Demand], constraint: Constraint) -> tuple[list[_Choice] | None, bool]:
+        """A same_node or same_pool gang packed by a depth-first search over nodes and, for a fractional GPU, the
+        device: for gangs that greedy packing, which never takes a bundle back, misses. Nodes alike (free
+        resources, devices, and the bundles they suit) and devices of equal free share are tried once per
+        bundle. Returns the placement (allocated) or None, and whether the search was complete: it stops after
+        PACK_SEARCH_STEPS placements tried, and is not tried past PACK_SEARCH_BUNDLES bundles."""
+        state = self.state
+        if len(demands) > PACK_SEARCH_BUNDLES:
+            return None, False  # one level of recursion a bundle
+        order = self._order(demands)
+        suits = np.array([state.static_mask(demand) for demand in demands])
+        steps = PACK_SEARCH_STEPS
+        placed: list[_Choice] = []
+
+        def node_key(node: int) -> bytes:
+            free = (state.cpu_free[node], state.mem_free[node], state.tpu_free[node], state.capacity_class[node])
+            return np.array(free).tobytes() + np.sort(state.gpu_free[node]).tobytes() + suits[:, node].tobytes()
+
+        def device_options(node: int, demand: Demand) -> list[tuple[int, ...]]:
+            if not demand.is_fractional_gpu:
+                return [state.devices_for(node, demand, 0)]
+            free = state.gpu_free[node]
+            shares = sorted({int(share) for share in free if share >= demand.gpu_share})
+            return [(int(np.flatnonzero(free == share)[0]),) for share in shares]  # tightest first
+
+        def search(position: int, allowed: np.ndarray) -> bool:
+            nonlocal steps
+            if position == len(order):
+                return True
+            index = order[position]
+            demand = demands[index]
+            nodes = np.flatnonzero(allowed & suits[index])
+            seen: set[bytes] = set()
+            for node in map(int, nodes[state.fits(demand, nodes)]):
+                key = node_key(node)
+                if key in seen:
+                    continue
+                seen.add(key)
+                for devices in device_options(node, demand):
+                    steps -= 1
+                    if steps < 0:
+                        return False
+                    state.allocate(node, demand, devices)
+                    placed.append(_Choice(index, node, demand, devices))
+                    if search(position + 1, allowed):
+                        return True
+                    placed.pop()
+                    state.release(node, demand, devices)
+            return False
+
+        # Where not even the sum of what is free holds the gang, no search is needed.
+        total = np.sum([(demand.cpu, demand.memory, demand.tpu, demand.gpu_total) for demand in demands], axis=0)
+        free = np.column_stack([state.cpu_free, state.mem_free, state.tpu_free, state.gpu_free.sum(axis=1)])
+        if constraint is Constraint.SAME_NODE:
+            roomy = np.flatnonzero((free >= total).all(axis=1))
+            keys = np.column_stack(
+                [free[roomy], state.capacity_class[roomy], np.sort(state.gpu_free[roomy]), suits[:, roomy].T]
+            )
+            _, first = np.unique(keys, axis=0, return_index=True)  # alike nodes: one search answers for all
+            scopes = [np.arange(state.size) == node for node in roomy[np.sort(first)]]
+        else:
+            pools = [state.pool_of == pool for pool in range(len(state.pools))]
+            scopes = [scope for scope in pools if (free[scope].sum(axis=0) >= total).all()]
+        for scope in scopes:
+            if search(0, scope):
+                return placed, True
+            if steps < 0:
+                return None, False
+        return None, True
+
     def _static_for_all(self, demands: Sequence[Demand]) -> np.ndarray:
         mask = np.ones(self.state.size, dtype=bool)
         for demand in demands:
@@ -504,7 +576,7 @@ class PlacementEngine:
             )
         placed = self._planner.plan(demands, request.constraint, room)
         if placed is None and len(demands) > 1 and request.constraint in _PACKED:
-            placed = self._packed_by_best_fit(demands, request.constraint)
+            placed = self._packed_another_way(demands, request.constraint)
         if placed is None:
             return self._reject(request, demands)
         return Placement(
@@ -513,15 +585,17 @@ class PlacementEngine:
             bundles=tuple(self._describe(choice) for choice in sorted(placed, key=lambda c: c.bundle_index)),
         )
 
-    def _packed_by_best_fit(self, demands: list[Demand], constraint: Constraint) -> list[_Choice] | None:
-        """Best-fit packing of a gang the policy's own greedy packing missed, on the live state. Never-fits is
-        judged by best-fit packing on the empty cluster: without this, a gang that fits the idle cluster by that
-        judge could wait for a release that never comes."""
-        if self.policy.name == "bestfit":
-            return None
-        if self._best_fit_planner is None:
-            self._best_fit_planner = _Planner(self.state, make_policy("bestfit"), self._planner.tie_rank)
-        return self._best_fit_planner.plan(demands, constraint)
+    def _packed_another_way(self, demands: list[Demand], constraint: Constraint) -> list[_Choice] | None:
+        """A gang the policy's own greedy packing missed, packed on the live state best fit, else by the bounded
+        search that never-fits is judged by: without this, a gang that fits the idle cluster by that judge could
+        wait for a release that never comes."""
+        if self.policy.name != "bestfit":
+            if self._best_fit_planner is None:
+                self._best_fit_planner = _Planner(self.state, make_policy("bestfit"), self._planner.tie_rank)
+            placed = self._best_fit_planner.plan(demands, constraint)
+            if placed is not None:
+                return placed
+        return self._planner.pack_exhaustively(demands, constraint)[0]
 
     def release(self, placement: Placement) -> None:
         for bundle in placement.bundles:
@@ -594,6 +668,10 @@ class PlacementEngine:
             # "not even best-fit packing on the empty cluster finds a place".
             self._empty_planner = _Planner(state.empty_copy(), make_policy("bestfit"), self._planner.tie_rank)
         placed = self._empty_planner.plan(demands, constraint)
+        if placed is None and constraint in _PACKED:
+            placed, complete = self._empty_planner.pack_exhaustively(demands, constraint)
+            if placed is None and not complete:
+                return None  # the search gave up: the benefit of the doubt, as a request wrongly refused is lost
         if placed is None:
             return (
                 f"the {len(demands)} bundles cannot be placed {constraint.value} even on the empty cluster; "
