@@ -514,14 +514,33 @@ class Scheduler:
         gpus = self._demand(status).get("gpu")
         if not gpus:
             return None
+        quota = self.quotas[status.team]
+        if status.request.gang.constraint is Constraint.SPREAD:
+            return self._spread_never_within_typed_quota(status, quota)
         candidates, alone = self._gpu_types_alone(status)
         if alone == candidates or self._never_fits(status, alone) is None:
             return None
-        quota = self.quotas[status.team]
         typed = ", ".join(f"gpu:{name} quota {quota[f'gpu:{name}']:g}" for name in _ruled_out(candidates, alone))
         return (
             f"over the team's typed quota even with nothing else running: asks {gpus:g} gpu, {typed}, and "
             f"{', '.join(_types_in(alone))} alone cannot hold it"
+        )
+
+    def _spread_never_within_typed_quota(self, status: RequestStatus, quota: dict[str, float]) -> str | None:
+        """Why no distinct nodes of the cluster, even empty and at its largest, hold a spread gang's bundles within
+        the typed GPU quotas of its team with nothing else of the team running; None if some do, or where the
+        search gave up."""
+        room = quotas.gpu_room(quota, {})
+        if not room:
+            return None
+        gang = self._gang_for_engine(status, cordoned_too=True)
+        snapshot = self._with_unborn_nodes(self._empty_uncordoned_nodes(), len(gang.bundles))
+        if self._trial_engine(snapshot).spread_fits_within(gang, room) is not False:
+            return None
+        typed = ", ".join(f"gpu:{name} quota {amount:g}" for name, amount in sorted(room.items()))
+        return (
+            f"over the team's typed quota even with nothing else running: no {len(gang.bundles)} distinct nodes of "
+            f"this cluster hold its bundles within {typed}"
         )
 
     def _gpu_types_alone(self, status: RequestStatus) -> tuple[quotas.GpuTypesByBundle, quotas.GpuTypesByBundle]:
@@ -751,7 +770,8 @@ class Scheduler:
             decision = self.engine.place(gang, gpu_room=room)
         if (
             isinstance(decision, Rejection)
-            and decision.reason is RejectionReason.NEVER_FITS
+            # Never fitting, or a spread gang that may not fit within its typed quotas whatever frees up.
+            and (decision.reason is RejectionReason.NEVER_FITS or (room and gang.constraint is Constraint.SPREAD))
             and self._rejected_on_first_try(status)
         ):
             return

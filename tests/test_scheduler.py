@@ -965,6 +965,25 @@ def test_a_gang_that_fits_only_on_nodes_to_come_waits_for_them_and_lands_when_th
     assert books.scale_up_demand() == {}
 
 
+def test_a_spread_gang_no_distinct_nodes_hold_within_its_typed_quotas_is_rejected_at_once(scheduler: Scheduler):
+    # Three 4-GPU bundles on three distinct nodes: the cluster's GPU nodes are two H100s and one A100, and a
+    # quota of 6 H100 GPUs holds one bundle there, so the A100 node would have to take two.
+    scheduler.set_quota("research", {"gpu:H100": 6})
+    spread_gang = gang("spread", 3, 4).model_copy(update={"constraint": Constraint.SPREAD})
+    never = scheduler.submit(SubmitRequest(team="research", gang=spread_gang))
+    scheduler.schedule()
+    assert never.state is RequestState.REJECTED
+    assert never.reason == (
+        "over the team's typed quota even with nothing else running: no 3 distinct nodes of this cluster hold its "
+        "bundles within gpu:H100 quota 6"
+    )
+    # With room for two bundles on H100, the same gang fits.
+    scheduler.set_quota("research", {"gpu:H100": 8})
+    fits = scheduler.submit(SubmitRequest(team="research", gang=spread_gang.model_copy(update={"name": "fits"})))
+    scheduler.schedule()
+    assert fits.state is RequestState.PLACED
+
+
 def test_a_spread_gang_waits_for_nodes_of_the_types_its_typed_quotas_leave_room_on():
     data = SPEC.model_dump(mode="json")
     data["pools"][2]["nodes"] = {"min": 0, "max": 3}

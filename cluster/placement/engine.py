@@ -95,6 +95,8 @@ class _Planner:
         self.tie_rank = tie_rank
         self._plain_nodes = ~state.has_accelerator
         self._caches: dict[Demand, _ScoreCache] = {}
+        # Whether the last `plan` of a spread gang within a GPU room stopped its search unfinished.
+        self.spread_search_gave_up = False
 
     def forget_scores(self) -> None:
         self._caches.clear()
@@ -199,6 +201,7 @@ class _Planner:
         `gpu_room`: per GPU type code, the GPU units a spread gang may hold on that type in all, and last, for
         nodes of no GPU type (code -1), more than it asks."""
         order = self._order(demands)
+        self.spread_search_gave_up = False
         if constraint is Constraint.SAME_TPU_SLICE:
             return self._plan_tpu_slice(demands, order)
         if len(demands) == 1:
@@ -314,6 +317,7 @@ class _Planner:
         within `gpu_room`; depth first, the bundle with the fewest candidates first, at most SPREAD_SEARCH_STEPS
         nodes tried and for at most SPREAD_SEARCH_BUNDLES bundles, else None."""
         if len(demands) > SPREAD_SEARCH_BUNDLES:
+            self.spread_search_gave_up = True
             return None  # one level of recursion a bundle
         type_of = self.state.gpu_type_of
         order = sorted(range(len(demands)), key=lambda index: len(candidates[index]))
@@ -334,6 +338,7 @@ class _Planner:
                     continue
                 steps -= 1
                 if steps < 0:
+                    self.spread_search_gave_up = True
                     return False
                 taken.add(node)
                 left[gpu_type] -= needs
@@ -584,6 +589,15 @@ class PlacementEngine:
             policy=self.policy.name,
             bundles=tuple(self._describe(choice) for choice in sorted(placed, key=lambda c: c.bundle_index)),
         )
+
+    def spread_fits_within(self, request: GangRequest, gpu_room: Mapping[str, float]) -> bool | None:
+        """Whether a spread gang has distinct nodes with room on the cluster as the books have it, within
+        `gpu_room` (as `place`); None where the bounded search gave up. Leaves the books as they were."""
+        decision = self.place(request, gpu_room=gpu_room)
+        if isinstance(decision, Placement):
+            self.release(decision)
+            return True
+        return None if self._planner.spread_search_gave_up else False
 
     def _packed_another_way(self, demands: list[Demand], constraint: Constraint) -> list[_Choice] | None:
         """A gang the policy's own greedy packing missed, packed on the live state best fit, else by the bounded
