@@ -105,7 +105,8 @@ class Controller:
         self.spec = ClusterSpec.model_validate(spec)
         self.state_dir = Path(state_dir) if state_dir else controller_state_dir(llmos_home(), self.spec.name)
         self.journal = Journal(self.state_dir)
-        self._unpooled_nodes_seen: set[str] = set()  # Ray node ids of workers without a pool label, warned of once
+        self._unpooled_nodes_seen: set[str] = set()  # Ray node ids of workers of no pool, warned of once
+        self._pool_names = {pool.name for pool in self.spec.pools}
         self.scale_up_requested: dict[str, int] | None = None  # nodes per pool Ray's autoscaler was asked for
         restored = self._load_books(policy, scale_up)
         self.node_ids: dict[str, str] = {}
@@ -176,15 +177,16 @@ class Controller:
         for node in ray_node_table(alive_only=True):
             if node.node_id in draining or node.is_head:
                 continue
-            if POOL_LABEL not in node.labels:
+            pool = node.labels.get(POOL_LABEL)
+            if pool not in self._pool_names:
                 if node.node_id not in self._unpooled_nodes_seen:
                     self._unpooled_nodes_seen.add(node.node_id)
                     logger.warning(
-                        "node %s (%s) has no %s label, so no pool of the ClusterSpec holds it and nothing is placed "
-                        "there; start it with `llmos up`, or give it the label of a pool",
+                        "node %s (%s) has %s, so no pool of the ClusterSpec holds it and nothing is placed there; "
+                        "start it with `llmos up`, or give it the label of a pool",
                         node.name,
                         node.address,
-                        POOL_LABEL,
+                        f"{POOL_LABEL}={pool}, which names no pool" if pool else f"no {POOL_LABEL} label",
                     )
                 continue
             node_ids[node.name] = node.node_id

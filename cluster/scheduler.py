@@ -275,7 +275,10 @@ class Scheduler:
 
         Requests holding bundles on a node that is gone are taken off and queued again.
         """
-        nodes = {node.name: node for node in nodes if node.pool != HEAD_POOL}
+        # A node whose pool label names no pool of the spec (renamed while it runs, or labelled by hand) holds no
+        # work: no pool tells what its devices count against, so its typed quotas would go uncharged.
+        pools = {pool.name for pool in self.spec.pools}
+        nodes = {node.name: node for node in nodes if node.pool in pools}
         if nodes == self.nodes and self.engine is not None:
             return
         # A node back under its name is a new Ray node (its raylet restarted, its pod re-created): what ran on

@@ -1317,6 +1317,20 @@ def test_a_journal_line_that_fails_to_write_leaves_the_rest_to_the_next_write(sc
     assert [line["request"]["id"] for line in journal if "request" in line][-2:] == [first.id, second.id]
 
 
+def test_a_node_of_a_pool_the_spec_does_not_name_holds_nothing(scheduler: Scheduler):
+    # An H100 node of a pool renamed in the spec while it runs: what landed there would escape gpu:H100.
+    renamed = node("h100old-0", "h100old", 32, 8, "H100")
+    scheduler.set_nodes([*NODES, renamed])
+    scheduler.set_quota("research", {"gpu:H100": 4})
+    on_h100 = SubmitRequest(team="research", gang=gang("on-h100", 1, 4, gpu_types=("H100",)))
+    requests = [scheduler.submit(on_h100) for _ in range(3)]
+    scheduler.schedule()
+    assert "h100old-0" not in scheduler.nodes
+    assert [status.state for status in requests] == [RequestState.PLACED, RequestState.QUEUED, RequestState.QUEUED]
+    assert all(status.nodes != ["h100old-0"] for status in requests)
+    assert scheduler.usage["research"]["gpu:H100"] == 4
+
+
 def test_a_team_taken_out_of_the_spec_with_only_waiting_requests_restores(scheduler: Scheduler, journal):
     scheduler.set_nodes([])
     waiting = submit(scheduler, "small", workers=1, gpus=1)  # no worker node is up: it waits, holding nothing
