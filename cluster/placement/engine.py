@@ -31,7 +31,9 @@ from cluster.placement.workload import TargetWorkload, WorkloadEstimator
 
 SPREAD_SEARCH_STEPS = 20_000  # nodes tried in search of distinct nodes for a spread gang within its typed GPU room
 SPREAD_SEARCH_BUNDLES = 256  # bundles of the largest spread gang that search is tried for
-PACK_SEARCH_STEPS = 20_000  # placements tried in search of a packing of a same_node or same_pool gang
+PACK_SEARCH_STEPS = 20_000  # placements tried in search of a packing of a same_node or same_pool gang: never-fits
+# The same search on the live cluster, where each waiting gang's every try pays it (about 20 µs a placement tried).
+LIVE_PACK_SEARCH_STEPS = 1_000
 PACK_SEARCH_BUNDLES = 64  # bundles of the largest packed gang that search is tried for
 
 # Below this many stale nodes, finding the distinct node states costs more than it saves.
@@ -351,18 +353,21 @@ class _Planner:
 
         return nodes if assign(0) else None
 
-    def pack_exhaustively(self, demands: Sequence[Demand], constraint: Constraint) -> tuple[list[_Choice] | None, bool]:
+    def pack_exhaustively(
+        self, demands: Sequence[Demand], constraint: Constraint, max_steps: int = PACK_SEARCH_STEPS
+    ) -> tuple[list[_Choice] | None, bool]:
         """A same_node or same_pool gang packed by a depth-first search over nodes and, for a fractional GPU, the
         device: for gangs that greedy packing, which never takes a bundle back, misses. Nodes alike (free
         resources, devices, and the bundles they suit) and devices of equal free share are tried once per
-        bundle. Returns the placement (allocated) or None, and whether the search was complete: it stops after
-        PACK_SEARCH_STEPS placements tried, and is not tried past PACK_SEARCH_BUNDLES bundles."""
+        bundle, and alike bundles in one order only. Returns the placement (allocated) or None, and whether the
+        search was complete: it stops after `max_steps` placements tried, and is not tried past
+        PACK_SEARCH_BUNDLES bundles."""
         state = self.state
         if len(demands) > PACK_SEARCH_BUNDLES:
             return None, False  # one level of recursion a bundle
         order = self._order(demands)
         suits = np.array([state.static_mask(demand) for demand in demands])
-        steps = PACK_SEARCH_STEPS
+        steps = max_steps
         placed: list[_Choice] = []
 
         def node_key(node: int) -> bytes:
@@ -383,6 +388,9 @@ class _Planner:
             index = order[position]
             demand = demands[index]
             nodes = np.flatnonzero(allowed & suits[index])
+            if position and demands[order[position - 1]] == demand:
+                # Alike bundles are interchangeable: of their orders on nodes, only the nondecreasing one is tried.
+                nodes = nodes[nodes >= placed[-1].node]
             seen: set[bytes] = set()
             for node in map(int, nodes[state.fits(demand, nodes)]):
                 key = node_key(node)
@@ -401,25 +409,56 @@ class _Planner:
                     state.release(node, demand, devices)
             return False
 
-        # Where not even the sum of what is free holds the gang, no search is needed.
-        total = np.sum([(demand.cpu, demand.memory, demand.tpu, demand.gpu_total) for demand in demands], axis=0)
-        free = np.column_stack([state.cpu_free, state.mem_free, state.tpu_free, state.gpu_free.sum(axis=1)])
-        if constraint is Constraint.SAME_NODE:
-            roomy = np.flatnonzero((free >= total).all(axis=1))
-            keys = np.column_stack(
-                [free[roomy], state.capacity_class[roomy], np.sort(state.gpu_free[roomy]), suits[:, roomy].T]
-            )
-            _, first = np.unique(keys, axis=0, return_index=True)  # alike nodes: one search answers for all
-            scopes = [np.arange(state.size) == node for node in roomy[np.sort(first)]]
-        else:
-            pools = [state.pool_of == pool for pool in range(len(state.pools))]
-            scopes = [scope for scope in pools if (free[scope].sum(axis=0) >= total).all()]
-        for scope in scopes:
+        for scope in self.scopes_that_may_hold(demands, constraint):
             if search(0, scope):
                 return placed, True
             if steps < 0:
                 return None, False
         return None, True
+
+    def _copies_that_fit(self, demand: Demand, nodes: np.ndarray, wanted: int) -> int:
+        """How many bundles of this shape the `nodes` (a mask) could take beside what they hold, each on its own,
+        counting at most `wanted` a node."""
+        state = self.state
+        chosen = np.flatnonzero(nodes)
+        copies = np.full(len(chosen), wanted)
+        for free, need in ((state.cpu_free, demand.cpu), (state.mem_free, demand.memory), (state.tpu_free, demand.tpu)):
+            if need:
+                copies = np.minimum(copies, free[chosen] // need)
+        if demand.gpu_count:
+            per_device = state.gpu_free[chosen] // demand.gpu_share
+            copies = np.minimum(copies, per_device.sum(axis=1) // demand.gpu_count)
+        return int(copies.sum())
+
+    def scopes_that_may_hold(self, demands: Sequence[Demand], constraint: Constraint) -> list[np.ndarray]:
+        """The nodes (a mask per node for same_node, per pool for same_pool) where the sum of what is free holds
+        the gang, and as many bundles of each shape fit as it has; alike nodes once. Where none, no packing is."""
+        state = self.state
+        suits = [state.static_mask(demand) for demand in demands]
+        total = np.sum([(demand.cpu, demand.memory, demand.tpu, demand.gpu_total) for demand in demands], axis=0)
+        free = np.column_stack([state.cpu_free, state.mem_free, state.tpu_free, state.gpu_free.sum(axis=1)])
+        if constraint is Constraint.SAME_NODE:
+            roomy = np.flatnonzero((free >= total).all(axis=1))
+            alike = np.column_stack(
+                [free[roomy], state.capacity_class[roomy], np.sort(state.gpu_free[roomy]), *(s[roomy] for s in suits)]
+            )
+            _, first = np.unique(alike, axis=0, return_index=True)  # alike nodes: one search answers for all
+            scopes = [np.arange(state.size) == node for node in roomy[np.sort(first)]]
+        else:
+            pools = [state.pool_of == pool for pool in range(len(state.pools))]
+            scopes = [scope for scope in pools if (free[scope].sum(axis=0) >= total).all()]
+        shapes: dict[Demand, tuple[int, np.ndarray]] = {}
+        for demand, suited in zip(demands, suits, strict=True):
+            count, _ = shapes.get(demand, (0, suited))
+            shapes[demand] = (count + 1, suited)
+        return [
+            scope
+            for scope in scopes
+            if all(
+                self._copies_that_fit(demand, scope & suited, count) >= count
+                for demand, (count, suited) in shapes.items()
+            )
+        ]
 
     def _static_for_all(self, demands: Sequence[Demand]) -> np.ndarray:
         mask = np.ones(self.state.size, dtype=bool)
@@ -603,13 +642,15 @@ class PlacementEngine:
         """A gang the policy's own greedy packing missed, packed on the live state best fit, else by the bounded
         search that never-fits is judged by: without this, a gang that fits the idle cluster by that judge could
         wait for a release that never comes."""
+        if not self._planner.scopes_that_may_hold(demands, constraint):
+            return None  # no pool (or node) even adds up to the gang: the common case, decided cheaply
         if self.policy.name != "bestfit":
             if self._best_fit_planner is None:
                 self._best_fit_planner = _Planner(self.state, make_policy("bestfit"), self._planner.tie_rank)
             placed = self._best_fit_planner.plan(demands, constraint)
             if placed is not None:
                 return placed
-        return self._planner.pack_exhaustively(demands, constraint)[0]
+        return self._planner.pack_exhaustively(demands, constraint, LIVE_PACK_SEARCH_STEPS)[0]
 
     def release(self, placement: Placement) -> None:
         for bundle in placement.bundles:
