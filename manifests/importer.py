@@ -74,7 +74,9 @@ def _refuse_other_devices(group: dict[str, Any], at: str) -> None:
     resources = _ray_container(group, at).get("resources") or {}
     for section in ("limits", "requests"):
         for name in resources.get(section) or {}:
-            if "/" in name and name not in (GPU_RESOURCE, TPU_RESOURCE) and name.split("/", 1)[1] in ("gpu", "tpu"):
+            domain, _, device = name.partition("/")
+            # amd.com/gpu, gpu.intel.com/i915, gpu.intel.com/xe, ...
+            if name not in (GPU_RESOURCE, TPU_RESOURCE) and device and ("gpu" in domain or device in ("gpu", "tpu")):
                 raise ManifestError(
                     f"{at}.template.spec.containers[0].resources.{section}.{name}: llmos pools have NVIDIA GPUs "
                     f"({GPU_RESOURCE}) or Google TPUs ({TPU_RESOURCE}); leave this group out of the manifest to import"
@@ -219,6 +221,10 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
     if not isinstance(manifest, dict) or manifest.get("kind") != "RayCluster":
         kind = manifest.get("kind") if isinstance(manifest, dict) else type(manifest).__name__
         raise ManifestError(f"kind is {kind!r}; llmos pools import reads a KubeRay RayCluster")
+    # The CRD's types say more, where its schema is at hand; these two the import reads first in any case.
+    for field in ("metadata", "spec"):
+        if not isinstance(manifest.get(field, {}), dict):
+            raise ManifestError(f"{field}: expected a mapping, got {type(manifest[field]).__name__}")
     if shape := wrong_types(manifest):
         raise ManifestError("; ".join(str(problem) for problem in shape))
     body = manifest.get("spec") or {}

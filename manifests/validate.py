@@ -1,5 +1,8 @@
 """Check manifests the way the API server and the KubeRay operator would, without a cluster.
 
+cel-python and kubernetes-validate (the dev extras) are imported where they are used: the importer's check of
+a manifest's field types needs only jsonschema, which Ray brings.
+
 - Custom resources (ray.io, kueue.x-k8s.io) against the openAPIV3Schema of the CRD version they
   name, read from ../shared/schemas (KubeRay v1.7.0, Kueue v0.19.2): JSON Schema (Draft 7) with
   int-or-string quantities and int32/int64 ranges; unknown fields rejected as strict field
@@ -25,11 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import celpy
 import jsonschema
-import kubernetes_validate
 import yaml
-from kubernetes_validate.utils import SchemaNotFoundError, schema_contents
 from referencing import Registry, Resource
 
 from cluster.spec import MIN_TOKEN_AUTH_RAY, label_key_problem, label_value_problem, ray_version_parts
@@ -112,6 +112,8 @@ _CrdValidator = jsonschema.validators.extend(jsonschema.Draft7Validator, {"x-kub
 
 @functools.cache
 def _object_meta_validator() -> jsonschema.Draft202012Validator:
+    from kubernetes_validate.utils import schema_contents
+
     definitions = schema_contents(
         f"kubernetes-json-schema/v{KUBERNETES_VERSION}-local-strict/_definitions.json", KUBERNETES_VERSION
     )
@@ -212,12 +214,16 @@ def _apply_defaults(schema: dict[str, Any], value: Any) -> None:
 
 @functools.cache
 def _cel_program(rule: str) -> Any:
+    import celpy
+
     environment = celpy.Environment()
     return environment.program(environment.compile(rule))
 
 
 def _cel_rules(schema: dict[str, Any], value: Any, path: list[Any], problems: list[Problem]) -> None:
     """Evaluate each CEL rule on the value it guards; transition rules (oldSelf) only apply to updates."""
+    import celpy
+
     for rule in schema.get("x-kubernetes-validations") or []:
         if "oldSelf" in rule["rule"]:
             continue
@@ -341,6 +347,9 @@ def validate_object(obj: Any, schemas_dir: Path = SCHEMAS_DIR) -> list[Problem]:
     group, _, version = str(obj["apiVersion"]).rpartition("/")
     problems = _label_problems((obj.get("metadata") or {}).get("labels"), "metadata.labels")
     if group not in CRD_GROUPS:
+        import kubernetes_validate
+        from kubernetes_validate.utils import SchemaNotFoundError
+
         try:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         except SchemaNotFoundError as error:

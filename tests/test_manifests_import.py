@@ -244,9 +244,16 @@ def test_import_refuses_a_redis_password_it_cannot_render_back():
             ].update({"amd.com/gpu": 8}),
             r"workerGroupSpecs\[0\]\.template\.spec\.containers\[0\]\.resources\.limits\.amd\.com/gpu: llmos pools",
         ),
+        (
+            lambda m: m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+                "limits"
+            ].update({"gpu.intel.com/i915": 1}),
+            r"resources\.limits\.gpu\.intel\.com/i915: llmos pools have NVIDIA GPUs",
+        ),
         # Of the wrong shape: said of the field, not a traceback from reading into it.
-        (lambda m: m.update(metadata=["x"]), r"^metadata: \['x'\] is not of type 'object'"),
-        (lambda m: m.update(spec=[1]), r"^spec: \[1\] is not of type 'object'"),
+        (lambda m: m.update(metadata=["x"]), r"^metadata: expected a mapping, got list"),
+        (lambda m: m.update(spec=[1]), r"^spec: expected a mapping, got list"),
+        (lambda m: m.pop("apiVersion") and m.update(spec=[1]), r"^spec: expected a mapping, got list"),
         (
             lambda m: m["spec"]["workerGroupSpecs"].append("oops"),
             r"^spec\.workerGroupSpecs\[4\]: 'oops' is not of type 'object'",
@@ -504,3 +511,25 @@ def test_cli_render_refuses_deadlines_that_bound_nothing(tmp_path, capsys, flags
     assert main(["manifests", "render", str(EXAMPLE_SPEC), "-o", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_pools_import_needs_only_the_runtime_dependencies(tmp_path):
+    """`pip install .` and the image have no dev extras: cel-python and kubernetes-validate are for validation."""
+    import subprocess
+    import sys
+
+    source, out = tmp_path / "raycluster.yaml", tmp_path / "cluster.yaml"
+    source.write_text(KUBERAY_MANIFEST)
+    without_dev_extras = f"""
+import importlib.abc, sys
+class NoDevExtras(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("kubernetes_validate", "celpy"):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoDevExtras())
+from cluster.cli import main
+sys.exit(main(["pools", "import", {str(source)!r}, "-o", {str(out)!r}]))
+"""
+    done = subprocess.run([sys.executable, "-c", without_dev_extras], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [pool.name for pool in load_spec(out).pools] == ["cpu-workers", "a100", "l4", "tpu-v4"]
