@@ -672,7 +672,7 @@ class KubernetesOptions(StrictModel):
     @field_validator("ray_version")
     @classmethod
     def _a_version(cls, version: str) -> str:
-        if not re.fullmatch(r"\d+\.\d+\.\d+", version):
+        if ray_version_parts(version) is None:
             raise ValueError(f"{version!r} is not a Ray version like 2.60.0; give the Ray version of kubernetes.image")
         return version
 

@@ -242,8 +242,8 @@ def import_ray_cluster(manifest: Any, source: str) -> ClusterSpec:
         kubernetes["namespace"] = meta["namespace"]
     if body.get("rayVersion"):
         kubernetes["ray_version"] = str(body["rayVersion"])
-    if (body.get("authOptions") or {}).get("mode") == "disabled":
-        kubernetes["token_auth"] = False
+    # KubeRay runs a cluster without authOptions unauthenticated: imported as it runs, not turned on.
+    kubernetes["token_auth"] = (body.get("authOptions") or {}).get("mode") == "token"
     kubernetes["shared_storage"] = _shared_storage(head, head_container)
     kubernetes["pod_security"] = _pod_security(head)
     idle_timeout = (body.get("autoscalerOptions") or {}).get("idleTimeoutSeconds")

@@ -186,6 +186,22 @@ def test_import_of_render_keeps_the_cluster_settings_the_raycluster_carries():
     assert import_ray_cluster(kuberay_manifest(), "test").kubernetes.pools.get("a100") is None
 
 
+@pytest.mark.parametrize("ray_version", ["2.46.0", "2.9", "2.60.0rc1"])
+def test_import_keeps_a_cluster_without_auth_options_unauthenticated_whatever_its_ray(ray_version):
+    manifest = kuberay_manifest()
+    manifest["spec"]["rayVersion"] = ray_version
+    assert "authOptions" not in manifest["spec"]  # KubeRay runs it without token auth
+    imported = import_ray_cluster(manifest, "test")
+    assert (imported.kubernetes.ray_version, imported.kubernetes.token_auth) == (ray_version, False)
+    assert ray_cluster(imported)["spec"]["authOptions"] == {"mode": "disabled"}
+    manifest["spec"]["authOptions"] = {"mode": "token"}
+    if ray_version == "2.60.0rc1":
+        assert import_ray_cluster(manifest, "test").kubernetes.token_auth
+        return
+    with pytest.raises(ManifestError, match=r"^spec\.rayVersion: .* the first Ray KubeRay runs with token auth"):
+        import_ray_cluster(manifest, "test")  # KubeRay refuses token auth before Ray 2.52 too
+
+
 def test_import_refuses_a_redis_password_it_cannot_render_back():
     manifest = ray_cluster(
         ClusterSpec.model_validate(

@@ -242,6 +242,12 @@ def test_a_ray_version_kuberay_cannot_run_is_refused_naming_the_field(example, k
     assert found.startswith(problem), found
 
 
+@pytest.mark.parametrize("ray_version", ["2.60", "2.60.0rc1", "2.61.0.dev0"])
+def test_a_ray_version_is_taken_as_kuberay_takes_it(example, ray_version):
+    example["kubernetes"]["ray_version"] = ray_version
+    assert ClusterSpec.model_validate(example).kubernetes.ray_version == ray_version
+
+
 def test_a_ray_older_than_token_auth_runs_with_token_auth_off(example):
     example["kubernetes"].update(ray_version="2.9.0", token_auth=False)
     assert ClusterSpec.model_validate(example).kubernetes.ray_version == "2.9.0"
