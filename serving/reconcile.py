@@ -111,7 +111,8 @@ def run_replicas(job: ServeJob, booked: list[BundleBinding]) -> None:
         num_replicas=len(booked), ray_actor_options=replica_actor_options(job, booked)
     )
     # Serve gives a deployment deployed without a version a new one each time, and replaces every replica: one
-    # booking taken back would restart them all. Versioned by the job, a new count only scales the deployment.
+    # booking taken back would restart them all. Versioned by the job, a new count only scales the deployment,
+    # while the booked nodes stay the same set: the pin to them is in the actor options, which Serve versions too.
     # Serve 2.60's public options() refuses a version (`_internal` lets it through); its deploy path honours one.
     application = deployment.options(version=deployment_version(job), _internal=True).bind(job.model_dump(mode="json"))
     target = serve.RunTarget(application, name=job.name, route_prefix=job.route_prefix)
