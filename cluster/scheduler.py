@@ -1240,7 +1240,7 @@ def _check_details(details: object) -> None:
         raise UserError(f"details: {type(details).__name__} is not a mapping; report {{name: value, ...}}")
     try:
         json.dumps(details)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise UserError(
             f"details: {error}; report plain numbers, text, lists and mappings "
             "(convert numpy or torch values with float() or int())"

@@ -1291,8 +1291,11 @@ def test_requests_of_a_team_taken_out_of_the_spec_end_when_the_books_are_restore
 def test_details_the_journal_cannot_hold_are_refused_and_change_nothing(scheduler: Scheduler, journal):
     running = scheduler.get(submit(scheduler, "research", workers=1, gpus=1))
     scheduler.write_journal()
-    for details in ({"loss": Fraction(1, 2)}, {"step": {1, 2}}, 5):
-        with pytest.raises(UserError, match=r"^details: .*(not JSON serializable|is not a mapping)"):
+    nested: dict = {}
+    for _ in range(5_000):
+        nested = {"deeper": nested}
+    for details in ({"loss": Fraction(1, 2)}, {"step": {1, 2}}, 5, nested):
+        with pytest.raises(UserError, match=r"^details: .*(not JSON serializable|is not a mapping|recursion)"):
             scheduler.report(running.id, details)
         with pytest.raises(UserError, match=r"^details: "):
             scheduler.mark_running(running.id, details)
