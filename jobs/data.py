@@ -89,12 +89,14 @@ def load_split(heldout: bool, heldout_fraction: float, root: Path | None = None)
     return Split(files, np.concatenate(pieces))
 
 
-def split_tokens(heldout: bool, heldout_fraction: float, root: Path | None = None) -> int:
-    """The length of `load_split`'s token stream, from the files' sizes (a token a byte, an END_OF_TEXT a file)
-    without reading them."""
+def split_tokens(heldout_fraction: float, root: Path | None = None) -> dict[bool, int]:
+    """The length of `load_split`'s token stream, by held-out or not, from the files' sizes (a token a byte, an
+    END_OF_TEXT a file) without reading them."""
     root = root or stdlib_root()
-    files = [path for path in stdlib_files(root) if is_heldout(path, heldout_fraction) == heldout]
-    return sum((root / path).stat().st_size for path in files) + len(files)
+    tokens = {False: 0, True: 0}
+    for path in stdlib_files(root):
+        tokens[is_heldout(path, heldout_fraction)] += (root / path).stat().st_size + 1
+    return tokens
 
 
 def data_problems(heldout_fraction: float, context_length: int, root: Path | None = None) -> list[str]:
@@ -102,16 +104,16 @@ def data_problems(heldout_fraction: float, context_length: int, root: Path | Non
     and the fix; empty when both splits hold enough. Training needs a window past the largest shuffle
     offset (`SampleOrder`), held-out text one window (`heldout_batches`)."""
     problems = []
+    tokens = split_tokens(heldout_fraction, root)
     for heldout, needed, fix in (
         (False, 2 * context_length + 1, "lower data.heldout_fraction or model.context_length"),
         (True, context_length + 1, "raise data.heldout_fraction or lower model.context_length"),
     ):
-        tokens = split_tokens(heldout, heldout_fraction, root)
-        if tokens < needed:
+        if tokens[heldout] < needed:
             side = "held-out" if heldout else "training"
             problems.append(
-                f"data.heldout_fraction {heldout_fraction} leaves {tokens:,} {side} tokens on this machine, and "
-                f"model.context_length {context_length} needs at least {needed:,}; {fix}"
+                f"data.heldout_fraction {heldout_fraction} leaves {tokens[heldout]:,} {side} tokens on this machine, "
+                f"and model.context_length {context_length} needs at least {needed:,}; {fix}"
             )
     return problems
 
