@@ -354,14 +354,18 @@ class _Planner:
         return nodes if assign(0) else None
 
     def pack_exhaustively(
-        self, demands: Sequence[Demand], constraint: Constraint, max_steps: int = PACK_SEARCH_STEPS
+        self,
+        demands: Sequence[Demand],
+        constraint: Constraint,
+        max_steps: int = PACK_SEARCH_STEPS,
+        scopes: list[np.ndarray] | None = None,
     ) -> tuple[list[_Choice] | None, bool]:
         """A same_node or same_pool gang packed by a depth-first search over nodes and, for a fractional GPU, the
         device: for gangs that greedy packing, which never takes a bundle back, misses. Nodes alike (free
         resources, devices, and the bundles they suit) and devices of equal free share are tried once per
         bundle, and alike bundles in one order only. Returns the placement (allocated) or None, and whether the
         search was complete: it stops after `max_steps` placements tried, and is not tried past
-        PACK_SEARCH_BUNDLES bundles."""
+        PACK_SEARCH_BUNDLES bundles. `scopes`: `scopes_that_may_hold`, where the caller has them already."""
         state = self.state
         if len(demands) > PACK_SEARCH_BUNDLES:
             return None, False  # one level of recursion a bundle
@@ -409,7 +413,7 @@ class _Planner:
                     state.release(node, demand, devices)
             return False
 
-        for scope in self.scopes_that_may_hold(demands, constraint):
+        for scope in self.scopes_that_may_hold(demands, constraint) if scopes is None else scopes:
             if search(0, scope):
                 return placed, True
             if steps < 0:
@@ -642,7 +646,8 @@ class PlacementEngine:
         """A gang the policy's own greedy packing missed, packed on the live state best fit, else by the bounded
         search that never-fits is judged by: without this, a gang that fits the idle cluster by that judge could
         wait for a release that never comes."""
-        if not self._planner.scopes_that_may_hold(demands, constraint):
+        scopes = self._planner.scopes_that_may_hold(demands, constraint)
+        if not scopes:
             return None  # no pool (or node) even adds up to the gang: the common case, decided cheaply
         if self.policy.name != "bestfit":
             if self._best_fit_planner is None:
@@ -650,7 +655,8 @@ class PlacementEngine:
             placed = self._best_fit_planner.plan(demands, constraint)
             if placed is not None:
                 return placed
-        return self._planner.pack_exhaustively(demands, constraint, LIVE_PACK_SEARCH_STEPS)[0]
+        # Best fit allocated nothing where it failed: the scopes still hold.
+        return self._planner.pack_exhaustively(demands, constraint, LIVE_PACK_SEARCH_STEPS, scopes)[0]
 
     def release(self, placement: Placement) -> None:
         for bundle in placement.bundles:
