@@ -107,6 +107,24 @@ def test_a_resume_with_a_new_weight_decay_decays_by_it(tmp_path):
     assert [group["weight_decay"] for group in state["optimizer"]["param_groups"]] == [0.0, 0.0]
 
 
+def errors_of_both_entrypoints(job: TrainingJob, change: dict, tmp_path, capsys) -> list[str]:
+    """`job` with one section changed (`{section: {field: value}}`), run by `python -m jobs.train` and by
+    `python -m jobs.training_loop`: what each printed on stderr, once each has exited 2."""
+    import yaml
+
+    from jobs import train as ray_train_entrypoint
+
+    ((section, fields),) = change.items()
+    changed = job.model_copy(update={section: getattr(job, section).model_copy(update=fields)})
+    job_file = tmp_path / "changed.yaml"
+    job_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+    errors = []
+    for main in (ray_train_entrypoint.main, training_loop_main):
+        assert main([str(job_file)]) == 2
+        errors.append(capsys.readouterr().err)
+    return errors
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -118,20 +136,10 @@ def test_a_resume_with_a_new_weight_decay_decays_by_it(tmp_path):
 def test_a_job_that_changes_what_its_checkpoint_was_trained_on_is_refused_before_it_starts(
     tmp_path, capsys, change, named
 ):
-    import yaml
-
-    from jobs import train as ray_train_entrypoint
-
     job = tiny_job(tmp_path, steps=10, checkpoint={"every_steps": 5, "keep_last": 2})
     run_bare(job, stop_at_step=5, echo=False)
-    ((section, fields),) = change.items()
-    changed = job.model_copy(update={section: getattr(job, section).model_copy(update=fields)})
-    job_file = tmp_path / "changed.yaml"
-    job_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
     # Before admission and before any worker: no controller, no Ray, no attempt to retry.
-    for main in (ray_train_entrypoint.main, training_loop_main):
-        assert main([str(job_file)]) == 2
-        error = capsys.readouterr().err
+    for error in errors_of_both_entrypoints(job, change, tmp_path, capsys):
         assert named in error and "step-000000005" in error and "resume with" in error, error
     assert finished_report(job) is None and read_records(job.metrics_file)[-1]["step"] == 5
 
@@ -144,18 +152,8 @@ def test_a_job_that_changes_what_its_checkpoint_was_trained_on_is_refused_before
     ],
 )
 def test_data_settings_this_machine_has_too_little_text_for_are_refused_before_it_starts(tmp_path, capsys, change, fix):
-    import yaml
-
-    from jobs import train as ray_train_entrypoint
-
     job = tiny_job(tmp_path, steps=10)
-    ((section, fields),) = change.items()
-    changed = job.model_copy(update={section: getattr(job, section).model_copy(update=fields)})
-    job_file = tmp_path / "changed.yaml"
-    job_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
-    for main in (ray_train_entrypoint.main, training_loop_main):
-        assert main([str(job_file)]) == 2
-        error = capsys.readouterr().err
+    for error in errors_of_both_entrypoints(job, change, tmp_path, capsys):
         assert "held-out tokens on this machine" in error and fix in error, error
     assert not job.metrics_file.exists()
 
