@@ -334,26 +334,39 @@ def test_a_failed_attempt_whose_node_does_not_answer_waits_for_the_books_and_cou
     assert any("left the cluster" in line for line in lines), lines
 
 
-def test_a_growth_request_taken_back_before_the_checkpoint_leaves_the_job_running_at_its_size():
-    admin = BooksAdmin.on_two_h100_nodes()
-    books = admin.books
+def growing_once_the_node_frees(admin: BooksAdmin, before_the_checkpoint=lambda: None):
+    """An attempt runner for a job of up to two whole H100 nodes while prod holds the other node: in the first
+    attempt prod gives it up, the growth request gets it and the driver asks for a checkpoint, and
+    `before_the_checkpoint` runs; that attempt stops at step 50 with 1 worker, the next finishes at its size.
+    Returns the runner and the worker count of each attempt."""
     holder = admin.submit(SubmitRequest(team="prod", gang=WHOLE_NODE_GANG))
-    training = whole_node_job(workers={"min": 1, "max": 2})
     sizes: list[int] = []
 
     def run_attempt(job_, placement, reporter, details) -> StepReport:
         sizes.append(placement.max_workers)
         if len(sizes) == 1:
-            admin.complete(holder.id)  # the growth request gets the node, and the driver asks for a checkpoint
+            admin.complete(holder.id)
             wait_for(lambda: admin.status(details["requests"][0]).details.get("stop"), 10, "the stop directive")
-            (growth,) = [s for s in books.requests.values() if s.request.gang.name == "lm-grow"]
-            with admin.lock:  # and before the checkpoint, prod takes the node back
-                books.preempt(growth.id)
-                books.submit(SubmitRequest(team="prod", gang=WHOLE_NODE_GANG))
-                books.schedule()
+            before_the_checkpoint()
             return dataclasses.replace(DONE, step=50, world_size=1)
         return dataclasses.replace(DONE, world_size=placement.max_workers)
 
+    return run_attempt, sizes
+
+
+def test_a_growth_request_taken_back_before_the_checkpoint_leaves_the_job_running_at_its_size():
+    admin = BooksAdmin.on_two_h100_nodes()
+    books = admin.books
+    training = whole_node_job(workers={"min": 1, "max": 2})
+
+    def take_the_node_back() -> None:
+        (growth,) = [s for s in books.requests.values() if s.request.gang.name == "lm-grow"]
+        with admin.lock:
+            books.preempt(growth.id)
+            books.submit(SubmitRequest(team="prod", gang=WHOLE_NODE_GANG))
+            books.schedule()
+
+    run_attempt, sizes = growing_once_the_node_frees(admin, before_the_checkpoint=take_the_node_back)
     request_id, final = ElasticRun(training, admin, run_attempt, probe_nodes=answering, on_progress=print).run()
     assert sizes == [1, 1] and final.step == training.steps
     assert admin.status(request_id).state is RequestState.FINISHED
@@ -402,18 +415,8 @@ def test_a_stop_directive_the_controller_did_not_take_is_sent_again():
             return super().report(request_id, details)
 
     admin = RestartingOnce.on_two_h100_nodes()
-    holder = admin.submit(SubmitRequest(team="prod", gang=WHOLE_NODE_GANG))
     training = whole_node_job(workers={"min": 1, "max": 2})
-    sizes: list[int] = []
-
-    def run_attempt(job_, placement, reporter, details) -> StepReport:
-        sizes.append(placement.max_workers)
-        if len(sizes) == 1:
-            admin.complete(holder.id)  # the growth request gets the node: the driver asks for a checkpoint
-            wait_for(lambda: admin.status(details["requests"][0]).details.get("stop"), 10, "the stop directive")
-            return dataclasses.replace(DONE, step=50, world_size=1)
-        return dataclasses.replace(DONE, world_size=placement.max_workers)
-
+    run_attempt, sizes = growing_once_the_node_frees(admin)
     ElasticRun(training, admin, run_attempt, probe_nodes=answering, on_progress=print).run()
     assert admin.refused and sizes == [1, 2]
 
